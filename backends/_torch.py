@@ -1,0 +1,47 @@
+"""PyTorch fast paths: fused distance assembly and ``index_add_`` segment sums."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from tokenpool_ops._primitives import segment_sum as generic_segment_sum
+
+
+def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Generic ``sq_distances`` with one fused ``baddbmm``; the peak is one (B, N, K) array."""
+    sq_a = (a * a).sum(-1)
+    sq_b = (b * b).sum(-1)
+    dist = torch.baddbmm(sq_b[:, None, :], a, b.mT, alpha=-2)
+    return dist.add_(sq_a[:, :, None]).clamp_min_(0)
+
+
+def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
+    """Generic ``self_sq_distances`` in place; the diagonal is written as exact zeros."""
+    dist = sq_distances(xp, a, a)
+    dist.diagonal(dim1=-2, dim2=-1).zero_()
+    return dist
+
+
+def segment_sum(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Generic ``segment_sum`` by ``index_add_`` on CPU: O(N C) instead of O(N K C).
+
+    On CUDA, ``index_add_`` adds with atomics in no fixed order, so results could differ from
+    run to run in the last bits; there the deterministic generic matrix product is kept.
+    """
+    if values.device.type != "cpu":
+        return generic_segment_sum(xp, values, labels, k)
+    batch, n, channels = values.shape
+    offsets = torch.arange(batch, device=labels.device)[:, None] * k
+    rows = (labels + offsets).reshape(-1)
+    out = values.new_zeros(batch * k, channels)
+    out.index_add_(0, rows, values.reshape(batch * n, channels))
+    return out.reshape(batch, k, channels)
+
+
+FAST_PATHS: dict[str, Callable[..., Any]] = {
+    "sq_distances": sq_distances,
+    "self_sq_distances": self_sq_distances,
+    "segment_sum": segment_sum,
+}

@@ -1,0 +1,174 @@
+"""K-Means and K-Medoids on flattened batches, as in §4 and Appendix A of the paper.
+
+Every function here takes problems stacked on a leading batch axis ``B`` and works on all of
+them at once: there is no Python loop over problems, clusters or tokens. The only loop is over
+iterations, and it stops as soon as no assignment changed in any problem.
+
+Tie rules, identical on every backend:
+
+* assignment (Eq. 10/14/16): the nearest centre; among equally near centres the lowest
+  cluster index wins; for K-Medoids a medoid is always assigned to its own cluster;
+* medoid update (Eq. 12/17): the current medoid stays unless another member is strictly
+  better; among equally good challengers the lowest token index wins.
+
+Points are centred per problem by the caller, which keeps Gram-matrix distances accurate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._compat import Array, Namespace, constant, device, take_along_axis
+from ._primitives import Primitives
+
+
+@dataclass(frozen=True)
+class FlatClustering:
+    """Result of a clustering run on a flattened batch (B problems)."""
+
+    centres: Array  # (B, K, M) in the centred frame of the input
+    assignment: Array  # (B, N) cluster of each token
+    medoids: Array | None  # (B, K) token index of each medoid, K-Medoids only
+    history: Array  # (B, T + 1) objective of the centres after each iteration
+    n_iter: int
+
+
+def weighted_objective(xp: Namespace, weights: Array, nearest_sq_dist: Array) -> Array:
+    """Eq. 13 (Eq. 9 when all weights are one): ``sum_i w_i min_j |f_i - c_j|^2``."""
+    return xp.sum(weights * nearest_sq_dist, axis=-1)
+
+
+def assign(xp: Namespace, sq_dist: Array) -> tuple[Array, Array]:
+    """Eq. 10 / 14: each token goes to its nearest centre; ties go to the lowest index.
+
+    ``sq_dist`` is (B, N, K). Returns the assignment (B, N) and the distance to it (B, N).
+    """
+    return xp.argmin(sq_dist, axis=-1), xp.min(sq_dist, axis=-1)
+
+
+def assign_to_medoids(xp: Namespace, to_medoids: Array, medoids: Array) -> tuple[Array, Array]:
+    """Eq. 16: :func:`assign` under the medoid constraint; a medoid always keeps itself.
+
+    ``to_medoids`` (B, N, K) holds squared distances from every token to every medoid,
+    ``medoids`` (B, K) the medoids' token indices (distinct within a problem).
+    """
+    n = to_medoids.shape[1]
+    token_ids = xp.arange(n, dtype=medoids.dtype, device=device(medoids))
+    is_own_medoid = token_ids[None, :, None] == medoids[:, None, :]
+    # Distances are >= 0, so -1 makes a medoid choose itself even when it has a duplicate.
+    forced = xp.where(is_own_medoid, constant(xp, -1.0, to_medoids), to_medoids)
+    nearest = xp.min(xp.where(is_own_medoid, constant(xp, 0.0, to_medoids), to_medoids), axis=-1)
+    return xp.argmin(forced, axis=-1), nearest
+
+
+def gather_columns(xp: Namespace, token_dist: Array, medoids: Array) -> Array:
+    """Distances (B, N, K) from every token to the medoids, read off the (B, N, N) matrix."""
+    return take_along_axis(xp, token_dist, medoids[:, None, :], axis=-1)
+
+
+def effective_weights(
+    prims: Primitives, labels: Array, k: int, weights: Array, fallback: Array
+) -> Array:
+    """Per-token weights for the cluster means of Eq. 15 and Algorithm 1, line 6.
+
+    A cluster uses ``weights``; if they sum to zero over its members it uses ``fallback``
+    (the sizes, i.e. the unweighted mean of the original tokens); if those sum to zero too it
+    uses ones. So every non-empty cluster gets a finite mean.
+    """
+    xp = prims.xp
+    totals = prims.segment_sum(xp, xp.stack([weights, fallback], axis=-1), labels, k)
+    per_token = take_along_axis(xp, totals, labels[:, :, None], axis=1)  # (B, N, 2)
+    second = xp.where(per_token[:, :, 1] > 0, fallback, constant(xp, 1.0, weights))
+    return xp.where(per_token[:, :, 0] > 0, weights, second)
+
+
+def weighted_means(
+    prims: Primitives, values: Array, labels: Array, k: int, token_weights: Array, empty: Array
+) -> Array:
+    """Weighted mean of ``values`` (B, N, M) per cluster; empty clusters take ``empty``.
+
+    ``token_weights`` must come from :func:`effective_weights`, so a non-empty cluster always
+    has a positive total.
+    """
+    xp = prims.xp
+    weighted = xp.concat([values * token_weights[:, :, None], token_weights[:, :, None]], axis=-1)
+    sums = prims.segment_sum(xp, weighted, labels, k)
+    totals = sums[:, :, -1:]
+    safe_totals = xp.where(totals > 0, totals, constant(xp, 1.0, totals))
+    return xp.where(totals > 0, sums[:, :, :-1] / safe_totals, empty)
+
+
+def update_centres(
+    prims: Primitives, x: Array, labels: Array, centres: Array, weights: Array, fallback: Array
+) -> Array:
+    """Eq. 11 / 15: each centre becomes the (weighted) mean of its members.
+
+    Empty clusters keep their previous centre; zero-weight clusters use ``fallback`` weights.
+    """
+    k = centres.shape[1]
+    token_weights = effective_weights(prims, labels, k, weights, fallback)
+    return weighted_means(prims, x, labels, k, token_weights, centres)
+
+
+def update_medoids(
+    prims: Primitives, token_dist: Array, labels: Array, medoids: Array, weights: Array
+) -> Array:
+    """Eq. 12 / 17: each cluster's new medoid is the member with the least weighted cost.
+
+    The cost of member ``i`` is ``sum_{i' in cluster} w_i' |f_i - f_i'|^2``. Eq. 17 of the
+    paper prints this sum without ``w_i'``; the weights are needed for the update to minimise
+    the weighted objective (Eq. 13) it belongs to, so that the objective never increases.
+    """
+    xp = prims.xp
+    k = medoids.shape[-1]
+    cost = prims.medoid_costs(xp, token_dist, labels, weights)  # (B, N)
+    cluster_ids = xp.arange(k, dtype=labels.dtype, device=device(labels))
+    is_member = labels[:, None, :] == cluster_ids[None, :, None]  # (B, K, N)
+    member_cost = xp.where(is_member, cost[:, None, :], constant(xp, float("inf"), cost))
+    challenger = xp.argmin(member_cost, axis=-1)
+    challenger_cost = xp.min(member_cost, axis=-1)
+    current_cost = take_along_axis(xp, cost, medoids, axis=-1)
+    return xp.where(current_cost <= challenger_cost, medoids, xp.astype(challenger, medoids.dtype))
+
+
+def run_kmeans(
+    prims: Primitives, x: Array, init: Array, weights: Array, fallback: Array, max_iter: int
+) -> FlatClustering:
+    """Weighted K-Means (Eq. 14-15; Eq. 10-11 with unit weights) from the tokens ``init``."""
+    xp = prims.xp
+    centres = take_along_axis(xp, x, init[:, :, None], axis=1)
+    labels, nearest = assign(xp, prims.sq_distances(xp, x, centres))
+    history = [weighted_objective(xp, weights, nearest)]
+    for _ in range(max_iter):
+        centres = update_centres(prims, x, labels, centres, weights, fallback)
+        new_labels, nearest = assign(xp, prims.sq_distances(xp, x, centres))
+        history.append(weighted_objective(xp, weights, nearest))
+        changed = bool(xp.any(new_labels != labels))
+        labels = new_labels
+        if not changed:
+            break
+    return FlatClustering(centres, labels, None, xp.stack(history, axis=-1), len(history) - 1)
+
+
+def run_kmedoids(
+    prims: Primitives, x: Array, init: Array, weights: Array, max_iter: int
+) -> FlatClustering:
+    """Weighted K-Medoids (Eq. 16-18; Eq. 10 and 12 with unit weights) from ``init``.
+
+    The token distances are computed once, O(N^2 M); each iteration is then O(N^2 + NK).
+    """
+    xp = prims.xp
+    token_dist = prims.self_sq_distances(xp, x)
+    medoids = init
+    labels, nearest = assign_to_medoids(xp, gather_columns(xp, token_dist, medoids), medoids)
+    history = [weighted_objective(xp, weights, nearest)]
+    for _ in range(max_iter):
+        medoids = update_medoids(prims, token_dist, labels, medoids, weights)
+        new_labels, nearest = assign_to_medoids(xp, gather_columns(xp, token_dist, medoids), medoids)
+        history.append(weighted_objective(xp, weights, nearest))
+        changed = bool(xp.any(new_labels != labels))
+        labels = new_labels
+        if not changed:
+            break
+    centres = take_along_axis(xp, x, medoids[:, :, None], axis=1)
+    return FlatClustering(centres, labels, medoids, xp.stack(history, axis=-1), len(history) - 1)

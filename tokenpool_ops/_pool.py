@@ -1,0 +1,524 @@
+"""The public operators: ``pool`` (Algorithm 1), ``kmeans``, ``kmedoids`` and ``unpool``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from tokenpool_ops.backends import primitives_for
+
+from ._clustering import (
+    FlatClustering,
+    assign_to_medoids,
+    effective_weights,
+    run_kmeans,
+    run_kmedoids,
+    weighted_means,
+    weighted_objective,
+)
+from ._compat import Array, Namespace, compute_dtype, device, take_along_axis
+from ._primitives import Primitives
+from ._selection import draw_without_replacement, spread, top_k
+from ._validation import (
+    check_init_indices,
+    check_k,
+    check_max_iter,
+    check_same_device,
+    check_token_values,
+    check_tokens,
+    namespace_of,
+)
+
+__all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
+
+Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+Init = Union[Literal["topk", "random", "spread"], Array, None]
+
+CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
+SELECTION_METHODS = ("topk", "random", "importance")
+METHODS = CLUSTERING_METHODS + SELECTION_METHODS
+#: Methods that cannot run without significance scores.
+NEEDS_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
+DEFAULT_MAX_ITER = 10
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """What :func:`kmeans` and :func:`kmedoids` return. Leading dimensions are batch.
+
+    Attributes
+    ----------
+    centres : array (..., K, M)
+        Cluster centres: the means of Eq. 11/15 for K-Means, the medoid tokens for K-Medoids.
+    assignment : array (..., N)
+        Cluster of each token (Eq. 10/14/16); -1 when K = 0.
+    medoids : array (..., K) or None
+        Token index of each medoid (K-Medoids only).
+    objective : array (...)
+        Eq. 13 (Eq. 9 without weights) at the final centres.
+    history : array (..., T + 1)
+        The objective at the initial centres and after each of the T iterations. Problems
+        that converged early repeat their final value.
+    n_iter : int
+        Iterations run, T: the loop stops when no assignment changed in any problem.
+    """
+
+    centres: Array
+    assignment: Array
+    medoids: Array | None
+    objective: Array
+    history: Array
+    n_iter: int
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """What :func:`pool` returns with ``return_info=True``. Leading dimensions are batch.
+
+    Attributes
+    ----------
+    tokens : array (..., K, M)
+        The pooled tokens, as returned by ``pool``.
+    assignment : array (..., N)
+        The output token that stands for each input token (the nearest one, Eq. 10, for the
+        selection baselines); :func:`unpool` uses it. -1 when K = 0.
+    sizes : array (..., K)
+        How many original tokens each output token stands for: the sums of the input sizes
+        (ones when none were given) over each cluster; a selection keeps its tokens' sizes.
+    medoids : array (..., K) or None
+        Token indices of the centres, for the medoid methods and the selection baselines.
+    objective : array (...)
+        Reconstruction error of the returned tokens, Eq. 13 with weights ``scores * sizes``
+        for the w-methods and ``sizes`` otherwise (Eq. 9 when there are no sizes). +inf for
+        K = 0 and N > 0 (the minimum over an empty set).
+    history : array (..., T + 1)
+        The clustering objective after each iteration (see :class:`Clustering`); one entry,
+        ``objective``, for the selection baselines and the trivial cases.
+    n_iter : int
+        Iterations the clustering ran (0 for the selection baselines).
+    """
+
+    tokens: Array
+    assignment: Array
+    sizes: Array
+    medoids: Array | None
+    objective: Array
+    history: Array
+    n_iter: int
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Input tokens flattened to (B, N, M) in the compute dtype, and centred per problem."""
+
+    prims: Primitives
+    batch_shape: tuple[int, ...]
+    x: Array  # (B, N, M), compute dtype
+    centred: Array  # x minus each problem's mean
+    out_dtype: object
+
+    @property
+    def xp(self) -> Namespace:
+        return self.prims.xp
+
+    def flat(self, values: Array | None) -> Array | None:
+        """A per-token (..., N) or per-centre (..., K) array as (B, ·) in the compute dtype."""
+        if values is None:
+            return None
+        return self.xp.reshape(values, (-1, values.shape[-1]))
+
+    def unflat(self, values: Array) -> Array:
+        return self.xp.reshape(values, (*self.batch_shape, *values.shape[1:]))
+
+
+def _flatten(xp: Namespace, x: Array, fast_paths: bool) -> _Batch:
+    dtype = compute_dtype(xp, x.dtype)
+    n, m = x.shape[-2], x.shape[-1]
+    flat = xp.astype(xp.reshape(x, (-1, n, m)), dtype)
+    # Centring first keeps the Gram-matrix distances accurate for tokens far from the origin.
+    centred = flat - xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat
+    return _Batch(primitives_for(xp, fast_paths), tuple(x.shape[:-2]), flat, centred, x.dtype)
+
+
+def _as_float(batch: _Batch, values: Array | None) -> Array | None:
+    if values is None:
+        return None
+    xp = batch.xp
+    return xp.astype(batch.flat(values), batch.x.dtype)
+
+
+def _index_dtype(xp: Namespace, like: Array) -> object:
+    return xp.__array_namespace_info__().default_dtypes(device=device(like))["indexing"]
+
+
+def _resolve_init(
+    batch: _Batch, init: Init, order_by: Array | None, k: int, seed: int, order_name: str
+) -> Array:
+    """Starting token indices (B, k) from ``init`` (see :func:`pool`)."""
+    xp = batch.xp
+    n_problems, n = batch.x.shape[0], batch.x.shape[1]
+    if init is None:
+        init = "topk" if order_by is not None else "spread"
+    if isinstance(init, str):
+        if init == "topk":
+            if order_by is None:
+                raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
+                                 "or choose init='spread' or 'random'")
+            return top_k(xp, order_by, k)
+        if init == "random":
+            return draw_without_replacement(xp, None, k, seed, batch.x)
+        if init == "spread":
+            return spread(xp, n_problems, n, k, batch.x)
+        raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
+                         f"got {init!r}")
+    check_init_indices(xp, init, batch.batch_shape, n, k)
+    return xp.astype(batch.flat(init), _index_dtype(xp, batch.x))
+
+
+def _prepare(x: Array, k: object, max_iter: object, check_finite: bool,
+             **others: Array | None) -> tuple[Namespace, int, int]:
+    xp = namespace_of(x=x, **others)
+    check_tokens(xp, x, check_finite=check_finite)
+    check_same_device(xp, "x", x=x, **others)
+    return xp, check_k(k), check_max_iter(max_iter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clustering alone
+
+
+def _cluster(
+    x: Array, k: object, algorithm: Literal["kmeans", "kmedoids"], weights: Array | None,
+    init: Init, max_iter: object, seed: int, check_finite: bool, fast_paths: bool,
+) -> Clustering:
+    init_array = None if init is None or isinstance(init, str) else init
+    xp, k, max_iter = _prepare(x, k, max_iter, check_finite, weights=weights, init=init_array)
+    check_token_values(xp, weights, "weights", tuple(x.shape[:-1]))
+    batch = _flatten(xp, x, fast_paths)
+    n = batch.x.shape[1]
+    k = min(k, n)
+    w = _as_float(batch, weights)
+    unit = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
+    start = _resolve_init(batch, init, w, k, seed, "weights")
+    if k == 0:
+        return _empty_clustering(batch, unit if w is None else w)
+    if algorithm == "kmeans":
+        flat = run_kmeans(batch.prims, batch.centred, start, unit if w is None else w, unit,
+                          max_iter)
+    else:
+        flat = run_kmedoids(batch.prims, batch.centred, start, unit if w is None else w, max_iter)
+    return _public_clustering(batch, flat)
+
+
+def _public_clustering(batch: _Batch, flat: FlatClustering) -> Clustering:
+    xp = batch.xp
+    mean = batch.x - batch.centred  # each problem's mean, broadcast over tokens
+    centres = flat.centres + mean[:, :1, :] if batch.x.shape[1] > 0 else flat.centres
+    if flat.medoids is not None:  # medoids are input tokens, bit for bit
+        centres = take_along_axis(xp, batch.x, flat.medoids[:, :, None], axis=1)
+    return Clustering(
+        centres=batch.unflat(xp.astype(centres, batch.out_dtype)),
+        assignment=batch.unflat(flat.assignment),
+        medoids=None if flat.medoids is None else batch.unflat(flat.medoids),
+        objective=batch.unflat(flat.history[:, -1]),
+        history=batch.unflat(flat.history),
+        n_iter=flat.n_iter,
+    )
+
+
+def _empty_clustering(batch: _Batch, weights: Array) -> Clustering:
+    xp = batch.xp
+    n_problems, n, m = batch.x.shape
+    objective = _empty_objective(xp, weights)
+    labels = xp.full((n_problems, n), -1, dtype=_index_dtype(xp, batch.x), device=device(batch.x))
+    return Clustering(
+        centres=batch.unflat(xp.astype(batch.x[:, :0, :], batch.out_dtype)),
+        assignment=batch.unflat(labels),
+        medoids=None,
+        objective=batch.unflat(objective),
+        history=batch.unflat(objective[:, None]),
+        n_iter=0,
+    )
+
+
+def _empty_objective(xp: Namespace, weights: Array) -> Array:
+    """Eq. 9 with no centres: +inf wherever there is a token to reconstruct."""
+    value = math.inf if weights.shape[1] > 0 else 0.0
+    return xp.full(weights.shape[:1], value, dtype=weights.dtype, device=device(weights))
+
+
+def kmeans(
+    x: Array, k: int, *, weights: Array | None = None, init: Init = None,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_finite: bool = True,
+    fast_paths: bool = True,
+) -> Clustering:
+    """Batched (weighted) K-Means: Eq. 10-11, or Eq. 14-15 with ``weights``.
+
+    Parameters
+    ----------
+    x : array (..., N, M)
+        Tokens, real floating. Leading dimensions are independent problems.
+    k : int
+        Number of clusters; ``k >= N`` makes every token its own cluster.
+    weights : array (..., N), optional
+        Non-negative token weights ``w_i`` of Eq. 13.
+    init : {'topk', 'random', 'spread'} or integer array (..., k), optional
+        Starting centres: the k tokens of highest weight (the default when weights are
+        given), a seeded random draw, evenly spaced token indices (the default otherwise), or
+        explicit token indices.
+    max_iter : int
+        Most iterations; the loop stops earlier once no assignment changes in any problem.
+    seed : int
+        Seed of ``init='random'``.
+    check_finite : bool
+        Check ``x`` for NaN and infinity (one device synchronisation).
+    fast_paths : bool
+        Use the backend's fast primitives; False forces the generic array-API code.
+
+    Returns
+    -------
+    Clustering
+        Centres, assignment, objective (Eq. 13) and its history.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [0.1], [5.0], [5.2]])
+    >>> result = kmeans(x, 2)
+    >>> result.assignment.tolist()
+    [0, 0, 1, 1]
+    """
+    return _cluster(x, k, "kmeans", weights, init, max_iter, seed, check_finite, fast_paths)
+
+
+def kmedoids(
+    x: Array, k: int, *, weights: Array | None = None, init: Init = None,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_finite: bool = True,
+    fast_paths: bool = True,
+) -> Clustering:
+    """Batched (weighted) K-Medoids: Eq. 10 and 12, or Eq. 16-18 with ``weights``.
+
+    The pairwise distances are computed once per call (O(N^2 M)); each iteration then costs
+    O(N^2 + NK). A medoid is always assigned to itself; the current medoid stays unless
+    another member is strictly better; otherwise the lowest index wins. The medoid update
+    weights each member's distances by ``w`` (Eq. 17 prints the sum unweighted, but only the
+    weighted sum minimises Eq. 13). Parameters as in :func:`kmeans`.
+
+    Returns
+    -------
+    Clustering
+        Medoid tokens as ``centres``, their indices as ``medoids``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0], [0.1], [0.3], [5.0]])
+    >>> kmedoids(x, 2).medoids.tolist()
+    [1, 3]
+    """
+    return _cluster(x, k, "kmedoids", weights, init, max_iter, seed, check_finite, fast_paths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token Pooling
+
+
+def pool(
+    x: Array, k: int, method: Method = "wkmedoids", *, scores: Array | None = None,
+    sizes: Array | None = None, init: Init = None, max_iter: int = DEFAULT_MAX_ITER,
+    seed: int = 0, return_info: bool = False, check_finite: bool = True,
+    fast_paths: bool = True,
+) -> Array | PoolResult:
+    """Token Pooling (Algorithm 1): replace N tokens by k that minimise Eq. 9 / Eq. 13.
+
+    Parameters
+    ----------
+    x : array (..., N, M)
+        Tokens, real floating; leading dimensions are batch. Half precision is computed in
+        float32 and returned in the input dtype.
+    k : int
+        Tokens to keep. ``k >= N`` returns ``x`` itself (Algorithm 1, line 1); ``k = 0``
+        returns (..., 0, M).
+    method : str
+        ``'kmeans'``, ``'kmedoids'``, ``'wkmeans'``, ``'wkmedoids'`` (clustering; output is
+        the weighted mean of each cluster, Algorithm 1 line 6), or the baselines of §5:
+        ``'topk'`` (PoWER-BERT: the k highest scores), ``'random'`` (uniform draw) and
+        ``'importance'`` (draw proportional to the scores). Baselines keep the chosen tokens,
+        in their original order.
+    scores : array (..., N), optional
+        Significance scores (Eq. 5, see :func:`significance_scores`), non-negative. Weights
+        of the w-methods and ranking of the default initialisation. Needed by 'wkmeans',
+        'wkmedoids', 'topk' and 'importance'.
+    sizes : array (..., N), optional
+        How many original tokens each input token stands for (Appendix E, "carry").
+        The weight of token i is ``scores[i] * sizes[i]`` for the w-methods and ``sizes[i]``
+        for the others, so scores are per original token. Output sizes are returned in
+        :class:`PoolResult`.
+    init : {'topk', 'random', 'spread'} or integer array (..., k), optional
+        Starting centres: 'topk' (highest scores; the default with scores), 'random' (seeded),
+        'spread' (evenly spaced indices; the default without scores) or explicit indices.
+    max_iter : int
+        Most clustering iterations; stops early once no assignment changes in any problem.
+    seed : int
+        Seed of 'random', 'importance' and ``init='random'``. Draws are made on the host
+        with NumPy, so every backend draws the same tokens.
+    return_info : bool
+        Return a :class:`PoolResult` instead of the tokens alone.
+    check_finite : bool
+        Reject NaN and infinity in ``x``; False skips the check (and its device sync).
+    fast_paths : bool
+        Use the backend's fast primitives; False forces the generic array-API code.
+
+    Returns
+    -------
+    array (..., k, M) or PoolResult
+        Same library, device and dtype as ``x``.
+
+    Raises
+    ------
+    TypeError
+        Non-floating ``x``, non-integer ``k``, arrays from different libraries.
+    ValueError
+        Wrong shapes, negative ``k``, unknown method, missing scores, negative or NaN scores
+        or sizes, non-finite ``x``, bad ``init`` indices, arrays on different devices.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 2.0]])
+    >>> pool(x, 2, "kmedoids").tolist()
+    [[0.0, 0.5], [10.0, 1.0]]
+    """
+    init_array = None if init is None or isinstance(init, str) else init
+    xp, k, max_iter = _prepare(x, k, max_iter, check_finite, scores=scores, sizes=sizes,
+                               init=init_array)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in NEEDS_SCORES and scores is None:
+        raise ValueError(f"method {method!r} needs scores (see significance_scores)")
+    token_shape = tuple(x.shape[:-1])
+    check_token_values(xp, scores, "scores", token_shape)
+    check_token_values(xp, sizes, "sizes", token_shape)
+
+    batch = _flatten(xp, x, fast_paths)
+    n = batch.x.shape[1]
+    s = _as_float(batch, scores)
+    carried = _as_float(batch, sizes)
+    unit = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
+    carried = unit if carried is None else carried
+    weights = s * carried if method.startswith("w") else carried
+
+    if k >= n:
+        result = _identity(batch, x, carried)
+    elif k == 0:
+        result = _nothing_kept(batch, weights)
+    elif method in SELECTION_METHODS:
+        result = _select(batch, method, s, carried, weights, k, seed, return_info)
+    else:
+        start = _resolve_init(batch, init, s, k, seed, "scores")
+        result = _pool_by_clustering(batch, method, start, weights, carried, max_iter,
+                                     return_info)
+    return result if return_info else result.tokens
+
+
+def _identity(batch: _Batch, x: Array, carried: Array) -> PoolResult:
+    """Algorithm 1, line 1: k >= N keeps every token."""
+    xp = batch.xp
+    n_problems, n = batch.x.shape[:2]
+    ids = xp.arange(n, dtype=_index_dtype(xp, batch.x), device=device(batch.x))
+    ids = xp.broadcast_to(ids[None, :], (n_problems, n))
+    zero = xp.zeros((n_problems, 1), dtype=batch.x.dtype, device=device(batch.x))
+    return PoolResult(x, batch.unflat(ids), batch.unflat(carried), batch.unflat(ids),
+                      batch.unflat(zero[:, 0]), batch.unflat(zero), 0)
+
+
+def _nothing_kept(batch: _Batch, weights: Array) -> PoolResult:
+    empty = _empty_clustering(batch, weights)
+    xp = batch.xp
+    no_sizes = xp.zeros((*batch.batch_shape, 0), dtype=batch.x.dtype, device=device(batch.x))
+    return PoolResult(empty.centres, empty.assignment, no_sizes, None, empty.objective,
+                      empty.history, 0)
+
+
+def _select(batch: _Batch, method: str, scores: Array | None, carried: Array, weights: Array,
+            k: int, seed: int, return_info: bool) -> PoolResult:
+    """The baselines of §5: keep k input tokens, in their original order."""
+    xp = batch.xp
+    if method == "topk":
+        chosen = top_k(xp, scores, k)
+    else:
+        chosen = draw_without_replacement(xp, scores if method == "importance" else None, k,
+                                          seed, batch.x)
+    tokens = take_along_axis(xp, batch.x, chosen[:, :, None], axis=1)
+    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
+    out_sizes = batch.unflat(take_along_axis(xp, carried, chosen, axis=-1))
+    if not return_info:
+        return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
+    centred = take_along_axis(xp, batch.centred, chosen[:, :, None], axis=1)
+    to_chosen = batch.prims.sq_distances(xp, batch.centred, centred)
+    labels, nearest = assign_to_medoids(xp, to_chosen, chosen)
+    objective = weighted_objective(xp, weights, nearest)
+    return PoolResult(out_tokens, batch.unflat(labels), out_sizes, batch.unflat(chosen),
+                      batch.unflat(objective), batch.unflat(objective[:, None]), 0)
+
+
+def _pool_by_clustering(batch: _Batch, method: str, start: Array, weights: Array,
+                        carried: Array, max_iter: int, return_info: bool) -> PoolResult:
+    """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
+    xp, prims = batch.xp, batch.prims
+    k = start.shape[1]
+    if method.endswith("kmeans"):
+        flat = run_kmeans(prims, batch.centred, start, weights, carried, max_iter)
+    else:
+        flat = run_kmedoids(prims, batch.centred, start, weights, max_iter)
+    labels = flat.assignment
+    token_weights = effective_weights(prims, labels, k, weights, carried)
+    # Means of the original (not centred) tokens, so that they are the members' exact means.
+    empty = flat.centres + (batch.x - batch.centred)[:, :1, :]
+    tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
+    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
+    out_sizes = batch.unflat(prims.segment_sum(xp, carried[:, :, None], labels, k)[:, :, 0])
+    if not return_info:
+        return PoolResult(out_tokens, None, out_sizes, None, None, None, flat.n_iter)
+    centred_tokens = tokens - (batch.x - batch.centred)[:, :1, :]
+    nearest = xp.min(prims.sq_distances(xp, batch.centred, centred_tokens), axis=-1)
+    objective = weighted_objective(xp, weights, nearest)
+    medoids = None if flat.medoids is None else batch.unflat(flat.medoids)
+    return PoolResult(out_tokens, batch.unflat(labels), out_sizes, medoids,
+                      batch.unflat(objective), batch.unflat(flat.history), flat.n_iter)
+
+
+def unpool(tokens: Array, assignment: Array) -> Array:
+    """Nearest-neighbour upsampling: token i becomes ``tokens[assignment[i]]`` (u in Eq. 8).
+
+    Parameters
+    ----------
+    tokens : array (..., K, M)
+        Pooled tokens.
+    assignment : array (..., N)
+        Integer indices in [0, K), e.g. ``PoolResult.assignment``.
+
+    Returns
+    -------
+    array (..., N, M)
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> unpool(np.array([[1.0], [2.0]]), np.array([1, 0, 1])).tolist()
+    [[2.0], [1.0], [2.0]]
+    """
+    xp = namespace_of(tokens=tokens, assignment=assignment)
+    check_same_device(xp, "tokens", tokens=tokens, assignment=assignment)
+    if tokens.ndim < 2:
+        raise ValueError(f"tokens must have shape (..., K, M), got a {tokens.ndim}-d array")
+    if not xp.isdtype(assignment.dtype, "integral"):
+        raise TypeError(f"assignment must be an integer array, got dtype {assignment.dtype}")
+    if tuple(assignment.shape[:-1]) != tuple(tokens.shape[:-2]):
+        raise ValueError(f"assignment must have shape (..., N) with the batch shape "
+                         f"{tuple(tokens.shape[:-2])} of tokens, got {tuple(assignment.shape)}")
+    k = tokens.shape[-2]
+    if not bool(xp.all((assignment >= 0) & (assignment < k))):
+        raise ValueError(f"assignment must hold indices in [0, {k}) (K = {k})")
+    return take_along_axis(xp, tokens, assignment[..., None], axis=-2)

@@ -1,0 +1,73 @@
+"""Generic building blocks, written once against the array API standard.
+
+Each primitive works on flattened problems: a batch axis ``B`` first, then tokens. Backends
+may replace any of them with a faster equivalent (see :mod:`tokenpool_ops.backends`); the
+tests check every replacement against the function here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ._compat import Array, Namespace, constant, device
+
+
+def sq_distances(xp: Namespace, a: Array, b: Array) -> Array:
+    """Squared Euclidean distances between the rows of ``a`` (B, N, M) and ``b`` (B, K, M).
+
+    Uses the Gram expansion ``|a|^2 + |b|^2 - 2 a.b``, clamped at zero against rounding.
+    Callers centre the points first (subtract each problem's mean), which keeps the
+    cancellation error small even for tokens far from the origin.
+    """
+    sq_a = xp.sum(a * a, axis=-1)
+    sq_b = xp.sum(b * b, axis=-1)
+    gram = xp.matmul(a, xp.matrix_transpose(b))
+    return xp.clip(sq_a[:, :, None] + sq_b[:, None, :] - 2 * gram, min=0)
+
+
+def self_sq_distances(xp: Namespace, a: Array) -> Array:
+    """Squared distances between all tokens of each problem, (B, N, N), exact zero diagonal.
+
+    Computed once per K-Medoids call (O(N^2 M)). The diagonal is set to zero so that a medoid
+    is at distance exactly 0 from itself whatever the rounding of the Gram expansion.
+    """
+    n = a.shape[-2]
+    ids = xp.arange(n, device=device(a))
+    diagonal = ids[:, None] == ids[None, :]
+    return xp.where(diagonal, constant(xp, 0.0, a), sq_distances(xp, a, a))
+
+
+def segment_sum(xp: Namespace, values: Array, labels: Array, k: int) -> Array:
+    """Sum ``values`` (B, N, C) over the tokens of each label: (B, k, C).
+
+    ``labels`` (B, N) holds integers in [0, k). Generic form: a one-hot matrix product.
+    """
+    cluster_ids = xp.arange(k, dtype=labels.dtype, device=device(labels))
+    one_hot = xp.astype(labels[:, None, :] == cluster_ids[:, None], values.dtype)
+    return xp.matmul(one_hot, values)
+
+
+def medoid_costs(xp: Namespace, dist: Array, labels: Array, weights: Array) -> Array:
+    """Cost of each token as its cluster's medoid: the sum over Eq. 12 / Eq. 17.
+
+    ``cost[b, i] = sum_{i': a(i') = a(i)} w[b, i'] * dist[b, i', i]``, for ``dist`` (B, N, N),
+    ``labels`` (B, N) and ``weights`` (B, N). O(N^2) work; no (B, K, N, N) array is formed.
+    """
+    same_cluster = labels[:, :, None] == labels[:, None, :]
+    within = xp.where(same_cluster, dist, constant(xp, 0.0, dist))
+    # Summing down the columns, cost[m] = sum_i' w_i' dist[i', m], uses the same entries
+    # dist[i, m] as the assignment step, so the objective provably never increases.
+    return xp.matmul(weights[:, None, :], within)[:, 0, :]
+
+
+@dataclass(frozen=True)
+class Primitives:
+    """The replaceable primitives of one backend; fields default to the generic versions."""
+
+    xp: Namespace
+    sq_distances: Callable[..., Array] = sq_distances
+    self_sq_distances: Callable[..., Array] = self_sq_distances
+    segment_sum: Callable[..., Array] = segment_sum
+    medoid_costs: Callable[..., Array] = medoid_costs
+    name: str = "generic"

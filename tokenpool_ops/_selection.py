@@ -1,0 +1,46 @@
+"""Choosing k of N tokens: the initialisations of Algorithm 1 and the paper's baselines (§5).
+
+All index sets come back sorted ascending, so selected tokens keep their original order.
+Ties are broken towards the lower token index.
+"""
+
+from __future__ import annotations
+
+from ._compat import Array, Namespace, constant, device, exponential_noise
+
+
+def top_k(xp: Namespace, keys: Array, k: int) -> Array:
+    """Indices (B, k) of the k largest ``keys`` (B, N), in ascending index order.
+
+    Among equal keys the lower index is taken (a stable sort of the negated keys).
+    """
+    order = xp.argsort(-keys, axis=-1, stable=True)
+    return xp.sort(order[:, :k], axis=-1)
+
+
+def spread(xp: Namespace, batch: int, n: int, k: int, like: Array) -> Array:
+    """Evenly spaced indices ``floor(j N / k)``, j = 0..k-1: the default with no scores."""
+    index_dtype = xp.__array_namespace_info__().default_dtypes(device=device(like))["indexing"]
+    ids = (xp.arange(k, dtype=index_dtype, device=device(like)) * n) // k
+    return xp.broadcast_to(ids[None, :], (batch, k))
+
+
+def draw_without_replacement(
+    xp: Namespace, weights: Array | None, k: int, seed: int, like: Array
+) -> Array:
+    """k distinct indices per problem, uniformly or with probability proportional to weights.
+
+    Exponential race: token i gets key E_i / w_i with E_i ~ Exp(1); the k smallest keys are a
+    draw without replacement proportional to w (Efraimidis and Spirakis, 2006). Tokens of zero
+    weight are taken only when fewer than k tokens have positive weight. The noise is drawn on
+    the host from ``seed`` (see :func:`exponential_noise`), so every backend draws the same
+    tokens; a problem's draw depends on its position in the batch.
+    """
+    batch, n = like.shape[0], like.shape[1]
+    noise = exponential_noise(xp, seed, (batch, n), dtype=like.dtype, device=device(like))
+    if weights is None:
+        return top_k(xp, -noise, k)
+    positive = weights > 0
+    safe = xp.where(positive, weights, constant(xp, 1.0, weights))
+    keys = xp.where(positive, -noise / safe, constant(xp, -float("inf"), weights))
+    return top_k(xp, keys, k)

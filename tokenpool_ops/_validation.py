@@ -1,0 +1,90 @@
+"""Checks of user input. Every error names the argument at fault."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from ._compat import Array, Namespace, array_namespace, backend_name, device
+
+
+def namespace_of(**arrays: Array | None) -> Namespace:
+    """The common namespace of the given arrays; a clear TypeError if they mix libraries."""
+    given = {name: a for name, a in arrays.items() if a is not None}
+    try:
+        return array_namespace(*given.values())
+    except TypeError as error:
+        kinds = ", ".join(f"{name}: {type(a).__module__}.{type(a).__name__}"
+                          for name, a in given.items())
+        raise TypeError(f"all arrays must come from one array library, got {kinds}") from error
+
+
+def check_same_device(xp: Namespace, reference: str, **arrays: Array | None) -> None:
+    """Raise ValueError if any of ``arrays`` lives on another device than ``reference``."""
+    ref = arrays[reference]
+    for name, a in arrays.items():
+        if a is not None and device(a) != device(ref):
+            raise ValueError(
+                f"{name} is on device {device(a)!r} but {reference} is on {device(ref)!r}; "
+                f"move them to one device first ({backend_name(xp)})"
+            )
+
+
+def check_tokens(xp: Namespace, x: Array, name: str = "x", check_finite: bool = True) -> None:
+    """``x`` must be a real floating array of shape (..., N, M), finite unless opted out."""
+    if x.ndim < 2:
+        raise ValueError(f"{name} must have shape (..., N, M), got a {x.ndim}-d array")
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
+    if check_finite and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip "
+                         "this check)")
+
+
+def check_k(k: Any) -> int:
+    """``k`` must be a non-negative integer (bools are refused)."""
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be a non-negative integer, got {k!r}")
+    if k < 0:
+        raise ValueError(f"k must be a non-negative integer, got {k}")
+    return int(k)
+
+
+def check_max_iter(max_iter: Any) -> int:
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    return int(max_iter)
+
+
+def check_token_values(
+    xp: Namespace, values: Array | None, name: str, shape: tuple[int, ...]
+) -> None:
+    """Per-token values (scores, sizes, weights): real, shape (..., N), finite, >= 0."""
+    if values is None:
+        return
+    if not (xp.isdtype(values.dtype, "real floating") or xp.isdtype(values.dtype, "integral")):
+        raise TypeError(f"{name} must have a real numeric dtype, got {values.dtype}")
+    if tuple(values.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "
+                         f"axis), got {tuple(values.shape)}")
+    if not bool(xp.all(values >= 0)) or (
+        xp.isdtype(values.dtype, "real floating") and not bool(xp.all(xp.isfinite(values)))
+    ):
+        raise ValueError(f"{name} must be finite and non-negative; it contains a negative, "
+                         "NaN or infinite value")
+
+
+def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...], n: int,
+                       k: int) -> None:
+    """Starting indices (..., k): integers in [0, N), distinct within each problem."""
+    if not xp.isdtype(init.dtype, "integral"):
+        raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
+                        f"got dtype {init.dtype}")
+    expected = (*batch_shape, k)
+    if tuple(init.shape) != expected:
+        raise ValueError(f"init must have shape {expected}, got {tuple(init.shape)}")
+    if not bool(xp.all((init >= 0) & (init < n))):
+        raise ValueError(f"init indices must lie in [0, {n}) (N = {n})")
+    ordered = xp.sort(init, axis=-1)
+    if k > 1 and bool(xp.any(ordered[..., 1:] == ordered[..., :-1])):
+        raise ValueError("init indices must be distinct within each problem")
