@@ -17,8 +17,10 @@ def sq_distances(xp: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def self_sq_distances(xp: Any, a: np.ndarray) -> np.ndarray:
-    """Generic ``self_sq_distances`` in place; the diagonal is written as exact zeros."""
+    """Generic ``self_sq_distances``, symmetrised and zeroed in place."""
     dist = sq_distances(xp, a, a)
+    dist += np.swapaxes(dist, -1, -2)  # NumPy buffers the overlapping transpose for us
+    dist *= 0.5
     n = a.shape[-2]
     dist.reshape(dist.shape[0], n * n)[:, :: n + 1] = 0
     return dist

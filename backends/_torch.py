@@ -18,8 +18,9 @@ def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
-    """Generic ``self_sq_distances`` in place; the diagonal is written as exact zeros."""
+    """Generic ``self_sq_distances``, symmetrised out of place, diagonal zeroed in place."""
     dist = sq_distances(xp, a, a)
+    dist = (dist + dist.mT).mul_(0.5)
     dist.diagonal(dim1=-2, dim2=-1).zero_()
     return dist
 

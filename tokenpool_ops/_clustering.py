@@ -38,6 +38,24 @@ def weighted_objective(xp: Namespace, weights: Array, nearest_sq_dist: Array) ->
     return xp.sum(weights * nearest_sq_dist, axis=-1)
 
 
+def sq_errors(xp: Namespace, x: Array, centres: Array, labels: Array) -> Array:
+    """``|f_i - c_a(i)|^2`` per token (B, N), from the differences themselves.
+
+    The Gram expansion is fast for finding the nearest centre but loses digits to
+    cancellation; the error we report is recomputed directly, exact up to rounding.
+    """
+    chosen = take_along_axis(xp, centres, labels[:, :, None], axis=1)
+    diff = x - chosen
+    return xp.sum(diff * diff, axis=-1)
+
+
+def reconstruction_objective(prims: Primitives, x: Array, centres: Array, weights: Array) -> Array:
+    """Eq. 13 (Eq. 9 with unit weights) of tokens ``x`` (B, N, M) given ``centres`` (B, K, M)."""
+    xp = prims.xp
+    labels, _ = assign(xp, prims.sq_distances(xp, x, centres))
+    return weighted_objective(xp, weights, sq_errors(xp, x, centres, labels))
+
+
 def assign(xp: Namespace, sq_dist: Array) -> tuple[Array, Array]:
     """Eq. 10 / 14: each token goes to its nearest centre; ties go to the lowest index.
 

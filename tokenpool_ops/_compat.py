@@ -12,6 +12,7 @@ import numpy as np
 from array_api_compat import (
     array_namespace,
     device,
+    is_array_api_obj,
     is_array_api_strict_namespace,
     is_cupy_namespace,
     is_jax_namespace,
@@ -28,6 +29,7 @@ __all__ = [
     "constant",
     "device",
     "exponential_noise",
+    "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",
     "is_jax_namespace",

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+from ._batching import flatten
+from ._clustering import reconstruction_objective
 from ._compat import Array, compute_dtype, device
 from ._validation import check_same_device, check_token_values, check_tokens, namespace_of
-from .backends import primitives_for
 
 __all__ = ["reconstruction_error", "significance_scores"]
 
@@ -77,16 +78,12 @@ def reconstruction_error(x: Array, centers: Array, *, weights: Array | None = No
         raise ValueError(f"centers must have shape (..., K, M) = {(*x.shape[:-2], 'K', x.shape[-1])}"
                          f" to match x, got {tuple(centers.shape)}")
     check_token_values(xp, weights, "weights", tuple(x.shape[:-1]))
-    dtype = compute_dtype(xp, x.dtype)
-    n, m, k = x.shape[-2], x.shape[-1], centers.shape[-2]
-    flat_x = xp.astype(xp.reshape(x, (-1, n, m)), dtype)
-    flat_c = xp.astype(xp.reshape(centers, (-1, k, m)), dtype)
+    batch = flatten(xp, x)
+    n, k = x.shape[-2], centers.shape[-2]
     if k == 0 or n == 0:
         value = math.inf if n > 0 else 0.0
-        return xp.full(tuple(x.shape[:-2]), value, dtype=dtype, device=device(x))
-    mean = xp.mean(flat_x, axis=1, keepdims=True)
-    prims = primitives_for(xp)
-    nearest = xp.min(prims.sq_distances(xp, flat_x - mean, flat_c - mean), axis=-1)
-    if weights is not None:
-        nearest = nearest * xp.astype(xp.reshape(weights, (-1, n)), dtype)
-    return xp.reshape(xp.sum(nearest, axis=-1), tuple(x.shape[:-2]))
+        return xp.full(batch.batch_shape, value, dtype=batch.x.dtype, device=device(x))
+    w = batch.flat(weights)
+    w = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(x)) if w is None else w
+    error = reconstruction_objective(batch.prims, batch.centred, batch.flat_tokens(centers), w)
+    return batch.unflat(error)

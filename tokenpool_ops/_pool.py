@@ -6,19 +6,19 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
-from tokenpool_ops.backends import primitives_for
-
+from ._batching import Batch, flatten
 from ._clustering import (
     FlatClustering,
     assign_to_medoids,
     effective_weights,
+    reconstruction_objective,
     run_kmeans,
     run_kmedoids,
+    sq_errors,
     weighted_means,
     weighted_objective,
 )
-from ._compat import Array, Namespace, compute_dtype, device, take_along_axis
-from ._primitives import Primitives
+from ._compat import Array, Namespace, device, is_array_api_obj, take_along_axis
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
     check_init_indices,
@@ -108,80 +108,50 @@ class PoolResult:
     n_iter: int
 
 
-@dataclass(frozen=True)
-class _Batch:
-    """Input tokens flattened to (B, N, M) in the compute dtype, and centred per problem."""
-
-    prims: Primitives
-    batch_shape: tuple[int, ...]
-    x: Array  # (B, N, M), compute dtype
-    centred: Array  # x minus each problem's mean
-    out_dtype: object
-
-    @property
-    def xp(self) -> Namespace:
-        return self.prims.xp
-
-    def flat(self, values: Array | None) -> Array | None:
-        """A per-token (..., N) or per-centre (..., K) array as (B, ·) in the compute dtype."""
-        if values is None:
-            return None
-        return self.xp.reshape(values, (-1, values.shape[-1]))
-
-    def unflat(self, values: Array) -> Array:
-        return self.xp.reshape(values, (*self.batch_shape, *values.shape[1:]))
-
-
-def _flatten(xp: Namespace, x: Array, fast_paths: bool) -> _Batch:
-    dtype = compute_dtype(xp, x.dtype)
-    n, m = x.shape[-2], x.shape[-1]
-    flat = xp.astype(xp.reshape(x, (-1, n, m)), dtype)
-    # Centring first keeps the Gram-matrix distances accurate for tokens far from the origin.
-    centred = flat - xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat
-    return _Batch(primitives_for(xp, fast_paths), tuple(x.shape[:-2]), flat, centred, x.dtype)
-
-
-def _as_float(batch: _Batch, values: Array | None) -> Array | None:
-    if values is None:
-        return None
-    xp = batch.xp
-    return xp.astype(batch.flat(values), batch.x.dtype)
-
-
-def _index_dtype(xp: Namespace, like: Array) -> object:
-    return xp.__array_namespace_info__().default_dtypes(device=device(like))["indexing"]
+INITS = ("topk", "random", "spread")
 
 
 def _resolve_init(
-    batch: _Batch, init: Init, order_by: Array | None, k: int, seed: int, order_name: str
+    batch: Batch, init: Init, order_by: Array | None, k: int, seed: int, order_name: str
 ) -> Array:
-    """Starting token indices (B, k) from ``init`` (see :func:`pool`)."""
+    """Starting token indices (B, k) from an ``init`` already checked by :func:`_prepare`."""
     xp = batch.xp
     n_problems, n = batch.x.shape[0], batch.x.shape[1]
     if init is None:
         init = "topk" if order_by is not None else "spread"
-    if isinstance(init, str):
-        if init == "topk":
-            if order_by is None:
-                raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
-                                 "or choose init='spread' or 'random'")
-            return top_k(xp, order_by, k)
-        if init == "random":
-            return draw_without_replacement(xp, None, k, seed, batch.x)
-        if init == "spread":
-            return spread(xp, n_problems, n, k, batch.x)
+    if not isinstance(init, str):
+        return xp.astype(batch.flat(init), batch.index_dtype())
+    if init == "topk":
+        if order_by is None:
+            raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
+                             "or choose init='spread' or 'random'")
+        return top_k(xp, order_by, k)
+    if init == "random":
+        return draw_without_replacement(xp, None, k, seed, batch.x)
+    return spread(xp, n_problems, n, k, batch.x)
+
+
+def _prepare(
+    x: Array, k: object, max_iter: object, init: Init, check_finite: bool,
+    **per_token: Array | None,
+) -> tuple[Namespace, int, int]:
+    """Check the arguments shared by every entry point; return the namespace, k, max_iter."""
+    if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
+        raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
+                        f"got {type(init).__name__}")
+    init_array = None if init is None or isinstance(init, str) else init
+    xp = namespace_of(x=x, init=init_array, **per_token)
+    check_tokens(xp, x, check_finite=check_finite)
+    check_same_device(xp, "x", x=x, init=init_array, **per_token)
+    k, max_iter = check_k(k), check_max_iter(max_iter)
+    for name, values in per_token.items():
+        check_token_values(xp, values, name, tuple(x.shape[:-1]))
+    if isinstance(init, str) and init not in INITS:
         raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                          f"got {init!r}")
-    check_init_indices(xp, init, batch.batch_shape, n, k)
-    return xp.astype(batch.flat(init), _index_dtype(xp, batch.x))
-
-
-def _prepare(x: Array, k: object, max_iter: object, check_finite: bool,
-             **others: Array | None) -> tuple[Namespace, int, int]:
-    xp = namespace_of(x=x, **others)
-    check_tokens(xp, x, check_finite=check_finite)
-    check_same_device(xp, "x", x=x, **others)
-    return xp, check_k(k), check_max_iter(max_iter)
+    if init_array is not None:
+        check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k)
+    return xp, k, max_iter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,29 +162,28 @@ def _cluster(
     x: Array, k: object, algorithm: Literal["kmeans", "kmedoids"], weights: Array | None,
     init: Init, max_iter: object, seed: int, check_finite: bool, fast_paths: bool,
 ) -> Clustering:
-    init_array = None if init is None or isinstance(init, str) else init
-    xp, k, max_iter = _prepare(x, k, max_iter, check_finite, weights=weights, init=init_array)
-    check_token_values(xp, weights, "weights", tuple(x.shape[:-1]))
-    batch = _flatten(xp, x, fast_paths)
-    n = batch.x.shape[1]
-    k = min(k, n)
-    w = _as_float(batch, weights)
-    unit = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
-    start = _resolve_init(batch, init, w, k, seed, "weights")
+    xp, k, max_iter = _prepare(x, k, max_iter, init, check_finite, weights=weights)
+    batch = flatten(xp, x, fast_paths)
+    k = min(k, batch.x.shape[1])
+    given = batch.flat(weights)
+    w = _ones(batch) if given is None else given
+    start = _resolve_init(batch, init, given, k, seed, "weights")
     if k == 0:
-        return _empty_clustering(batch, unit if w is None else w)
+        return _empty_clustering(batch, w)
     if algorithm == "kmeans":
-        flat = run_kmeans(batch.prims, batch.centred, start, unit if w is None else w, unit,
-                          max_iter)
+        flat = run_kmeans(batch.prims, batch.centred, start, w, _ones(batch), max_iter)
     else:
-        flat = run_kmedoids(batch.prims, batch.centred, start, unit if w is None else w, max_iter)
+        flat = run_kmedoids(batch.prims, batch.centred, start, w, max_iter)
     return _public_clustering(batch, flat)
 
 
-def _public_clustering(batch: _Batch, flat: FlatClustering) -> Clustering:
+def _ones(batch: Batch) -> Array:
+    return batch.xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
+
+
+def _public_clustering(batch: Batch, flat: FlatClustering) -> Clustering:
     xp = batch.xp
-    mean = batch.x - batch.centred  # each problem's mean, broadcast over tokens
-    centres = flat.centres + mean[:, :1, :] if batch.x.shape[1] > 0 else flat.centres
+    centres = flat.centres + batch.mean
     if flat.medoids is not None:  # medoids are input tokens, bit for bit
         centres = take_along_axis(xp, batch.x, flat.medoids[:, :, None], axis=1)
     return Clustering(
@@ -227,11 +196,11 @@ def _public_clustering(batch: _Batch, flat: FlatClustering) -> Clustering:
     )
 
 
-def _empty_clustering(batch: _Batch, weights: Array) -> Clustering:
+def _empty_clustering(batch: Batch, weights: Array) -> Clustering:
     xp = batch.xp
     n_problems, n, m = batch.x.shape
     objective = _empty_objective(xp, weights)
-    labels = xp.full((n_problems, n), -1, dtype=_index_dtype(xp, batch.x), device=device(batch.x))
+    labels = xp.full((n_problems, n), -1, dtype=batch.index_dtype(), device=device(batch.x))
     return Clustering(
         centres=batch.unflat(xp.astype(batch.x[:, :0, :], batch.out_dtype)),
         assignment=batch.unflat(labels),
@@ -390,26 +359,18 @@ def pool(
     >>> pool(x, 2, "kmedoids").tolist()
     [[0.0, 0.5], [10.0, 1.0]]
     """
-    init_array = None if init is None or isinstance(init, str) else init
-    xp, k, max_iter = _prepare(x, k, max_iter, check_finite, scores=scores, sizes=sizes,
-                               init=init_array)
+    xp, k, max_iter = _prepare(x, k, max_iter, init, check_finite, scores=scores, sizes=sizes)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
-    token_shape = tuple(x.shape[:-1])
-    check_token_values(xp, scores, "scores", token_shape)
-    check_token_values(xp, sizes, "sizes", token_shape)
 
-    batch = _flatten(xp, x, fast_paths)
-    n = batch.x.shape[1]
-    s = _as_float(batch, scores)
-    carried = _as_float(batch, sizes)
-    unit = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
-    carried = unit if carried is None else carried
+    batch = flatten(xp, x, fast_paths)
+    s = batch.flat(scores)
+    carried = _ones(batch) if sizes is None else batch.flat(sizes)
     weights = s * carried if method.startswith("w") else carried
 
-    if k >= n:
+    if k >= batch.x.shape[1]:
         result = _identity(batch, x, carried)
     elif k == 0:
         result = _nothing_kept(batch, weights)
@@ -422,18 +383,18 @@ def pool(
     return result if return_info else result.tokens
 
 
-def _identity(batch: _Batch, x: Array, carried: Array) -> PoolResult:
+def _identity(batch: Batch, x: Array, carried: Array) -> PoolResult:
     """Algorithm 1, line 1: k >= N keeps every token."""
     xp = batch.xp
     n_problems, n = batch.x.shape[:2]
-    ids = xp.arange(n, dtype=_index_dtype(xp, batch.x), device=device(batch.x))
+    ids = xp.arange(n, dtype=batch.index_dtype(), device=device(batch.x))
     ids = xp.broadcast_to(ids[None, :], (n_problems, n))
     zero = xp.zeros((n_problems, 1), dtype=batch.x.dtype, device=device(batch.x))
     return PoolResult(x, batch.unflat(ids), batch.unflat(carried), batch.unflat(ids),
                       batch.unflat(zero[:, 0]), batch.unflat(zero), 0)
 
 
-def _nothing_kept(batch: _Batch, weights: Array) -> PoolResult:
+def _nothing_kept(batch: Batch, weights: Array) -> PoolResult:
     empty = _empty_clustering(batch, weights)
     xp = batch.xp
     no_sizes = xp.zeros((*batch.batch_shape, 0), dtype=batch.x.dtype, device=device(batch.x))
@@ -441,7 +402,7 @@ def _nothing_kept(batch: _Batch, weights: Array) -> PoolResult:
                       empty.history, 0)
 
 
-def _select(batch: _Batch, method: str, scores: Array | None, carried: Array, weights: Array,
+def _select(batch: Batch, method: str, scores: Array | None, carried: Array, weights: Array,
             k: int, seed: int, return_info: bool) -> PoolResult:
     """The baselines of §5: keep k input tokens, in their original order."""
     xp = batch.xp
@@ -456,14 +417,14 @@ def _select(batch: _Batch, method: str, scores: Array | None, carried: Array, we
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
     centred = take_along_axis(xp, batch.centred, chosen[:, :, None], axis=1)
-    to_chosen = batch.prims.sq_distances(xp, batch.centred, centred)
-    labels, nearest = assign_to_medoids(xp, to_chosen, chosen)
-    objective = weighted_objective(xp, weights, nearest)
+    labels, _ = assign_to_medoids(xp, batch.prims.sq_distances(xp, batch.centred, centred),
+                                  chosen)
+    objective = weighted_objective(xp, weights, sq_errors(xp, batch.centred, centred, labels))
     return PoolResult(out_tokens, batch.unflat(labels), out_sizes, batch.unflat(chosen),
                       batch.unflat(objective), batch.unflat(objective[:, None]), 0)
 
 
-def _pool_by_clustering(batch: _Batch, method: str, start: Array, weights: Array,
+def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
                         carried: Array, max_iter: int, return_info: bool) -> PoolResult:
     """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
     xp, prims = batch.xp, batch.prims
@@ -475,15 +436,13 @@ def _pool_by_clustering(batch: _Batch, method: str, start: Array, weights: Array
     labels = flat.assignment
     token_weights = effective_weights(prims, labels, k, weights, carried)
     # Means of the original (not centred) tokens, so that they are the members' exact means.
-    empty = flat.centres + (batch.x - batch.centred)[:, :1, :]
+    empty = flat.centres + batch.mean
     tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
     out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
     out_sizes = batch.unflat(prims.segment_sum(xp, carried[:, :, None], labels, k)[:, :, 0])
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, flat.n_iter)
-    centred_tokens = tokens - (batch.x - batch.centred)[:, :1, :]
-    nearest = xp.min(prims.sq_distances(xp, batch.centred, centred_tokens), axis=-1)
-    objective = weighted_objective(xp, weights, nearest)
+    objective = reconstruction_objective(prims, batch.centred, tokens - batch.mean, weights)
     medoids = None if flat.medoids is None else batch.unflat(flat.medoids)
     return PoolResult(out_tokens, batch.unflat(labels), out_sizes, medoids,
                       batch.unflat(objective), batch.unflat(flat.history), flat.n_iter)

@@ -29,13 +29,16 @@ def sq_distances(xp: Namespace, a: Array, b: Array) -> Array:
 def self_sq_distances(xp: Namespace, a: Array) -> Array:
     """Squared distances between all tokens of each problem, (B, N, N), exact zero diagonal.
 
-    Computed once per K-Medoids call (O(N^2 M)). The diagonal is set to zero so that a medoid
-    is at distance exactly 0 from itself whatever the rounding of the Gram expansion.
+    Computed once per K-Medoids call (O(N^2 M)). The matrix is made exactly symmetric (a
+    matrix product need not be) and its diagonal exactly zero, so that the tie rules see
+    true ties: in a two-member cluster both members then cost exactly the same.
     """
     n = a.shape[-2]
     ids = xp.arange(n, device=device(a))
     diagonal = ids[:, None] == ids[None, :]
-    return xp.where(diagonal, constant(xp, 0.0, a), sq_distances(xp, a, a))
+    dist = sq_distances(xp, a, a)
+    dist = (dist + xp.matrix_transpose(dist)) * 0.5
+    return xp.where(diagonal, constant(xp, 0.0, a), dist)
 
 
 def segment_sum(xp: Namespace, values: Array, labels: Array, k: int) -> Array:

@@ -51,8 +51,11 @@ def check_k(k: Any) -> int:
 
 
 def check_max_iter(max_iter: Any) -> int:
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral) or max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    """``max_iter`` must be a non-negative integer, like ``k``."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
+        raise TypeError(f"max_iter must be a non-negative integer, got {max_iter!r}")
+    if max_iter < 0:
+        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter}")
     return int(max_iter)
 
 

@@ -1,0 +1,132 @@
+"""Shared fixtures: every test taking ``backend`` runs on each installed array library.
+
+A library that is not installed (or a GPU that is absent) is a skip with its reason, printed
+by ``pytest -ra``. array-api-strict runs on its non-default fake device, so that any array
+created on the wrong device fails loudly without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, deadline=None, max_examples=25, print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.register_profile(
+    "dev", deadline=None, max_examples=25,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library (and device) under test, with converters to and from NumPy."""
+
+    name: str
+    xp: Any  # array-API-compatible namespace
+    device: Any
+    _to_numpy: Callable[[Any], np.ndarray]
+
+    def asarray(self, values: Any, dtype: Any = None) -> Any:
+        values = np.asarray(values)
+        if dtype is None:  # keep NumPy's dtype: float32 stays float32, Python floats float64
+            dtype = getattr(self.xp, {"u": "int64"}.get(values.dtype.kind, values.dtype.name))
+        return self.xp.asarray(values, dtype=dtype, device=self.device)
+
+    def to_numpy(self, array: Any) -> np.ndarray:
+        return np.asarray(self._to_numpy(array))
+
+    def assert_like(self, array: Any, shape: tuple[int, ...], dtype: Any) -> None:
+        """The array is of this library, on this device, with this shape and dtype."""
+        from array_api_compat import array_namespace, device
+
+        assert array_namespace(array) == self.xp
+        assert device(array) == self.device
+        assert tuple(array.shape) == tuple(shape)
+        assert array.dtype == dtype
+
+
+def _numpy() -> Backend:
+    import array_api_compat.numpy as xp
+
+    return Backend("numpy", xp, "cpu", np.asarray)
+
+
+def _torch(device: str) -> Backend:
+    torch = importlib.import_module("torch")
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch-cuda: no CUDA GPU on this machine")
+    import array_api_compat.torch as xp
+
+    return Backend(f"torch-{device}", xp, torch.device(device),
+                   lambda a: a.detach().cpu().numpy())
+
+
+def _jax() -> Backend:
+    jax = importlib.import_module("jax")
+    jax.config.update("jax_enable_x64", True)  # the tests compare float64 results
+    import jax.numpy as jnp
+
+    return Backend("jax", jnp, jax.devices("cpu")[0], np.asarray)
+
+
+def _strict() -> Backend:
+    xp = importlib.import_module("array_api_strict")
+    cpu = xp.Device("CPU_DEVICE")
+    return Backend("array_api_strict", xp, xp.Device("device1"),
+                   lambda a: np.asarray(a.to_device(cpu)))
+
+
+def _cupy() -> Backend:
+    cupy = importlib.import_module("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("no device")
+    except Exception as error:  # CuPy raises its own error types without a driver
+        pytest.skip(f"cupy: no CUDA GPU on this machine ({error})")
+    import array_api_compat.cupy as xp
+
+    return Backend("cupy", xp, cupy.cuda.Device(0), lambda a: a.get())
+
+
+LOADERS: dict[str, Callable[[], Backend]] = {
+    "numpy": _numpy,
+    "torch-cpu": lambda: _torch("cpu"),
+    "jax": _jax,
+    "array_api_strict": _strict,
+    "cupy": _cupy,
+    "torch-cuda": lambda: _torch("cuda"),
+}
+
+
+def load_backend(name: str) -> Backend:
+    """The backend called ``name``, or a skip that says why it is missing."""
+    try:
+        return LOADERS[name]()
+    except ImportError as error:
+        pytest.skip(f"{name} is not installed ({error})")
+
+
+@pytest.fixture(params=list(LOADERS), scope="session")
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return load_backend(request.param)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(20211004)
+
+
+@pytest.fixture(scope="session")
+def backend_named() -> Callable[[str], Backend]:
+    """For tests that choose their backends themselves: ``backend_named("torch-cpu")``."""
+    return load_backend

@@ -1,0 +1,233 @@
+"""Hypothesis property tests of the paper's algorithms, on every installed backend.
+
+Each property is a statement the paper (or our documented contract) makes about every input:
+the objective never increases (§4, Appendix A), the medoid constraint holds bit-exactly,
+pooled tokens are the weighted means of their members (Algorithm 1, line 6), problems in a
+batch are independent, and rescaling scores or translating tokens changes nothing it should
+not. Inputs are continuous random data (no ties) built from a drawn seed and shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import tokenpool_ops
+
+CLUSTERING = ["kmeans", "kmedoids", "wkmeans", "wkmedoids"]
+MEDOIDS = ["kmedoids", "wkmedoids"]
+
+
+# JAX compiles every operation anew for each shape (about 2 s per pool call), so on JAX the
+# properties are explored over a few fixed shapes; the other backends draw shapes freely.
+FIXED_SHAPES = [(2, 9, 3), (1, 16, 2)]
+
+
+@st.composite
+def problems(draw, fixed_shapes: bool = False, min_n: int = 1, max_batch: int = 3):
+    """(x, scores, k, seed): a (B, N, M) float64 stack, scores with some zeros, and k."""
+    if fixed_shapes:
+        batch, n, m = draw(st.sampled_from([s for s in FIXED_SHAPES if s[1] >= min_n]))
+        batch = min(batch, max_batch)
+        k = draw(st.sampled_from(sorted({1, n // 2, n})))
+    else:
+        batch = draw(st.integers(1, max_batch))
+        n = draw(st.integers(min_n, 24))
+        m = draw(st.integers(1, 5))
+        k = draw(st.integers(1, n))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch, n, m)) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    scores = rng.exponential(size=(batch, n)) * (rng.random((batch, n)) > 0.2)
+    return x, scores, k, seed
+
+
+def draw_problem(data, backend, **kwargs):
+    return data.draw(problems(fixed_shapes=backend.name == "jax", **kwargs), label="problem")
+
+
+def run(backend, x, k, method, scores=None, sizes=None, **kwargs):
+    """pool() on ``backend`` with return_info=True, the result converted to NumPy."""
+    convert = backend.asarray
+    result = tokenpool_ops.pool(
+        convert(x), k, method,
+        scores=None if scores is None else convert(scores),
+        sizes=None if sizes is None else convert(sizes),
+        return_info=True, **kwargs,
+    )
+    return {name: (getattr(result, name) if name == "n_iter" or getattr(result, name) is None
+                   else backend.to_numpy(getattr(result, name)))
+            for name in ("tokens", "assignment", "sizes", "medoids", "objective", "history",
+                         "n_iter")}
+
+
+def weighted_cluster_means(x, assignment, weights, k, fallback):
+    """Per-cluster weighted means with plain loops; a zero total falls back to ``fallback``."""
+    batch, _, m = x.shape
+    means = np.full((batch, k, m), np.nan)
+    for b in range(batch):
+        for j in range(k):
+            members = assignment[b] == j
+            if not members.any():
+                continue
+            w = weights[b, members]
+            if w.sum() == 0:
+                w = fallback[b, members]
+            means[b, j] = (w[:, None] * x[b, members]).sum(0) / w.sum()
+    return means
+
+
+@pytest.mark.parametrize("method", CLUSTERING)
+@given(data=st.data())
+def test_objective_never_increases(backend, method, data):
+    problem = draw_problem(data, backend)
+    x, scores, k, _ = problem
+    history = run(backend, x, k, method, scores=scores, max_iter=20)["history"]
+    weights = scores if method.startswith("w") else np.ones_like(scores)
+    # Gram-matrix distances carry an absolute rounding error of about eps * |x - mean|^2.
+    spread = (weights * ((x - x.mean(1, keepdims=True)) ** 2).sum(-1)).sum(-1)
+    steps = np.diff(history, axis=-1)
+    assert np.all(steps <= 1e-9 * history[..., :-1] + 1e-12 * spread[:, None]), history
+
+
+@pytest.mark.parametrize("method", MEDOIDS)
+@given(data=st.data())
+def test_medoid_constraint_holds_bit_exactly(backend, method, data):
+    problem = draw_problem(data, backend)
+    x, scores, k, _ = problem
+    weights = scores if method == "wkmedoids" else None
+    result = tokenpool_ops.kmedoids(backend.asarray(x), k, init="spread",
+                                    weights=None if weights is None else backend.asarray(weights))
+    medoids = backend.to_numpy(result.medoids)
+    assignment = backend.to_numpy(result.assignment)
+    centres = backend.to_numpy(result.centres)
+    for b in range(x.shape[0]):
+        assert len(set(medoids[b].tolist())) == k
+        np.testing.assert_array_equal(centres[b], x[b, medoids[b]])
+        np.testing.assert_array_equal(assignment[b, medoids[b]], np.arange(k))
+
+
+@pytest.mark.parametrize("method", CLUSTERING)
+@given(data=st.data())
+def test_pooled_tokens_are_weighted_means_of_members(backend, method, data):
+    problem = draw_problem(data, backend)
+    x, scores, k, seed = problem
+    sizes = np.random.default_rng(seed + 1).integers(1, 4, size=scores.shape).astype(float)
+    out = run(backend, x, k, method, scores=scores, sizes=sizes)
+    weights = scores * sizes if method.startswith("w") else sizes
+    expected = weighted_cluster_means(x, out["assignment"], weights, k, fallback=sizes)
+    filled = ~np.isnan(expected)  # empty K-Means clusters keep their centre instead
+    np.testing.assert_allclose(out["tokens"][filled], expected[filled], rtol=1e-9,
+                               atol=1e-9 * np.abs(x).max())
+    counts = np.stack([np.bincount(a, weights=s, minlength=k)
+                       for a, s in zip(out["assignment"], sizes)])
+    np.testing.assert_allclose(out["sizes"], counts)
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@given(data=st.data())
+def test_problems_in_a_batch_are_independent(backend, method, data):
+    problem = draw_problem(data, backend, max_batch=4)
+    x, scores, k, _ = problem
+    stacked = run(backend, x, k, method, scores=scores, max_iter=50)
+    for b in range(x.shape[0]):
+        alone = run(backend, x[b], k, method, scores=scores[b], max_iter=50)
+        np.testing.assert_array_equal(stacked["assignment"][b], alone["assignment"])
+        np.testing.assert_allclose(stacked["tokens"][b], alone["tokens"], rtol=1e-9,
+                                   atol=1e-12 * np.abs(x).max())
+        np.testing.assert_allclose(stacked["objective"][b], alone["objective"], rtol=1e-9,
+                                   atol=1e-12)
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk", "importance"])
+@given(data=st.data(), power=st.integers(-20, 20))
+def test_rescaling_scores_by_a_power_of_two_changes_nothing(backend, method, data, power):
+    problem = draw_problem(data, backend)
+    x, scores, k, _ = problem
+    base = run(backend, x, k, method, scores=scores)
+    scaled = run(backend, x, k, method, scores=scores * 2.0**power)
+    np.testing.assert_array_equal(base["assignment"], scaled["assignment"])
+    np.testing.assert_array_equal(base["tokens"], scaled["tokens"])
+    factor = 2.0**power if method.startswith("w") else 1.0  # only Eq. 13 carries the scores
+    np.testing.assert_allclose(scaled["objective"], base["objective"] * factor, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@given(data=st.data(), offset=st.floats(-1e3, 1e3))
+def test_translating_tokens_translates_the_result(backend, method, data, offset):
+    problem = draw_problem(data, backend)
+    x, scores, k, _ = problem
+    scale = np.abs(x).max()
+    base = run(backend, x, k, method, scores=scores)
+    moved = run(backend, x + offset * scale, k, method, scores=scores)
+    np.testing.assert_array_equal(base["assignment"], moved["assignment"])
+    np.testing.assert_allclose(moved["tokens"], base["tokens"] + offset * scale,
+                               atol=1e-9 * scale * (1 + abs(offset)))
+    np.testing.assert_allclose(moved["objective"], base["objective"], rtol=1e-6,
+                               atol=1e-9 * scale**2 * x.shape[1])
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk", "random", "importance"])
+@given(data=st.data(), extra=st.integers(0, 3))
+def test_k_at_least_n_returns_tokens_unchanged(backend, method, data, extra):
+    problem = draw_problem(data, backend, min_n=1)
+    x, scores, _, _ = problem
+    n = x.shape[1]
+    out = run(backend, x, n + extra, method, scores=scores)
+    np.testing.assert_array_equal(out["tokens"], x)
+    np.testing.assert_array_equal(out["assignment"], np.broadcast_to(np.arange(n), scores.shape))
+    np.testing.assert_array_equal(out["objective"], 0.0)
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk", "random", "importance"])
+@given(data=st.data())
+def test_k_zero_returns_no_tokens(backend, method, data):
+    problem = draw_problem(data, backend)
+    x, scores, _, _ = problem
+    out = run(backend, x, 0, method, scores=scores)
+    assert out["tokens"].shape == (x.shape[0], 0, x.shape[2])
+    assert out["sizes"].shape == (x.shape[0], 0)
+    np.testing.assert_array_equal(out["assignment"], -1)
+    np.testing.assert_array_equal(out["objective"], np.inf)
+
+
+@pytest.mark.parametrize("method", CLUSTERING)
+@given(data=st.data(), copies=st.integers(2, 3))
+def test_duplicated_tokens_give_finite_results_and_valid_medoids(backend, method, data,
+                                                                 copies):
+    problem = draw_problem(data, backend)
+    x, scores, k, _ = problem
+    x = np.concatenate([x] * copies, axis=1)  # every token appears `copies` times
+    scores = np.concatenate([scores] * copies, axis=1)
+    out = run(backend, x, k, method, scores=scores)
+    assert np.all(np.isfinite(out["tokens"]))
+    assert np.all(np.isfinite(out["history"]))
+    np.testing.assert_allclose(out["sizes"].sum(-1), x.shape[1])
+    if out["medoids"] is not None:
+        for b in range(x.shape[0]):
+            np.testing.assert_array_equal(out["assignment"][b, out["medoids"][b]], np.arange(k))
+
+
+@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@given(data=st.data())
+def test_huge_offsets_in_float32_match_float64(backend, method, data):
+    """Tokens at 1e4 with small noise: centring keeps float32 as good as float64."""
+    problem = draw_problem(data, backend, min_n=2)
+    x, scores, k, _ = problem
+    x32 = (1e4 + 0.1 * x / np.abs(x).max()).astype(np.float32)
+    single = run(backend, x32, k, method, scores=scores.astype(np.float32))
+    double = run(backend, x32.astype(np.float64), k, method, scores=scores)
+    assert single["tokens"].dtype == np.float32
+    np.testing.assert_array_equal(single["assignment"], double["assignment"])
+    np.testing.assert_allclose(single["tokens"], double["tokens"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", CLUSTERING)
+@given(data=st.data())
+def test_single_token_problems(backend, method, data):
+    problem = draw_problem(data, backend)
+    x, scores, _, _ = problem
+    out = run(backend, x[:, :1], 1, method, scores=scores[:, :1])
+    np.testing.assert_array_equal(out["tokens"], x[:, :1])

@@ -1,0 +1,66 @@
+"""Flattening any batch shape (..., N, M) to the (B, N, M) stacks the algorithms work on."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from ._compat import Array, Namespace, compute_dtype, device
+from ._primitives import Primitives
+from .backends import primitives_for
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Tokens as (B, N, M) in the compute dtype, with each problem's mean taken out.
+
+    Centring first keeps the Gram-matrix distances accurate for tokens far from the origin.
+    """
+
+    prims: Primitives
+    batch_shape: tuple[int, ...]
+    x: Array  # (B, N, M), compute dtype
+    centred: Array  # x minus each problem's mean over its tokens
+    out_dtype: Any
+
+    @property
+    def xp(self) -> Namespace:
+        return self.prims.xp
+
+    @property
+    def mean(self) -> Array:
+        """Each problem's mean token, (B, 1, M)."""
+        return (self.x - self.centred)[:, :1, :]
+
+    def flat(self, values: Array | None) -> Array | None:
+        """Per-token (..., N) or per-centre (..., K) values as (B, ·), in the compute dtype."""
+        if values is None:
+            return None
+        flat = self.xp.reshape(values, (self.x.shape[0], values.shape[-1]))
+        return flat if self.xp.isdtype(flat.dtype, "integral") else self.xp.astype(
+            flat, self.x.dtype)
+
+    def flat_tokens(self, tokens: Array) -> Array:
+        """Other tokens (..., K, M) of the same batch as (B, K, M), compute dtype, centred."""
+        xp = self.xp
+        flat = xp.reshape(tokens, (self.x.shape[0], tokens.shape[-2], tokens.shape[-1]))
+        centred = xp.astype(flat, self.x.dtype) - self.mean if self.x.shape[1] > 0 else flat
+        return centred
+
+    def unflat(self, values: Array) -> Array:
+        """Back from (B, ...) to the caller's batch shape."""
+        return self.xp.reshape(values, (*self.batch_shape, *values.shape[1:]))
+
+    def index_dtype(self) -> Any:
+        info = self.xp.__array_namespace_info__()
+        return info.default_dtypes(device=device(self.x))["indexing"]
+
+
+def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
+    """Wrap tokens ``x`` (..., N, M) as a :class:`Batch`."""
+    batch_shape = tuple(x.shape[:-2])
+    n, m = x.shape[-2], x.shape[-1]
+    flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype))
+    centred = flat - xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat
+    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, centred, x.dtype)
