@@ -8,8 +8,9 @@ tests check every fast path against its generic counterpart.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 from tokenpool_ops._compat import Namespace, backend_name
 from tokenpool_ops._primitives import Primitives

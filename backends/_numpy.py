@@ -1,8 +1,14 @@
-"""NumPy fast paths: in-place distance assembly and scatter-add segment sums."""
+"""NumPy fast paths: distance matrices assembled in place, in one buffer.
+
+Segment sums stay generic on NumPy: the one-hot matrix product runs in BLAS and measured
+4-6x faster than ``np.add.at`` or ``np.add.reduceat`` for token-sized rows (B=64, N=196,
+M=384).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -26,17 +32,7 @@ def self_sq_distances(xp: Any, a: np.ndarray) -> np.ndarray:
     return dist
 
 
-def segment_sum(xp: Any, values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """Generic ``segment_sum`` by unbuffered scatter-add: O(N C) instead of O(N K C)."""
-    batch, n, channels = values.shape
-    out = np.zeros((batch * k, channels), dtype=values.dtype)
-    rows = (labels + (np.arange(batch) * k)[:, None]).reshape(-1)
-    np.add.at(out, rows, values.reshape(batch * n, channels))
-    return out.reshape(batch, k, channels)
-
-
 FAST_PATHS: dict[str, Callable[..., Any]] = {
     "sq_distances": sq_distances,
     "self_sq_distances": self_sq_distances,
-    "segment_sum": segment_sum,
 }

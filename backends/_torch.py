@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -25,14 +26,19 @@ def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
     return dist
 
 
-def segment_sum(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+def segment_sum(
+    xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Generic ``segment_sum`` by ``index_add_`` on CPU: O(N C) instead of O(N K C).
 
     On CUDA, ``index_add_`` adds with atomics in no fixed order, so results could differ from
     run to run in the last bits; there the deterministic generic matrix product is kept.
     """
     if values.device.type != "cpu":
-        return generic_segment_sum(xp, values, labels, k)
+        return generic_segment_sum(xp, values, labels, k, weights)
+    if weights is not None:
+        values = values * weights[:, :, None]
     batch, n, channels = values.shape
     offsets = torch.arange(batch, device=labels.device)[:, None] * k
     rows = (labels + offsets).reshape(-1)

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -91,7 +92,7 @@ def _cupy() -> Backend:
     try:
         if cupy.cuda.runtime.getDeviceCount() == 0:
             raise RuntimeError("no device")
-    except Exception as error:  # CuPy raises its own error types without a driver
+    except Exception as error:  # noqa: BLE001 - CuPy raises its own types without a driver
         pytest.skip(f"cupy: no CUDA GPU on this machine ({error})")
     import array_api_compat.cupy as xp
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from tokenpool_ops.backends import primitives_for
 
 import tokenpool_ops
 from tokenpool_ops._primitives import Primitives
-from tokenpool_ops.backends import primitives_for
 
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
 FAST_BACKENDS = ["numpy", "torch-cpu", "torch-cuda"]

@@ -21,17 +21,13 @@ class Batch:
     prims: Primitives
     batch_shape: tuple[int, ...]
     x: Array  # (B, N, M), compute dtype
-    centred: Array  # x minus each problem's mean over its tokens
+    mean: Array  # (B, 1, M), each problem's mean token
+    centred: Array  # x - mean
     out_dtype: Any
 
     @property
     def xp(self) -> Namespace:
         return self.prims.xp
-
-    @property
-    def mean(self) -> Array:
-        """Each problem's mean token, (B, 1, M)."""
-        return (self.x - self.centred)[:, :1, :]
 
     def flat(self, values: Array | None) -> Array | None:
         """Per-token (..., N) or per-centre (..., K) values as (B, ·), in the compute dtype."""
@@ -45,8 +41,7 @@ class Batch:
         """Other tokens (..., K, M) of the same batch as (B, K, M), compute dtype, centred."""
         xp = self.xp
         flat = xp.reshape(tokens, (self.x.shape[0], tokens.shape[-2], tokens.shape[-1]))
-        centred = xp.astype(flat, self.x.dtype) - self.mean if self.x.shape[1] > 0 else flat
-        return centred
+        return xp.astype(flat, self.x.dtype) - self.mean
 
     def unflat(self, values: Array) -> Array:
         """Back from (B, ...) to the caller's batch shape."""
@@ -62,5 +57,5 @@ def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     batch_shape = tuple(x.shape[:-2])
     n, m = x.shape[-2], x.shape[-1]
     flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype))
-    centred = flat - xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat
-    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, centred, x.dtype)
+    mean = xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat[:, :1, :]
+    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, flat - mean, x.dtype)

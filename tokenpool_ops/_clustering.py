@@ -109,11 +109,10 @@ def weighted_means(
     has a positive total.
     """
     xp = prims.xp
-    weighted = xp.concat([values * token_weights[:, :, None], token_weights[:, :, None]], axis=-1)
-    sums = prims.segment_sum(xp, weighted, labels, k)
-    totals = sums[:, :, -1:]
+    sums = prims.segment_sum(xp, values, labels, k, token_weights)
+    totals = prims.segment_sum(xp, token_weights[:, :, None], labels, k)
     safe_totals = xp.where(totals > 0, totals, constant(xp, 1.0, totals))
-    return xp.where(totals > 0, sums[:, :, :-1] / safe_totals, empty)
+    return xp.where(totals > 0, sums / safe_totals, empty)
 
 
 def update_centres(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 from ._batching import Batch, flatten
 from ._clustering import (
@@ -33,7 +33,7 @@ from ._validation import (
 __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
 
 Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
-Init = Union[Literal["topk", "random", "spread"], Array, None]
+Init = Literal["topk", "random", "spread"] | Array | None
 
 CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
 SELECTION_METHODS = ("topk", "random", "importance")
@@ -198,7 +198,7 @@ def _public_clustering(batch: Batch, flat: FlatClustering) -> Clustering:
 
 def _empty_clustering(batch: Batch, weights: Array) -> Clustering:
     xp = batch.xp
-    n_problems, n, m = batch.x.shape
+    n_problems, n = batch.x.shape[:2]
     objective = _empty_objective(xp, weights)
     labels = xp.full((n_problems, n), -1, dtype=batch.index_dtype(), device=device(batch.x))
     return Clustering(
@@ -282,7 +282,7 @@ def kmedoids(
     Examples
     --------
     >>> import numpy as np
-    >>> x = np.array([[0.0], [0.1], [0.3], [5.0]])
+    >>> x = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])
     >>> kmedoids(x, 2).medoids.tolist()
     [1, 3]
     """

@@ -7,8 +7,8 @@ tests check every replacement against the function here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ._compat import Array, Namespace, constant, device
 
@@ -41,13 +41,18 @@ def self_sq_distances(xp: Namespace, a: Array) -> Array:
     return xp.where(diagonal, constant(xp, 0.0, a), dist)
 
 
-def segment_sum(xp: Namespace, values: Array, labels: Array, k: int) -> Array:
-    """Sum ``values`` (B, N, C) over the tokens of each label: (B, k, C).
+def segment_sum(
+    xp: Namespace, values: Array, labels: Array, k: int, weights: Array | None = None
+) -> Array:
+    """Sum ``values`` (B, N, C), times ``weights`` (B, N) if given, per label: (B, k, C).
 
-    ``labels`` (B, N) holds integers in [0, k). Generic form: a one-hot matrix product.
+    ``labels`` (B, N) holds integers in [0, k). Generic form: a (weighted) one-hot matrix
+    product, which folds the weights in without a (B, N, C) temporary.
     """
     cluster_ids = xp.arange(k, dtype=labels.dtype, device=device(labels))
     one_hot = xp.astype(labels[:, None, :] == cluster_ids[:, None], values.dtype)
+    if weights is not None:
+        one_hot = one_hot * weights[:, None, :]
     return xp.matmul(one_hot, values)
 
 

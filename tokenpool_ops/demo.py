@@ -30,8 +30,9 @@ import argparse
 import importlib.util
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -157,8 +158,9 @@ def run_method(x: Any, scores: Any, k: int, method: str, repeat: int,
 
 def format_table(rows: Sequence[Row]) -> str:
     """The rows as an aligned text table."""
-    lines = [f"{'method':<10} {'Eq.9 error':>11} {'Eq.13 error':>12} {'iters':>5} "
-             f"{'ms':>8}"]
+    header = (f"{'method':<10} {'Eq.9 error':>11} {'Eq.13 error':>12} {'iters':>5} "
+              f"{'ms':>8}")
+    lines = [header]
     lines += [f"{r.method:<10} {r.error:>11.2f} {r.weighted_error:>12.2f} {r.n_iter:>5d} "
               f"{r.ms:>8.2f}" for r in rows]
     return "\n".join(lines)
