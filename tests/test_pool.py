@@ -231,3 +231,27 @@ def test_significance_scores_sum_heads_and_queries(backend, rng):
 def test_returns_x_itself_when_nothing_is_pooled(backend, rng):
     x = backend.asarray(rng.normal(size=(3, 4)))
     assert tokenpool_ops.pool(x, 4, "kmeans") is x
+
+
+@pytest.mark.parametrize("method", CLUSTERING)
+def test_without_early_stop_runs_max_iter_and_reaches_the_same_result(backend, method, rng):
+    x = backend.asarray(rng.normal(size=(3, 40, 4)))
+    scores = backend.asarray(rng.random((3, 40)))
+    early = tokenpool_ops.pool(x, 7, method, scores=scores, max_iter=50, return_info=True)
+    assert early.n_iter < 50, "the test needs a problem that converges"
+    fixed = tokenpool_ops.pool(x, 7, method, scores=scores, max_iter=50, stop_early=False,
+                               return_info=True)
+    assert fixed.n_iter == 50
+    assert tuple(fixed.history.shape) == (3, 51)
+    np.testing.assert_array_equal(backend.to_numpy(fixed.assignment),
+                                  backend.to_numpy(early.assignment))
+    np.testing.assert_array_equal(backend.to_numpy(fixed.tokens), backend.to_numpy(early.tokens))
+
+
+def test_check_values_false_skips_every_value_check():
+    x = np.array([[0.0], [1.0], [np.nan]])
+    scores = np.array([-1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="scores"):
+        tokenpool_ops.pool(x[:2], 1, "wkmeans", scores=scores[:2])
+    out = tokenpool_ops.pool(x, 2, "topk", scores=scores, check_values=False)
+    assert out.shape == (2, 1)

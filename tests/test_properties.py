@@ -122,11 +122,11 @@ def test_pooled_tokens_are_weighted_means_of_members(backend, method, data):
     np.testing.assert_allclose(out["tokens"][filled], expected[filled], rtol=1e-9,
                                atol=1e-9 * np.abs(x).max())
     counts = np.stack([np.bincount(a, weights=s, minlength=k)
-                       for a, s in zip(out["assignment"], sizes)])
+                       for a, s in zip(out["assignment"], sizes, strict=False)])
     np.testing.assert_allclose(out["sizes"], counts)
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data())
 def test_problems_in_a_batch_are_independent(backend, method, data):
     problem = draw_problem(data, backend, max_batch=4)
@@ -141,7 +141,7 @@ def test_problems_in_a_batch_are_independent(backend, method, data):
                                    atol=1e-12)
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk", "importance"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk", "importance"])
 @given(data=st.data(), power=st.integers(-20, 20))
 def test_rescaling_scores_by_a_power_of_two_changes_nothing(backend, method, data, power):
     problem = draw_problem(data, backend)
@@ -154,7 +154,7 @@ def test_rescaling_scores_by_a_power_of_two_changes_nothing(backend, method, dat
     np.testing.assert_allclose(scaled["objective"], base["objective"] * factor, rtol=1e-12)
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data(), offset=st.floats(-1e3, 1e3))
 def test_translating_tokens_translates_the_result(backend, method, data, offset):
     problem = draw_problem(data, backend)
@@ -169,7 +169,7 @@ def test_translating_tokens_translates_the_result(backend, method, data, offset)
                                atol=1e-9 * scale**2 * x.shape[1])
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk", "random", "importance"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk", "random", "importance"])
 @given(data=st.data(), extra=st.integers(0, 3))
 def test_k_at_least_n_returns_tokens_unchanged(backend, method, data, extra):
     problem = draw_problem(data, backend, min_n=1)
@@ -181,7 +181,7 @@ def test_k_at_least_n_returns_tokens_unchanged(backend, method, data, extra):
     np.testing.assert_array_equal(out["objective"], 0.0)
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk", "random", "importance"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk", "random", "importance"])
 @given(data=st.data())
 def test_k_zero_returns_no_tokens(backend, method, data):
     problem = draw_problem(data, backend)
@@ -210,7 +210,7 @@ def test_duplicated_tokens_give_finite_results_and_valid_medoids(backend, method
             np.testing.assert_array_equal(out["assignment"][b, out["medoids"][b]], np.arange(k))
 
 
-@pytest.mark.parametrize("method", CLUSTERING + ["topk"])
+@pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data())
 def test_huge_offsets_in_float32_match_float64(backend, method, data):
     """Tokens at 1e4 with small noise: centring keeps float32 as good as float64."""

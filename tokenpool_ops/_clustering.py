@@ -2,7 +2,9 @@
 
 Every function here takes problems stacked on a leading batch axis ``B`` and works on all of
 them at once: there is no Python loop over problems, clusters or tokens. The only loop is over
-iterations, and it stops as soon as no assignment changed in any problem.
+iterations, and it stops as soon as no assignment changed in any problem (unless
+``stop_early`` is False: then it runs ``max_iter`` iterations and never reads an array value
+on the host, so that it can be traced by ``torch.compile``).
 
 Tie rules, identical on every backend:
 
@@ -79,9 +81,10 @@ def assign_to_medoids(xp: Namespace, to_medoids: Array, medoids: Array) -> tuple
     return xp.argmin(forced, axis=-1), nearest
 
 
-def gather_columns(xp: Namespace, token_dist: Array, medoids: Array) -> Array:
-    """Distances (B, N, K) from every token to the medoids, read off the (B, N, N) matrix."""
-    return take_along_axis(xp, token_dist, medoids[:, None, :], axis=-1)
+def assign_by_matrix(xp: Namespace, token_dist: Array, medoids: Array) -> tuple[Array, Array]:
+    """:func:`assign_to_medoids`, reading the distances off the (B, N, N) token matrix."""
+    to_medoids = take_along_axis(xp, token_dist, medoids[:, None, :], axis=-1)
+    return assign_to_medoids(xp, to_medoids, medoids)
 
 
 def effective_weights(
@@ -149,7 +152,8 @@ def update_medoids(
 
 
 def run_kmeans(
-    prims: Primitives, x: Array, init: Array, weights: Array, fallback: Array, max_iter: int
+    prims: Primitives, x: Array, init: Array, weights: Array, fallback: Array, max_iter: int,
+    stop_early: bool = True,
 ) -> FlatClustering:
     """Weighted K-Means (Eq. 14-15; Eq. 10-11 with unit weights) from the tokens ``init``."""
     xp = prims.xp
@@ -160,15 +164,16 @@ def run_kmeans(
         centres = update_centres(prims, x, labels, centres, weights, fallback)
         new_labels, nearest = assign(xp, prims.sq_distances(xp, x, centres))
         history.append(weighted_objective(xp, weights, nearest))
-        changed = bool(xp.any(new_labels != labels))
+        converged = stop_early and not bool(xp.any(new_labels != labels))
         labels = new_labels
-        if not changed:
+        if converged:
             break
     return FlatClustering(centres, labels, None, xp.stack(history, axis=-1), len(history) - 1)
 
 
 def run_kmedoids(
-    prims: Primitives, x: Array, init: Array, weights: Array, max_iter: int
+    prims: Primitives, x: Array, init: Array, weights: Array, max_iter: int,
+    stop_early: bool = True,
 ) -> FlatClustering:
     """Weighted K-Medoids (Eq. 16-18; Eq. 10 and 12 with unit weights) from ``init``.
 
@@ -177,15 +182,15 @@ def run_kmedoids(
     xp = prims.xp
     token_dist = prims.self_sq_distances(xp, x)
     medoids = init
-    labels, nearest = assign_to_medoids(xp, gather_columns(xp, token_dist, medoids), medoids)
+    labels, nearest = assign_by_matrix(xp, token_dist, medoids)
     history = [weighted_objective(xp, weights, nearest)]
     for _ in range(max_iter):
         medoids = update_medoids(prims, token_dist, labels, medoids, weights)
-        new_labels, nearest = assign_to_medoids(xp, gather_columns(xp, token_dist, medoids), medoids)
+        new_labels, nearest = assign_by_matrix(xp, token_dist, medoids)
         history.append(weighted_objective(xp, weights, nearest))
-        changed = bool(xp.any(new_labels != labels))
+        converged = stop_early and not bool(xp.any(new_labels != labels))
         labels = new_labels
-        if not changed:
+        if converged:
             break
     centres = take_along_axis(xp, x, medoids[:, :, None], axis=1)
     return FlatClustering(centres, labels, medoids, xp.stack(history, axis=-1), len(history) - 1)

@@ -75,8 +75,9 @@ def reconstruction_error(x: Array, centers: Array, *, weights: Array | None = No
     check_tokens(xp, centers, name="centers")
     check_same_device(xp, "x", x=x, centers=centers, weights=weights)
     if tuple(centers.shape[:-2]) != tuple(x.shape[:-2]) or centers.shape[-1] != x.shape[-1]:
-        raise ValueError(f"centers must have shape (..., K, M) = {(*x.shape[:-2], 'K', x.shape[-1])}"
-                         f" to match x, got {tuple(centers.shape)}")
+        expected = (*x.shape[:-2], "K", x.shape[-1])
+        raise ValueError(f"centers must have shape (..., K, M) = {expected} to match x, "
+                         f"got {tuple(centers.shape)}")
     check_token_values(xp, weights, "weights", tuple(x.shape[:-1]))
     batch = flatten(xp, x)
     n, k = x.shape[-2], centers.shape[-2]

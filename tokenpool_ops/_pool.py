@@ -21,9 +21,8 @@ from ._clustering import (
 from ._compat import Array, Namespace, device, is_array_api_obj, take_along_axis
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
+    check_count,
     check_init_indices,
-    check_k,
-    check_max_iter,
     check_same_device,
     check_token_values,
     check_tokens,
@@ -132,7 +131,7 @@ def _resolve_init(
 
 
 def _prepare(
-    x: Array, k: object, max_iter: object, init: Init, check_finite: bool,
+    x: Array, k: object, max_iter: object, init: Init, check_values: bool,
     **per_token: Array | None,
 ) -> tuple[Namespace, int, int]:
     """Check the arguments shared by every entry point; return the namespace, k, max_iter."""
@@ -141,16 +140,16 @@ def _prepare(
                         f"got {type(init).__name__}")
     init_array = None if init is None or isinstance(init, str) else init
     xp = namespace_of(x=x, init=init_array, **per_token)
-    check_tokens(xp, x, check_finite=check_finite)
+    check_tokens(xp, x, check_values=check_values)
     check_same_device(xp, "x", x=x, init=init_array, **per_token)
-    k, max_iter = check_k(k), check_max_iter(max_iter)
+    k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
     for name, values in per_token.items():
-        check_token_values(xp, values, name, tuple(x.shape[:-1]))
+        check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values)
     if isinstance(init, str) and init not in INITS:
         raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                          f"got {init!r}")
     if init_array is not None:
-        check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k)
+        check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k, check_values)
     return xp, k, max_iter
 
 
@@ -159,10 +158,11 @@ def _prepare(
 
 
 def _cluster(
-    x: Array, k: object, algorithm: Literal["kmeans", "kmedoids"], weights: Array | None,
-    init: Init, max_iter: object, seed: int, check_finite: bool, fast_paths: bool,
+    x: Array, k: int, algorithm: Literal["kmeans", "kmedoids"], weights: Array | None,
+    init: Init, max_iter: int, seed: int, check_values: bool, stop_early: bool,
+    fast_paths: bool,
 ) -> Clustering:
-    xp, k, max_iter = _prepare(x, k, max_iter, init, check_finite, weights=weights)
+    xp, k, max_iter = _prepare(x, k, max_iter, init, check_values, weights=weights)
     batch = flatten(xp, x, fast_paths)
     k = min(k, batch.x.shape[1])
     given = batch.flat(weights)
@@ -171,9 +171,10 @@ def _cluster(
     if k == 0:
         return _empty_clustering(batch, w)
     if algorithm == "kmeans":
-        flat = run_kmeans(batch.prims, batch.centred, start, w, _ones(batch), max_iter)
+        flat = run_kmeans(batch.prims, batch.centred, start, w, _ones(batch), max_iter,
+                          stop_early)
     else:
-        flat = run_kmedoids(batch.prims, batch.centred, start, w, max_iter)
+        flat = run_kmedoids(batch.prims, batch.centred, start, w, max_iter, stop_early)
     return _public_clustering(batch, flat)
 
 
@@ -219,8 +220,8 @@ def _empty_objective(xp: Namespace, weights: Array) -> Array:
 
 def kmeans(
     x: Array, k: int, *, weights: Array | None = None, init: Init = None,
-    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_finite: bool = True,
-    fast_paths: bool = True,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_values: bool = True,
+    stop_early: bool = True, fast_paths: bool = True,
 ) -> Clustering:
     """Batched (weighted) K-Means: Eq. 10-11, or Eq. 14-15 with ``weights``.
 
@@ -240,8 +241,14 @@ def kmeans(
         Most iterations; the loop stops earlier once no assignment changes in any problem.
     seed : int
         Seed of ``init='random'``.
-    check_finite : bool
-        Check ``x`` for NaN and infinity (one device synchronisation).
+    check_values : bool
+        Check array values: NaN or infinity in ``x``, negative or non-finite ``weights``,
+        ``init`` indices out of range or repeated. Each check synchronises the device;
+        False skips them (shapes, dtypes, libraries and devices are always checked).
+    stop_early : bool
+        Stop once no assignment changed in any problem (a device synchronisation per
+        iteration). False runs exactly ``max_iter`` iterations and reads no array value on
+        the host, for ``torch.compile`` and CUDA graphs.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
@@ -258,13 +265,14 @@ def kmeans(
     >>> result.assignment.tolist()
     [0, 0, 1, 1]
     """
-    return _cluster(x, k, "kmeans", weights, init, max_iter, seed, check_finite, fast_paths)
+    return _cluster(x, k, "kmeans", weights, init, max_iter, seed, check_values, stop_early,
+                    fast_paths)
 
 
 def kmedoids(
     x: Array, k: int, *, weights: Array | None = None, init: Init = None,
-    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_finite: bool = True,
-    fast_paths: bool = True,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_values: bool = True,
+    stop_early: bool = True, fast_paths: bool = True,
 ) -> Clustering:
     """Batched (weighted) K-Medoids: Eq. 10 and 12, or Eq. 16-18 with ``weights``.
 
@@ -286,7 +294,8 @@ def kmedoids(
     >>> kmedoids(x, 2).medoids.tolist()
     [1, 3]
     """
-    return _cluster(x, k, "kmedoids", weights, init, max_iter, seed, check_finite, fast_paths)
+    return _cluster(x, k, "kmedoids", weights, init, max_iter, seed, check_values, stop_early,
+                    fast_paths)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,8 +305,8 @@ def kmedoids(
 def pool(
     x: Array, k: int, method: Method = "wkmedoids", *, scores: Array | None = None,
     sizes: Array | None = None, init: Init = None, max_iter: int = DEFAULT_MAX_ITER,
-    seed: int = 0, return_info: bool = False, check_finite: bool = True,
-    fast_paths: bool = True,
+    seed: int = 0, return_info: bool = False, check_values: bool = True,
+    stop_early: bool = True, fast_paths: bool = True,
 ) -> Array | PoolResult:
     """Token Pooling (Algorithm 1): replace N tokens by k that minimise Eq. 9 / Eq. 13.
 
@@ -334,8 +343,14 @@ def pool(
         with NumPy, so every backend draws the same tokens.
     return_info : bool
         Return a :class:`PoolResult` instead of the tokens alone.
-    check_finite : bool
-        Reject NaN and infinity in ``x``; False skips the check (and its device sync).
+    check_values : bool
+        Check array values: NaN or infinity in ``x``, negative or non-finite ``scores`` and
+        ``sizes``, ``init`` indices out of range or repeated. Each check synchronises the
+        device; False skips them (shapes, dtypes, libraries and devices are always checked).
+    stop_early : bool
+        Stop once no assignment changed in any problem (one device synchronisation per
+        iteration). False runs exactly ``max_iter`` iterations and reads no array value on
+        the host, for ``torch.compile`` and CUDA graphs.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
@@ -359,7 +374,7 @@ def pool(
     >>> pool(x, 2, "kmedoids").tolist()
     [[0.0, 0.5], [10.0, 1.0]]
     """
-    xp, k, max_iter = _prepare(x, k, max_iter, init, check_finite, scores=scores, sizes=sizes)
+    xp, k, max_iter = _prepare(x, k, max_iter, init, check_values, scores=scores, sizes=sizes)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
@@ -368,7 +383,7 @@ def pool(
     batch = flatten(xp, x, fast_paths)
     s = batch.flat(scores)
     carried = _ones(batch) if sizes is None else batch.flat(sizes)
-    weights = s * carried if method.startswith("w") else carried
+    weights = s * carried if s is not None and method.startswith("w") else carried
 
     if k >= batch.x.shape[1]:
         result = _identity(batch, x, carried)
@@ -379,7 +394,7 @@ def pool(
     else:
         start = _resolve_init(batch, init, s, k, seed, "scores")
         result = _pool_by_clustering(batch, method, start, weights, carried, max_iter,
-                                     return_info)
+                                     stop_early, return_info)
     return result if return_info else result.tokens
 
 
@@ -425,14 +440,15 @@ def _select(batch: Batch, method: str, scores: Array | None, carried: Array, wei
 
 
 def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
-                        carried: Array, max_iter: int, return_info: bool) -> PoolResult:
+                        carried: Array, max_iter: int, stop_early: bool,
+                        return_info: bool) -> PoolResult:
     """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
     xp, prims = batch.xp, batch.prims
     k = start.shape[1]
     if method.endswith("kmeans"):
-        flat = run_kmeans(prims, batch.centred, start, weights, carried, max_iter)
+        flat = run_kmeans(prims, batch.centred, start, weights, carried, max_iter, stop_early)
     else:
-        flat = run_kmedoids(prims, batch.centred, start, weights, max_iter)
+        flat = run_kmedoids(prims, batch.centred, start, weights, max_iter, stop_early)
     labels = flat.assignment
     token_weights = effective_weights(prims, labels, k, weights, carried)
     # Means of the original (not centred) tokens, so that they are the members' exact means.

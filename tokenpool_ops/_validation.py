@@ -30,37 +30,29 @@ def check_same_device(xp: Namespace, reference: str, **arrays: Array | None) -> 
             )
 
 
-def check_tokens(xp: Namespace, x: Array, name: str = "x", check_finite: bool = True) -> None:
+def check_tokens(xp: Namespace, x: Array, name: str = "x", check_values: bool = True) -> None:
     """``x`` must be a real floating array of shape (..., N, M), finite unless opted out."""
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (..., N, M), got a {x.ndim}-d array")
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
-    if check_finite and not bool(xp.all(xp.isfinite(x))):
-        raise ValueError(f"{name} contains NaN or infinity (pass check_finite=False to skip "
-                         "this check)")
+    if check_values and not bool(xp.all(xp.isfinite(x))):
+        raise ValueError(f"{name} contains NaN or infinity (check_values=False skips this "
+                         "check)")
 
 
-def check_k(k: Any) -> int:
-    """``k`` must be a non-negative integer (bools are refused)."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
-        raise TypeError(f"k must be a non-negative integer, got {k!r}")
-    if k < 0:
-        raise ValueError(f"k must be a non-negative integer, got {k}")
-    return int(k)
-
-
-def check_max_iter(max_iter: Any) -> int:
-    """``max_iter`` must be a non-negative integer, like ``k``."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, numbers.Integral):
-        raise TypeError(f"max_iter must be a non-negative integer, got {max_iter!r}")
-    if max_iter < 0:
-        raise ValueError(f"max_iter must be a non-negative integer, got {max_iter}")
-    return int(max_iter)
+def check_count(value: Any, name: str) -> int:
+    """``k`` or ``max_iter``: a non-negative integer (bools are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value}")
+    return int(value)
 
 
 def check_token_values(
-    xp: Namespace, values: Array | None, name: str, shape: tuple[int, ...]
+    xp: Namespace, values: Array | None, name: str, shape: tuple[int, ...],
+    check_values: bool = True,
 ) -> None:
     """Per-token values (scores, sizes, weights): real, shape (..., N), finite, >= 0."""
     if values is None:
@@ -70,15 +62,18 @@ def check_token_values(
     if tuple(values.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "
                          f"axis), got {tuple(values.shape)}")
-    if not bool(xp.all(values >= 0)) or (
-        xp.isdtype(values.dtype, "real floating") and not bool(xp.all(xp.isfinite(values)))
-    ):
+    if not check_values:
+        return
+    valid = values >= 0  # False for NaN too
+    if xp.isdtype(values.dtype, "real floating"):
+        valid = valid & xp.isfinite(values)
+    if not bool(xp.all(valid)):
         raise ValueError(f"{name} must be finite and non-negative; it contains a negative, "
                          "NaN or infinite value")
 
 
 def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...], n: int,
-                       k: int) -> None:
+                       k: int, check_values: bool = True) -> None:
     """Starting indices (..., k): integers in [0, N), distinct within each problem."""
     if not xp.isdtype(init.dtype, "integral"):
         raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
@@ -86,6 +81,8 @@ def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...],
     expected = (*batch_shape, k)
     if tuple(init.shape) != expected:
         raise ValueError(f"init must have shape {expected}, got {tuple(init.shape)}")
+    if not check_values:
+        return
     if not bool(xp.all((init >= 0) & (init < n))):
         raise ValueError(f"init indices must lie in [0, {n}) (N = {n})")
     ordered = xp.sort(init, axis=-1)

@@ -37,15 +37,16 @@ from typing import Any
 import numpy as np
 
 from ._measures import reconstruction_error, significance_scores
-from ._pool import PoolResult, pool
+from ._pool import Method, PoolResult, pool
 
-METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance")
+METHODS: tuple[Method, ...] = (
+    "kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance")
 IMAGE_NAME = "china.jpg"
 IMAGE_SIZE = 224
 RESIZE_TO = 256
 PATCH = 16
 GRID = IMAGE_SIZE // PATCH
-PICTURE_METHOD = "wkmedoids"
+PICTURE_METHOD: Method = "wkmedoids"
 INSTALL_HINT = 'the demo needs scikit-learn and pillow: pip install "tokenpool-ops[demo]"'
 
 
@@ -143,7 +144,7 @@ def to_backend(array: np.ndarray, backend: str, batch: int) -> Any:
     return stacked
 
 
-def run_method(x: Any, scores: Any, k: int, method: str, repeat: int,
+def run_method(x: Any, scores: Any, k: int, method: Method, repeat: int,
                seed: int) -> tuple[Row, PoolResult]:
     """Pool ``repeat`` times; the table row (best time) and the last result."""
     best = float("inf")
