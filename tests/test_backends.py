@@ -94,3 +94,21 @@ def test_every_backend_matches_numpy(backend, method, seed):
     np.testing.assert_array_equal(backend.to_numpy(result.assignment), reference.assignment)
     np.testing.assert_allclose(backend.to_numpy(result.tokens), reference.tokens, rtol=1e-12)
     assert result.n_iter == reference.n_iter
+
+
+@pytest.mark.parametrize("name", FAST_BACKENDS)
+def test_fast_medoid_assignment_and_finite_check_equal_generic(backend_named, name, rng):
+    backend = backend_named(name)
+    xp = backend.xp
+    fast, generic = primitives_for(xp), Primitives(xp)
+    points = rng.integers(0, 3, size=(4, 30, 2)).astype(float)  # many exact ties
+    dist = generic.self_sq_distances(xp, backend.asarray(points))
+    medoids = backend.asarray(np.sort(rng.permuted(np.tile(np.arange(30), (4, 1)),
+                                                   axis=1)[:, :9], axis=1))
+    for got, want in zip(fast.medoid_assignment(xp, dist, medoids),
+                         generic.medoid_assignment(xp, dist, medoids), strict=True):
+        np.testing.assert_array_equal(backend.to_numpy(got), backend.to_numpy(want))
+    for values in ([1.0, 2.0], [1.0, np.nan], [np.inf, 0.0], [-np.inf, 1.0], []):
+        array = backend.asarray(np.array(values, dtype=float))
+        assert fast.all_finite(xp, array) == generic.all_finite(xp, array) == bool(
+            np.all(np.isfinite(values)))

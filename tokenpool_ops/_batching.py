@@ -56,6 +56,7 @@ def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     """Wrap tokens ``x`` (..., N, M) as a :class:`Batch`."""
     batch_shape = tuple(x.shape[:-2])
     n, m = x.shape[-2], x.shape[-1]
-    flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype))
+    flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype),
+                     copy=False)  # never written to: a view is enough
     mean = xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat[:, :1, :]
     return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, flat - mean, x.dtype)

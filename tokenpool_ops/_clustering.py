@@ -66,27 +66,6 @@ def assign(xp: Namespace, sq_dist: Array) -> tuple[Array, Array]:
     return xp.argmin(sq_dist, axis=-1), xp.min(sq_dist, axis=-1)
 
 
-def assign_to_medoids(xp: Namespace, to_medoids: Array, medoids: Array) -> tuple[Array, Array]:
-    """Eq. 16: :func:`assign` under the medoid constraint; a medoid always keeps itself.
-
-    ``to_medoids`` (B, N, K) holds squared distances from every token to every medoid,
-    ``medoids`` (B, K) the medoids' token indices (distinct within a problem).
-    """
-    n = to_medoids.shape[1]
-    token_ids = xp.arange(n, dtype=medoids.dtype, device=device(medoids))
-    is_own_medoid = token_ids[None, :, None] == medoids[:, None, :]
-    # Distances are >= 0, so -1 makes a medoid choose itself even when it has a duplicate.
-    forced = xp.where(is_own_medoid, constant(xp, -1.0, to_medoids), to_medoids)
-    nearest = xp.min(xp.where(is_own_medoid, constant(xp, 0.0, to_medoids), to_medoids), axis=-1)
-    return xp.argmin(forced, axis=-1), nearest
-
-
-def assign_by_matrix(xp: Namespace, token_dist: Array, medoids: Array) -> tuple[Array, Array]:
-    """:func:`assign_to_medoids`, reading the distances off the (B, N, N) token matrix."""
-    to_medoids = take_along_axis(xp, token_dist, medoids[:, None, :], axis=-1)
-    return assign_to_medoids(xp, to_medoids, medoids)
-
-
 def effective_weights(
     prims: Primitives, labels: Array, k: int, weights: Array, fallback: Array
 ) -> Array:
@@ -182,11 +161,11 @@ def run_kmedoids(
     xp = prims.xp
     token_dist = prims.self_sq_distances(xp, x)
     medoids = init
-    labels, nearest = assign_by_matrix(xp, token_dist, medoids)
+    labels, nearest = prims.medoid_assignment(xp, token_dist, medoids)
     history = [weighted_objective(xp, weights, nearest)]
     for _ in range(max_iter):
         medoids = update_medoids(prims, token_dist, labels, medoids, weights)
-        new_labels, nearest = assign_by_matrix(xp, token_dist, medoids)
+        new_labels, nearest = prims.medoid_assignment(xp, token_dist, medoids)
         history.append(weighted_objective(xp, weights, nearest))
         converged = stop_early and not bool(xp.any(new_labels != labels))
         labels = new_labels

@@ -9,7 +9,6 @@ from typing import Literal
 from ._batching import Batch, flatten
 from ._clustering import (
     FlatClustering,
-    assign_to_medoids,
     effective_weights,
     reconstruction_objective,
     run_kmeans,
@@ -19,6 +18,7 @@ from ._clustering import (
     weighted_objective,
 )
 from ._compat import Array, Namespace, device, is_array_api_obj, take_along_axis
+from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
     check_count,

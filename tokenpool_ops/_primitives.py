@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._compat import Array, Namespace, constant, device
+from ._compat import Array, Namespace, constant, device, take_along_axis
 
 
 def sq_distances(xp: Namespace, a: Array, b: Array) -> Array:
@@ -69,6 +69,32 @@ def medoid_costs(xp: Namespace, dist: Array, labels: Array, weights: Array) -> A
     return xp.matmul(weights[:, None, :], within)[:, 0, :]
 
 
+def assign_to_medoids(xp: Namespace, to_medoids: Array, medoids: Array) -> tuple[Array, Array]:
+    """Eq. 16: nearest medoid, lowest cluster index on ties; a medoid always keeps itself.
+
+    ``to_medoids`` (B, N, K) holds squared distances from every token to every medoid,
+    ``medoids`` (B, K) the medoids' token indices (distinct within a problem).
+    """
+    n = to_medoids.shape[1]
+    token_ids = xp.arange(n, dtype=medoids.dtype, device=device(medoids))
+    is_own_medoid = token_ids[None, :, None] == medoids[:, None, :]
+    # Distances are >= 0, so -1 makes a medoid choose itself even when it has a duplicate.
+    forced = xp.where(is_own_medoid, constant(xp, -1.0, to_medoids), to_medoids)
+    nearest = xp.min(xp.where(is_own_medoid, constant(xp, 0.0, to_medoids), to_medoids), axis=-1)
+    return xp.argmin(forced, axis=-1), nearest
+
+
+def medoid_assignment(xp: Namespace, token_dist: Array, medoids: Array) -> tuple[Array, Array]:
+    """Eq. 16 with the distances read off the (B, N, N) token matrix of one K-Medoids run."""
+    to_medoids = take_along_axis(xp, token_dist, medoids[:, None, :], axis=-1)
+    return assign_to_medoids(xp, to_medoids, medoids)
+
+
+def all_finite(xp: Namespace, x: Array) -> bool:
+    """True if ``x`` holds no NaN and no infinity (one device synchronisation)."""
+    return bool(xp.all(xp.isfinite(x)))
+
+
 @dataclass(frozen=True)
 class Primitives:
     """The replaceable primitives of one backend; fields default to the generic versions."""
@@ -78,4 +104,6 @@ class Primitives:
     self_sq_distances: Callable[..., Array] = self_sq_distances
     segment_sum: Callable[..., Array] = segment_sum
     medoid_costs: Callable[..., Array] = medoid_costs
+    medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
+    all_finite: Callable[..., bool] = all_finite
     name: str = "generic"

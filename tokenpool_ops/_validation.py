@@ -6,6 +6,7 @@ import numbers
 from typing import Any
 
 from ._compat import Array, Namespace, array_namespace, backend_name, device
+from .backends import primitives_for
 
 
 def namespace_of(**arrays: Array | None) -> Namespace:
@@ -36,7 +37,7 @@ def check_tokens(xp: Namespace, x: Array, name: str = "x", check_values: bool = 
         raise ValueError(f"{name} must have shape (..., N, M), got a {x.ndim}-d array")
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
-    if check_values and not bool(xp.all(xp.isfinite(x))):
+    if check_values and not primitives_for(xp).all_finite(xp, x):
         raise ValueError(f"{name} contains NaN or infinity (check_values=False skips this "
                          "check)")
 
