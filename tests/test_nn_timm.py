@@ -1,0 +1,265 @@
+"""TokenPooling module, the timm patch and the cluster drawing (random weights only)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="TokenPooling and the timm patch need PyTorch")
+timm = pytest.importorskip("timm", reason="the timm patch needs timm (pip install timm)")
+
+import numpy as np  # noqa: E402
+
+import tokenpool_ops  # noqa: E402
+import tokenpool_ops.timm as tp_timm  # noqa: E402
+from tokenpool_ops.nn import TokenPooling  # noqa: E402
+from tokenpool_ops.timm import patch_timm, unpatch_timm  # noqa: E402
+
+SCHEDULE = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
+MODELS = {
+    "deit_tiny": ("deit_tiny_patch16_224", {}),
+    "vit_small_layerscale_qknorm": ("vit_small_patch16_224", dict(init_values=1e-5, qk_norm=True)),
+    "deit_tiny_distilled": ("deit_tiny_distilled_patch16_224", {}),
+}
+
+
+def make(name: str = "deit_tiny") -> torch.nn.Module:
+    arch, kwargs = MODELS[name]
+    torch.manual_seed(0)
+    return timm.create_model(arch, pretrained=False, **kwargs).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# TokenPooling
+
+
+@pytest.mark.parametrize("method", ["kmeans", "wkmeans", "kmedoids", "wkmedoids", "topk"])
+def test_module_matches_pool_and_passes_gradients(method: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 30, 8, generator=gen, requires_grad=True)
+    scores, sizes = torch.rand(2, 30, generator=gen), torch.randint(1, 4, (2, 30), generator=gen)
+    y = TokenPooling(7, method)(x, scores, sizes.float())
+    expected = tokenpool_ops.pool(x.detach(), 7, method, scores=scores, sizes=sizes.float())
+    torch.testing.assert_close(y, expected)
+    y.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_module_under_autocast(dtype: torch.dtype) -> None:
+    x = torch.randn(2, 30, 8, requires_grad=True)
+    linear = torch.nn.Linear(8, 8)
+    with torch.autocast("cpu", dtype=dtype):
+        h = linear(x)
+        y = TokenPooling(5, "wkmedoids")(h, torch.rand(2, 30))
+    assert y.dtype == h.dtype == dtype and torch.isfinite(y).all()
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_module_compiles_without_graph_breaks() -> None:
+    """torch.compile, generic path, fixed iterations: the pooling step is one graph."""
+    layer = TokenPooling(6, "wkmedoids", stop_early=False, check_values=False, fast_paths=False)
+    x, scores = torch.randn(2, 30, 8), torch.rand(2, 30)
+    explanation = torch._dynamo.explain(layer)(x, scores)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x, scores), layer(x, scores))
+
+
+# ---------------------------------------------------------------------------------------------
+# patch_timm
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_keeping_every_token_changes_nothing(name: str, images: torch.Tensor) -> None:
+    model = make(name)
+    x = images[:1]
+    with torch.no_grad():
+        expected = model(x)
+        patch_timm(model, 196)
+        torch.testing.assert_close(model(x), expected)
+
+
+@pytest.mark.parametrize("placement", ["attn", "block"])
+def test_token_counts_follow_schedule(placement: str, images: torch.Tensor) -> None:
+    model = make("deit_tiny_distilled")
+    patch_timm(model, SCHEDULE, placement=placement, trace_source=True)
+    seen: list[tuple[int, int]] = []
+    for block in model.blocks:
+        block.register_forward_hook(
+            lambda m, args, out: seen.append((args[0].shape[1], out.shape[1])))
+        block.mlp.register_forward_hook(lambda m, args, out: seen.append((-1, out.shape[1])))
+    with torch.no_grad():
+        logits = model(images)
+    prefix = model.num_prefix_tokens
+    mlp_tokens = [seen[i][1] for i in range(0, len(seen), 2)]
+    block_out = [seen[i][1] for i in range(1, len(seen), 2)]
+    assert block_out == [k + prefix for k in SCHEDULE]
+    before = [196, *SCHEDULE[:-1]]
+    expected_mlp = SCHEDULE if placement == "attn" else before
+    assert mlp_tokens == [k + prefix for k in expected_mlp]
+    assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
+
+
+def test_source_and_sizes_agree(images: torch.Tensor) -> None:
+    model = make()
+    patch_timm(model, [196, 150, 100, 60, 60, 60, 60, 60, 60, 60, 60, 20], trace_source=True)
+    with torch.no_grad():
+        model(images)
+    state = model._tokenpool
+    source, sizes = state["source"], state["sizes"]
+    assert source.shape == (2, 196)
+    for b in range(2):
+        counts = torch.bincount(source[b], minlength=20).float()
+        torch.testing.assert_close(counts, sizes[b])
+
+
+def test_backward_reaches_every_parameter(images: torch.Tensor) -> None:
+    model = make()
+    patch_timm(model, SCHEDULE)
+    model(images).logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+        assert torch.isfinite(param.grad).all(), name
+
+
+def test_attention_needs_scores_only_where_pooling_uses_them() -> None:
+    model = make()
+    patch_timm(model, SCHEDULE)
+    assert [b.attn._tp_needs_scores for b in model.blocks] == [False] + [True] * 11
+    unpatch_timm(model)
+    patch_timm(model, SCHEDULE, method="kmedoids")
+    assert not any(b.attn._tp_needs_scores for b in model.blocks)
+
+
+def test_prop_attn_with_unit_sizes_changes_nothing(images: torch.Tensor) -> None:
+    """'topk' keeps tokens of size 1, so log(size) = 0 must leave the logits as they are."""
+    outputs = []
+    for prop_attn in (False, True):
+        model = make()
+        patch_timm(model, SCHEDULE, method="topk", prop_attn=prop_attn)
+        with torch.no_grad():
+            outputs.append(model(images))
+        assert model._tokenpool["sizes"] is not None
+    torch.testing.assert_close(outputs[1], outputs[0])
+
+
+def test_prop_attn_merged_token_attends_like_its_members() -> None:
+    """A token of size 2 is attended exactly as two identical tokens of size 1."""
+    model = make()
+    patch_timm(model, 196)
+    attn, state = model.blocks[0].attn, model._tokenpool
+    x = torch.randn(1, 4, 192)  # cls, a, b, c
+    duplicated = torch.cat([x, x[:, 2:3]], dim=1)  # cls, a, b, c, b
+    state.update(sizes=None)
+    with torch.no_grad():
+        out_dup, _ = attn(duplicated)
+        state.update(sizes=torch.tensor([[1.0, 2.0, 1.0]]))
+        out_merged, _ = attn(x)
+    torch.testing.assert_close(out_merged, out_dup[:, :4])
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_scores_are_per_original_token(prop_attn: bool, images: torch.Tensor, monkeypatch) -> None:
+    """With prop_attn, scores / sizes reach the core, so its weight scores * sizes is the Eq. 5
+    score; without, the Eq. 5 score itself is the per-token score."""
+    model = make()
+    patch_timm(model, [196, 120, 60] + [60] * 9, prop_attn=prop_attn)
+    raw, passed = [], []
+    for block in model.blocks[1:3]:
+        block.attn.register_forward_hook(lambda m, args, out: raw.append(out[1]))
+    pool_with_grad = tp_timm.pool_with_grad
+
+    def recording(x, k, method, *, scores, sizes, **options):
+        passed.append((scores, sizes))
+        return pool_with_grad(x, k, method, scores=scores, sizes=sizes, **options)
+
+    monkeypatch.setattr(tp_timm, "pool_with_grad", recording)
+    with torch.no_grad():
+        model(images)
+    (_, first_sizes), (scores, sizes) = passed
+    assert first_sizes is None
+    expected = raw[1] / sizes if prop_attn else raw[1]
+    torch.testing.assert_close(scores, expected)
+
+
+def test_round_trip_restores_the_model(images: torch.Tensor) -> None:
+    model = make("vit_small_layerscale_qknorm")
+    classes = [type(m) for m in model.modules()]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    attributes = set(vars(model)) | {a for b in model.blocks for a in vars(b)}
+    with torch.no_grad():
+        expected = model(images[:1])
+        patch_timm(model, SCHEDULE, trace_source=True)
+        model(images[:1])
+        unpatch_timm(model)
+        logits = model(images[:1])
+    assert [type(m) for m in model.modules()] == classes
+    assert set(vars(model)) | {a for b in model.blocks for a in vars(b)} == attributes
+    assert not hasattr(model.blocks[0].attn, "_tp_state")
+    assert model.state_dict().keys() == state.keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert torch.equal(logits, expected)
+
+
+def test_rejects_unsupported_input() -> None:
+    model = make()
+    with pytest.raises(ValueError, match="keep"):
+        patch_timm(model, [196] * 3)
+    with pytest.raises(ValueError, match="placement"):
+        patch_timm(model, 196, placement="mlp")
+    patch_timm(model, 196)
+    with pytest.raises(ValueError, match="already patched"):
+        patch_timm(model, 196)
+
+
+def test_bfloat16_autocast_gives_finite_logits(images: torch.Tensor) -> None:
+    model = make()
+    patch_timm(model, SCHEDULE)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images)
+    assert torch.isfinite(logits).all()
+
+
+def test_compile_patched_deit_tiny(images: torch.Tensor) -> None:
+    """SLOW (about a minute): torch.compile of a whole patched DeiT-Ti (inductor).
+
+    fullgraph=False: the model's own forward is not required to be one graph; the pooling
+    step alone is checked for graph breaks in test_module_compiles_without_graph_breaks.
+    """
+    model = make()
+    patch_timm(model, SCHEDULE, stop_early=False, check_values=False, fast_paths=False,
+               max_iter=2)  # fewer unrolled iterations: compile time, not coverage
+    with torch.no_grad():
+        expected = model(images[:1])
+        compiled = torch.compile(model)
+        torch.testing.assert_close(compiled(images[:1]), expected, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Visualisation
+
+
+def test_visualisation_draws_k_clusters(tmp_path) -> None:
+    from PIL import Image
+
+    from tokenpool_ops.visualize import cluster_map, draw_clusters, prepare_image
+
+    model = make()
+    patch_timm(model, SCHEDULE)
+    photo = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
+    image, pixels = prepare_image(photo)
+    labels = cluster_map(model, pixels, block=8)
+    assert labels.shape == (14, 14) and len(np.unique(labels)) == SCHEDULE[8]
+    path = tmp_path / "clusters.png"
+    assert draw_clusters(image, labels, str(path)) == SCHEDULE[8]
+    assert path.stat().st_size > 0
+    with Image.open(path) as drawn:
+        assert drawn.size == (448, 224)
+    assert model._tokenpool["trace_source"] is False

@@ -1,0 +1,153 @@
+"""Token Pooling as a PyTorch module: the clustering decides, a differentiable merge applies.
+
+The expensive part, :func:`tokenpool_ops.pool`, runs once without autograd and in float32
+(autocast is switched off around it, so its distances are never computed in half precision);
+it yields a plan: which output token each input token goes to. :func:`merge` then applies the
+plan to the live tensor with ``scatter_add``, so gradients reach the input tokens (and the
+scores, which weigh the cluster means) exactly as through Algorithm 1, line 6.
+
+>>> import torch
+>>> from tokenpool_ops.nn import TokenPooling
+>>> x = torch.randn(2, 10, 4, requires_grad=True)
+>>> y = TokenPooling(3, "kmedoids")(x)
+>>> y.shape
+torch.Size([2, 3, 4])
+>>> y.sum().backward(); x.grad.shape
+torch.Size([2, 10, 4])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypedDict, cast
+
+import torch
+from torch import Tensor, nn
+
+from ._pool import CLUSTERING_METHODS, DEFAULT_MAX_ITER, Init, Method, PoolResult, pool
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
+
+__all__ = ["TokenPooling", "merge", "plan", "pool_with_grad"]
+
+
+class PoolOptions(TypedDict, total=False):
+    """The keyword options of :func:`tokenpool_ops.pool` that :func:`plan` passes on."""
+
+    init: Init
+    max_iter: int
+    seed: int
+    check_values: bool
+    stop_early: bool
+    fast_paths: bool
+
+
+def _detached(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def plan(
+    x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
+    sizes: Tensor | None = None, **options: Unpack[PoolOptions],
+) -> PoolResult:
+    """Run :func:`tokenpool_ops.pool` on detached tensors, outside autograd and autocast.
+
+    ``options`` are the keyword options of ``pool`` (``init``, ``max_iter``, ``seed``,
+    ``check_values``, ``stop_early``, ``fast_paths``). Returns its :class:`PoolResult`.
+    """
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        return pool(x.detach(), k, method, scores=_detached(scores), sizes=_detached(sizes),
+                    return_info=True, **options)
+
+
+def merge(
+    x: Tensor, result: PoolResult, method: Method, *, scores: Tensor | None = None,
+    sizes: Tensor | None = None,
+) -> Tensor:
+    """Apply a pooling plan to ``x`` (..., N, M) with differentiable ops: (..., K, M).
+
+    The clustering methods return each cluster's mean weighted by ``scores * sizes``
+    (w-methods) or ``sizes`` (others), falling back to the sizes and then to ones for a
+    cluster whose weights sum to zero, as the core does; an empty cluster (K-Means only)
+    takes the core's centre, which carries no gradient. The selection baselines gather the
+    kept tokens. Sums are accumulated in float32; the result has the dtype of ``x``.
+    """
+    n, k = x.shape[-2], result.tokens.shape[-2]
+    if k >= n:
+        return x
+    if k == 0 or method not in CLUSTERING_METHODS:
+        if k == 0:
+            return x[..., :0, :]
+        medoids = cast(Tensor, result.medoids)  # set by every selection baseline
+        index = medoids[..., None].expand(*medoids.shape, x.shape[-1])
+        return torch.gather(x, -2, index)
+
+    flat_x = x.reshape(-1, n, x.shape[-1]).float()
+    labels = result.assignment.reshape(-1, n)
+    carried = torch.ones_like(flat_x[..., 0]) if sizes is None else sizes.reshape(-1, n).float()
+    weights = carried
+    if method.startswith("w"):
+        weights = cast(Tensor, scores).reshape(-1, n).float() * carried  # w-methods need them
+
+    def per_cluster(values: Tensor) -> Tensor:  # (B, N, D) -> (B, K, D) segment sums
+        index = labels[..., None].expand(-1, -1, values.shape[-1])
+        return values.new_zeros(values.shape[0], k, values.shape[-1]).scatter_add(1, index, values)
+
+    totals = per_cluster(torch.stack([weights, carried], dim=-1))
+    member_totals = torch.gather(totals, 1, labels[..., None].expand(-1, -1, 2))
+    fallback = torch.where(member_totals[..., 1] > 0, carried, torch.ones_like(carried))
+    token_weights = torch.where(member_totals[..., 0] > 0, weights, fallback)
+
+    sums = per_cluster(token_weights[..., None] * flat_x)
+    counts = per_cluster(token_weights[..., None])
+    means = sums / torch.where(counts > 0, counts, torch.ones_like(counts))
+    empty = result.tokens.reshape(means.shape).to(means.dtype)
+    tokens = torch.where(counts > 0, means, empty)
+    return tokens.reshape(*x.shape[:-2], k, x.shape[-1]).to(x.dtype)
+
+
+def pool_with_grad(
+    x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
+    sizes: Tensor | None = None, **options: Unpack[PoolOptions],
+) -> tuple[Tensor, PoolResult]:
+    """:func:`plan` then :func:`merge`: the pooled tokens (with gradients) and the plan."""
+    result = plan(x, k, method, scores=scores, sizes=sizes, **options)
+    return merge(x, result, method, scores=scores, sizes=sizes), result
+
+
+class TokenPooling(nn.Module):
+    """Token Pooling layer (Algorithm 1): (..., N, M) tokens to (..., k, M).
+
+    Parameters are those of :func:`tokenpool_ops.pool`. For ``torch.compile`` use the
+    generic path with a fixed iteration count: ``stop_early=False, check_values=False,
+    fast_paths=False`` (and not the host-drawn 'random' / 'importance' methods or
+    ``init='random'``).
+
+    ``forward(x, scores=None, sizes=None)`` returns the pooled tokens;
+    ``forward_with_info`` also returns the :class:`PoolResult` of the clustering (its
+    ``sizes`` are the sizes to carry into the next layer, Appendix E).
+    """
+
+    def __init__(
+        self, k: int, method: Method = "wkmedoids", *, init: Init = None,
+        max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_values: bool = True,
+        stop_early: bool = True, fast_paths: bool = True,
+    ) -> None:
+        super().__init__()
+        self.k, self.method = k, method
+        self.options = PoolOptions(init=init, max_iter=max_iter, seed=seed,
+                                   check_values=check_values, stop_early=stop_early,
+                                   fast_paths=fast_paths)
+
+    def forward_with_info(
+        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None
+    ) -> tuple[Tensor, PoolResult]:
+        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes, **self.options)
+
+    def forward(
+        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None
+    ) -> Tensor:
+        return self.forward_with_info(x, scores, sizes)[0]
+
+    def extra_repr(self) -> str:
+        return f"k={self.k}, method={self.method!r}"

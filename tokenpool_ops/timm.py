@@ -1,0 +1,262 @@
+"""Token Pooling inside timm VisionTransformers: ``patch_timm`` / ``unpatch_timm``.
+
+``patch_timm(model, keep)`` swaps the classes of the model, of each ``Block`` and of each
+``Attention`` for subclasses defined here, and gives them one shared state dict
+(``model._tokenpool``). No parameter or buffer is added, so the state_dict is untouched and
+``unpatch_timm`` restores the original classes exactly.
+
+Where pooling sits. With ``placement="attn"`` (the default) a block computes
+``x = x + attn(norm1(x))``, pools the patch tokens, then runs its MLP on the pooled tokens,
+as PoWER-BERT and ToMe reduce tokens. ``placement="block"`` pools after the whole block.
+Prefix tokens (class, distillation, registers: ``model.num_prefix_tokens``) are never pooled.
+
+Significance scores (Eq. 5). A block whose method needs scores (w-methods, 'topk',
+'importance') and that actually reduces its tokens materialises its attention
+probabilities; every other block keeps ``F.scaled_dot_product_attention``. The score of a
+patch token is the attention it receives from *every* query, the class and distillation
+queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
+
+Sizes (Appendix E, "carry"). After pooling, each token knows how many original patches it
+stands for (prefix tokens count 1). With ``prop_attn=True`` later blocks add ``log(size)``
+to their attention logits, so a merged token receives the attention its members would have
+received together. Its Eq. 5 score then already counts its size; since the core weighs
+token i by ``scores[i] * sizes[i]`` (scores per original token), the scores are divided by
+the sizes before pooling. Without ``prop_attn`` a merged token is attended as one token, so
+its raw score is taken as the per-original-token score and multiplied by its size.
+
+``trace_source=True`` keeps ``model._tokenpool["source"]``: (B, N_original_patches) integer
+map from each original patch to the patch token (0-based, prefix excluded) that stands for it
+now; -1 once no patch token is left.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypedDict, cast
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor
+
+from ._measures import significance_scores
+from ._pool import METHODS, NEEDS_SCORES, Method
+from .nn import PoolOptions, pool_with_grad
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
+
+__all__ = ["patch_timm", "unpatch_timm"]
+
+STATE = "_tokenpool"
+PLACEMENTS = ("attn", "block")
+
+
+class TokenPoolState(TypedDict):
+    """The state dict shared by a patched model and its blocks (``model._tokenpool``)."""
+
+    num_prefix: int
+    method: Method
+    prop_attn: bool
+    trace_source: bool
+    placement: str
+    options: PoolOptions
+    keep: list[int]
+    sizes: Tensor | None
+    source: Tensor | None
+
+
+def _reset(state: TokenPoolState) -> None:
+    state["sizes"] = None
+    state["source"] = None
+
+
+class TokenPoolAttention(Attention):
+    """timm ``Attention`` that adds log(size) to its logits and can return Eq. 5 scores.
+
+    ``forward`` returns ``(out, scores)``; ``scores`` is None unless the block needs them.
+    """
+
+    _tp_state: TokenPoolState
+    _tp_needs_scores: bool
+
+    # Returning the scores too is the point of this subclass; only TokenPoolBlock calls it.
+    def forward(  # type: ignore[override]
+        self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        if attn_mask is not None or is_causal:
+            raise ValueError("Token Pooling changes the number of tokens; attention masks "
+                             "and is_causal are not supported by patched blocks")
+        state = self._tp_state
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+
+        bias = None
+        if state["prop_attn"] and state["sizes"] is not None:
+            prefix = torch.ones_like(state["sizes"][:, :state["num_prefix"]])
+            bias = torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
+
+        scores = None
+        if self._tp_needs_scores:
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias.to(logits.dtype)
+            attn = logits.softmax(dim=-1)
+            scores = significance_scores(attn[..., state["num_prefix"]:])
+            x = self.attn_drop(attn) @ v
+        else:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
+                dropout_p=self.attn_drop.p if self.training else 0.0)
+
+        x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x)), scores
+
+
+class TokenPoolBlock(Block):
+    """timm ``Block`` that pools its patch tokens after attention (or after the block)."""
+
+    _tp_state: TokenPoolState
+    _tp_keep: int
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None,
+                is_causal: bool = False) -> Tensor:
+        y, scores = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        x = x + self.drop_path1(self.ls1(y))
+        after_attn = self._tp_state["placement"] == "attn"
+        if after_attn:
+            x = self._pool(x, scores)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x if after_attn else self._pool(x, scores)
+
+    def _pool(self, x: Tensor, scores: Tensor | None) -> Tensor:
+        state = self._tp_state
+        p = state["num_prefix"]
+        patches = x[:, p:]
+        n, k = patches.shape[1], self._tp_keep
+        if k >= n:
+            return x
+        sizes = state["sizes"]
+        if scores is not None and sizes is not None and state["prop_attn"]:
+            scores = scores / sizes.to(scores.dtype)  # see the module docstring
+        tokens, result = pool_with_grad(patches, k, state["method"], scores=scores,
+                                        sizes=sizes, **state["options"])
+        state["sizes"] = result.sizes.float()
+        if state["trace_source"]:
+            source = state["source"]
+            if source is None:
+                source = torch.arange(n, device=x.device).expand(x.shape[0], n)
+            state["source"] = (torch.full_like(source, -1) if k == 0 else
+                               torch.gather(result.assignment, 1, source))
+        return torch.cat([x[:, :p], tokens], dim=1)
+
+
+def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
+    """A subclass of the model's class whose forward starts from fresh sizes and sources."""
+
+    def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
+        _reset(_state_of(self))
+        return original.forward(self, *args, **kwargs)
+
+    return type(f"TokenPool{original.__name__}", (original,),
+                {"forward": forward, "_tp_original_class": original})
+
+
+def _state_of(model: VisionTransformer) -> TokenPoolState:
+    """The shared state of a model patched by :func:`patch_timm`."""
+    return cast(TokenPoolState, getattr(model, STATE))
+
+
+def _keep_schedule(keep: int | Sequence[int], depth: int) -> list[int]:
+    schedule = [keep] * depth if isinstance(keep, int) else list(keep)
+    if len(schedule) != depth or any(not isinstance(k, int) or k < 0 for k in schedule):
+        raise ValueError(f"keep must be a non-negative int or {depth} of them (one per "
+                         f"block), got {keep!r}")
+    return schedule
+
+
+def patch_timm(
+    model: VisionTransformer, keep: int | Sequence[int], method: Method = "wkmedoids",
+    prop_attn: bool = True, trace_source: bool = False, placement: str = "attn",
+    **options: Unpack[PoolOptions],
+) -> VisionTransformer:
+    """Add Token Pooling to every block of a timm VisionTransformer, in place.
+
+    Parameters
+    ----------
+    model : timm VisionTransformer (or a subclass such as the distilled DeiT)
+        Its blocks must be timm ``Block`` with timm ``Attention`` (LayerScale, qk-norm and
+        any number of prefix tokens are fine).
+    keep : int or sequence of int
+        Patch tokens left after each block (one int for all blocks, or one per block). A
+        block whose input has no more tokens than that does nothing.
+    method : str
+        Any method of :func:`tokenpool_ops.pool`.
+    prop_attn : bool
+        Add log(size) to later blocks' attention logits (Appendix E, "carry").
+    trace_source : bool
+        Record which original patch each token stands for in ``model._tokenpool["source"]``.
+    placement : {'attn', 'block'}
+        Pool between attention and MLP (default) or after the block.
+    **options
+        Passed to :func:`tokenpool_ops.pool` (``max_iter``, ``init``, ``seed``,
+        ``check_values``, ``stop_early``, ``fast_paths``).
+
+    Returns
+    -------
+    The same model object, patched. ``unpatch_timm`` undoes it.
+    """
+    if hasattr(model, STATE):
+        raise ValueError("model is already patched; call unpatch_timm first")
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be 'attn' or 'block', got {placement!r}")
+    blocks = list(model.blocks)
+    for i, block in enumerate(blocks):
+        if type(block) is not Block or type(block.attn) is not Attention:
+            raise TypeError(f"block {i} is {type(block).__name__} with "
+                            f"{type(block.attn).__name__}; only timm Block with Attention "
+                            "is supported")
+    schedule = _keep_schedule(keep, len(blocks))
+
+    state = TokenPoolState(
+        num_prefix=model.num_prefix_tokens, method=method, prop_attn=prop_attn,
+        trace_source=trace_source, placement=placement, options=options, keep=schedule,
+        sizes=None, source=None)
+    n = model.patch_embed.num_patches
+    for block, k in zip(blocks, schedule, strict=True):
+        reduces = k < n
+        block.__class__ = TokenPoolBlock
+        block.attn.__class__ = TokenPoolAttention
+        tp_block, tp_attn = cast(TokenPoolBlock, block), cast(TokenPoolAttention, block.attn)
+        tp_block._tp_state = tp_attn._tp_state = state
+        tp_block._tp_keep = k
+        tp_attn._tp_needs_scores = reduces and method in NEEDS_SCORES
+        n = min(n, k)
+    model.__class__ = _model_class(type(model))
+    setattr(model, STATE, state)
+    return model
+
+
+def unpatch_timm(model: VisionTransformer) -> VisionTransformer:
+    """Undo :func:`patch_timm`: original classes, no added attributes. Returns the model."""
+    if not hasattr(model, STATE):
+        raise ValueError("model is not patched by patch_timm")
+    for block in model.blocks:
+        tp_block, tp_attn = cast(TokenPoolBlock, block), cast(TokenPoolAttention, block.attn)
+        block.__class__ = Block
+        block.attn.__class__ = Attention
+        del tp_block._tp_state, tp_block._tp_keep, tp_attn._tp_state, tp_attn._tp_needs_scores
+    model.__class__ = cast(type[VisionTransformer], model._tp_original_class)
+    delattr(model, STATE)
+    return model
+

@@ -1,0 +1,135 @@
+"""Draw the clusters of one block over the input image (the paper's Figure 1c).
+
+``python -m tokenpool_ops.visualize`` pools the patch tokens of scikit-learn's "china.jpg"
+with a randomly initialised DeiT-Ti (no weights are downloaded) and writes a PNG: left, the
+photo with the borders between clusters; right, every cluster filled with its mean colour.
+Random weights give clusters driven by the patch embedding, i.e. mostly by colour and
+position; trained weights give the semantic clusters of the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from timm.models.vision_transformer import VisionTransformer
+
+    from .timm import TokenPoolState
+
+__all__ = ["cluster_map", "draw_clusters", "main", "prepare_image"]
+
+#: DeiT-S sparsity level 1 (patch tokens left after each block), from PoWER-BERT's search.
+DEFAULT_KEEP = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def prepare_image(image: np.ndarray, size: int = 224) -> tuple[Image.Image, torch.Tensor]:
+    """Centre-crop an (H, W, 3) uint8 image to a square, resize; return it and a (1, 3, size,
+    size) ImageNet-normalised tensor."""
+    h, w = image.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    square = Image.fromarray(image[top:top + side, left:left + side]).convert("RGB")
+    square = square.resize((size, size), Image.Resampling.BICUBIC)
+    pixels = (np.asarray(square, dtype=np.float32) / 255.0 - MEAN) / STD
+    return square, torch.from_numpy(pixels).permute(2, 0, 1)[None]
+
+
+def cluster_map(model: torch.nn.Module, pixels: torch.Tensor, block: int) -> np.ndarray:
+    """Cluster of every patch after ``block`` (0-based) of a model patched by ``patch_timm``.
+
+    Runs the blocks up to ``block`` with ``trace_source`` on and returns an (rows, cols)
+    integer grid of patch-token indices; -1 where no patch token is left.
+    """
+    vit = cast("VisionTransformer", model)
+    state = cast("TokenPoolState", vit._tokenpool)
+    tracing = state["trace_source"]
+    state["trace_source"] = True
+    try:
+        with torch.no_grad():
+            state.update({"sizes": None, "source": None})
+            x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels))))
+            for blk in vit.blocks[:block + 1]:
+                x = blk(x)
+        n = vit.patch_embed.num_patches
+        source = state["source"]
+        labels = (np.arange(n)[None] if source is None else source.cpu().numpy())[0]
+    finally:
+        state["trace_source"] = tracing
+    return labels.reshape(vit.patch_embed.grid_size)
+
+
+def draw_clusters(image: Image.Image, labels: np.ndarray, path: str) -> int:
+    """Write ``path`` (PNG): the image with cluster borders, next to the mean-colour clusters.
+
+    Returns the number of clusters drawn.
+    """
+    rows, cols = labels.shape
+    width, height = image.size
+    cell_w, cell_h = width / cols, height / rows
+    pixels = np.asarray(image, dtype=np.float64)
+    # The patch under every pixel.
+    ys = np.minimum((np.arange(height) / cell_h).astype(int), rows - 1)
+    xs = np.minimum((np.arange(width) / cell_w).astype(int), cols - 1)
+    cell_ids = labels[ys[:, None], xs[None, :]]
+
+    clusters = np.unique(labels[labels >= 0])
+    filled = np.zeros_like(pixels)
+    for c in clusters:
+        members = cell_ids == c
+        filled[members] = pixels[members].mean(axis=0)
+
+    left = image.copy()
+    draw = ImageDraw.Draw(left)
+    for r in range(rows):
+        for c in range(cols):
+            x0, y0 = c * cell_w, r * cell_h
+            if c + 1 < cols and labels[r, c] != labels[r, c + 1]:
+                draw.line([(x0 + cell_w, y0), (x0 + cell_w, y0 + cell_h)], fill="white", width=2)
+            if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
+                draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill="white", width=2)
+
+    canvas = Image.new("RGB", (2 * width, height))
+    canvas.paste(left, (0, 0))
+    canvas.paste(Image.fromarray(filled.astype(np.uint8)), (width, 0))
+    canvas.save(path, format="PNG")
+    return len(clusters)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import timm
+    from sklearn.datasets import load_sample_image
+
+    from .timm import patch_timm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--method", default="wkmedoids")
+    parser.add_argument("--block", type=int, default=7, help="0-based block to show")
+    parser.add_argument("--keep", type=int, nargs="+", default=DEFAULT_KEEP,
+                        help="patch tokens left after each block (one value or one per block)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument("--out", default="tokenpool_clusters.png")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    model = cast("VisionTransformer", timm.create_model(args.model, pretrained=False).eval())
+    keep = args.keep[0] if len(args.keep) == 1 else args.keep
+    patch_timm(model, keep, method=args.method, trace_source=True)
+    image, pixels = prepare_image(load_sample_image("china.jpg"))
+    labels = cluster_map(model, pixels, args.block)
+    drawn = draw_clusters(image, labels, args.out)
+    print(f"{args.out}: block {args.block}, {drawn} clusters of {labels.size} patches "
+          f"({args.model}, {args.method}, random weights)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
