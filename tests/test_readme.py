@@ -17,6 +17,7 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs(index):
-    if "import torch" in BLOCKS[index]:
-        pytest.importorskip("torch", reason="the example needs PyTorch")
+    for module in ("torch", "timm"):
+        if f"import {module}" in BLOCKS[index]:
+            pytest.importorskip(module, reason=f"the example needs {module}")
     exec(compile(BLOCKS[index], f"README.md example {index}", "exec"), {})
