@@ -49,8 +49,14 @@ def medoid_assignment(
     return labels, nearest
 
 
+def gather_rows(xp: Any, values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """Generic ``gather_rows`` by fancy indexing: no (B, K, C) index array is built."""
+    return values[np.arange(index.shape[0])[:, None], index]
+
+
 FAST_PATHS: dict[str, Callable[..., Any]] = {
     "sq_distances": sq_distances,
     "self_sq_distances": self_sq_distances,
     "medoid_assignment": medoid_assignment,
+    "gather_rows": gather_rows,
 }

@@ -59,6 +59,11 @@ def medoid_assignment(
     return labels, nearest
 
 
+def gather_rows(xp: Any, values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Generic ``gather_rows`` with an expanded (not materialised) index."""
+    return torch.gather(values, 1, index[:, :, None].expand(-1, -1, values.shape[-1]))
+
+
 def all_finite(xp: Any, x: torch.Tensor) -> bool:
     """Generic ``all_finite`` from one ``aminmax`` pass (NaN propagates): 10x faster on CPU."""
     if x.numel() == 0:
@@ -73,4 +78,5 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "segment_sum": segment_sum,
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
+    "gather_rows": gather_rows,
 }

@@ -49,6 +49,8 @@ def test_fast_primitives_equal_generic(backend_named, name, n, k, m, rng):
     np.testing.assert_allclose(*both("segment_sum", a, labels, k), rtol=1e-12, atol=1e-12)
     dist = backend.asarray(generic_self)
     np.testing.assert_allclose(*both("medoid_costs", dist, labels, weights), rtol=1e-12)
+    rows = backend.asarray(rng.integers(0, n, size=(3, k)))
+    np.testing.assert_array_equal(*both("gather_rows", a, rows))
 
 
 @pytest.mark.parametrize("name", FAST_BACKENDS)

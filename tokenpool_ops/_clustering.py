@@ -40,22 +40,21 @@ def weighted_objective(xp: Namespace, weights: Array, nearest_sq_dist: Array) ->
     return xp.sum(weights * nearest_sq_dist, axis=-1)
 
 
-def sq_errors(xp: Namespace, x: Array, centres: Array, labels: Array) -> Array:
+def sq_errors(prims: Primitives, x: Array, centres: Array, labels: Array) -> Array:
     """``|f_i - c_a(i)|^2`` per token (B, N), from the differences themselves.
 
     The Gram expansion is fast for finding the nearest centre but loses digits to
     cancellation; the error we report is recomputed directly, exact up to rounding.
     """
-    chosen = take_along_axis(xp, centres, labels[:, :, None], axis=1)
-    diff = x - chosen
-    return xp.sum(diff * diff, axis=-1)
+    diff = x - prims.gather_rows(prims.xp, centres, labels)
+    return prims.xp.sum(diff * diff, axis=-1)
 
 
 def reconstruction_objective(prims: Primitives, x: Array, centres: Array, weights: Array) -> Array:
     """Eq. 13 (Eq. 9 with unit weights) of tokens ``x`` (B, N, M) given ``centres`` (B, K, M)."""
     xp = prims.xp
     labels, _ = assign(xp, prims.sq_distances(xp, x, centres))
-    return weighted_objective(xp, weights, sq_errors(xp, x, centres, labels))
+    return weighted_objective(xp, weights, sq_errors(prims, x, centres, labels))
 
 
 def assign(xp: Namespace, sq_dist: Array) -> tuple[Array, Array]:
@@ -77,7 +76,7 @@ def effective_weights(
     """
     xp = prims.xp
     totals = prims.segment_sum(xp, xp.stack([weights, fallback], axis=-1), labels, k)
-    per_token = take_along_axis(xp, totals, labels[:, :, None], axis=1)  # (B, N, 2)
+    per_token = prims.gather_rows(xp, totals, labels)  # (B, N, 2)
     second = xp.where(per_token[:, :, 1] > 0, fallback, constant(xp, 1.0, weights))
     return xp.where(per_token[:, :, 0] > 0, weights, second)
 
@@ -136,7 +135,7 @@ def run_kmeans(
 ) -> FlatClustering:
     """Weighted K-Means (Eq. 14-15; Eq. 10-11 with unit weights) from the tokens ``init``."""
     xp = prims.xp
-    centres = take_along_axis(xp, x, init[:, :, None], axis=1)
+    centres = prims.gather_rows(xp, x, init)
     labels, nearest = assign(xp, prims.sq_distances(xp, x, centres))
     history = [weighted_objective(xp, weights, nearest)]
     for _ in range(max_iter):
@@ -171,5 +170,5 @@ def run_kmedoids(
         labels = new_labels
         if converged:
             break
-    centres = take_along_axis(xp, x, medoids[:, :, None], axis=1)
+    centres = prims.gather_rows(xp, x, medoids)
     return FlatClustering(centres, labels, medoids, xp.stack(history, axis=-1), len(history) - 1)

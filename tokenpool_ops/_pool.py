@@ -186,7 +186,7 @@ def _public_clustering(batch: Batch, flat: FlatClustering) -> Clustering:
     xp = batch.xp
     centres = flat.centres + batch.mean
     if flat.medoids is not None:  # medoids are input tokens, bit for bit
-        centres = take_along_axis(xp, batch.x, flat.medoids[:, :, None], axis=1)
+        centres = batch.prims.gather_rows(xp, batch.x, flat.medoids)
     return Clustering(
         centres=batch.unflat(xp.astype(centres, batch.out_dtype)),
         assignment=batch.unflat(flat.assignment),
@@ -426,15 +426,15 @@ def _select(batch: Batch, method: str, scores: Array | None, carried: Array, wei
     else:
         chosen = draw_without_replacement(xp, scores if method == "importance" else None, k,
                                           seed, batch.x)
-    tokens = take_along_axis(xp, batch.x, chosen[:, :, None], axis=1)
+    tokens = batch.prims.gather_rows(xp, batch.x, chosen)
     out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
     out_sizes = batch.unflat(take_along_axis(xp, carried, chosen, axis=-1))
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
-    centred = take_along_axis(xp, batch.centred, chosen[:, :, None], axis=1)
-    labels, _ = assign_to_medoids(xp, batch.prims.sq_distances(xp, batch.centred, centred),
-                                  chosen)
-    objective = weighted_objective(xp, weights, sq_errors(xp, batch.centred, centred, labels))
+    centred = batch.prims.gather_rows(xp, batch.centred, chosen)
+    prims = batch.prims
+    labels, _ = assign_to_medoids(xp, prims.sq_distances(xp, batch.centred, centred), chosen)
+    objective = weighted_objective(xp, weights, sq_errors(prims, batch.centred, centred, labels))
     return PoolResult(out_tokens, batch.unflat(labels), out_sizes, batch.unflat(chosen),
                       batch.unflat(objective), batch.unflat(objective[:, None]), 0)
 

@@ -90,6 +90,11 @@ def medoid_assignment(xp: Namespace, token_dist: Array, medoids: Array) -> tuple
     return assign_to_medoids(xp, to_medoids, medoids)
 
 
+def gather_rows(xp: Namespace, values: Array, index: Array) -> Array:
+    """``values[b, index[b, j], :]``: rows (B, K, C) picked from (B, N, C) by (B, K) indices."""
+    return take_along_axis(xp, values, index[:, :, None], axis=1)
+
+
 def all_finite(xp: Namespace, x: Array) -> bool:
     """True if ``x`` holds no NaN and no infinity (one device synchronisation)."""
     return bool(xp.all(xp.isfinite(x)))
@@ -106,4 +111,5 @@ class Primitives:
     medoid_costs: Callable[..., Array] = medoid_costs
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
+    gather_rows: Callable[..., Array] = gather_rows
     name: str = "generic"
