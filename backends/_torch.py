@@ -50,11 +50,17 @@ def segment_sum(
 def medoid_assignment(
     xp: Any, token_dist: torch.Tensor, medoids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generic ``medoid_assignment`` reading rows of the symmetric matrix (see NumPy's)."""
+    """Generic ``medoid_assignment`` with an expanded gather and a K-entry scatter.
+
+    The column gather reads through an expanded (not materialised) index, and the reductions
+    run along the contiguous last axis; the self-assignment of medoids is a scatter of K
+    entries instead of two masked passes over (B, N, K).
+    """
+    n = token_dist.shape[-1]
+    to_medoids = torch.gather(token_dist, 2, medoids[:, None, :].expand(-1, n, -1))  # (B, N, K)
+    nearest = torch.amin(to_medoids, dim=-1)  # a medoid is at distance 0 from itself
+    labels = torch.argmin(to_medoids, dim=-1)  # the first index among equals, as documented
     problems = torch.arange(medoids.shape[0], device=medoids.device)[:, None]
-    to_medoids = token_dist[problems, medoids]  # (B, K, N) == columns, by exact symmetry
-    nearest = torch.amin(to_medoids, dim=1)  # a medoid is at distance 0 from itself
-    labels = torch.argmin(to_medoids, dim=1)  # the first index among equals, as documented
     labels[problems, medoids] = torch.arange(medoids.shape[1], device=medoids.device)
     return labels, nearest
 
