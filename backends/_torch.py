@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
+from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_segment_sums
 
 
 def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -26,25 +27,31 @@ def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
     return dist
 
 
-def segment_sum(
-    xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
-    weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+def segment_sum(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Generic ``segment_sum`` by ``index_add_`` on CPU: O(N C) instead of O(N K C).
 
     On CUDA, ``index_add_`` adds with atomics in no fixed order, so results could differ from
     run to run in the last bits; there the deterministic generic matrix product is kept.
     """
     if values.device.type != "cpu":
-        return generic_segment_sum(xp, values, labels, k, weights)
-    if weights is not None:
-        values = values * weights[:, :, None]
+        return generic_segment_sum(xp, values, labels, k)
     batch, n, channels = values.shape
     offsets = torch.arange(batch, device=labels.device)[:, None] * k
     rows = (labels + offsets).reshape(-1)
     out = values.new_zeros(batch * k, channels)
     out.index_add_(0, rows, values.reshape(batch * n, channels))
     return out.reshape(batch, k, channels)
+
+
+def weighted_segment_sums(
+    xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generic ``weighted_segment_sums`` from one ``index_add_`` on CPU (see segment_sum)."""
+    if values.device.type != "cpu":
+        return generic_weighted_segment_sums(xp, values, labels, k, weights)
+    both = torch.cat([values * weights[:, :, None], weights[:, :, None]], dim=-1)
+    sums = segment_sum(xp, both, labels, k)
+    return sums[:, :, :-1], sums[:, :, -1]
 
 
 def medoid_assignment(
@@ -82,6 +89,7 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "sq_distances": sq_distances,
     "self_sq_distances": self_sq_distances,
     "segment_sum": segment_sum,
+    "weighted_segment_sums": weighted_segment_sums,
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
     "gather_rows": gather_rows,

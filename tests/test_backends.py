@@ -41,12 +41,19 @@ def test_fast_primitives_equal_generic(backend_named, name, n, k, m, rng):
     def both(primitive, *args):
         return [backend.to_numpy(getattr(p, primitive)(xp, *args)) for p in (fast, generic)]
 
+    def both_pairs(primitive, *args):
+        return [[backend.to_numpy(part) for part in getattr(p, primitive)(xp, *args)]
+                for p in (fast, generic)]
+
     np.testing.assert_allclose(*both("sq_distances", a, b), rtol=1e-12, atol=1e-12)
     fast_self, generic_self = both("self_sq_distances", a)
     np.testing.assert_allclose(fast_self, generic_self, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(fast_self, np.swapaxes(fast_self, -1, -2))
     np.testing.assert_array_equal(np.diagonal(fast_self, axis1=-2, axis2=-1), 0.0)
     np.testing.assert_allclose(*both("segment_sum", a, labels, k), rtol=1e-12, atol=1e-12)
+    for fast_part, generic_part in zip(*both_pairs("weighted_segment_sums", a, labels, k,
+                                                   weights), strict=True):
+        np.testing.assert_allclose(fast_part, generic_part, rtol=1e-12, atol=1e-12)
     dist = backend.asarray(generic_self)
     np.testing.assert_allclose(*both("medoid_costs", dist, labels, weights), rtol=1e-12)
     rows = backend.asarray(rng.integers(0, n, size=(3, k)))

@@ -66,14 +66,17 @@ def assign(xp: Namespace, sq_dist: Array) -> tuple[Array, Array]:
 
 
 def effective_weights(
-    prims: Primitives, labels: Array, k: int, weights: Array, fallback: Array
+    prims: Primitives, labels: Array, k: int, weights: Array, fallback: Array | None
 ) -> Array:
     """Per-token weights for the cluster means of Eq. 15 and Algorithm 1, line 6.
 
     A cluster uses ``weights``; if they sum to zero over its members it uses ``fallback``
     (the sizes, i.e. the unweighted mean of the original tokens); if those sum to zero too it
-    uses ones. So every non-empty cluster gets a finite mean.
+    uses ones. So every non-empty cluster gets a finite mean. ``fallback=None`` declares the
+    weights all positive (unit weights), so there is nothing to check.
     """
+    if fallback is None:
+        return weights
     xp = prims.xp
     totals = prims.segment_sum(xp, xp.stack([weights, fallback], axis=-1), labels, k)
     per_token = prims.gather_rows(xp, totals, labels)  # (B, N, 2)
@@ -90,14 +93,15 @@ def weighted_means(
     has a positive total.
     """
     xp = prims.xp
-    sums = prims.segment_sum(xp, values, labels, k, token_weights)
-    totals = prims.segment_sum(xp, token_weights[:, :, None], labels, k)
+    sums, totals = prims.weighted_segment_sums(xp, values, labels, k, token_weights)
+    totals = totals[:, :, None]
     safe_totals = xp.where(totals > 0, totals, constant(xp, 1.0, totals))
     return xp.where(totals > 0, sums / safe_totals, empty)
 
 
 def update_centres(
-    prims: Primitives, x: Array, labels: Array, centres: Array, weights: Array, fallback: Array
+    prims: Primitives, x: Array, labels: Array, centres: Array, weights: Array,
+    fallback: Array | None,
 ) -> Array:
     """Eq. 11 / 15: each centre becomes the (weighted) mean of its members.
 
@@ -130,7 +134,8 @@ def update_medoids(
 
 
 def run_kmeans(
-    prims: Primitives, x: Array, init: Array, weights: Array, fallback: Array, max_iter: int,
+    prims: Primitives, x: Array, init: Array, weights: Array, fallback: Array | None,
+    max_iter: int,
     stop_early: bool = True,
 ) -> FlatClustering:
     """Weighted K-Means (Eq. 14-15; Eq. 10-11 with unit weights) from the tokens ``init``."""

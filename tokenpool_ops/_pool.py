@@ -171,8 +171,8 @@ def _cluster(
     if k == 0:
         return _empty_clustering(batch, w)
     if algorithm == "kmeans":
-        flat = run_kmeans(batch.prims, batch.centred, start, w, _ones(batch), max_iter,
-                          stop_early)
+        fallback = None if given is None else _ones(batch)
+        flat = run_kmeans(batch.prims, batch.centred, start, w, fallback, max_iter, stop_early)
     else:
         flat = run_kmedoids(batch.prims, batch.centred, start, w, max_iter, stop_early)
     return _public_clustering(batch, flat)
@@ -384,6 +384,8 @@ def pool(
     s = batch.flat(scores)
     carried = _ones(batch) if sizes is None else batch.flat(sizes)
     weights = s * carried if s is not None and method.startswith("w") else carried
+    # Cluster means fall back to the sizes where weights sum to zero; unit weights cannot.
+    fallback = None if sizes is None and weights is carried else carried
 
     if k >= batch.x.shape[1]:
         result = _identity(batch, x, carried)
@@ -393,8 +395,8 @@ def pool(
         result = _select(batch, method, s, carried, weights, k, seed, return_info)
     else:
         start = _resolve_init(batch, init, s, k, seed, "scores")
-        result = _pool_by_clustering(batch, method, start, weights, carried, max_iter,
-                                     stop_early, return_info)
+        result = _pool_by_clustering(batch, method, start, weights, carried, fallback,
+                                     max_iter, stop_early, return_info)
     return result if return_info else result.tokens
 
 
@@ -440,17 +442,18 @@ def _select(batch: Batch, method: str, scores: Array | None, carried: Array, wei
 
 
 def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
-                        carried: Array, max_iter: int, stop_early: bool,
+                        carried: Array, fallback: Array | None, max_iter: int,
+                        stop_early: bool,
                         return_info: bool) -> PoolResult:
     """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
     xp, prims = batch.xp, batch.prims
     k = start.shape[1]
     if method.endswith("kmeans"):
-        flat = run_kmeans(prims, batch.centred, start, weights, carried, max_iter, stop_early)
+        flat = run_kmeans(prims, batch.centred, start, weights, fallback, max_iter, stop_early)
     else:
         flat = run_kmedoids(prims, batch.centred, start, weights, max_iter, stop_early)
     labels = flat.assignment
-    token_weights = effective_weights(prims, labels, k, weights, carried)
+    token_weights = effective_weights(prims, labels, k, weights, fallback)
     # Means of the original (not centred) tokens, so that they are the members' exact means.
     empty = flat.centres + batch.mean
     tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)

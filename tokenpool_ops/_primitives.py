@@ -41,19 +41,30 @@ def self_sq_distances(xp: Namespace, a: Array) -> Array:
     return xp.where(diagonal, constant(xp, 0.0, a), dist)
 
 
-def segment_sum(
-    xp: Namespace, values: Array, labels: Array, k: int, weights: Array | None = None
-) -> Array:
-    """Sum ``values`` (B, N, C), times ``weights`` (B, N) if given, per label: (B, k, C).
-
-    ``labels`` (B, N) holds integers in [0, k). Generic form: a (weighted) one-hot matrix
-    product, which folds the weights in without a (B, N, C) temporary.
-    """
+def _one_hot(xp: Namespace, labels: Array, k: int, dtype: object) -> Array:
+    """(B, k, N) indicator of each token's cluster."""
     cluster_ids = xp.arange(k, dtype=labels.dtype, device=device(labels))
-    one_hot = xp.astype(labels[:, None, :] == cluster_ids[:, None], values.dtype)
-    if weights is not None:
-        one_hot = one_hot * weights[:, None, :]
-    return xp.matmul(one_hot, values)
+    return xp.astype(labels[:, None, :] == cluster_ids[:, None], dtype)
+
+
+def segment_sum(xp: Namespace, values: Array, labels: Array, k: int) -> Array:
+    """Sum ``values`` (B, N, C) over the tokens of each label: (B, k, C).
+
+    ``labels`` (B, N) holds integers in [0, k). Generic form: a one-hot matrix product.
+    """
+    return xp.matmul(_one_hot(xp, labels, k, values.dtype), values)
+
+
+def weighted_segment_sums(
+    xp: Namespace, values: Array, labels: Array, k: int, weights: Array
+) -> tuple[Array, Array]:
+    """``sum_i w_i values_i`` (B, k, C) and ``sum_i w_i`` (B, k) over each label's tokens.
+
+    The numerator and denominator of Eq. 15 from one weighted one-hot matrix, which folds
+    the weights in without a (B, N, C) temporary.
+    """
+    weighted_one_hot = _one_hot(xp, labels, k, values.dtype) * weights[:, None, :]
+    return xp.matmul(weighted_one_hot, values), xp.sum(weighted_one_hot, axis=-1)
 
 
 def medoid_costs(xp: Namespace, dist: Array, labels: Array, weights: Array) -> Array:
@@ -108,6 +119,7 @@ class Primitives:
     sq_distances: Callable[..., Array] = sq_distances
     self_sq_distances: Callable[..., Array] = self_sq_distances
     segment_sum: Callable[..., Array] = segment_sum
+    weighted_segment_sums: Callable[..., tuple[Array, Array]] = weighted_segment_sums
     medoid_costs: Callable[..., Array] = medoid_costs
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
