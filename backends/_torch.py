@@ -46,12 +46,11 @@ def segment_sum(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int) -> 
 def weighted_segment_sums(
     xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generic ``weighted_segment_sums`` from one ``index_add_`` on CPU (see segment_sum)."""
+    """Generic ``weighted_segment_sums`` from two ``index_add_`` on CPU (see segment_sum)."""
     if values.device.type != "cpu":
         return generic_weighted_segment_sums(xp, values, labels, k, weights)
-    both = torch.cat([values * weights[:, :, None], weights[:, :, None]], dim=-1)
-    sums = segment_sum(xp, both, labels, k)
-    return sums[:, :, :-1], sums[:, :, -1]
+    sums = segment_sum(xp, values * weights[:, :, None], labels, k)
+    return sums, segment_sum(xp, weights[:, :, None], labels, k)[:, :, 0]
 
 
 def medoid_assignment(
