@@ -255,3 +255,15 @@ def test_check_values_false_skips_every_value_check():
         tokenpool_ops.pool(x[:2], 1, "wkmeans", scores=scores[:2])
     out = tokenpool_ops.pool(x, 2, "topk", scores=scores, check_values=False)
     assert out.shape == (2, 1)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 3), (2, 0, 3), (2, 5, 0)])
+@pytest.mark.parametrize("method", ["kmeans", "wkmedoids", "topk"])
+def test_empty_batches_tokens_and_features(backend, shape, method):
+    x = backend.asarray(np.zeros(shape))
+    info = tokenpool_ops.pool(x, 2, method, scores=backend.asarray(np.ones(shape[:-1])),
+                              return_info=True)
+    kept = min(2, shape[1])
+    backend.assert_like(info.tokens, (shape[0], kept, shape[2]), backend.xp.float64)
+    assert tuple(info.objective.shape) == (shape[0],)
+    np.testing.assert_array_equal(backend.to_numpy(info.objective), 0.0)

@@ -58,5 +58,6 @@ def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     n, m = x.shape[-2], x.shape[-1]
     flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype),
                      copy=False)  # never written to: a view is enough
-    mean = xp.mean(flat, axis=1, keepdims=True) if n > 0 else flat[:, :1, :]
+    mean = (xp.mean(flat, axis=1, keepdims=True) if n > 0
+            else xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat)))
     return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, flat - mean, x.dtype)
