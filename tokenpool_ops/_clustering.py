@@ -28,7 +28,7 @@ from ._primitives import Primitives
 class FlatClustering:
     """Result of a clustering run on a flattened batch (B problems)."""
 
-    centres: Array  # (B, K, M) in the centred frame of the input
+    centres: Array | None  # (B, K, M) in the centred frame; None for K-Medoids (see medoids)
     assignment: Array  # (B, N) cluster of each token
     medoids: Array | None  # (B, K) token index of each medoid, K-Medoids only
     history: Array  # (B, T + 1) objective of the centres after each iteration
@@ -175,5 +175,5 @@ def run_kmedoids(
         labels = new_labels
         if converged:
             break
-    centres = prims.gather_rows(xp, x, medoids)
-    return FlatClustering(centres, labels, medoids, xp.stack(history, axis=-1), len(history) - 1)
+    # The centres are input tokens: callers gather them only if they need them.
+    return FlatClustering(None, labels, medoids, xp.stack(history, axis=-1), len(history) - 1)

@@ -184,11 +184,12 @@ def _ones(batch: Batch) -> Array:
 
 def _public_clustering(batch: Batch, flat: FlatClustering) -> Clustering:
     xp = batch.xp
-    centres = flat.centres + batch.mean
     if flat.medoids is not None:  # medoids are input tokens, bit for bit
         centres = batch.prims.gather_rows(xp, batch.x, flat.medoids)
+    else:
+        centres = flat.centres + batch.mean
     return Clustering(
-        centres=batch.unflat(xp.astype(centres, batch.out_dtype)),
+        centres=batch.unflat(xp.astype(centres, batch.out_dtype, copy=False)),
         assignment=batch.unflat(flat.assignment),
         medoids=None if flat.medoids is None else batch.unflat(flat.medoids),
         objective=batch.unflat(flat.history[:, -1]),
@@ -429,7 +430,7 @@ def _select(batch: Batch, method: str, scores: Array | None, carried: Array, wei
         chosen = draw_without_replacement(xp, scores if method == "importance" else None, k,
                                           seed, batch.x)
     tokens = batch.prims.gather_rows(xp, batch.x, chosen)
-    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
+    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype, copy=False))
     out_sizes = batch.unflat(take_along_axis(xp, carried, chosen, axis=-1))
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
@@ -455,9 +456,10 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     labels = flat.assignment
     token_weights = effective_weights(prims, labels, k, weights, fallback)
     # Means of the original (not centred) tokens, so that they are the members' exact means.
-    empty = flat.centres + batch.mean
+    # Only K-Means clusters can be empty (a medoid always belongs to its own cluster).
+    empty = batch.mean if flat.centres is None else flat.centres + batch.mean
     tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
-    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype))
+    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype, copy=False))
     out_sizes = batch.unflat(prims.segment_sum(xp, carried[:, :, None], labels, k)[:, :, 0])
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, flat.n_iter)
