@@ -263,3 +263,15 @@ def test_visualisation_draws_k_clusters(tmp_path) -> None:
     with Image.open(path) as drawn:
         assert drawn.size == (448, 224)
     assert model._tokenpool["trace_source"] is False
+
+
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_merge_sums_in_float32_under_autocast(fast_paths: bool) -> None:
+    """The generic path merges with a matrix product, which autocast would run in bfloat16."""
+    x = torch.randn(2, 40, 8) * 100 + 1000
+    layer = TokenPooling(10, "kmeans", fast_paths=fast_paths)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-4)

@@ -23,7 +23,10 @@ from typing import TYPE_CHECKING, TypedDict, cast
 import torch
 from torch import Tensor, nn
 
+from ._clustering import effective_weights, weighted_means
+from ._compat import array_namespace
 from ._pool import CLUSTERING_METHODS, DEFAULT_MAX_ITER, Init, Method, PoolResult, pool
+from .backends import primitives_for
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
@@ -62,7 +65,7 @@ def plan(
 
 def merge(
     x: Tensor, result: PoolResult, method: Method, *, scores: Tensor | None = None,
-    sizes: Tensor | None = None,
+    sizes: Tensor | None = None, fast_paths: bool = True,
 ) -> Tensor:
     """Apply a pooling plan to ``x`` (..., N, M) with differentiable ops: (..., K, M).
 
@@ -71,6 +74,7 @@ def merge(
     cluster whose weights sum to zero, as the core does; an empty cluster (K-Means only)
     takes the core's centre, which carries no gradient. The selection baselines gather the
     kept tokens. Sums are accumulated in float32; the result has the dtype of ``x``.
+    ``fast_paths`` as in :func:`tokenpool_ops.pool` (False for ``torch.compile``).
     """
     n, k = x.shape[-2], result.tokens.shape[-2]
     if k >= n:
@@ -88,21 +92,13 @@ def merge(
     weights = carried
     if method.startswith("w"):
         weights = cast(Tensor, scores).reshape(-1, n).float() * carried  # w-methods need them
-
-    def per_cluster(values: Tensor) -> Tensor:  # (B, N, D) -> (B, K, D) segment sums
-        index = labels[..., None].expand(-1, -1, values.shape[-1])
-        return values.new_zeros(values.shape[0], k, values.shape[-1]).scatter_add(1, index, values)
-
-    totals = per_cluster(torch.stack([weights, carried], dim=-1))
-    member_totals = torch.gather(totals, 1, labels[..., None].expand(-1, -1, 2))
-    fallback = torch.where(member_totals[..., 1] > 0, carried, torch.ones_like(carried))
-    token_weights = torch.where(member_totals[..., 0] > 0, weights, fallback)
-
-    sums = per_cluster(token_weights[..., None] * flat_x)
-    counts = per_cluster(token_weights[..., None])
-    means = sums / torch.where(counts > 0, counts, torch.ones_like(counts))
-    empty = result.tokens.reshape(means.shape).to(means.dtype)
-    tokens = torch.where(counts > 0, means, empty)
+    # The core's own weighting and fallbacks, on live tensors: its torch ops are differentiable.
+    prims = primitives_for(array_namespace(flat_x), fast_paths)
+    fallback = None if sizes is None and weights is carried else carried
+    empty = result.tokens.reshape(flat_x.shape[0], k, x.shape[-1]).to(flat_x.dtype)
+    with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
+        token_weights = effective_weights(prims, labels, k, weights, fallback)
+        tokens = weighted_means(prims, flat_x, labels, k, token_weights, empty)
     return tokens.reshape(*x.shape[:-2], k, x.shape[-1]).to(x.dtype)
 
 
@@ -112,7 +108,8 @@ def pool_with_grad(
 ) -> tuple[Tensor, PoolResult]:
     """:func:`plan` then :func:`merge`: the pooled tokens (with gradients) and the plan."""
     result = plan(x, k, method, scores=scores, sizes=sizes, **options)
-    return merge(x, result, method, scores=scores, sizes=sizes), result
+    fast_paths = options.get("fast_paths", True)
+    return merge(x, result, method, scores=scores, sizes=sizes, fast_paths=fast_paths), result
 
 
 class TokenPooling(nn.Module):
