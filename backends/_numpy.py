@@ -23,11 +23,15 @@ def sq_distances(xp: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def self_sq_distances(xp: Any, a: np.ndarray) -> np.ndarray:
-    """Generic ``self_sq_distances``, symmetrised and zeroed in place."""
+    """Generic ``self_sq_distances`` in place: the lower triangle mirrors the upper one.
+
+    Mirroring in place needs a temporary of half the matrix, where the generic ``where``
+    needs a whole one.
+    """
     dist = sq_distances(xp, a, a)
-    dist += np.swapaxes(dist, -1, -2)  # NumPy buffers the overlapping transpose for us
-    dist *= 0.5
     n = a.shape[-2]
+    rows, cols = np.tril_indices(n, -1)
+    dist[:, rows, cols] = dist[:, cols, rows]
     dist.reshape(dist.shape[0], n * n)[:, :: n + 1] = 0
     return dist
 

@@ -20,9 +20,10 @@ def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
-    """Generic ``self_sq_distances``, symmetrised out of place, diagonal zeroed in place."""
+    """Generic ``self_sq_distances`` in place: the lower triangle mirrors the upper one."""
     dist = sq_distances(xp, a, a)
-    dist = (dist + dist.mT).mul_(0.5)
+    rows, cols = torch.tril_indices(dist.shape[-1], dist.shape[-1], -1, device=dist.device)
+    dist[:, rows, cols] = dist[:, cols, rows]
     dist.diagonal(dim1=-2, dim2=-1).zero_()
     return dist
 

@@ -13,21 +13,26 @@ from .backends import primitives_for
 
 @dataclass(frozen=True)
 class Batch:
-    """Tokens as (B, N, M) in the compute dtype, with each problem's mean taken out.
+    """Tokens as (B, N, M) in the compute dtype, and each problem's mean token.
 
-    Centring first keeps the Gram-matrix distances accurate for tokens far from the origin.
+    Distances are computed from the centred tokens, which keeps the Gram expansion accurate
+    for tokens far from the origin. The centred copy is made on demand and not kept, so that
+    it is not alive (a (B, N, M) array) while K-Medoids iterates or the means are merged.
     """
 
     prims: Primitives
     batch_shape: tuple[int, ...]
     x: Array  # (B, N, M), compute dtype
     mean: Array  # (B, 1, M), each problem's mean token
-    centred: Array  # x - mean
     out_dtype: Any
 
     @property
     def xp(self) -> Namespace:
         return self.prims.xp
+
+    def centred(self) -> Array:
+        """A fresh copy of the tokens minus their problem's mean, (B, N, M)."""
+        return self.x - self.mean
 
     def flat(self, values: Array | None) -> Array | None:
         """Per-token (..., N) or per-centre (..., K) values as (B, ·), in the compute dtype."""
@@ -60,4 +65,4 @@ def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
                      copy=False)  # never written to: a view is enough
     mean = (xp.mean(flat, axis=1, keepdims=True) if n > 0
             else xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat)))
-    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, flat - mean, x.dtype)
+    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, x.dtype)

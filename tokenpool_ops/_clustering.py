@@ -155,15 +155,15 @@ def run_kmeans(
 
 
 def run_kmedoids(
-    prims: Primitives, x: Array, init: Array, weights: Array, max_iter: int,
+    prims: Primitives, token_dist: Array, init: Array, weights: Array, max_iter: int,
     stop_early: bool = True,
 ) -> FlatClustering:
     """Weighted K-Medoids (Eq. 16-18; Eq. 10 and 12 with unit weights) from ``init``.
 
-    The token distances are computed once, O(N^2 M); each iteration is then O(N^2 + NK).
+    Needs only ``token_dist`` (B, N, N), from ``prims.self_sq_distances`` of the centred
+    tokens, computed once in O(N^2 M); each iteration is then O(N^2 + NK).
     """
     xp = prims.xp
-    token_dist = prims.self_sq_distances(xp, x)
     medoids = init
     labels, nearest = prims.medoid_assignment(xp, token_dist, medoids)
     history = [weighted_objective(xp, weights, nearest)]

@@ -172,9 +172,10 @@ def _cluster(
         return _empty_clustering(batch, w)
     if algorithm == "kmeans":
         fallback = None if given is None else _ones(batch)
-        flat = run_kmeans(batch.prims, batch.centred, start, w, fallback, max_iter, stop_early)
+        flat = run_kmeans(batch.prims, batch.centred(), start, w, fallback, max_iter, stop_early)
     else:
-        flat = run_kmedoids(batch.prims, batch.centred, start, w, max_iter, stop_early)
+        flat = run_kmedoids(batch.prims, batch.prims.self_sq_distances(xp, batch.centred()),
+                            start, w, max_iter, stop_early)
     return _public_clustering(batch, flat)
 
 
@@ -291,7 +292,7 @@ def kmedoids(
     Examples
     --------
     >>> import numpy as np
-    >>> x = np.array([[0.0], [1.0], [2.0], [10.0], [11.0]])
+    >>> x = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
     >>> kmedoids(x, 2).medoids.tolist()
     [1, 3]
     """
@@ -434,10 +435,11 @@ def _select(batch: Batch, method: str, scores: Array | None, carried: Array, wei
     out_sizes = batch.unflat(take_along_axis(xp, carried, chosen, axis=-1))
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
-    centred = batch.prims.gather_rows(xp, batch.centred, chosen)
     prims = batch.prims
-    labels, _ = assign_to_medoids(xp, prims.sq_distances(xp, batch.centred, centred), chosen)
-    objective = weighted_objective(xp, weights, sq_errors(prims, batch.centred, centred, labels))
+    centred = batch.centred()
+    kept = prims.gather_rows(xp, centred, chosen)
+    labels, _ = assign_to_medoids(xp, prims.sq_distances(xp, centred, kept), chosen)
+    objective = weighted_objective(xp, weights, sq_errors(prims, centred, kept, labels))
     return PoolResult(out_tokens, batch.unflat(labels), out_sizes, batch.unflat(chosen),
                       batch.unflat(objective), batch.unflat(objective[:, None]), 0)
 
@@ -450,9 +452,12 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     xp, prims = batch.xp, batch.prims
     k = start.shape[1]
     if method.endswith("kmeans"):
-        flat = run_kmeans(prims, batch.centred, start, weights, fallback, max_iter, stop_early)
+        flat = run_kmeans(prims, batch.centred(), start, weights, fallback, max_iter, stop_early)
     else:
-        flat = run_kmedoids(prims, batch.centred, start, weights, max_iter, stop_early)
+        # Passed as a temporary, so that neither the centred copy of x nor the distance
+        # matrix stays alive while the means are merged below.
+        flat = run_kmedoids(prims, prims.self_sq_distances(xp, batch.centred()), start, weights,
+                            max_iter, stop_early)
     labels = flat.assignment
     token_weights = effective_weights(prims, labels, k, weights, fallback)
     # Means of the original (not centred) tokens, so that they are the members' exact means.
@@ -463,7 +468,7 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     out_sizes = batch.unflat(prims.segment_sum(xp, carried[:, :, None], labels, k)[:, :, 0])
     if not return_info:
         return PoolResult(out_tokens, None, out_sizes, None, None, None, flat.n_iter)
-    objective = reconstruction_objective(prims, batch.centred, tokens - batch.mean, weights)
+    objective = reconstruction_objective(prims, batch.centred(), tokens - batch.mean, weights)
     medoids = None if flat.medoids is None else batch.unflat(flat.medoids)
     return PoolResult(out_tokens, batch.unflat(labels), out_sizes, medoids,
                       batch.unflat(objective), batch.unflat(flat.history), flat.n_iter)

@@ -29,16 +29,17 @@ def sq_distances(xp: Namespace, a: Array, b: Array) -> Array:
 def self_sq_distances(xp: Namespace, a: Array) -> Array:
     """Squared distances between all tokens of each problem, (B, N, N), exact zero diagonal.
 
-    Computed once per K-Medoids call (O(N^2 M)). The matrix is made exactly symmetric (a
-    matrix product need not be) and its diagonal exactly zero, so that the tie rules see
-    true ties: in a two-member cluster both members then cost exactly the same.
+    Computed once per K-Medoids call (O(N^2 M)). The matrix is made exactly symmetric by
+    mirroring its upper triangle (a matrix product need not be symmetric) and its diagonal
+    exactly zero, so that the tie rules see true ties: in a two-member cluster both members
+    then cost exactly the same.
     """
     n = a.shape[-2]
     ids = xp.arange(n, device=device(a))
-    diagonal = ids[:, None] == ids[None, :]
+    below = ids[:, None] > ids[None, :]
     dist = sq_distances(xp, a, a)
-    dist = (dist + xp.matrix_transpose(dist)) * 0.5
-    return xp.where(diagonal, constant(xp, 0.0, a), dist)
+    dist = xp.where(below, xp.matrix_transpose(dist), dist)
+    return xp.where(ids[:, None] == ids[None, :], constant(xp, 0.0, a), dist)
 
 
 def _one_hot(xp: Namespace, labels: Array, k: int, dtype: object) -> Array:
