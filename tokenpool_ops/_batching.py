@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import Array, Namespace, compute_dtype, device
+from ._compat import Array, Namespace, compute_dtype, device, index_dtype
 from ._primitives import Primitives
 from .backends import primitives_for
 
@@ -53,8 +53,7 @@ class Batch:
         return self.xp.reshape(values, (*self.batch_shape, *values.shape[1:]))
 
     def index_dtype(self) -> Any:
-        info = self.xp.__array_namespace_info__()
-        return info.default_dtypes(device=device(self.x))["indexing"]
+        return index_dtype(self.xp, self.x)
 
 
 def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:

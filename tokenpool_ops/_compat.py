@@ -29,6 +29,7 @@ __all__ = [
     "constant",
     "device",
     "exponential_noise",
+    "index_dtype",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
     "is_cupy_namespace",
@@ -68,6 +69,11 @@ def compute_dtype(xp: Namespace, dtype: Any) -> Any:
 def constant(xp: Namespace, value: float, like: Array) -> Array:
     """A 0-d array holding ``value`` with the dtype and device of ``like``."""
     return xp.asarray(value, dtype=like.dtype, device=device(like))
+
+
+def index_dtype(xp: Namespace, like: Array) -> Any:
+    """The namespace's default integer dtype for indices on ``like``'s device."""
+    return xp.__array_namespace_info__().default_dtypes(device=device(like))["indexing"]
 
 
 def take_along_axis(xp: Namespace, x: Array, indices: Array, axis: int) -> Array:

@@ -6,7 +6,7 @@ Ties are broken towards the lower token index.
 
 from __future__ import annotations
 
-from ._compat import Array, Namespace, constant, device, exponential_noise
+from ._compat import Array, Namespace, constant, device, exponential_noise, index_dtype
 
 
 def top_k(xp: Namespace, keys: Array, k: int) -> Array:
@@ -20,8 +20,7 @@ def top_k(xp: Namespace, keys: Array, k: int) -> Array:
 
 def spread(xp: Namespace, batch: int, n: int, k: int, like: Array) -> Array:
     """Evenly spaced indices ``floor(j N / k)``, j = 0..k-1: the default with no scores."""
-    index_dtype = xp.__array_namespace_info__().default_dtypes(device=device(like))["indexing"]
-    ids = (xp.arange(k, dtype=index_dtype, device=device(like)) * n) // k
+    ids = (xp.arange(k, dtype=index_dtype(xp, like), device=device(like)) * n) // k
     return xp.broadcast_to(ids[None, :], (batch, k))
 
 
