@@ -8,6 +8,7 @@ tests check every fast path against its generic counterpart.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -31,11 +32,27 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     return {}
 
 
-def primitives_for(xp: Namespace, fast_paths: bool = True) -> Primitives:
-    """The primitives to use for namespace ``xp``: fast paths where we have them."""
+def _compiled_paths(name: str) -> dict[str, Callable[..., Any]]:
+    # The Numba kernels, for the libraries whose arrays Numba can read in place.
+    if name not in ("numpy", "torch") or importlib.util.find_spec("numba") is None:
+        return {}
+    if name == "numpy":
+        from . import _numpy
+
+        return _numpy.compiled_paths()
+    from . import _torch
+
+    return _torch.compiled_paths()
+
+
+def primitives_for(xp: Namespace, fast_paths: bool = True, compiled: bool = True) -> Primitives:
+    """The primitives to use for namespace ``xp``: fast paths where we have them.
+
+    ``compiled=False`` leaves out the Numba kernels (the library's own fast paths stay).
+    """
     generic = Primitives(xp)
     if not fast_paths:
         return generic
     name = backend_name(xp)
-    overrides = _fast_paths(name)
+    overrides = {**_fast_paths(name), **(_compiled_paths(name) if compiled else {})}
     return replace(generic, name=name, **overrides) if overrides else generic

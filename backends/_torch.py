@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
+from tokenpool_ops._primitives import weighted_means as generic_weighted_means
 from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_segment_sums
 
 
@@ -54,6 +55,15 @@ def weighted_segment_sums(
     return sums, segment_sum(xp, weights[:, :, None], labels, k)[:, :, 0]
 
 
+def weighted_means(
+    xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int, weights: torch.Tensor,
+    empty: torch.Tensor,
+) -> torch.Tensor:
+    """Generic ``weighted_means`` on the ``index_add_`` segment sums above."""
+    return generic_weighted_means(xp, values, labels, k, weights, empty,
+                                  segment_sums=weighted_segment_sums)
+
+
 def medoid_assignment(
     xp: Any, token_dist: torch.Tensor, medoids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +100,83 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "self_sq_distances": self_sq_distances,
     "segment_sum": segment_sum,
     "weighted_segment_sums": weighted_segment_sums,
+    "weighted_means": weighted_means,
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
     "gather_rows": gather_rows,
 }
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels (Numba), used when Numba is installed, for CPU tensors
+
+
+def _on_host(*tensors: torch.Tensor) -> bool:
+    """Whether Numba may take these tensors: on the CPU, and not inside torch.compile."""
+    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+#: Bytes of centred tokens per block in medoid_gram_rows (see backends._numpy.BLOCK_BYTES).
+BLOCK_BYTES = 2 << 20
+
+
+def medoid_gram_rows(x: torch.Tensor, mean: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
+    """Dot products of the centred medoids with the centred tokens, (B, K, N).
+
+    Centred a block of problems at a time into reused buffers, so that no centred copy of
+    all of ``x`` exists.
+    """
+    from ._numpy import problem_block
+
+    n_problems, n, m = x.shape
+    k = medoids.shape[1]
+    out = x.new_empty((n_problems, k, n))
+    step = problem_block(n, m, x.element_size(), BLOCK_BYTES)
+    centred = x.new_empty((step, n, m))
+    picked = x.new_empty((step * k, m))
+    offsets = n * torch.arange(step, device=medoids.device)[:, None]
+    for start in range(0, n_problems, step):
+        size = min(step, n_problems - start)
+        block = torch.sub(x[start:start + size], mean[start:start + size], out=centred[:size])
+        rows = (medoids[start:start + size] + offsets[:size]).reshape(-1)
+        chosen = torch.index_select(block.reshape(size * n, m), 0, rows, out=picked[:size * k])
+        torch.bmm(chosen.view(size, k, m), block.mT, out=out[start:start + size])
+    return out
+
+
+def compiled_paths() -> dict[str, Callable[..., Any]]:
+    """The Numba kernels for CPU tensors (ImportError without Numba).
+
+    Parallel kernels: PyTorch's OpenMP threads go idle quickly after each operation, so
+    Numba's threads can have the cores. Tensors elsewhere than on the CPU, inside
+    torch.compile, or whose means need gradients take the PyTorch code instead.
+    """
+    from . import _numba
+
+    def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+                 weights: torch.Tensor, max_iter: int, stop_early: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        if not _on_host(x, mean, init, weights):
+            return None
+        with torch.no_grad():  # assignments and medoids have no gradient
+            rows = medoid_gram_rows(x, mean, init)
+            labels, medoids, history, n_iter = _numba.kmedoids(
+                x.detach().numpy(), mean.detach().numpy(), rows.numpy(), init.numpy(),
+                weights.detach().numpy(), max_iter, stop_early, True)
+        return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
+                n_iter)
+
+    def compiled_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
+                                weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        if not _on_host(values, labels, weights, empty) or _needs_grad(values, weights, empty):
+            return weighted_means(xp, values, labels, k, weights, empty)
+        return torch.from_numpy(_numba.weighted_means(
+            values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
+
+    return {"kmedoids": kmedoids, "weighted_means": compiled_weighted_means}
+
+

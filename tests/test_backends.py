@@ -121,3 +121,127 @@ def test_fast_medoid_assignment_and_finite_check_equal_generic(backend_named, na
         array = backend.asarray(np.array(values, dtype=float))
         assert fast.all_finite(xp, array) == generic.all_finite(xp, array) == bool(
             np.all(np.isfinite(values)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels (Numba): each equal to the generic code, and the library's own fast paths
+# still tested without them.
+
+COMPILED_BACKENDS = ["numpy", "torch-cpu"]
+
+
+def compiled_primitives(backend):
+    """The backend's primitives with its Numba kernels, or a skip that says why not."""
+    pytest.importorskip("numba", reason="numba is not installed: compiled kernels untested")
+    prims = primitives_for(backend.xp)
+    assert prims.kmedoids is not None, "this backend is expected to have compiled kernels"
+    return prims
+
+
+@pytest.mark.parametrize("name", FAST_BACKENDS)
+@pytest.mark.parametrize("method", ["kmeans", "wkmedoids"])
+def test_library_fast_paths_without_numba_equal_generic(backend_named, name, method, rng,
+                                                        monkeypatch):
+    import tokenpool_ops.backends as backends
+
+    backend = backend_named(name)
+    monkeypatch.setattr(backends, "_compiled_paths", lambda name: {})
+    assert primitives_for(backend.xp).kmedoids is None
+    x = rng.normal(size=(4, 60, 8))
+    scores = rng.exponential(size=(4, 60))
+    results = [tokenpool_ops.pool(backend.asarray(x), 17, method, scores=backend.asarray(scores),
+                                  return_info=True, fast_paths=fast) for fast in (True, False)]
+    fast, generic = ({f: backend.to_numpy(getattr(r, f)) for f in ("tokens", "assignment")}
+                     for r in results)
+    np.testing.assert_array_equal(fast["assignment"], generic["assignment"])
+    np.testing.assert_allclose(fast["tokens"], generic["tokens"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("empty_rows", [1, 5])
+def test_compiled_means_and_sums_equal_generic(backend_named, name, empty_rows, rng):
+    backend = backend_named(name)
+    xp = backend.xp
+    compiled, generic = compiled_primitives(backend), Primitives(xp)
+    values = backend.asarray(rng.normal(size=(3, 20, 6)))
+    labels = backend.asarray(rng.integers(0, 4, size=(3, 20)))  # clusters 4 (k=5) stay empty
+    weights = rng.random((3, 20))
+    weights[0, :] = 0.0  # problem 0: every cluster has zero weight
+    weights = backend.asarray(weights)
+    empty = backend.asarray(rng.normal(size=(3, empty_rows, 6)))
+    got, want = (p.weighted_means(xp, values, labels, 5, weights, empty)
+                 for p in (compiled, generic))
+    np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), rtol=1e-12)
+    expected_empty = backend.to_numpy(empty)[:, -1]
+    np.testing.assert_array_equal(backend.to_numpy(got)[:, 4], expected_empty)
+    got, want = (p.segment_sum(xp, values, labels, 5) for p in (compiled, generic))
+    np.testing.assert_allclose(backend.to_numpy(got), backend.to_numpy(want), rtol=1e-12,
+                               atol=1e-12)
+
+
+def integer_points_with_ties(rng, batch=5, n=40, m=2):
+    """Small integer coordinates with mean exactly zero (each point and its mirror image):
+    many equal distances, and every distance exact in floating point however it is computed
+    (the centring subtracts an exact zero)."""
+    half = rng.integers(-2, 3, size=(batch, n // 2, m))
+    x = rng.permuted(np.concatenate([half, -half], axis=1), axis=1).astype(float)
+    weights = rng.integers(0, 3, size=(batch, n)).astype(float)
+    return x, weights
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("stop_early", [True, False])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_compiled_kmedoids_equals_generic_on_exact_ties(backend_named, name, stop_early, k, rng):
+    # Zero-mean integer data makes every distance exact whichever way it is computed (Gram
+    # rows, direct differences), so the tie rules must give bit-identical results. (With
+    # a non-integer mean the two ways round differently and may break exact ties apart.)
+    backend = backend_named(name)
+    compiled_primitives(backend)
+    x, weights = integer_points_with_ties(rng)
+    for dtype in ("float64", "float32"):
+        xa = backend.asarray(x.astype(dtype))
+        wa = backend.asarray(weights.astype(dtype))
+        got, want = (tokenpool_ops.kmedoids(xa, k, weights=wa, init="random", seed=3,
+                                            max_iter=6, stop_early=stop_early, fast_paths=fast)
+                     for fast in (True, False))
+        assert got.n_iter == want.n_iter
+        for field in ("medoids", "assignment", "history", "centres"):
+            np.testing.assert_array_equal(backend.to_numpy(getattr(got, field)),
+                                          backend.to_numpy(getattr(want, field)), err_msg=field)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_compiled_kmedoids_moves_medoids_like_generic(backend_named, name, rng):
+    # Far from converged after the first step: medoids move, so new distance rows are
+    # computed from differences. Tie-free random data in float64.
+    backend = backend_named(name)
+    compiled_primitives(backend)
+    x = rng.normal(size=(6, 80, 5))
+    scores = rng.exponential(size=(6, 80))
+    got, want = (tokenpool_ops.pool(backend.asarray(x), 9, "wkmedoids",
+                                    scores=backend.asarray(scores), init="random",
+                                    max_iter=30, return_info=True, fast_paths=fast)
+                 for fast in (True, False))
+    assert want.n_iter > 2, "the test needs medoids that move"
+    assert got.n_iter == want.n_iter
+    np.testing.assert_array_equal(backend.to_numpy(got.medoids), backend.to_numpy(want.medoids))
+    np.testing.assert_array_equal(backend.to_numpy(got.assignment),
+                                  backend.to_numpy(want.assignment))
+    np.testing.assert_allclose(backend.to_numpy(got.history), backend.to_numpy(want.history),
+                               rtol=1e-12)
+
+
+def test_compiled_means_leave_gradients_to_torch(backend_named, rng):
+    backend = backend_named("torch-cpu")
+    compiled_primitives(backend)
+    import torch
+
+    x = rng.normal(size=(2, 30, 4))
+    grads = []
+    for fast in (True, False):
+        xt = torch.tensor(x, requires_grad=True)
+        tokenpool_ops.pool(xt, 5, "kmedoids", fast_paths=fast).pow(2).sum().backward()
+        grads.append(xt.grad.numpy())
+    np.testing.assert_allclose(*grads, rtol=1e-12)
+    assert np.abs(grads[0]).sum() > 0

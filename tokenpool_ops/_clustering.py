@@ -92,11 +92,7 @@ def weighted_means(
     ``token_weights`` must come from :func:`effective_weights`, so a non-empty cluster always
     has a positive total.
     """
-    xp = prims.xp
-    sums, totals = prims.weighted_segment_sums(xp, values, labels, k, token_weights)
-    totals = totals[:, :, None]
-    safe_totals = xp.where(totals > 0, totals, constant(xp, 1.0, totals))
-    return xp.where(totals > 0, sums / safe_totals, empty)
+    return prims.weighted_means(prims.xp, values, labels, k, token_weights, empty)
 
 
 def update_centres(
@@ -152,6 +148,25 @@ def run_kmeans(
         if converged:
             break
     return FlatClustering(centres, labels, None, xp.stack(history, axis=-1), len(history) - 1)
+
+
+def cluster_medoids(
+    prims: Primitives, x: Array, mean: Array, init: Array, weights: Array, max_iter: int,
+    stop_early: bool = True,
+) -> FlatClustering:
+    """K-Medoids of the tokens ``x`` (B, N, M), whose per-problem mean is ``mean`` (B, 1, M).
+
+    Uses the backend's fused kernel where it has one, else the distance matrix of the centred
+    tokens and :func:`run_kmedoids`.
+    """
+    if prims.kmedoids is not None:
+        fused = prims.kmedoids(prims.xp, x, mean, init, weights, max_iter, stop_early)
+        if fused is not None:
+            labels, medoids, history, n_iter = fused
+            return FlatClustering(None, labels, medoids, history, n_iter)
+    # Passed as a temporary, so that the centred copy of x is freed before the iterations.
+    token_dist = prims.self_sq_distances(prims.xp, x - mean)
+    return run_kmedoids(prims, token_dist, init, weights, max_iter, stop_early)
 
 
 def run_kmedoids(

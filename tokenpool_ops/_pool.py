@@ -9,10 +9,10 @@ from typing import Literal
 from ._batching import Batch, flatten
 from ._clustering import (
     FlatClustering,
+    cluster_medoids,
     effective_weights,
     reconstruction_objective,
     run_kmeans,
-    run_kmedoids,
     sq_errors,
     weighted_means,
     weighted_objective,
@@ -174,8 +174,7 @@ def _cluster(
         fallback = None if given is None else _ones(batch)
         flat = run_kmeans(batch.prims, batch.centred(), start, w, fallback, max_iter, stop_early)
     else:
-        flat = run_kmedoids(batch.prims, batch.prims.self_sq_distances(xp, batch.centred()),
-                            start, w, max_iter, stop_early)
+        flat = cluster_medoids(batch.prims, batch.x, batch.mean, start, w, max_iter, stop_early)
     return _public_clustering(batch, flat)
 
 
@@ -454,10 +453,7 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     if method.endswith("kmeans"):
         flat = run_kmeans(prims, batch.centred(), start, weights, fallback, max_iter, stop_early)
     else:
-        # Passed as a temporary, so that neither the centred copy of x nor the distance
-        # matrix stays alive while the means are merged below.
-        flat = run_kmedoids(prims, prims.self_sq_distances(xp, batch.centred()), start, weights,
-                            max_iter, stop_early)
+        flat = cluster_medoids(prims, batch.x, batch.mean, start, weights, max_iter, stop_early)
     labels = flat.assignment
     token_weights = effective_weights(prims, labels, k, weights, fallback)
     # Means of the original (not centred) tokens, so that they are the members' exact means.

@@ -68,6 +68,21 @@ def weighted_segment_sums(
     return xp.matmul(weighted_one_hot, values), xp.sum(weighted_one_hot, axis=-1)
 
 
+def weighted_means(
+    xp: Namespace, values: Array, labels: Array, k: int, weights: Array, empty: Array,
+    segment_sums: Callable[..., tuple[Array, Array]] = weighted_segment_sums,
+) -> Array:
+    """Weighted mean of ``values`` (B, N, C) per label (B, k, C); ``empty`` where the
+    label's weights sum to zero (``empty`` is (B, 1, C) or (B, k, C)).
+
+    ``segment_sums`` lets a backend reuse this formula with its own segment sums.
+    """
+    sums, totals = segment_sums(xp, values, labels, k, weights)
+    totals = totals[:, :, None]
+    safe_totals = xp.where(totals > 0, totals, constant(xp, 1.0, totals))
+    return xp.where(totals > 0, sums / safe_totals, empty)
+
+
 def medoid_costs(xp: Namespace, dist: Array, labels: Array, weights: Array) -> Array:
     """Cost of each token as its cluster's medoid: the sum over Eq. 12 / Eq. 17.
 
@@ -121,8 +136,12 @@ class Primitives:
     self_sq_distances: Callable[..., Array] = self_sq_distances
     segment_sum: Callable[..., Array] = segment_sum
     weighted_segment_sums: Callable[..., tuple[Array, Array]] = weighted_segment_sums
+    weighted_means: Callable[..., Array] = weighted_means
     medoid_costs: Callable[..., Array] = medoid_costs
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
     gather_rows: Callable[..., Array] = gather_rows
+    #: A fused K-Medoids (distances and iterations) for tokens on the host, with the result of
+    #: ``_clustering.run_kmedoids``; it returns None where it does not apply (e.g. on a GPU).
+    kmedoids: Callable[..., tuple[Array, Array, Array, int] | None] | None = None
     name: str = "generic"

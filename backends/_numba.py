@@ -1,0 +1,263 @@
+"""Compiled CPU kernels (Numba) behind the NumPy and PyTorch-CPU fast paths.
+
+Two kernels replace the passes over whole arrays that the generic code makes from Python:
+
+* :func:`kmedoids`: the K-Medoids iterations of Eq. 16-17, one problem per loop step. It
+  starts from the distances of every token to the K initial medoids, (B, K, N), which the
+  caller computes with its own BLAS (half of the (B, N, N) Gram matrix for K = N/2), and
+  computes any other distance it needs directly from the token differences: within a cluster
+  for the medoid update, and a new row when a medoid moves. The full matrix is never formed.
+* :func:`weighted_means`: the cluster means of Eq. 11/15 and Algorithm 1, line 6, by one
+  scatter pass over the tokens (O(N M) instead of the one-hot product's O(N K M)).
+
+Both run per problem, in token order, so results do not depend on the thread count. Each
+kernel exists twice: parallel over problems (used next to PyTorch) and serial (used next to
+NumPy, whose OpenBLAS threads spin for a while after every matrix product and would fight
+Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["kmedoids", "segment_sum", "weighted_means"]
+
+# Reassociation lets the distance loop vectorise; the result is still the same on every run.
+_FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@numba.njit(cache=True, fastmath=_FAST_MATH)
+def _sq_distance(a: Any, b: Any) -> Any:
+    total = a.dtype.type(0)
+    for q in range(a.shape[0]):
+        diff = a[q] - b[q]
+        total += diff * diff
+    return total
+
+
+@numba.njit(cache=True, fastmath=_FAST_MATH)
+def _centred_sq_norms(x: Any, mean: Any, out: Any) -> None:
+    for i in range(x.shape[0]):
+        total = x.dtype.type(0)
+        for q in range(x.shape[1]):
+            v = x[i, q] - mean[q]
+            total += v * v
+        out[i] = total
+
+
+@numba.njit(cache=True)
+def _gram_rows_to_sq_distances(rows: Any, sq_norms: Any, medoids: Any) -> None:
+    """``|a|^2 + |b|^2 - 2 a.b`` in place, clamped at zero; a medoid is at 0 from itself."""
+    for c in range(rows.shape[0]):
+        m = medoids[c]
+        for i in range(rows.shape[1]):
+            d = sq_norms[m] + sq_norms[i] - 2 * rows[c, i]
+            rows[c, i] = d if d > 0 else 0
+        rows[c, m] = 0
+
+
+@numba.njit(cache=True)
+def _assign(rows: Any, medoids: Any, labels: Any, nearest: Any) -> None:
+    """Eq. 16: the nearest medoid, the lowest cluster index on ties; a medoid keeps itself."""
+    nearest[:] = np.inf
+    for c in range(rows.shape[0]):
+        row = rows[c]
+        for i in range(rows.shape[1]):
+            if row[i] < nearest[i]:  # strict: an equal later cluster does not win
+                nearest[i] = row[i]
+                labels[i] = c
+    for c in range(medoids.shape[0]):
+        labels[medoids[c]] = c
+        nearest[medoids[c]] = 0
+
+
+@numba.njit(cache=True)
+def _members_by_cluster(labels: Any, k: int) -> tuple[Any, Any]:
+    """Token indices grouped by cluster, ascending within each: (order, starts)."""
+    starts = np.zeros(k + 1, np.int64)
+    for i in range(labels.shape[0]):
+        starts[labels[i] + 1] += 1
+    for c in range(k):
+        starts[c + 1] += starts[c]
+    fill = starts[:k].copy()
+    order = np.empty(labels.shape[0], np.int64)
+    for i in range(labels.shape[0]):
+        order[fill[labels[i]]] = i
+        fill[labels[i]] += 1
+    return order, starts
+
+
+@numba.njit(cache=True)
+def _update_medoids(x: Any, rows: Any, labels: Any, medoids: Any, weights: Any) -> None:
+    """Eq. 17 with the weights inside: the member of least ``sum_j w_j |f_i - f_j|^2``.
+
+    The current medoid stays unless another member is strictly cheaper; the lowest token
+    index wins among equals. Distances to the current medoid are read off its row, the very
+    values the assignment used, so a two-member cluster sees the same distance both ways.
+    """
+    order, starts = _members_by_cluster(labels, medoids.shape[0])
+    largest = np.max(starts[1:] - starts[:-1])
+    pair = np.empty((largest, largest), rows.dtype)
+    for c in range(medoids.shape[0]):
+        members = order[starts[c]:starts[c + 1]]
+        current = medoids[c]
+        for a in range(members.shape[0]):
+            pair[a, a] = 0
+            for b in range(a + 1, members.shape[0]):
+                i, j = members[a], members[b]
+                if i == current:
+                    d = rows[c, j]
+                elif j == current:
+                    d = rows[c, i]
+                else:
+                    d = _sq_distance(x[i], x[j])
+                pair[a, b] = d
+                pair[b, a] = d
+        best, best_cost, current_cost = current, np.inf, np.inf
+        for a in range(members.shape[0]):
+            cost = 0.0  # float64 accumulation: products of float32 values are exact in it
+            for b in range(members.shape[0]):
+                cost += weights[members[b]] * pair[a, b]
+            if cost < best_cost:
+                best, best_cost = members[a], cost
+            if members[a] == current:
+                current_cost = cost
+        if best_cost < current_cost:
+            medoids[c] = best
+            for i in range(x.shape[0]):
+                rows[c, i] = _sq_distance(x[best], x[i])
+            rows[c, best] = 0
+
+
+@numba.njit(cache=True)
+def _kmedoids_one(x: Any, mean: Any, rows: Any, medoids: Any, weights: Any, labels: Any,
+                  history: Any, max_iter: int) -> int:
+    """One problem: assign, then alternate update and assignment until nothing changes."""
+    n = x.shape[0]
+    sq_norms = np.empty(n, rows.dtype)
+    _centred_sq_norms(x, mean, sq_norms)
+    _gram_rows_to_sq_distances(rows, sq_norms, medoids)
+    nearest = np.empty(n, rows.dtype)
+    _assign(rows, medoids, labels, nearest)
+    history[0] = np.sum(weights * nearest)
+    new_labels = np.empty_like(labels)
+    done = 0
+    while done < max_iter:
+        _update_medoids(x, rows, labels, medoids, weights)
+        _assign(rows, medoids, new_labels, nearest)
+        done += 1
+        history[done] = np.sum(weights * nearest)
+        changed = np.any(new_labels != labels)
+        labels[:] = new_labels
+        if not changed:  # a fixed point: further iterations would repeat it exactly
+            break
+    history[done + 1:] = history[done]
+    return done
+
+
+@numba.njit(cache=True)
+def _weighted_means_one(values: Any, labels: Any, weights: Any, empty: Any, out: Any) -> None:
+    """One problem's cluster means, in token order; clusters of zero weight take ``empty``."""
+    k = out.shape[0]
+    totals = np.zeros(k, values.dtype)
+    out[:] = 0
+    for i in range(values.shape[0]):
+        c, w = labels[i], weights[i]
+        totals[c] += w
+        row = out[c]
+        for q in range(values.shape[1]):
+            row[q] += w * values[i, q]
+    for c in range(k):
+        if totals[c] > 0:
+            out[c] /= totals[c]
+        else:
+            out[c] = empty[c if empty.shape[0] == k else 0]
+
+
+@numba.njit(cache=True)
+def _segment_sum_serial(values, labels, out):  # type: ignore[no-untyped-def]
+    out[:] = 0
+    for p in range(values.shape[0]):
+        for i in range(values.shape[1]):
+            row = out[p, labels[p, i]]
+            for q in range(values.shape[2]):
+                row[q] += values[p, i, q]
+
+
+# Each batch loop twice: Numba's cache keys a function by name, not by its parallel flag.
+@numba.njit(parallel=True, cache=True)
+def _kmedoids_parallel(x, mean, rows, medoids, weights, labels, history, iterations,
+                       max_iter):  # type: ignore[no-untyped-def]
+    for p in numba.prange(x.shape[0]):
+        iterations[p] = _kmedoids_one(x[p], mean[p], rows[p], medoids[p], weights[p],
+                                      labels[p], history[p], max_iter)
+
+
+@numba.njit(cache=True)
+def _kmedoids_serial(x, mean, rows, medoids, weights, labels, history, iterations,
+                     max_iter):  # type: ignore[no-untyped-def]
+    for p in range(x.shape[0]):
+        iterations[p] = _kmedoids_one(x[p], mean[p], rows[p], medoids[p], weights[p],
+                                      labels[p], history[p], max_iter)
+
+
+@numba.njit(parallel=True, cache=True)
+def _weighted_means_parallel(values, labels, weights, empty, out):  # type: ignore[no-untyped-def]
+    for p in numba.prange(values.shape[0]):
+        _weighted_means_one(values[p], labels[p], weights[p], empty[p], out[p])
+
+
+@numba.njit(cache=True)
+def _weighted_means_serial(values, labels, weights, empty, out):  # type: ignore[no-untyped-def]
+    for p in range(values.shape[0]):
+        _weighted_means_one(values[p], labels[p], weights[p], empty[p], out[p])
+
+
+def kmedoids(
+    x: np.ndarray, mean: np.ndarray, gram_rows: np.ndarray, init: np.ndarray,
+    weights: np.ndarray, max_iter: int, stop_early: bool, parallel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """K-Medoids of tokens ``x`` (B, N, M) from the medoids ``init`` (B, K).
+
+    ``gram_rows`` (B, K, N) holds the dot products of the centred initial medoids with the
+    centred tokens (``x - mean``, ``mean`` (B, 1, M)); it is overwritten. Returns labels
+    (B, N), medoids (B, K), the objective history (B, T + 1) and T, as the generic loop: each
+    problem stops at its fixed point and repeats it, so T is the most any problem needed
+    (``max_iter`` when not ``stop_early``).
+    """
+    n_problems, n = x.shape[:2]
+    labels = np.empty((n_problems, n), dtype=init.dtype)
+    medoids = np.array(init, copy=True)
+    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
+    iterations = np.zeros(n_problems, dtype=np.int64)
+    kernel = _kmedoids_parallel if parallel else _kmedoids_serial
+    kernel(x, mean[:, 0, :], gram_rows, medoids, weights, labels, history, iterations, max_iter)
+    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    return labels, medoids, history[:, : n_iter + 1], n_iter
+
+
+def weighted_means(
+    values: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray, empty: np.ndarray,
+    parallel: bool,
+) -> np.ndarray:
+    """``sum_i w_i values_i / sum_i w_i`` per cluster (B, k, C); ``empty`` where it is 0.
+
+    ``empty`` is (B, 1, C) or (B, k, C).
+    """
+    out = np.empty((values.shape[0], k, values.shape[2]), dtype=values.dtype)
+    kernel = _weighted_means_parallel if parallel else _weighted_means_serial
+    kernel(values, labels, weights, empty, out)
+    return out
+
+
+def segment_sum(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    """``values`` (B, N, C) summed over the tokens of each label, (B, k, C), in token order.
+
+    Serial only: it serves the small per-token sums (weights, sizes), C = 1 or 2.
+    """
+    out = np.empty((values.shape[0], k, values.shape[2]), dtype=values.dtype)
+    _segment_sum_serial(values, labels, out)
+    return out
