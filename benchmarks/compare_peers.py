@@ -13,8 +13,10 @@ initial centres start from the same evenly spaced tokens ``(arange(k) * N) // k`
 w-methods start from their default, the k highest scores.
 
 Also prints the peak extra memory of ``pool(x, k, "wkmedoids", scores=s)``: NumPy measured
-with tracemalloc (NumPy reports its buffers to it), PyTorch CPU as the peak-RSS increase of a
-fresh subprocess, both relative to the B*N*N float32 distance matrices.
+with tracemalloc (NumPy reports its buffers to it; the per-problem scratch arrays inside the
+Numba kernels, O(N + largest cluster^2) elements each, are not reported), PyTorch CPU as the
+peak-RSS increase of a fresh subprocess (which sees everything), both relative to the B*N*N
+float32 distance matrices.
 
 Run: ``python benchmarks/compare_peers.py`` (``--help`` for options).
 """
