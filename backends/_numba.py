@@ -1,6 +1,6 @@
 """Compiled CPU kernels (Numba) behind the NumPy and PyTorch-CPU fast paths.
 
-Two kernels replace the passes over whole arrays that the generic code makes from Python:
+These kernels replace the passes over whole arrays that the generic code makes from Python:
 
 * :func:`kmedoids`: the K-Medoids iterations of Eq. 16-17, one problem per loop step. It
   starts from the distances of every token to the K initial medoids, (B, K, N), which the
@@ -8,9 +8,10 @@ Two kernels replace the passes over whole arrays that the generic code makes fro
   computes any other distance it needs directly from the token differences: within a cluster
   for the medoid update, and a new row when a medoid moves. The full matrix is never formed.
 * :func:`weighted_means`: the cluster means of Eq. 11/15 and Algorithm 1, line 6, by one
-  scatter pass over the tokens (O(N M) instead of the one-hot product's O(N K M)).
+  scatter pass over the tokens (O(N M) instead of the one-hot product's O(N K M));
+  :func:`segment_sum` likewise for the small per-token sums (weights, sizes).
 
-Both run per problem, in token order, so results do not depend on the thread count. Each
+All run per problem, in token order, so results do not depend on the thread count. Each
 kernel exists twice: parallel over problems (used next to PyTorch) and serial (used next to
 NumPy, whose OpenBLAS threads spin for a while after every matrix product and would fight
 Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
