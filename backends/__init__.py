@@ -45,14 +45,12 @@ def _compiled_paths(name: str) -> dict[str, Callable[..., Any]]:
     return _torch.compiled_paths()
 
 
-def primitives_for(xp: Namespace, fast_paths: bool = True, compiled: bool = True) -> Primitives:
-    """The primitives to use for namespace ``xp``: fast paths where we have them.
-
-    ``compiled=False`` leaves out the Numba kernels (the library's own fast paths stay).
-    """
+def primitives_for(xp: Namespace, fast_paths: bool = True) -> Primitives:
+    """The primitives to use for namespace ``xp``: fast paths where we have them, the
+    library's own first, then the Numba kernels where Numba is installed."""
     generic = Primitives(xp)
     if not fast_paths:
         return generic
     name = backend_name(xp)
-    overrides = {**_fast_paths(name), **(_compiled_paths(name) if compiled else {})}
+    overrides = {**_fast_paths(name), **_compiled_paths(name)}
     return replace(generic, name=name, **overrides) if overrides else generic
