@@ -3,10 +3,11 @@
 These kernels replace the passes over whole arrays that the generic code makes from Python:
 
 * :func:`kmedoids`: the K-Medoids iterations of Eq. 16-17, one problem per loop step. It
-  starts from the distances of every token to the K initial medoids, (B, K, N), which the
-  caller computes with its own BLAS (half of the (B, N, N) Gram matrix for K = N/2), and
-  computes any other distance it needs directly from the token differences: within a cluster
-  for the medoid update, and a new row when a medoid moves. The full matrix is never formed.
+  starts from the dot products of the K initial medoids with the N - K other tokens,
+  (B, K, N - K), which :func:`medoid_gram` computes with the caller's BLAS (at most a
+  quarter of the (B, N, N) Gram matrix), and computes any other distance it needs directly
+  from the token differences: within a cluster for the medoid update, and a new row when a
+  medoid moves. The full matrix is never formed.
 * :func:`weighted_means`: the cluster means of Eq. 11/15 and Algorithm 1, line 6, by one
   scatter pass over the tokens (O(N M) instead of the one-hot product's O(N K M));
   :func:`segment_sum` likewise for the small per-token sums (weights, sizes).
@@ -19,12 +20,13 @@ Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numba
 import numpy as np
 
-__all__ = ["kmedoids", "segment_sum", "weighted_means"]
+__all__ = ["kmedoids", "medoid_gram", "segment_sum", "weighted_means"]
 
 # Reassociation lets the distance loop vectorise; the result is still the same on every run.
 _FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -50,14 +52,54 @@ def _centred_sq_norms(x: Any, mean: Any, out: Any) -> None:
 
 
 @numba.njit(cache=True)
-def _gram_rows_to_sq_distances(rows: Any, sq_norms: Any, medoids: Any) -> None:
-    """``|a|^2 + |b|^2 - 2 a.b`` in place, clamped at zero; a medoid is at 0 from itself."""
-    for c in range(rows.shape[0]):
+def _medoids_first(medoids: Any, n: int, order: Any) -> None:
+    """``order`` (N,): the medoids in cluster order, then the other tokens ascending."""
+    k = medoids.shape[0]
+    is_medoid = np.zeros(n, np.bool_)
+    for c in range(k):
+        is_medoid[medoids[c]] = True
+        order[c] = medoids[c]
+    slot = k
+    for i in range(n):
+        if not is_medoid[i]:
+            order[slot] = i
+            slot += 1
+
+
+@numba.njit(cache=True, fastmath=_FAST_MATH)
+def _gather_centred_one(x: Any, mean: Any, medoids: Any, out: Any) -> None:
+    """``out`` (N, M): the centred tokens of one problem, medoids first (see _medoids_first)."""
+    order = np.empty(x.shape[0], np.int64)
+    _medoids_first(medoids, x.shape[0], order)
+    for r in range(x.shape[0]):
+        token = x[order[r]]
+        for q in range(x.shape[1]):
+            out[r, q] = token[q] - mean[q]
+
+
+@numba.njit(cache=True)
+def _medoid_rows(gram: Any, sq_norms: Any, medoids: Any) -> Any:
+    """Squared distances (K, N) of each medoid to every token from the Gram block.
+
+    ``gram`` (K, N - K) holds the dot products of the centred medoids with the centred other
+    tokens in ascending order: ``|a|^2 + |b|^2 - 2 a.b``, clamped at zero. A medoid is at 0
+    from itself; the distances between medoids are never read (a medoid always keeps its
+    own cluster), so they are set to infinity until a medoid leaves (see _move_medoid).
+    """
+    k, n = medoids.shape[0], sq_norms.shape[0]
+    order = np.empty(n, np.int64)
+    _medoids_first(medoids, n, order)
+    rows = np.empty((k, n), gram.dtype)
+    for c in range(k):
         m = medoids[c]
-        for i in range(rows.shape[1]):
-            d = sq_norms[m] + sq_norms[i] - 2 * rows[c, i]
+        for j in range(n - k):
+            i = order[k + j]
+            d = sq_norms[m] + sq_norms[i] - 2 * gram[c, j]
             rows[c, i] = d if d > 0 else 0
+        for other in range(k):
+            rows[c, medoids[other]] = np.inf
         rows[c, m] = 0
+    return rows
 
 
 @numba.njit(cache=True)
@@ -89,6 +131,20 @@ def _members_by_cluster(labels: Any, k: int) -> tuple[Any, Any]:
         order[fill[labels[i]]] = i
         fill[labels[i]] += 1
     return order, starts
+
+
+@numba.njit(cache=True)
+def _move_medoid(x: Any, rows: Any, medoids: Any, c: int, new: int) -> None:
+    """Medoid ``c`` becomes token ``new``: its row, and the old medoid's distances to the
+    other medoids (an ordinary token now), computed from the token differences."""
+    old = medoids[c]
+    medoids[c] = new
+    for i in range(x.shape[0]):
+        rows[c, i] = _sq_distance(x[new], x[i])
+    rows[c, new] = 0
+    for other in range(medoids.shape[0]):
+        if other != c:
+            rows[other, old] = _sq_distance(x[medoids[other]], x[old])
 
 
 @numba.njit(cache=True)
@@ -127,20 +183,17 @@ def _update_medoids(x: Any, rows: Any, labels: Any, medoids: Any, weights: Any) 
             if members[a] == current:
                 current_cost = cost
         if best_cost < current_cost:
-            medoids[c] = best
-            for i in range(x.shape[0]):
-                rows[c, i] = _sq_distance(x[best], x[i])
-            rows[c, best] = 0
+            _move_medoid(x, rows, medoids, c, best)
 
 
 @numba.njit(cache=True)
-def _kmedoids_one(x: Any, mean: Any, rows: Any, medoids: Any, weights: Any, labels: Any,
+def _kmedoids_one(x: Any, mean: Any, gram: Any, medoids: Any, weights: Any, labels: Any,
                   history: Any, max_iter: int) -> int:
     """One problem: assign, then alternate update and assignment until nothing changes."""
     n = x.shape[0]
-    sq_norms = np.empty(n, rows.dtype)
+    sq_norms = np.empty(n, gram.dtype)
     _centred_sq_norms(x, mean, sq_norms)
-    _gram_rows_to_sq_distances(rows, sq_norms, medoids)
+    rows = _medoid_rows(gram, sq_norms, medoids)
     nearest = np.empty(n, rows.dtype)
     _assign(rows, medoids, labels, nearest)
     history[0] = np.sum(weights * nearest)
@@ -190,19 +243,31 @@ def _segment_sum_serial(values, labels, out):  # type: ignore[no-untyped-def]
 
 # Each batch loop twice: Numba's cache keys a function by name, not by its parallel flag.
 @numba.njit(parallel=True, cache=True)
-def _kmedoids_parallel(x, mean, rows, medoids, weights, labels, history, iterations,
+def _kmedoids_parallel(x, mean, gram, medoids, weights, labels, history, iterations,
                        max_iter):  # type: ignore[no-untyped-def]
     for p in numba.prange(x.shape[0]):
-        iterations[p] = _kmedoids_one(x[p], mean[p], rows[p], medoids[p], weights[p],
+        iterations[p] = _kmedoids_one(x[p], mean[p], gram[p], medoids[p], weights[p],
                                       labels[p], history[p], max_iter)
 
 
 @numba.njit(cache=True)
-def _kmedoids_serial(x, mean, rows, medoids, weights, labels, history, iterations,
+def _kmedoids_serial(x, mean, gram, medoids, weights, labels, history, iterations,
                      max_iter):  # type: ignore[no-untyped-def]
     for p in range(x.shape[0]):
-        iterations[p] = _kmedoids_one(x[p], mean[p], rows[p], medoids[p], weights[p],
+        iterations[p] = _kmedoids_one(x[p], mean[p], gram[p], medoids[p], weights[p],
                                       labels[p], history[p], max_iter)
+
+
+@numba.njit(parallel=True, cache=True)
+def _gather_centred_parallel(x, mean, medoids, out):  # type: ignore[no-untyped-def]
+    for p in numba.prange(x.shape[0]):
+        _gather_centred_one(x[p], mean[p], medoids[p], out[p])
+
+
+@numba.njit(cache=True)
+def _gather_centred_serial(x, mean, medoids, out):  # type: ignore[no-untyped-def]
+    for p in range(x.shape[0]):
+        _gather_centred_one(x[p], mean[p], medoids[p], out[p])
 
 
 @numba.njit(parallel=True, cache=True)
@@ -217,17 +282,46 @@ def _weighted_means_serial(values, labels, weights, empty, out):  # type: ignore
         _weighted_means_one(values[p], labels[p], weights[p], empty[p], out[p])
 
 
+#: Matrix product of stacks: ``matmul(a, b, out)`` sets ``out = a @ b^T``, (P, K, N - K).
+BatchMatmul = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
+
+
+def medoid_gram(
+    x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_bytes: int,
+    matmul: BatchMatmul, parallel: bool,
+) -> np.ndarray:
+    """Dot products of the centred medoids with the other centred tokens, (B, K, N - K).
+
+    The other tokens come in ascending order. This is the only O(N^2 M) work of K-Medoids,
+    at most a quarter of the Gram matrix (K (N - K) <= N^2 / 4), and it runs in the caller's
+    BLAS (``matmul``). Blocks of problems are centred and gathered, medoids first, into one
+    reused buffer of about ``block_bytes``: it stays in cache for the product, and no
+    centred copy of all of ``x`` exists.
+    """
+    n_problems, n, m = x.shape
+    k = medoids.shape[1]
+    out = np.empty((n_problems, k, n - k), dtype=x.dtype)
+    step = max(1, block_bytes // max(1, n * m * x.itemsize))
+    buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
+    gather = _gather_centred_parallel if parallel else _gather_centred_serial
+    for start in range(0, n_problems, step):
+        stop = min(start + step, n_problems)
+        block = buffer[: stop - start]
+        gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
+        matmul(block[:, :k], block[:, k:], out[start:stop])
+    return out
+
+
 def kmedoids(
-    x: np.ndarray, mean: np.ndarray, gram_rows: np.ndarray, init: np.ndarray,
+    x: np.ndarray, mean: np.ndarray, gram: np.ndarray, init: np.ndarray,
     weights: np.ndarray, max_iter: int, stop_early: bool, parallel: bool,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """K-Medoids of tokens ``x`` (B, N, M) from the medoids ``init`` (B, K).
 
-    ``gram_rows`` (B, K, N) holds the dot products of the centred initial medoids with the
-    centred tokens (``x - mean``, ``mean`` (B, 1, M)); it is overwritten. Returns labels
-    (B, N), medoids (B, K), the objective history (B, T + 1) and T, as the generic loop: each
-    problem stops at its fixed point and repeats it, so T is the most any problem needed
-    (``max_iter`` when not ``stop_early``).
+    ``gram`` is :func:`medoid_gram` of ``x``, its per-problem ``mean`` (B, 1, M) and
+    ``init``. Returns labels (B, N), medoids (B, K), the objective history (B, T + 1) and T,
+    as the generic loop: each problem stops at its fixed point and repeats it, so T is the
+    most any problem needed (``max_iter`` when not ``stop_early``).
     """
     n_problems, n = x.shape[:2]
     labels = np.empty((n_problems, n), dtype=init.dtype)
@@ -235,7 +329,7 @@ def kmedoids(
     history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
     iterations = np.zeros(n_problems, dtype=np.int64)
     kernel = _kmedoids_parallel if parallel else _kmedoids_serial
-    kernel(x, mean[:, 0, :], gram_rows, medoids, weights, labels, history, iterations, max_iter)
+    kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations, max_iter)
     n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
     return labels, medoids, history[:, : n_iter + 1], n_iter
 

@@ -70,37 +70,14 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
 # Compiled kernels (Numba), used when Numba is installed
 
 
-#: Bytes of centred tokens per block when the medoid Gram rows are built block by block:
-#: small enough to stay in cache between the centring and the matrix product. Measured
-#: fastest for N=196, M=384 (B=64): 256 KiB on NumPy, 2 MiB on PyTorch.
+#: Bytes of centred tokens per block in the medoid Gram product (see _numba.medoid_gram):
+#: small enough to stay in cache between the gather and the product. Measured fastest for
+#: N=196, M=384 (B=64): 256 KiB on NumPy, 2 MiB on PyTorch.
 BLOCK_BYTES = 1 << 18
 
 
-def problem_block(n: int, m: int, itemsize: int, block_bytes: int = BLOCK_BYTES) -> int:
-    """Problems per block so that a block of centred tokens stays near ``block_bytes``."""
-    return max(1, block_bytes // max(1, n * m * itemsize))
-
-
-def medoid_gram_rows(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray) -> np.ndarray:
-    """Dot products of the centred medoids with the centred tokens, (B, K, N).
-
-    Centred a block of problems at a time into reused buffers, so that no centred copy of
-    all of ``x`` exists.
-    """
-    n_problems, n, m = x.shape
-    k = medoids.shape[1]
-    out = np.empty((n_problems, k, n), dtype=x.dtype)
-    step = problem_block(n, m, x.itemsize)
-    centred = np.empty((step, n, m), dtype=x.dtype)
-    picked = np.empty((step * k, m), dtype=x.dtype)
-    for start in range(0, n_problems, step):
-        size = min(step, n_problems - start)
-        block = np.subtract(x[start:start + size], mean[start:start + size], out=centred[:size])
-        rows = (medoids[start:start + size] + n * np.arange(size)[:, None]).reshape(-1)
-        chosen = np.take(block.reshape(size * n, m), rows, axis=0, out=picked[:size * k])
-        np.matmul(chosen.reshape(size, k, m), np.swapaxes(block, -1, -2),
-                  out=out[start:start + size])
-    return out
+def _matmul_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    np.matmul(a, np.swapaxes(b, -1, -2), out=out)
 
 
 def compiled_paths() -> dict[str, Callable[..., Any]]:
@@ -114,8 +91,8 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     def kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
                  weights: np.ndarray, max_iter: int,
                  stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        rows = medoid_gram_rows(x, mean, init)
-        return _numba.kmedoids(x, mean, rows, init, weights, max_iter, stop_early, False)
+        gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
+        return _numba.kmedoids(x, mean, gram, init, weights, max_iter, stop_early, False)
 
     def weighted_means(xp: Any, values: np.ndarray, labels: np.ndarray, k: int,
                        weights: np.ndarray, empty: np.ndarray) -> np.ndarray:

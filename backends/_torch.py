@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
@@ -120,32 +121,13 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-#: Bytes of centred tokens per block in medoid_gram_rows (see backends._numpy.BLOCK_BYTES).
+#: Bytes of centred tokens per block in the medoid Gram product (see backends._numpy).
 BLOCK_BYTES = 2 << 20
 
 
-def medoid_gram_rows(x: torch.Tensor, mean: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
-    """Dot products of the centred medoids with the centred tokens, (B, K, N).
-
-    Centred a block of problems at a time into reused buffers, so that no centred copy of
-    all of ``x`` exists.
-    """
-    from ._numpy import problem_block
-
-    n_problems, n, m = x.shape
-    k = medoids.shape[1]
-    out = x.new_empty((n_problems, k, n))
-    step = problem_block(n, m, x.element_size(), BLOCK_BYTES)
-    centred = x.new_empty((step, n, m))
-    picked = x.new_empty((step * k, m))
-    offsets = n * torch.arange(step, device=medoids.device)[:, None]
-    for start in range(0, n_problems, step):
-        size = min(step, n_problems - start)
-        block = torch.sub(x[start:start + size], mean[start:start + size], out=centred[:size])
-        rows = (medoids[start:start + size] + offsets[:size]).reshape(-1)
-        chosen = torch.index_select(block.reshape(size * n, m), 0, rows, out=picked[:size * k])
-        torch.bmm(chosen.view(size, k, m), block.mT, out=out[start:start + size])
-    return out
+def _bmm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
+    # PyTorch's own BLAS on NumPy views of host memory: no copies.
+    torch.bmm(torch.from_numpy(a), torch.from_numpy(b).mT, out=torch.from_numpy(out))
 
 
 def compiled_paths() -> dict[str, Callable[..., Any]]:
@@ -163,10 +145,12 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         if not _on_host(x, mean, init, weights):
             return None
         with torch.no_grad():  # assignments and medoids have no gradient
-            rows = medoid_gram_rows(x, mean, init)
+            x_host, mean_host = x.detach().numpy(), mean.detach().numpy()
+            gram = _numba.medoid_gram(x_host, mean_host, init.numpy(), BLOCK_BYTES,
+                                      _bmm_transposed, True)
             labels, medoids, history, n_iter = _numba.kmedoids(
-                x.detach().numpy(), mean.detach().numpy(), rows.numpy(), init.numpy(),
-                weights.detach().numpy(), max_iter, stop_early, True)
+                x_host, mean_host, gram, init.numpy(), weights.detach().numpy(), max_iter,
+                stop_early, True)
         return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
                 n_iter)
 
