@@ -65,6 +65,33 @@ def test_non_finite_x_is_a_value_error(backend, op, bad):
             OPERATORS[op](x)
 
 
+@pytest.mark.parametrize("bad", [(np.inf, -np.inf), (np.nan, 1.0), (np.inf, 1.0)],
+                         ids=["inf-and-minus-inf", "nan", "inf"])
+def test_non_finite_x_in_one_problem_of_a_batch_is_found(backend, bad):
+    # The check reads the per-problem means first; +inf and -inf in one column cancel to NaN
+    # there, and a bad value in the last problem must be found as well as in the first.
+    x = tokens(batch=(3,))
+    x[2, 1, 0], x[2, 4, 0] = bad
+    with pytest.raises(ValueError, match=r"^x contains NaN or infinity"):
+        tp.kmedoids(backend.asarray(x), K)
+
+
+def test_finite_x_whose_mean_overflows_passes_the_check():
+    # Two float32 values near the largest finite one sum to infinity: the mean is not finite
+    # although x is, so the check must scan x itself instead of refusing it.
+    from tokenpool_ops._validation import check_finite_tokens
+
+    x = np.zeros((1, 2, 3), dtype=np.float32)
+    x[0, :, 0] = np.finfo(np.float32).max
+    with np.errstate(over="ignore"):
+        mean = np.mean(x, axis=1, keepdims=True, dtype=np.float32)
+    assert not np.isfinite(mean).all()
+    check_finite_tokens(np, x, mean)  # no error
+    x[0, 1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"^x contains NaN or infinity"):
+        check_finite_tokens(np, x, mean)
+
+
 @pytest.mark.parametrize("op", OPERATORS)
 def test_check_values_false_lets_non_finite_x_through(backend, op):
     x = tokens()

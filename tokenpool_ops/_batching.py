@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from ._compat import Array, Namespace, compute_dtype, device, index_dtype
+import numpy as np
+
+from ._compat import Array, Namespace, backend_name, compute_dtype, device, index_dtype
 from ._primitives import Primitives
 from .backends import primitives_for
 
@@ -56,12 +59,24 @@ class Batch:
         return index_dtype(self.xp, self.x)
 
 
+def _no_numpy_warnings(xp: Namespace) -> AbstractContextManager[object]:
+    """The mean doubles as the finite check of x (validation.check_finite_tokens), which
+    reports a NaN or infinity as a ValueError: NumPy need not warn about it first. Other
+    libraries do not warn (and torch.compile cannot trace ``np.errstate``)."""
+    if backend_name(xp) in ("numpy", "array_api_strict"):
+        return np.errstate(invalid="ignore", over="ignore")
+    return nullcontext()
+
+
 def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     """Wrap tokens ``x`` (..., N, M) as a :class:`Batch`."""
     batch_shape = tuple(x.shape[:-2])
     n, m = x.shape[-2], x.shape[-1]
     flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype),
                      copy=False)  # never written to: a view is enough
-    mean = (xp.mean(flat, axis=1, keepdims=True) if n > 0
-            else xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat)))
+    if n == 0:
+        mean = xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat))
+    else:
+        with _no_numpy_warnings(xp):
+            mean = xp.mean(flat, axis=1, keepdims=True)
     return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, x.dtype)

@@ -22,6 +22,7 @@ from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
     check_count,
+    check_finite_tokens,
     check_init_indices,
     check_same_device,
     check_token_values,
@@ -131,16 +132,20 @@ def _resolve_init(
 
 
 def _prepare(
-    x: Array, k: object, max_iter: object, init: Init, check_values: bool,
+    x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
     **per_token: Array | None,
-) -> tuple[Namespace, int, int]:
-    """Check the arguments shared by every entry point; return the namespace, k, max_iter."""
+) -> tuple[Batch, int, int]:
+    """Check the arguments shared by every entry point; return the flattened batch, k and
+    max_iter."""
     if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
         raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                         f"got {type(init).__name__}")
     init_array = None if init is None or isinstance(init, str) else init
     xp = namespace_of(x=x, init=init_array, **per_token)
-    check_tokens(xp, x, check_values=check_values)
+    check_tokens(xp, x, check_values=False)
+    batch = flatten(xp, x, fast_paths)
+    if check_values:  # from the means, which the batch computes anyway
+        check_finite_tokens(xp, batch.x, batch.mean)
     check_same_device(xp, "x", x=x, init=init_array, **per_token)
     k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
     for name, values in per_token.items():
@@ -150,7 +155,7 @@ def _prepare(
                          f"got {init!r}")
     if init_array is not None:
         check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k, check_values)
-    return xp, k, max_iter
+    return batch, k, max_iter
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +167,8 @@ def _cluster(
     init: Init, max_iter: int, seed: int, check_values: bool, stop_early: bool,
     fast_paths: bool,
 ) -> Clustering:
-    xp, k, max_iter = _prepare(x, k, max_iter, init, check_values, weights=weights)
-    batch = flatten(xp, x, fast_paths)
+    batch, k, max_iter = _prepare(x, k, max_iter, init, check_values, fast_paths,
+                                  weights=weights)
     k = min(k, batch.x.shape[1])
     given = batch.flat(weights)
     w = _ones(batch) if given is None else given
@@ -375,13 +380,12 @@ def pool(
     >>> pool(x, 2, "kmedoids").tolist()
     [[0.0, 0.5], [10.0, 1.0]]
     """
-    xp, k, max_iter = _prepare(x, k, max_iter, init, check_values, scores=scores, sizes=sizes)
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
-
-    batch = flatten(xp, x, fast_paths)
+    batch, k, max_iter = _prepare(x, k, max_iter, init, check_values, fast_paths,
+                                  scores=scores, sizes=sizes)
     s = batch.flat(scores)
     carried = _ones(batch) if sizes is None else batch.flat(sizes)
     weights = s * carried if s is not None and method.startswith("w") else carried

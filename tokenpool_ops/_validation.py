@@ -38,8 +38,23 @@ def check_tokens(xp: Namespace, x: Array, name: str = "x", check_values: bool = 
     if not xp.isdtype(x.dtype, "real floating"):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
     if check_values and not primitives_for(xp).all_finite(xp, x):
-        raise ValueError(f"{name} contains NaN or infinity (check_values=False skips this "
-                         "check)")
+        raise _non_finite(name)
+
+
+def check_finite_tokens(xp: Namespace, x: Array, mean: Array, name: str = "x") -> None:
+    """``x`` (B, N, M) holds no NaN or infinity, given its per-problem ``mean`` (B, 1, M).
+
+    Every entry of ``x`` enters one mean, and a sum that meets a NaN or an infinity is not
+    finite (IEEE 754), so a finite mean proves ``x`` finite from B M values instead of
+    B N M. Only a non-finite mean (a bad value, or a sum that overflowed) makes us scan ``x``.
+    """
+    all_finite = primitives_for(xp).all_finite
+    if not (all_finite(xp, mean) or all_finite(xp, x)):
+        raise _non_finite(name)
+
+
+def _non_finite(name: str) -> ValueError:
+    return ValueError(f"{name} contains NaN or infinity (check_values=False skips this check)")
 
 
 def check_count(value: Any, name: str) -> int:
