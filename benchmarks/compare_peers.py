@@ -214,7 +214,8 @@ def build_rows(args, x, scores, init):
             lambda: [kmedoids.alternating(sq_distances(x[i]), init[i].copy(), max_iter=iters)
                      for i in range(b)])
         add(Row("kmedoids pkg alternating, excl. distances", "rust", False,
-                "per image, distance matrices precomputed"),
+                "per image, distance matrices precomputed: its iterations alone, not a "
+                "complete option"),
             lambda: [kmedoids.alternating(dists[i], init[i].copy(), max_iter=iters)
                      for i in range(b)])
     except ImportError as err:
