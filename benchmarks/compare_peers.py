@@ -327,7 +327,7 @@ def plot(rows: list[Row], gram_ms: float, path: Path, title: str) -> str:
         ax.set_xscale("log")
         ax.axvline(gram_ms, color="k", lw=0.8, ls="--")
         ax.set_xlabel("ms, best of runs (log scale); dashed: torch Gram")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title.replace("; ", "\n", 1), fontsize=9)  # two lines: it fits the width
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
