@@ -8,6 +8,9 @@ These kernels replace the passes over whole arrays that the generic code makes f
   quarter of the (B, N, N) Gram matrix), and computes any other distance it needs directly
   from the token differences: within a cluster for the medoid update, and a new row when a
   medoid moves. The full matrix is never formed.
+* :func:`kmeans`: the K-Means iterations of Eq. 10-11 / 14-15 on the Gram matrix of the
+  centred tokens (:func:`centred_gram`, the caller's BLAS). Each centre is kept as a weighted
+  set of tokens, so an iteration costs O(N^2) per problem instead of O(N K M).
 * :func:`weighted_means`: the cluster means of Eq. 11/15 and Algorithm 1, line 6, by one
   scatter pass over the tokens (O(N M) instead of the one-hot product's O(N K M));
   :func:`segment_sum` likewise for the small per-token sums (weights, sizes).
@@ -20,13 +23,13 @@ Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
 import numpy as np
 
-__all__ = ["kmedoids", "medoid_gram", "segment_sum", "weighted_means"]
+__all__ = ["centred_gram", "kmeans", "kmedoids", "medoid_gram", "segment_sum", "weighted_means"]
 
 # Reassociation lets the distance loop vectorise; the result is still the same on every run.
 _FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -212,6 +215,102 @@ def _kmedoids_one(x: Any, mean: Any, gram: Any, medoids: Any, weights: Any, labe
     return done
 
 
+# ---------------------------------------------------------------------------------------------
+# K-Means on the Gram matrix: each centre is kept as a weighted set of tokens,
+# c = sum_a coef_a f_member_a, so |f_i - c|^2 = G_ii - 2 sum_a coef_a G_i,member_a + |c|^2
+# costs O(N) per member instead of O(M) per token.
+
+
+@numba.njit(cache=True)
+def _assign_to_means(gram: Any, member: Any, coef: Any, count: Any, dot: Any, labels: Any,
+                     nearest: Any) -> None:
+    """Eq. 10 / 14 from the Gram matrix: the nearest centre, the lowest index on ties."""
+    n = gram.shape[0]
+    nearest[:] = np.inf
+    for c in range(count.shape[0]):
+        row = dot[c]
+        row[:] = 0
+        for a in range(count[c]):
+            weight, g = coef[c, a], gram[member[c, a]]
+            for i in range(n):
+                row[i] += weight * g[i]
+        centre_sq = 0.0
+        for a in range(count[c]):
+            centre_sq += coef[c, a] * row[member[c, a]]
+        for i in range(n):
+            d = gram[i, i] + centre_sq - 2 * row[i]
+            d = d if d > 0 else 0.0
+            if d < nearest[i]:  # strict: an equal later cluster does not win
+                nearest[i] = d
+                labels[i] = c
+
+
+@numba.njit(cache=True)
+def _update_means(labels: Any, weights: Any, fallback: Any, member: Any, coef: Any,
+                  count: Any) -> None:
+    """Eq. 11 / 15 as token sets: each non-empty cluster becomes its members with weights
+    ``w_i / sum w``; zero-weight clusters use ``fallback``, then ones (as
+    clustering.effective_weights); empty clusters keep their centre."""
+    k = count.shape[0]
+    order, starts = _members_by_cluster(labels, k)
+    for c in range(k):
+        members = order[starts[c]:starts[c + 1]]
+        if members.shape[0] == 0:
+            continue
+        use = weights
+        if np.sum(weights[members]) <= 0:
+            use = fallback if np.sum(fallback[members]) > 0 else np.ones_like(weights)
+        total = np.sum(use[members].astype(np.float64))
+        count[c] = members.shape[0]
+        for a in range(members.shape[0]):
+            member[c, a] = members[a]
+            coef[c, a] = use[members[a]] / total
+
+
+@numba.njit(cache=True)
+def _kmeans_one(x: Any, mean: Any, gram: Any, init: Any, weights: Any, fallback: Any,
+                labels: Any, centres: Any, history: Any, max_iter: int) -> int:
+    """One problem: assign to the initial tokens, then alternate update and assignment until
+    nothing changes; ``centres`` gets the final centres (centred frame)."""
+    n, k = x.shape[0], init.shape[0]
+    member = np.empty((k, n), np.int64)
+    coef = np.ones((k, n), np.float64)
+    count = np.ones(k, np.int64)
+    member[:, 0] = init
+    dot = np.empty((k, n), np.float64)
+    nearest = np.empty(n, np.float64)
+    _assign_to_means(gram, member, coef, count, dot, labels, nearest)
+    history[0] = np.sum(weights * nearest)
+    new_labels = np.empty_like(labels)
+    done = 0
+    while done < max_iter:
+        _update_means(labels, weights, fallback, member, coef, count)
+        _assign_to_means(gram, member, coef, count, dot, new_labels, nearest)
+        done += 1
+        history[done] = np.sum(weights * nearest)
+        changed = np.any(new_labels != labels)
+        labels[:] = new_labels
+        if not changed:  # a fixed point: further iterations would repeat it exactly
+            break
+    history[done + 1:] = history[done]
+    _centres_from_sets(x, mean, member, coef, count, centres)
+    return done
+
+
+@numba.njit(cache=True)
+def _centres_from_sets(x: Any, mean: Any, member: Any, coef: Any, count: Any,
+                       centres: Any) -> None:
+    """``centres`` (K, M): each weighted token set summed, in the centred frame."""
+    total = np.empty(x.shape[1], np.float64)
+    for c in range(count.shape[0]):
+        total[:] = 0
+        for a in range(count[c]):
+            token, weight = x[member[c, a]], coef[c, a]
+            for q in range(x.shape[1]):
+                total[q] += weight * (token[q] - mean[q])
+        centres[c] = total
+
+
 @numba.njit(cache=True)
 def _weighted_means_one(values: Any, labels: Any, weights: Any, empty: Any, out: Any) -> None:
     """One problem's cluster means, in token order; clusters of zero weight take ``empty``."""
@@ -259,6 +358,22 @@ def _kmedoids_serial(x, mean, gram, medoids, weights, labels, history, iteration
 
 
 @numba.njit(parallel=True, cache=True)
+def _kmeans_parallel(x, mean, gram, init, weights, fallback, labels, centres, history,
+                     iterations, max_iter):  # type: ignore[no-untyped-def]
+    for p in numba.prange(x.shape[0]):
+        iterations[p] = _kmeans_one(x[p], mean[p], gram[p], init[p], weights[p], fallback[p],
+                                    labels[p], centres[p], history[p], max_iter)
+
+
+@numba.njit(cache=True)
+def _kmeans_serial(x, mean, gram, init, weights, fallback, labels, centres, history,
+                   iterations, max_iter):  # type: ignore[no-untyped-def]
+    for p in range(x.shape[0]):
+        iterations[p] = _kmeans_one(x[p], mean[p], gram[p], init[p], weights[p], fallback[p],
+                                    labels[p], centres[p], history[p], max_iter)
+
+
+@numba.njit(parallel=True, cache=True)
 def _gather_centred_parallel(x, mean, medoids, out):  # type: ignore[no-untyped-def]
     for p in numba.prange(x.shape[0]):
         _gather_centred_one(x[p], mean[p], medoids[p], out[p])
@@ -286,6 +401,22 @@ def _weighted_means_serial(values, labels, weights, empty, out):  # type: ignore
 BatchMatmul = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
 
 
+def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_bytes: int,
+                    parallel: bool) -> Iterator[tuple[slice, np.ndarray]]:
+    """Blocks of problems, centred and gathered medoids first into one reused buffer of
+    about ``block_bytes``: it stays in cache for a matrix product, and no centred copy of
+    all of ``x`` exists. ``medoids`` (B, K) may have K = 0 (tokens in order)."""
+    n_problems, n, m = x.shape
+    step = max(1, block_bytes // max(1, n * m * x.itemsize))
+    buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
+    gather = _gather_centred_parallel if parallel else _gather_centred_serial
+    for start in range(0, n_problems, step):
+        stop = min(start + step, n_problems)
+        block = buffer[: stop - start]
+        gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
+        yield slice(start, stop), block
+
+
 def medoid_gram(
     x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_bytes: int,
     matmul: BatchMatmul, parallel: bool,
@@ -294,22 +425,51 @@ def medoid_gram(
 
     The other tokens come in ascending order. This is the only O(N^2 M) work of K-Medoids,
     at most a quarter of the Gram matrix (K (N - K) <= N^2 / 4), and it runs in the caller's
-    BLAS (``matmul``). Blocks of problems are centred and gathered, medoids first, into one
-    reused buffer of about ``block_bytes``: it stays in cache for the product, and no
-    centred copy of all of ``x`` exists.
+    BLAS (``matmul``), block by block (see _centred_blocks).
     """
-    n_problems, n, m = x.shape
+    n_problems, n, _ = x.shape
     k = medoids.shape[1]
     out = np.empty((n_problems, k, n - k), dtype=x.dtype)
-    step = max(1, block_bytes // max(1, n * m * x.itemsize))
-    buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
-    gather = _gather_centred_parallel if parallel else _gather_centred_serial
-    for start in range(0, n_problems, step):
-        stop = min(start + step, n_problems)
-        block = buffer[: stop - start]
-        gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
-        matmul(block[:, :k], block[:, k:], out[start:stop])
+    for problems, block in _centred_blocks(x, mean, medoids, block_bytes, parallel):
+        matmul(block[:, :k], block[:, k:], out[problems])
     return out
+
+
+def centred_gram(x: np.ndarray, mean: np.ndarray, block_bytes: int, matmul: BatchMatmul,
+                 parallel: bool) -> np.ndarray:
+    """The Gram matrices of the centred tokens, (B, N, N), block by block."""
+    n_problems, n, _ = x.shape
+    out = np.empty((n_problems, n, n), dtype=x.dtype)
+    no_medoids = np.empty((n_problems, 0), dtype=np.int64)
+    for problems, block in _centred_blocks(x, mean, no_medoids, block_bytes, parallel):
+        matmul(block, block, out[problems])
+    return out
+
+
+def kmeans(
+    x: np.ndarray, mean: np.ndarray, gram: np.ndarray, init: np.ndarray, weights: np.ndarray,
+    fallback: np.ndarray | None, max_iter: int, stop_early: bool, parallel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """K-Means of tokens ``x`` (B, N, M) from the tokens ``init`` (B, K) as centres.
+
+    ``gram`` is :func:`centred_gram` of ``x`` and its per-problem ``mean`` (B, 1, M).
+    Every iteration costs O(N (N + K)) per problem instead of O(N K M). Returns the centres
+    (B, K, M) in the centred frame, labels (B, N), the objective history (B, T + 1) and T,
+    as :func:`kmedoids`.
+    """
+    n_problems, n = x.shape[:2]
+    k = init.shape[1]
+    labels = np.empty((n_problems, n), dtype=init.dtype)
+    centres = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
+    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
+    iterations = np.zeros(n_problems, dtype=np.int64)
+    # Without fallback the weights are positive (unit weights): the fallback is never read.
+    fallback = weights if fallback is None else fallback
+    kernel = _kmeans_parallel if parallel else _kmeans_serial
+    kernel(x, mean[:, 0, :], gram, init, weights, fallback, labels, centres, history,
+           iterations, max_iter)
+    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    return centres, labels, history[:, : n_iter + 1], n_iter
 
 
 def kmedoids(

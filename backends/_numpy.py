@@ -94,6 +94,13 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
         return _numba.kmedoids(x, mean, gram, init, weights, max_iter, stop_early, False)
 
+    def kmeans(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
+               weights: np.ndarray, fallback: np.ndarray | None, max_iter: int,
+               stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        gram = _numba.centred_gram(x, mean, BLOCK_BYTES, _matmul_transposed, False)
+        return _numba.kmeans(x, mean, gram, init, weights, fallback, max_iter, stop_early,
+                             False)
+
     def weighted_means(xp: Any, values: np.ndarray, labels: np.ndarray, k: int,
                        weights: np.ndarray, empty: np.ndarray) -> np.ndarray:
         return _numba.weighted_means(values, labels, k, weights, empty, False)
@@ -101,4 +108,5 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     def segment_sum(xp: Any, values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
         return _numba.segment_sum(values, labels, k)
 
-    return {"kmedoids": kmedoids, "weighted_means": weighted_means, "segment_sum": segment_sum}
+    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": weighted_means,
+            "segment_sum": segment_sum}

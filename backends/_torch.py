@@ -154,6 +154,20 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
                 n_iter)
 
+    def kmeans(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+               weights: torch.Tensor, fallback: torch.Tensor | None, max_iter: int,
+               stop_early: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        given = [t for t in (x, mean, init, weights, fallback) if t is not None]
+        if not _on_host(*given) or _needs_grad(*given):
+            return None  # the centres of kmeans() carry gradients on the PyTorch path
+        x_host, mean_host = x.detach().numpy(), mean.detach().numpy()
+        gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
+        centres, labels, history, n_iter = _numba.kmeans(
+            x_host, mean_host, gram, init.numpy(), weights.detach().numpy(),
+            None if fallback is None else fallback.detach().numpy(), max_iter, stop_early, True)
+        return (torch.from_numpy(centres), torch.from_numpy(labels),
+                torch.from_numpy(history), n_iter)
+
     def compiled_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
                                 weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         if not _on_host(values, labels, weights, empty) or _needs_grad(values, weights, empty):
@@ -161,6 +175,6 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         return torch.from_numpy(_numba.weighted_means(
             values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
 
-    return {"kmedoids": kmedoids, "weighted_means": compiled_weighted_means}
+    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means}
 
 

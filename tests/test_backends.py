@@ -135,6 +135,7 @@ def compiled_primitives(backend):
     pytest.importorskip("numba", reason="numba is not installed: compiled kernels untested")
     prims = primitives_for(backend.xp)
     assert prims.kmedoids is not None, "this backend is expected to have compiled kernels"
+    assert prims.kmeans is not None, "this backend is expected to have compiled kernels"
     return prims
 
 
@@ -147,6 +148,7 @@ def test_library_fast_paths_without_numba_equal_generic(backend_named, name, met
     backend = backend_named(name)
     monkeypatch.setattr(backends, "_compiled_paths", lambda name: {})
     assert primitives_for(backend.xp).kmedoids is None
+    assert primitives_for(backend.xp).kmeans is None
     x = rng.normal(size=(4, 60, 8))
     scores = rng.exponential(size=(4, 60))
     results = [tokenpool_ops.pool(backend.asarray(x), 17, method, scores=backend.asarray(scores),
@@ -242,6 +244,93 @@ def test_compiled_means_leave_gradients_to_torch(backend_named, rng):
     for fast in (True, False):
         xt = torch.tensor(x, requires_grad=True)
         tokenpool_ops.pool(xt, 5, "kmedoids", fast_paths=fast).pow(2).sum().backward()
+        grads.append(xt.grad.numpy())
+    np.testing.assert_allclose(*grads, rtol=1e-12)
+    assert np.abs(grads[0]).sum() > 0
+
+
+def assert_same_clustering(backend, got, want, rtol):
+    assert got.n_iter == want.n_iter
+    np.testing.assert_array_equal(backend.to_numpy(got.assignment),
+                                  backend.to_numpy(want.assignment))
+    for field in ("centres", "history"):
+        np.testing.assert_allclose(backend.to_numpy(getattr(got, field)),
+                                   backend.to_numpy(getattr(want, field)), rtol=rtol,
+                                   atol=rtol, err_msg=field)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("stop_early", [True, False])
+@pytest.mark.parametrize("k", [1, 9, 80])
+def test_compiled_kmeans_equals_generic(backend_named, name, stop_early, k, rng):
+    # Distances from the Gram matrix and from explicit centres round differently, so the
+    # data are tie-free (random float64) and the values agree to rounding, not bit for bit.
+    backend = backend_named(name)
+    compiled_primitives(backend)
+    x = backend.asarray(rng.normal(size=(6, 80, 5)))
+    weights = rng.exponential(size=(6, 80))
+    weights[0, :40] = 0.0  # problem 0: clusters of zero weight use the fallback
+    weights = backend.asarray(weights)
+    got, want = (tokenpool_ops.kmeans(x, k, weights=weights, init="random", seed=1,
+                                      max_iter=30, stop_early=stop_early, fast_paths=fast)
+                 for fast in (True, False))
+    if k == 9:
+        assert want.n_iter > 2, "the test needs centres that move"
+    assert_same_clustering(backend, got, want, 1e-10)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_compiled_kmeans_keeps_empty_clusters_and_uses_fallbacks(backend_named, name, rng):
+    # Duplicated tokens as starting centres: the later copy loses every tie, so its cluster
+    # starts empty and must keep its centre (in some problems to the end); zero scores make
+    # pool fall back to the sizes.
+    backend = backend_named(name)
+    compiled_primitives(backend)
+    x = rng.normal(size=(3, 40, 4))
+    x[:, 1] = x[:, 0]
+    scores = rng.exponential(size=(3, 40))
+    scores[1] = 0.0
+    sizes = rng.integers(1, 4, size=(3, 40)).astype(float)
+    init = backend.asarray(np.tile(np.array([0, 1, 5, 20, 33]), (3, 1)))
+    got, want = (tokenpool_ops.pool(backend.asarray(x), 5, "wkmeans",
+                                    scores=backend.asarray(scores),
+                                    sizes=backend.asarray(sizes), init=init, max_iter=8,
+                                    return_info=True, fast_paths=fast)
+                 for fast in (True, False))
+    got_sizes = backend.to_numpy(got.sizes)
+    assert np.any(got_sizes[:, 1] == 0), "cluster 1 is expected to stay empty somewhere"
+    np.testing.assert_array_equal(backend.to_numpy(got.assignment),
+                                  backend.to_numpy(want.assignment))
+    for field in ("tokens", "sizes", "objective", "history"):
+        np.testing.assert_allclose(backend.to_numpy(getattr(got, field)),
+                                   backend.to_numpy(getattr(want, field)), rtol=1e-10,
+                                   atol=1e-10, err_msg=field)
+    still_empty = got_sizes[:, 1] == 0
+    np.testing.assert_allclose(backend.to_numpy(got.tokens)[still_empty, 1], x[still_empty, 1],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+def test_compiled_kmeans_in_float32_matches_generic(backend_named, name, rng):
+    backend = backend_named(name)
+    compiled_primitives(backend)
+    x = backend.asarray(rng.normal(size=(4, 60, 8)).astype("float32"))
+    got, want = (tokenpool_ops.kmeans(x, 17, max_iter=20, fast_paths=fast)
+                 for fast in (True, False))
+    assert got.centres.dtype == want.centres.dtype
+    assert_same_clustering(backend, got, want, 1e-5)
+
+
+def test_kmeans_centres_keep_their_gradients_on_torch(backend_named, rng):
+    backend = backend_named("torch-cpu")
+    compiled_primitives(backend)
+    import torch
+
+    x = rng.normal(size=(2, 30, 4))
+    grads = []
+    for fast in (True, False):
+        xt = torch.tensor(x, requires_grad=True)
+        tokenpool_ops.kmeans(xt, 5, max_iter=5, fast_paths=fast).centres.pow(2).sum().backward()
         grads.append(xt.grad.numpy())
     np.testing.assert_allclose(*grads, rtol=1e-12)
     assert np.abs(grads[0]).sum() > 0

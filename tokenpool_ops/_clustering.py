@@ -150,6 +150,23 @@ def run_kmeans(
     return FlatClustering(centres, labels, None, xp.stack(history, axis=-1), len(history) - 1)
 
 
+def cluster_means(
+    prims: Primitives, x: Array, mean: Array, init: Array, weights: Array,
+    fallback: Array | None, max_iter: int, stop_early: bool = True,
+) -> FlatClustering:
+    """K-Means of the tokens ``x`` (B, N, M), whose per-problem mean is ``mean`` (B, 1, M).
+
+    Uses the backend's fused kernel where it has one, else :func:`run_kmeans` on the
+    centred tokens.
+    """
+    if prims.kmeans is not None:
+        fused = prims.kmeans(prims.xp, x, mean, init, weights, fallback, max_iter, stop_early)
+        if fused is not None:
+            centres, labels, history, n_iter = fused
+            return FlatClustering(centres, labels, None, history, n_iter)
+    return run_kmeans(prims, x - mean, init, weights, fallback, max_iter, stop_early)
+
+
 def cluster_medoids(
     prims: Primitives, x: Array, mean: Array, init: Array, weights: Array, max_iter: int,
     stop_early: bool = True,

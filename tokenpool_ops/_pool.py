@@ -9,10 +9,10 @@ from typing import Literal
 from ._batching import Batch, flatten
 from ._clustering import (
     FlatClustering,
+    cluster_means,
     cluster_medoids,
     effective_weights,
     reconstruction_objective,
-    run_kmeans,
     sq_errors,
     weighted_means,
     weighted_objective,
@@ -177,7 +177,8 @@ def _cluster(
         return _empty_clustering(batch, w)
     if algorithm == "kmeans":
         fallback = None if given is None else _ones(batch)
-        flat = run_kmeans(batch.prims, batch.centred(), start, w, fallback, max_iter, stop_early)
+        flat = cluster_means(batch.prims, batch.x, batch.mean, start, w, fallback, max_iter,
+                             stop_early)
     else:
         flat = cluster_medoids(batch.prims, batch.x, batch.mean, start, w, max_iter, stop_early)
     return _public_clustering(batch, flat)
@@ -455,7 +456,8 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     xp, prims = batch.xp, batch.prims
     k = start.shape[1]
     if method.endswith("kmeans"):
-        flat = run_kmeans(prims, batch.centred(), start, weights, fallback, max_iter, stop_early)
+        flat = cluster_means(prims, batch.x, batch.mean, start, weights, fallback, max_iter,
+                             stop_early)
     else:
         flat = cluster_medoids(prims, batch.x, batch.mean, start, weights, max_iter, stop_early)
     labels = flat.assignment

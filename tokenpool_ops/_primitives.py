@@ -144,4 +144,7 @@ class Primitives:
     #: A fused K-Medoids (distances and iterations) for tokens on the host, with the result of
     #: ``_clustering.run_kmedoids``; it returns None where it does not apply (e.g. on a GPU).
     kmedoids: Callable[..., tuple[Array, Array, Array, int] | None] | None = None
+    #: A fused K-Means for tokens on the host, with the result of ``_clustering.run_kmeans``
+    #: (centres, labels, history, n_iter); None where it does not apply.
+    kmeans: Callable[..., tuple[Array, Array, Array, int] | None] | None = None
     name: str = "generic"
