@@ -202,6 +202,12 @@ def build_rows(args, x, scores, init):
                 lambda xa=xa, sa=sa, method=method, kw=kw: tokenpool_ops.pool(
                     xa, k, method, scores=sa, max_iter=iters, **kw))
 
+        # Random tokens converge in one or two iterations; this row always runs all of them.
+        add(Row("tokenpool_ops kmeans, every iteration", backend, True,
+                f"max_iter={iters}, stop_early=False, init=spread"),
+            lambda xa=xa, ia=ia: tokenpool_ops.pool(xa, k, "kmeans", init=ia, max_iter=iters,
+                                                    stop_early=False))
+
     add(Row("ToMe bipartite merge (here)", "torch", True, f"r = N - k = {n - k}"),
         lambda: tome_merge(xt, n - k))
 
