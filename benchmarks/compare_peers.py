@@ -373,6 +373,9 @@ def main() -> None:
     parser.add_argument("--out-md", type=Path, default=HERE / "results" / "compare_peers.md")
     parser.add_argument("--out-png", type=Path, default=HERE / "results" / "compare_peers.png")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--tokens", choices=("gaussian", "plane"), default="gaussian",
+                        help="gaussian: K-Means converges in one or two iterations; plane: "
+                             "points on a random plane (1%% noise), several iterations")
     parser.add_argument("--_rss-probe", nargs=4, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -393,7 +396,11 @@ def main() -> None:
 
     b, n, m, k = args.B, args.N, args.M, args.k
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((b, n, m), dtype=np.float32)
+    if args.tokens == "gaussian":
+        x = rng.standard_normal((b, n, m), dtype=np.float32)
+    else:
+        plane = rng.random((b, n, 2)) @ rng.standard_normal((2, m))
+        x = (plane + 0.01 * rng.standard_normal((b, n, m))).astype(np.float32)
     scores = rng.random((b, n), dtype=np.float32)
     init = np.broadcast_to((np.arange(k) * n) // k, (b, k)).astype(np.int64)
 
@@ -416,7 +423,8 @@ def main() -> None:
         print(f"{row.name:<45}{row.backend:<14}{shown}", flush=True)
 
     gram = {r.backend: r.ms for r in results if r.name.startswith("Gram") and r.ms}
-    header = (f"B={b}, N={n}, M={m}, k={k}, float32, CPU, {args.threads} threads, "
+    header = (f"B={b}, N={n}, M={m}, k={k}, {args.tokens} tokens, float32, CPU, "
+              f"{args.threads} threads, "
               f"best of {args.repeat} after 1 warm-up; torch {torch.__version__}, "
               f"numpy {np.__version__}")
     table = render(results, gram, header)
