@@ -234,7 +234,15 @@ def test_compiled_kmedoids_moves_medoids_like_generic(backend_named, name, rng):
                                rtol=1e-12)
 
 
-def test_compiled_means_leave_gradients_to_torch(backend_named, rng):
+GRADIENT_CALLS = {
+    "pool-kmedoids": lambda x, fast: tokenpool_ops.pool(x, 5, "kmedoids", fast_paths=fast),
+    "kmeans-centres": lambda x, fast: tokenpool_ops.kmeans(x, 5, max_iter=5,
+                                                           fast_paths=fast).centres,
+}
+
+
+@pytest.mark.parametrize("call", GRADIENT_CALLS)
+def test_compiled_paths_leave_gradients_to_torch(backend_named, call, rng):
     backend = backend_named("torch-cpu")
     compiled_primitives(backend)
     import torch
@@ -243,7 +251,7 @@ def test_compiled_means_leave_gradients_to_torch(backend_named, rng):
     grads = []
     for fast in (True, False):
         xt = torch.tensor(x, requires_grad=True)
-        tokenpool_ops.pool(xt, 5, "kmedoids", fast_paths=fast).pow(2).sum().backward()
+        GRADIENT_CALLS[call](xt, fast).pow(2).sum().backward()
         grads.append(xt.grad.numpy())
     np.testing.assert_allclose(*grads, rtol=1e-12)
     assert np.abs(grads[0]).sum() > 0
@@ -319,18 +327,3 @@ def test_compiled_kmeans_in_float32_matches_generic(backend_named, name, rng):
                  for fast in (True, False))
     assert got.centres.dtype == want.centres.dtype
     assert_same_clustering(backend, got, want, 1e-5)
-
-
-def test_kmeans_centres_keep_their_gradients_on_torch(backend_named, rng):
-    backend = backend_named("torch-cpu")
-    compiled_primitives(backend)
-    import torch
-
-    x = rng.normal(size=(2, 30, 4))
-    grads = []
-    for fast in (True, False):
-        xt = torch.tensor(x, requires_grad=True)
-        tokenpool_ops.kmeans(xt, 5, max_iter=5, fast_paths=fast).centres.pow(2).sum().backward()
-        grads.append(xt.grad.numpy())
-    np.testing.assert_allclose(*grads, rtol=1e-12)
-    assert np.abs(grads[0]).sum() > 0
