@@ -170,37 +170,79 @@ def _medoid_cost(x: Any, row: Any, current: int, i: int, members: Any, weights: 
     return cost
 
 
+@numba.njit(cache=True, fastmath=_FAST_MATH)
+def _add_centred(total: Any, weight: Any, token: Any, mean: Any) -> None:
+    """``total += weight * (token - mean)``."""
+    for q in range(token.shape[0]):
+        total[q] += weight * (token[q] - mean[q])
+
+
+@numba.njit(cache=True, fastmath=_FAST_MATH)
+def _offset_score(scale: Any, token: Any, mean: Any, weighted_sum: Any) -> Any:
+    """``|scale * (token - mean) - weighted_sum|^2`` (vectorised: the loop may reassociate)."""
+    score = 0.0
+    for q in range(token.shape[0]):
+        v = scale * (token[q] - mean[q]) - weighted_sum[q]
+        score += v * v
+    return score
+
+
+#: Clusters up to this size rank their members by the pairwise sums themselves (cheaper
+#: than the weighted mean for so few members; two members cost O(1) from the medoid's row).
+_PAIRWISE_UP_TO = 4
+
+
+@numba.njit(cache=True)
+def _cheapest_member(x: Any, row: Any, current: int, members: Any, weights: Any) -> int:
+    """The member of least cost (_medoid_cost), the lowest token index among equals."""
+    best, best_cost = members[0], np.inf
+    for i in members:
+        cost = _medoid_cost(x, row, current, i, members, weights)
+        if cost < best_cost:
+            best, best_cost = i, cost
+    return best
+
+
+@numba.njit(cache=True)
+def _nearest_to_weighted_mean(x: Any, mean: Any, members: Any, weights: Any,
+                              weighted_sum: Any) -> int:
+    """The member of least ``|W f_i - S|^2``, the lowest token index among equals."""
+    total = 0.0
+    weighted_sum[:] = 0
+    for j in members:
+        total += weights[j]
+        _add_centred(weighted_sum, weights[j], x[j], mean)
+    best, best_score = members[0], np.inf
+    for i in members:
+        score = _offset_score(total, x[i], mean, weighted_sum)
+        if score < best_score:
+            best, best_score = i, score
+    return best
+
+
 @numba.njit(cache=True)
 def _update_medoids(x: Any, mean: Any, rows: Any, labels: Any, medoids: Any,
                     weights: Any) -> None:
     """Eq. 17 with the weights inside: the member of least ``sum_j w_j |f_i - f_j|^2``.
 
     That cost is ``W |f_i - mu|^2`` plus a constant of the cluster (``W = sum_j w_j``, ``mu``
-    the weighted mean), so the best challenger is the member of least ``|W f_i - S|^2``
-    (``S = sum_j w_j f_j``, centred; the lowest token index among equals): O(n M) per cluster
-    of n members instead of O(n^2 M) for all pairwise sums, and exact on integer data. The
-    current medoid stays unless the challenger's cost, summed from distances, is strictly
-    lower (rounding of the shortcut alone never moves a medoid).
+    the weighted mean), so in larger clusters the challenger is the member of least
+    ``|W f_i - S|^2`` (``S = sum_j w_j f_j``, centred): O(n M) per cluster of n members
+    instead of O(n^2 M) for all pairwise sums, and exact on integer data. Among equals the
+    lowest token index wins. The current medoid stays unless the challenger's cost, summed
+    from distances, is strictly lower (rounding of the shortcut alone never moves a medoid).
     """
     order, starts = _members_by_cluster(labels, medoids.shape[0])
     weighted_sum = np.empty(x.shape[1], np.float64)
     for c in range(medoids.shape[0]):
         members = order[starts[c]:starts[c + 1]]
-        total = 0.0
-        weighted_sum[:] = 0
-        for j in members:
-            total += weights[j]
-            for q in range(x.shape[1]):
-                weighted_sum[q] += weights[j] * (x[j, q] - mean[q])
+        if members.shape[0] < 2:
+            continue  # a medoid alone in its cluster stays
         current = medoids[c]
-        best, best_score = current, np.inf
-        for i in members:
-            score = 0.0
-            for q in range(x.shape[1]):
-                v = total * (x[i, q] - mean[q]) - weighted_sum[q]
-                score += v * v
-            if score < best_score:
-                best, best_score = i, score
+        if members.shape[0] <= _PAIRWISE_UP_TO:
+            best = _cheapest_member(x, rows[c], current, members, weights)
+        else:
+            best = _nearest_to_weighted_mean(x, mean, members, weights, weighted_sum)
         if best != current and (_medoid_cost(x, rows[c], current, best, members, weights)
                                 < _medoid_cost(x, rows[c], current, current, members, weights)):
             _move_medoid(x, rows, medoids, c, best)
