@@ -1,0 +1,209 @@
+"""GPU fast path: the fused K-Medoids kernel of ``backends/cuda/kmedoids.cu``.
+
+One launch runs the whole (weighted) K-Medoids loop of Eq. 16-17, one thread block per
+problem, with the tie rules of the generic code (see the kernel source). It serves CuPy
+arrays (``FAST_PATHS``) and PyTorch CUDA tensors (through DLPack, zero-copy, on PyTorch's
+current stream; see ``backends._torch``). Shapes the kernel does not cover return None, and
+the generic code runs: see :func:`kmedoids_plan`.
+
+Everything with logic in it (the plan, the layout arithmetic, the argument preparation and
+the result post-processing) is plain Python or works on NumPy as well as CuPy, so that the
+tests run it on the CPU against the host build of the same CUDA source
+(tests/test_cuda_kernel.py). Only :func:`_module` and :func:`_launch` need a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+#: The CUDA sources: kmedoids.cu and its headers.
+KERNEL_DIR = Path(__file__).parent / "cuda"
+#: Threads per block and features per distance chunk: kBlockThreads and kFeatureChunk in
+#: device_helpers.cuh (a test checks that both sides agree).
+BLOCK_THREADS = 256
+FEATURE_CHUNK = 32
+#: Most tokens per problem (kMaxTokens): N * N must index in a 32-bit int.
+MAX_TOKENS = 4096
+#: Shared memory the kernel declares statically (one flag), rounded up generously.
+STATIC_SHARED_BYTES = 64
+
+#: Element types of x the kernel is instantiated for, with their C++ names and the dtype
+#: the kernel accumulates in (float32 for every input but float64, which serves the tests).
+CXX_TYPES = {"float64": "double", "float32": "float", "float16": "__half",
+             "bfloat16": "__nv_bfloat16"}
+ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32",
+               "bfloat16": "float32"}
+
+
+def kernel_name(dtype_name: str, full_matrix: bool) -> str:
+    """The template instantiation for tokens of ``dtype_name``, e.g. ``float32``."""
+    return f"tokenpool::kmedoids<{CXX_TYPES[dtype_name]}, {'true' if full_matrix else 'false'}>"
+
+
+def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, full_matrix: bool) -> int:
+    """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
+
+    With ``full_matrix`` the N x N distances and a (kFeatureChunk, N) stage of centred
+    features; always the weights, distances to the own medoid and medoid costs (N each), a
+    reduction scratch (BLOCK_THREADS) and four int arrays (labels, medoid of each token: N;
+    medoids, moved flags: K).
+    """
+    matrix = n * n + n * FEATURE_CHUNK if full_matrix else 0
+    return (matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes + (2 * n + 2 * k) * 4
+
+
+@dataclass(frozen=True)
+class KMedoidsPlan:
+    """How the kernel runs one batch: which distance scheme, and its shared memory."""
+
+    kernel: str
+    full_matrix: bool  # N x N distances in shared memory; else medoid rows in a workspace
+    shared_bytes: int
+
+
+def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMedoidsPlan | None:
+    """The kernel's plan for problems of ``n`` tokens and ``k`` medoids, or None where the
+    kernel does not apply and the generic code must run.
+
+    The kernel covers 1 <= k <= n <= MAX_TOKENS and the dtypes of CXX_TYPES. It keeps the
+    N x N distance matrix in shared memory where it fits in ``max_shared_bytes`` (the
+    device's opt-in limit per block; N up to about 225 in float32 on Hopper, 200 on Ampere),
+    else the K medoid rows in a global (B, K, N) workspace; the small per-token arrays must
+    fit in any case (N up to MAX_TOKENS needs 57 KiB in float32).
+    """
+    if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
+        return None
+    accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
+    budget = max_shared_bytes - STATIC_SHARED_BYTES
+    for full_matrix in (True, False):
+        shared = kmedoids_shared_bytes(n, k, accumulator_bytes, full_matrix)
+        if shared <= budget:
+            return KMedoidsPlan(kernel_name(dtype_name, full_matrix), full_matrix, shared)
+    return None
+
+
+@dataclass(frozen=True)
+class KernelArguments:
+    """Arrays in the layout the kernel reads, and the arrays it writes."""
+
+    x: Any  # (B, N, M), C-contiguous, tokens' dtype
+    mean: Any  # (B, M), accumulator dtype
+    init: Any  # (B, K), int64
+    weights: Any  # (B, N), accumulator dtype
+    rows: Any  # (B, K, N) workspace, accumulator dtype; (0,) when the matrix is in shared
+    labels: Any  # (B, N), int64
+    medoids: Any  # (B, K), int64
+    history: Any  # (B, max_iter + 1), accumulator dtype
+    iterations: Any  # (B,), int32
+
+
+def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+                     plan: KMedoidsPlan) -> KernelArguments:
+    """Inputs made contiguous in the kernel's dtypes (copies only where needed) and the
+    outputs allocated. ``np_like`` is ``cupy`` on the GPU or ``numpy`` in the tests."""
+    n_problems, n, m = x.shape
+    k = init.shape[-1]
+    accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
+    rows_shape = (0,) if plan.full_matrix else (n_problems, k, n)
+    return KernelArguments(
+        x=np_like.ascontiguousarray(x),
+        mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
+        init=np_like.ascontiguousarray(init, dtype=np_like.int64),
+        weights=np_like.ascontiguousarray(weights, dtype=accumulator),
+        rows=np_like.empty(rows_shape, dtype=accumulator),
+        labels=np_like.empty((n_problems, n), dtype=np_like.int64),
+        medoids=np_like.empty((n_problems, k), dtype=np_like.int64),
+        history=np_like.empty((n_problems, max_iter + 1), dtype=accumulator),
+        iterations=np_like.zeros(n_problems, dtype=np_like.int32),
+    )
+
+
+def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
+                   ) -> tuple[Any, Any, Any, int]:
+    """``(labels, medoids, history, n_iter)`` as ``_clustering.run_kmedoids`` returns them.
+
+    Each problem stopped at its own fixed point and repeated its last objective, so the
+    iterations the generic loop runs are the most any problem needed: one read of a device
+    value with ``stop_early``; none without it (``max_iter`` iterations, as the generic loop).
+    """
+    if not stop_early:
+        n_iter = max_iter
+    elif args.iterations.shape[0] == 0:
+        n_iter = min(1, max_iter)  # the generic loop stops after one (empty) iteration
+    else:
+        n_iter = int(args.iterations.max())
+    return args.labels, args.medoids, args.history[:, : n_iter + 1], n_iter
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy only: compile once per process, launch on the current stream.
+
+
+@functools.cache
+def _module() -> Any:
+    """The kernel module with every instantiation, compiled on first use (NVRTC)."""
+    import cupy
+
+    names = [kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
+    source = (KERNEL_DIR / "kmedoids.cu").read_text()
+    return cupy.RawModule(code=source, options=("-std=c++17", f"-I{KERNEL_DIR}"),
+                          name_expressions=names)
+
+
+@functools.cache
+def _max_shared_bytes(device_id: int) -> int:
+    from cupy.cuda import runtime
+
+    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          device_id))
+
+
+def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
+    """One block per problem, on CuPy's current stream."""
+    import numpy as np
+
+    kernel = _module().get_function(plan.kernel)
+    # Above 48 KiB a kernel must opt in to its dynamic shared memory.
+    kernel.max_dynamic_shared_size_bytes = plan.shared_bytes
+    n_problems, n, m = args.x.shape
+    k = args.init.shape[1]
+    kernel((n_problems,), (BLOCK_THREADS,),
+           (args.x, args.mean, args.init, args.weights, np.int32(n_problems), np.int32(n),
+            np.int32(m), np.int32(k), np.int32(max_iter), args.rows, args.labels, args.medoids,
+            args.history, args.iterations),
+           shared_mem=plan.shared_bytes)
+
+
+def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
+                 ) -> tuple[Any, Any, Any, int] | None:
+    """The fused K-Medoids on CuPy arrays, or None where the kernel does not apply.
+
+    ``x`` (B, N, M) tokens, ``mean`` (B, 1, M) their per-problem means, ``init`` (B, K)
+    initial medoids, ``weights`` (B, N): the arguments of ``_clustering.cluster_medoids``.
+    Runs on the current device and stream; returns CuPy arrays.
+    """
+    import cupy
+
+    if x.ndim != 3:
+        return None
+    plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name,
+                         _max_shared_bytes(x.device.id))
+    if plan is None:
+        return None
+    args = kernel_arguments(cupy, x, mean, init, weights, max_iter, plan)
+    if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
+        _launch(args, plan, max_iter)
+    return kernel_results(args, max_iter, stop_early)
+
+
+def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+             stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+    """The ``Primitives.kmedoids`` entry for CuPy arrays (see :func:`run_kmedoids`)."""
+    return run_kmedoids(x, mean, init, weights, max_iter, stop_early)
+
+
+FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids}

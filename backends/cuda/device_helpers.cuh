@@ -1,0 +1,113 @@
+// Device helpers shared by the Token Pooling kernels (kmedoids.cu): element types, the one
+// distance formula, block reductions and the shared-memory layout. Written for nvcc/NVRTC
+// and for g++ through host_emulation.h, so no standard-library header is used here.
+#pragma once
+
+// Threads per block (one block per problem). 256 keeps eight warps busy on the N x N loops
+// while leaving registers for the distance loop; the Python glue launches with the same.
+// A macro for __launch_bounds__: nvcc fails to substitute a constexpr variable there in a
+// kernel template with a bool parameter.
+#define TP_BLOCK_THREADS 256
+
+namespace tokenpool {
+
+constexpr int kBlockThreads = TP_BLOCK_THREADS;
+
+//: Features per chunk of a distance. Every distance is summed chunk by chunk (a partial sum
+//: per chunk, then the partials), whether its features come from shared or global memory,
+//: so that both ways of computing a distance give the same bits.
+constexpr int kFeatureChunk = 32;
+
+//: Most tokens per problem: N * N and K * N index in an int (no 64-bit division, which
+//: compiles to a call and spills registers).
+constexpr int kMaxTokens = 4096;
+
+//: Marks "no cluster" in the token -> cluster-of-its-medoid map (any value >= K works).
+constexpr int kNotAMedoid = 0x7FFFFFFF;
+
+// float32 accumulation for every float input; float64 only for float64 (tests).
+template <typename T> struct Accumulator { using type = float; };
+template <> struct Accumulator<double> { using type = double; };
+
+__device__ __forceinline__ float to_accumulator(float v) { return v; }
+__device__ __forceinline__ double to_accumulator(double v) { return v; }
+__device__ __forceinline__ float to_accumulator(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_accumulator(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Explicit fused multiply-adds: the GPU and the host emulation then round identically.
+__device__ __forceinline__ float multiply_add(float a, float b, float c) { return fmaf(a, b, c); }
+__device__ __forceinline__ double multiply_add(double a, double b, double c) {
+  return fma(a, b, c);
+}
+
+template <typename Acc> __device__ __forceinline__ Acc infinity();
+template <> __device__ __forceinline__ float infinity<float>() {
+  return __int_as_float(0x7F800000);
+}
+template <> __device__ __forceinline__ double infinity<double>() {
+  return __longlong_as_double(0x7FF0000000000000LL);
+}
+
+// Squared distance of two centred tokens read from global memory, summed chunk by chunk
+// (see kFeatureChunk). Centring first, as everywhere in the library.
+template <typename T, typename Acc>
+__device__ Acc pair_distance(const T* __restrict__ a, const T* __restrict__ b,
+                             const Acc* __restrict__ mean, int m) {
+  Acc total = 0;
+  for (int start = 0; start < m; start += kFeatureChunk) {
+    const int stop = start + kFeatureChunk < m ? start + kFeatureChunk : m;
+    Acc partial = 0;
+    for (int q = start; q < stop; ++q) {
+      const Acc diff = (to_accumulator(a[q]) - mean[q]) - (to_accumulator(b[q]) - mean[q]);
+      partial = multiply_add(diff, diff, partial);
+    }
+    total += partial;
+  }
+  return total;
+}
+
+// Sum of every thread's `value`, in a fixed order (a tree over kBlockThreads slots), so the
+// result is the same on every run. All threads get it. `scratch` holds kBlockThreads values.
+template <typename Acc>
+__device__ Acc block_sum(Acc value, Acc* scratch) {
+  scratch[threadIdx.x] = value;
+  __syncthreads();
+  for (int width = kBlockThreads / 2; width > 0; width /= 2) {
+    if (static_cast<int>(threadIdx.x) < width) {
+      scratch[threadIdx.x] += scratch[threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  const Acc total = scratch[0];
+  __syncthreads();  // scratch may be reused at once
+  return total;
+}
+
+// Carves one block's dynamic shared memory. The widest arrays come first, so that every
+// array is aligned for its type. The Python glue (backends/_cupy.py, kmedoids_shared_bytes)
+// reproduces `bytes()`; a test compares the two through the host build.
+template <typename Acc>
+struct KMedoidsLayout {
+  int n, k;
+  bool full_matrix;  // the N x N distances live in shared memory (else rows in a workspace)
+
+  __device__ long long matrix_count() const {
+    return full_matrix ? static_cast<long long>(n) * n : 0;
+  }
+  __device__ long long stage_count() const {
+    return full_matrix ? static_cast<long long>(n) * kFeatureChunk : 0;
+  }
+  __device__ long long acc_count() const {
+    // matrix, stage, weights, nearest, cost, reduction scratch
+    return matrix_count() + stage_count() + 3LL * n + kBlockThreads;
+  }
+  __device__ long long int_count() const {
+    // labels, medoid_of, medoids, moved
+    return 2LL * n + 2LL * k;
+  }
+  __device__ long long bytes() const {
+    return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
+  }
+};
+
+}  // namespace tokenpool

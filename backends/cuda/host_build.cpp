@@ -1,0 +1,55 @@
+// The CUDA kernels of kmedoids.cu compiled for the CPU (through host_emulation.h), with
+// C entry points for ctypes. Only the tests use this: it shows that the source the GPU runs
+// computes what the generic array-API code computes.
+//
+//   g++ -std=c++20 -O2 -shared -fPIC -pthread host_build.cpp -o libtokenpool_cuda_host.so
+#include "host_emulation.h"
+
+#include "kmedoids.cu"
+
+namespace {
+
+template <typename T>
+long long kmedoids_shared_bytes(int n, int k, int full_matrix) {
+  const tokenpool::KMedoidsLayout<typename tokenpool::Accumulator<T>::type> layout{
+      n, k, full_matrix != 0};
+  return layout.bytes();
+}
+
+template <typename T>
+void run_kmedoids(const void* x, const void* mean, const long long* init, const void* weights,
+                  int n_problems, int n, int m, int k, int max_iter, int full_matrix,
+                  void* rows, long long* labels, long long* medoids, void* history,
+                  int* iterations) {
+  using Acc = typename tokenpool::Accumulator<T>::type;
+  const auto bytes = static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, full_matrix));
+  const auto kernel = full_matrix ? tokenpool::kmedoids<T, true> : tokenpool::kmedoids<T, false>;
+  tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
+    kernel(static_cast<const T*>(x), static_cast<const Acc*>(mean), init,
+           static_cast<const Acc*>(weights), n_problems, n, m, k, max_iter,
+           static_cast<Acc*>(rows), labels, medoids, static_cast<Acc*>(history), iterations);
+  });
+}
+
+}  // namespace
+
+#define TP_KMEDOIDS_ENTRY(suffix, T)                                                         \
+  extern "C" void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init, \
+                                       const void* weights, int n_problems, int n, int m,      \
+                                       int k, int max_iter, int full_matrix, void* rows,       \
+                                       long long* labels, long long* medoids, void* history,   \
+                                       int* iterations) {                                      \
+    run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, full_matrix, rows, \
+                    labels, medoids, history, iterations);                                     \
+  }                                                                                            \
+  extern "C" long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int full_matrix) {      \
+    return kmedoids_shared_bytes<T>(n, k, full_matrix);                                        \
+  }
+
+TP_KMEDOIDS_ENTRY(float64, double)
+TP_KMEDOIDS_ENTRY(float32, float)
+TP_KMEDOIDS_ENTRY(float16, __half)
+TP_KMEDOIDS_ENTRY(bfloat16, __nv_bfloat16)
+
+extern "C" int tp_block_threads() { return tokenpool::kBlockThreads; }
+extern "C" int tp_feature_chunk() { return tokenpool::kFeatureChunk; }

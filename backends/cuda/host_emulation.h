@@ -1,0 +1,136 @@
+// Just enough of CUDA to run our kernels on the CPU, so that the tests can run the very
+// source that the GPU runs (tests/test_cuda_kernel.py builds it with g++, C++20).
+//
+// The model: a launch runs its blocks one after another; each CUDA thread of a block is a
+// std::thread; __syncthreads is a std::barrier of those threads. A `__shared__` variable
+// becomes a function-level `static`, which all threads of the running block share (blocks
+// never overlap, so one copy serves them all); dynamic shared memory is one buffer reused by
+// every block. Warp primitives are not emulated: the kernels do not use them. Atomics on
+// shared memory map to std::atomic_ref.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(threads)
+#define __restrict__ __restrict
+#define __shared__ static
+
+struct dim3_like {
+  unsigned int x = 0;
+};
+
+namespace tp_host {
+
+inline thread_local dim3_like thread_index;
+inline thread_local dim3_like block_index;
+inline dim3_like block_dim;
+inline dim3_like grid_dim;
+inline std::barrier<>* block_barrier = nullptr;
+inline std::vector<unsigned char> dynamic_shared;
+
+// Runs `kernel()` as `grid` blocks of `threads` threads with `shared_bytes` of dynamic
+// shared memory. One launch at a time: the state above belongs to it.
+template <typename Kernel>
+void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, Kernel kernel) {
+  static std::mutex one_launch;
+  std::lock_guard<std::mutex> lock(one_launch);
+  // Garbage-filled, as on a GPU: a kernel that reads shared memory before writing it should
+  // not pass the tests by luck.
+  dynamic_shared.assign(shared_bytes + 16, 0xA5);
+  block_dim.x = threads;
+  grid_dim.x = grid;
+  std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
+  block_barrier = &barrier;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned int t = 0; t < threads; ++t) {
+    pool.emplace_back([t, grid, kernel, &barrier] {
+      thread_index.x = t;
+      for (unsigned int b = 0; b < grid; ++b) {
+        block_index.x = b;
+        kernel();
+        barrier.arrive_and_wait();  // the next block may reuse the shared memory
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  block_barrier = nullptr;
+}
+
+}  // namespace tp_host
+
+#define threadIdx (tp_host::thread_index)
+#define blockIdx (tp_host::block_index)
+#define blockDim (tp_host::block_dim)
+#define gridDim (tp_host::grid_dim)
+#define TP_DYNAMIC_SHARED(name) unsigned char* name = tp_host::dynamic_shared.data()
+
+inline void __syncthreads() { tp_host::block_barrier->arrive_and_wait(); }
+
+inline int atomicOr(int* address, int value) {
+  return std::atomic_ref<int>(*address).fetch_or(value);
+}
+
+inline int atomicMin(int* address, int value) {
+  std::atomic_ref<int> target(*address);
+  int seen = target.load();
+  while (value < seen && !target.compare_exchange_weak(seen, value)) {
+  }
+  return seen;
+}
+
+inline float __int_as_float(int bits) {
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+inline double __longlong_as_double(long long bits) {
+  double value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}
+
+// Storage-only half types with the conversions the kernels use (inputs are only read).
+struct __half {
+  std::uint16_t bits;
+};
+struct __nv_bfloat16 {
+  std::uint16_t bits;
+};
+
+inline float __half2float(__half h) {
+  const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
+  const std::uint32_t exponent = (h.bits >> 10) & 0x1Fu;
+  const std::uint32_t mantissa = h.bits & 0x3FFu;
+  if (exponent == 0x1Fu) {  // infinity or NaN
+    const std::uint32_t bits = sign | 0x7F800000u | (mantissa << 13);
+    float value;
+    std::memcpy(&value, &bits, sizeof value);
+    return value;
+  }
+  // Normal and subnormal numbers alike: mantissa * 2^(exponent - 25), exact in float.
+  const float magnitude = exponent == 0
+      ? std::ldexp(static_cast<float>(mantissa), -24)
+      : std::ldexp(static_cast<float>(mantissa | 0x400u), static_cast<int>(exponent) - 25);
+  return sign ? -magnitude : magnitude;
+}
+
+inline float __bfloat162float(__nv_bfloat16 h) {
+  const std::uint32_t bits = static_cast<std::uint32_t>(h.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof value);
+  return value;
+}

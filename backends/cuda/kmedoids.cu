@@ -1,0 +1,286 @@
+// (Weighted) K-Medoids for Token Pooling (Marin et al., §4 and Appendix A), one thread block
+// per problem, the whole iteration loop in one launch; and the merge of Algorithm 1, line 6
+// (weighted cluster means, output sizes, objective) in a second launch.
+//
+// Rules, identical to the generic array-API code (tokenpool_ops/_clustering.py):
+// * assignment (Eq. 16): the nearest medoid, the lowest cluster index on ties; a medoid is
+//   always assigned to its own cluster (the lowest one, should init repeat a token);
+// * medoid update (Eq. 17, weights inside): the member of least sum_j w_j d(i, j); the
+//   current medoid stays unless a member is strictly better; the lowest index among equals;
+// * each problem stops at its fixed point (no label changed) and repeats its final objective
+//   in the history, which is what the generic loop computes for it.
+// Robust to any input (NaN, infinity, overflow to infinity, init out of range when checks
+// are off): labels are always in [0, K), medoids in [0, N) and distinct whenever init is,
+// every loop is bounded, every access in range. A NaN is never "nearer" nor "cheaper".
+//
+// Distances are those of the centred tokens (x minus the problem's mean), each summed in
+// chunks of kFeatureChunk features. Two ways to hold them:
+// * FullMatrix: the N x N matrix in shared memory, computed once (N <= about 225 in 227 KiB
+//   on Hopper); every later distance is a shared-memory read;
+// * otherwise: the K rows of distances from each medoid to every token in a global workspace
+//   (B, K, N); a row is recomputed when its medoid moves, and the within-cluster distances
+//   of the medoid update are computed from the tokens (O(sum of squared cluster sizes * M)).
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+// Dynamic shared memory; host_emulation.h defines the same name for the CPU build.
+#define TP_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
+#endif
+
+#include "device_helpers.cuh"
+
+namespace tokenpool {
+
+// One problem's view: its slices of the inputs and its shared-memory arrays.
+template <typename T, bool FullMatrix>
+struct Problem {
+  using Acc = typename Accumulator<T>::type;
+  int n, m, k;
+  const T* __restrict__ x;      // (N, M)
+  const Acc* __restrict__ mean;  // (M,)
+  Acc* __restrict__ rows;        // (K, N) workspace, when not FullMatrix
+  // shared memory
+  Acc* matrix;    // (N, N) when FullMatrix
+  Acc* stage;     // (kFeatureChunk, N) centred features, when FullMatrix
+  Acc* weights;   // (N,)
+  Acc* nearest;   // (N,) distance to the own medoid
+  Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
+  Acc* scratch;   // (kBlockThreads,)
+  int* labels;    // (N,)
+  int* medoid_of; // (N,) cluster whose medoid the token is, kNotAMedoid otherwise
+  int* medoids;   // (K,)
+  int* moved;     // (K,) the medoid moved in this update
+
+  __device__ Acc distance(int i, int j) const {
+    return FullMatrix ? matrix[i * n + j]
+                       : pair_distance(x + static_cast<long long>(i) * m,
+                                       x + static_cast<long long>(j) * m, mean, m);
+  }
+  __device__ Acc to_medoid(int c, int i) const {
+    return FullMatrix ? matrix[medoids[c] * n + i]
+                       : rows[static_cast<long long>(c) * n + i];
+  }
+};
+
+template <typename T, bool FullMatrix>
+__device__ Problem<T, FullMatrix> carve(unsigned char* shared, int n, int m, int k, const T* x,
+                                        const typename Accumulator<T>::type* mean,
+                                        typename Accumulator<T>::type* rows) {
+  using Acc = typename Accumulator<T>::type;
+  const KMedoidsLayout<Acc> layout{n, k, FullMatrix};
+  Problem<T, FullMatrix> p;
+  p.n = n;
+  p.m = m;
+  p.k = k;
+  p.x = x;
+  p.mean = mean;
+  p.rows = rows;
+  Acc* accs = reinterpret_cast<Acc*>(shared);
+  p.matrix = accs;
+  p.stage = p.matrix + layout.matrix_count();
+  p.weights = p.stage + layout.stage_count();
+  p.nearest = p.weights + n;
+  p.cost = p.nearest + n;
+  p.scratch = p.cost + n;
+  int* ints = reinterpret_cast<int*>(p.scratch + kBlockThreads);
+  p.labels = ints;
+  p.medoid_of = p.labels + n;
+  p.medoids = p.medoid_of + n;
+  p.moved = p.medoids + k;
+  return p;
+}
+
+// All N x N distances into shared memory, a chunk of centred features at a time (the stage
+// is feature-major, so a warp reads 32 consecutive tokens of one feature: no bank conflict).
+template <typename T>
+__device__ void fill_matrix(const Problem<T, true>& p) {
+  using Acc = typename Accumulator<T>::type;
+  const int cells = p.n * p.n;  // N <= kMaxTokens keeps every index in an int
+  for (int e = threadIdx.x; e < cells; e += kBlockThreads) p.matrix[e] = 0;
+  for (int start = 0; start < p.m; start += kFeatureChunk) {
+    const int width = p.m - start < kFeatureChunk ? p.m - start : kFeatureChunk;
+    __syncthreads();  // the previous chunk is no longer read
+    for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
+      const int i = e / width, q = e % width;
+      p.stage[q * p.n + i] =
+          to_accumulator(p.x[static_cast<long long>(i) * p.m + start + q]) - p.mean[start + q];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < cells; e += kBlockThreads) {
+      const int i = e / p.n, j = e % p.n;
+      if (i == j) continue;  // exactly zero
+      Acc partial = 0;
+      for (int q = 0; q < width; ++q) {
+        const Acc diff = p.stage[q * p.n + i] - p.stage[q * p.n + j];
+        partial = multiply_add(diff, diff, partial);
+      }
+      p.matrix[e] += partial;
+    }
+  }
+  __syncthreads();
+}
+
+// Row c of the workspace: distances from medoid c to every token, for the clusters whose
+// `moved` flag is set (all of them at the start).
+template <typename T>
+__device__ void fill_rows(const Problem<T, false>& p) {
+  const int cells = p.k * p.n;
+  for (int e = threadIdx.x; e < cells; e += kBlockThreads) {
+    const int c = e / p.n, i = e % p.n;
+    if (!p.moved[c]) continue;
+    p.rows[e] = i == p.medoids[c] ? 0
+                                  : pair_distance(p.x + static_cast<long long>(p.medoids[c]) * p.m,
+                                                  p.x + static_cast<long long>(i) * p.m, p.mean,
+                                                  p.m);
+  }
+  __syncthreads();
+}
+
+// medoid_of from medoids: the lowest cluster wins a token that init repeats.
+template <typename T, bool FullMatrix>
+__device__ void index_medoids(const Problem<T, FullMatrix>& p) {
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
+  __syncthreads();
+  for (int c = threadIdx.x; c < p.k; c += kBlockThreads) atomicMin(&p.medoid_of[p.medoids[c]], c);
+  __syncthreads();
+}
+
+// Eq. 16. Writes labels and nearest; returns the objective of Eq. 13 (sum_i w_i nearest_i)
+// and sets *changed when a label differs from the previous one.
+template <typename T, bool FullMatrix>
+__device__ typename Accumulator<T>::type assign(const Problem<T, FullMatrix>& p, int* changed) {
+  using Acc = typename Accumulator<T>::type;
+  Acc objective = 0;
+  int any_change = 0;
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    int label = 0;
+    Acc best = infinity<Acc>();
+    if (p.medoid_of[i] != kNotAMedoid) {
+      label = p.medoid_of[i];
+      best = 0;
+    } else {
+      for (int c = 0; c < p.k; ++c) {
+        const Acc d = p.to_medoid(c, i);
+        if (d < best) {  // strict, and false for NaN: the lowest index keeps ties
+          best = d;
+          label = c;
+        }
+      }
+    }
+    any_change |= label != p.labels[i];
+    p.labels[i] = label;
+    p.nearest[i] = best;
+    objective = multiply_add(p.weights[i], best, objective);
+  }
+  if (any_change) atomicOr(changed, 1);
+  return block_sum(objective, p.scratch);  // its barriers also publish labels and *changed
+}
+
+// Eq. 17 with the weights inside. Sets `moved` for each cluster whose medoid changes.
+template <typename T, bool FullMatrix>
+__device__ void update_medoids(const Problem<T, FullMatrix>& p) {
+  using Acc = typename Accumulator<T>::type;
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    const int cluster = p.labels[i];
+    const int own = p.medoids[cluster];
+    Acc total = 0;
+    for (int j = 0; j < p.n; ++j) {
+      if (p.labels[j] != cluster) continue;
+      // The medoid's row holds the distances the assignment used (same bits as computing
+      // them again; reading them is just cheaper).
+      const Acc d = j == i ? Acc(0)
+                    : i == own ? p.to_medoid(cluster, j)
+                    : j == own ? p.to_medoid(cluster, i)
+                               : p.distance(j, i);
+      total = multiply_add(p.weights[j], d, total);
+    }
+    p.cost[i] = total;
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < p.k; c += kBlockThreads) {
+    int challenger = -1;
+    Acc challenger_cost = infinity<Acc>();
+    for (int i = 0; i < p.n; ++i) {
+      if (p.labels[i] == c && p.cost[i] < challenger_cost) {  // the lowest index among equals
+        challenger = i;
+        challenger_cost = p.cost[i];
+      }
+    }
+    // Only a member can take over (so medoids stay distinct), and only when strictly
+    // cheaper: the current medoid stays on ties, and a NaN cost never wins.
+    const bool move = challenger >= 0 && challenger_cost < p.cost[p.medoids[c]];
+    if (move) p.medoids[c] = challenger;
+    p.moved[c] = move;
+  }
+  __syncthreads();
+}
+
+// Token indices from init, mapped into [0, N) so that a bad index (possible only with the
+// value checks off) cannot read out of bounds. 32-bit arithmetic: see kMaxTokens.
+__device__ __forceinline__ int token_index(long long index, int n) {
+  return index >= 0 && index < n
+      ? static_cast<int>(index)
+      : static_cast<int>(static_cast<unsigned int>(index) % static_cast<unsigned int>(n));
+}
+
+// FullMatrix: the two distance schemes above (a template parameter, so that each
+// instantiation holds one scheme's code only).
+template <typename T, bool FullMatrix>
+__global__ void __launch_bounds__(TP_BLOCK_THREADS)
+kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
+         const long long* __restrict__ init,
+         const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,
+         int k, int max_iter, typename Accumulator<T>::type* __restrict__ rows,
+         long long* __restrict__ labels_out, long long* __restrict__ medoids_out,
+         typename Accumulator<T>::type* __restrict__ history, int* __restrict__ iterations) {
+  using Acc = typename Accumulator<T>::type;
+  const int problem = blockIdx.x;
+  if (problem >= n_problems || n <= 0 || k <= 0) return;  // uniform across the block
+  TP_DYNAMIC_SHARED(shared);
+  __shared__ int changed;
+  const Problem<T, FullMatrix> p = carve<T, FullMatrix>(
+      shared, n, m, k, x + static_cast<long long>(problem) * n * m,
+      mean + static_cast<long long>(problem) * m,
+      FullMatrix ? rows : rows + static_cast<long long>(problem) * k * n);
+  for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+    p.weights[i] = weights[static_cast<long long>(problem) * n + i];
+    p.labels[i] = -1;  // differs from every label: the first assignment counts as a change
+  }
+  for (int c = threadIdx.x; c < k; c += kBlockThreads) {
+    p.medoids[c] = token_index(init[static_cast<long long>(problem) * k + c], n);
+    p.moved[c] = 1;
+  }
+  if (threadIdx.x == 0) changed = 0;
+  __syncthreads();
+  if constexpr (FullMatrix) fill_matrix(p); else fill_rows(p);
+  index_medoids(p);
+  Acc* const out_history = history + static_cast<long long>(problem) * (max_iter + 1);
+  Acc objective = assign(p, &changed);
+  if (threadIdx.x == 0) out_history[0] = objective;
+  int done = 0;
+  while (done < max_iter) {
+    update_medoids(p);
+    if constexpr (!FullMatrix) fill_rows(p);
+    index_medoids(p);
+    if (threadIdx.x == 0) changed = 0;
+    __syncthreads();
+    objective = assign(p, &changed);
+    ++done;
+    if (threadIdx.x == 0) out_history[done] = objective;
+    const bool converged = changed == 0;  // read by all after assign's barriers
+    __syncthreads();  // before thread 0 resets `changed` again
+    if (converged) break;  // a fixed point: every later iteration repeats it exactly
+  }
+  for (int t = done + 1 + static_cast<int>(threadIdx.x); t <= max_iter; t += kBlockThreads) {
+    out_history[t] = objective;
+  }
+  for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+    labels_out[static_cast<long long>(problem) * n + i] = p.labels[i];
+  }
+  for (int c = threadIdx.x; c < k; c += kBlockThreads) {
+    medoids_out[static_cast<long long>(problem) * k + c] = p.medoids[c];
+  }
+  if (threadIdx.x == 0) iterations[problem] = done;
+}
+
+}  // namespace tokenpool

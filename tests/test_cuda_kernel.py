@@ -1,0 +1,416 @@
+"""The CUDA K-Medoids kernel (backends/cuda/kmedoids.cu) equals the generic code.
+
+No GPU is needed: the same CUDA source is compiled for the CPU with g++ through
+backends/cuda/host_emulation.h (one std::thread per CUDA thread, blocks one after another)
+and called through ctypes, with the argument preparation and result handling of
+backends/_cupy.py. The kernel then replaces ``Primitives.kmedoids`` of the NumPy backend,
+and ``pool``/``kmedoids`` must give what ``fast_paths=False`` gives:
+
+* exactly, on integer tokens of mean zero (every distance exact however it is computed, so
+  the many exact ties must break the same way);
+* up to rounding on float tokens (labels and medoids identical in float64).
+
+The tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
+elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from tokenpool_ops.backends import _cupy
+
+import tokenpool_ops
+from tokenpool_ops import backends
+
+#: Dynamic shared memory per block on an H100 (opt-in limit): the plan of a real GPU.
+H100_SHARED_BYTES = 232448
+#: Host schemes: the kernel's own plan, or one distance scheme forced at any N.
+SCHEMES = ["plan", "matrix", "rows"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The host build
+
+
+class HostKernels:
+    """The CPU build of kmedoids.cu, called as the GPU glue calls the GPU build."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self.library = library
+        for suffix in _cupy.CXX_TYPES:
+            function = getattr(library, f"tp_kmedoids_{suffix}")
+            function.restype = None
+            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 5
+            getattr(library, f"tp_kmedoids_shared_bytes_{suffix}").restype = ctypes.c_longlong
+
+    def plan(self, n: int, k: int, dtype_name: str, scheme: str) -> _cupy.KMedoidsPlan:
+        plan = _cupy.kmedoids_plan(n, k, dtype_name, H100_SHARED_BYTES)
+        assert plan is not None, "every test shape is one the kernel covers"
+        if scheme == "plan":
+            return plan
+        full = scheme == "matrix"
+        accumulator = 8 if _cupy.ACCUMULATOR[dtype_name] == "float64" else 4
+        return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, full), full,
+                                  _cupy.kmedoids_shared_bytes(n, k, accumulator, full))
+
+    def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan, max_iter: int,
+               dtype_name: str) -> None:
+        n_problems, n, m = args.x.shape
+        k = args.init.shape[1]
+        getattr(self.library, f"tp_kmedoids_{dtype_name}")(
+            args.x.ctypes.data, args.mean.ctypes.data, args.init.ctypes.data,
+            args.weights.ctypes.data, n_problems, n, m, k, max_iter, int(plan.full_matrix),
+            args.rows.ctypes.data, args.labels.ctypes.data, args.medoids.ctypes.data,
+            args.history.ctypes.data, args.iterations.ctypes.data)
+
+    def run(self, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
+            max_iter: int, stop_early: bool, scheme: str = "plan",
+            dtype_name: str | None = None) -> tuple[Any, Any, Any, int]:
+        """``_cupy.run_kmedoids`` on the host. ``dtype_name`` names the kernel's element
+        type where NumPy has none (bfloat16, passed as its uint16 bits)."""
+        dtype_name = dtype_name or x.dtype.name
+        plan = self.plan(x.shape[1], init.shape[-1], dtype_name, scheme)
+        if dtype_name == "bfloat16":  # NumPy has no bfloat16: float16 has its size
+            args = _cupy.kernel_arguments(np, x.view(np.float16), mean, init, weights,
+                                          max_iter, plan)
+        else:
+            args = _cupy.kernel_arguments(np, x, mean, init, weights, max_iter, plan)
+        self.launch(args, plan, max_iter, dtype_name)
+        return _cupy.kernel_results(args, max_iter, stop_early)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found: the host build of the CUDA kernel cannot be compiled")
+    library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
+    command = [compiler, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
+               "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o", str(library)]
+    built = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert built.returncode == 0, f"host build failed:\n{built.stderr}"
+    return HostKernels(ctypes.CDLL(str(library)))
+
+
+@contextlib.contextmanager
+def kernel_as_fast_path(host: HostKernels, scheme: str) -> Iterator[list[int]]:
+    """NumPy's ``Primitives.kmedoids`` becomes the host kernel; yields the number of calls
+    (so a test can see that the kernel ran)."""
+    calls = [0]
+
+    def kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
+                 weights: np.ndarray, max_iter: int, stop_early: bool) -> Any:
+        calls[0] += 1
+        return host.run(x, mean, init, weights, max_iter, stop_early, scheme)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "_compiled_paths", lambda name: {"kmedoids": kmedoids})
+        yield calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def zero_mean_integer_tokens(rng: np.random.Generator, batch: int, n: int, m: int,
+                             spread: int) -> np.ndarray:
+    """Integer tokens in [-spread, spread], each with its mirror image (an odd N adds the
+    origin): the mean is exactly zero, so every distance is exact whichever way it is
+    computed. Small spreads give many duplicates and ties."""
+    half = rng.integers(-spread, spread + 1, size=(batch, n // 2, m))
+    parts = [half, -half] + ([np.zeros((batch, 1, m), dtype=half.dtype)] if n % 2 else [])
+    return rng.permuted(np.concatenate(parts, axis=1), axis=1).astype(np.float64)
+
+
+def integer_weights(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
+    """Weights in {0, 1, 2}: zero-weight tokens, and clusters whose weights sum to zero."""
+    return rng.integers(0, 3, size=(batch, n)).astype(np.float64)
+
+
+def distinct_init(rng: np.random.Generator, batch: int, n: int, k: int) -> np.ndarray:
+    return np.stack([rng.permutation(n)[:k] for _ in range(batch)]).astype(np.int64)
+
+
+def assert_same_clustering(got: Any, want: Any, exact: bool) -> None:
+    assert got.n_iter == want.n_iter
+    for field in ("assignment", "medoids"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+    for field in ("history", "objective"):
+        if exact:
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field),
+                                          err_msg=field)
+        else:
+            np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-10,
+                                       atol=1e-10, err_msg=field)
+
+
+# ---------------------------------------------------------------------------------------------
+# The glue's arithmetic agrees with the kernel's
+
+
+def test_constants_and_layout_agree_with_the_kernel(host):
+    assert host.library.tp_block_threads() == _cupy.BLOCK_THREADS
+    assert host.library.tp_feature_chunk() == _cupy.FEATURE_CHUNK
+    for dtype_name, accumulator in (("float64", 8), ("float32", 4), ("float16", 4),
+                                    ("bfloat16", 4)):
+        entry = getattr(host.library, f"tp_kmedoids_shared_bytes_{dtype_name}")
+        for n, k in ((1, 1), (197, 98), (577, 49), (4096, 4096)):
+            for full in (True, False):
+                assert entry(n, k, int(full)) == _cupy.kmedoids_shared_bytes(n, k, accumulator,
+                                                                             full)
+
+
+def test_plan_chooses_a_scheme_or_declines():
+    # The N x N matrix where it fits in shared memory, the medoid rows above.
+    plan = _cupy.kmedoids_plan(197, 98, "float32", H100_SHARED_BYTES)
+    assert plan is not None and plan.full_matrix
+    assert plan.kernel == "tokenpool::kmedoids<float, true>"
+    assert plan.shared_bytes <= H100_SHARED_BYTES
+    a100_limit = 166912
+    assert not _cupy.kmedoids_plan(197, 98, "float32", a100_limit).full_matrix
+    plan = _cupy.kmedoids_plan(1025, 512, "float32", H100_SHARED_BYTES)
+    assert plan is not None and not plan.full_matrix
+    assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
+        "tokenpool::kmedoids<__half, false>")
+    # Shapes and types the kernel does not cover: the generic code runs.
+    assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(_cupy.MAX_TOKENS + 1, 8, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(10, 3, "complex64", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(4096, 4096, "float32", 48 * 1024) is None  # rows do not fit
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact equality with the generic code
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 48), m=st.integers(1, 4),
+       batch=st.integers(1, 3), data=st.data())
+def test_pool_equals_generic_exactly_on_integer_tokens(host, seed, n, m, batch, data):
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    method = data.draw(st.sampled_from(["kmedoids", "wkmedoids"]), label="method")
+    scheme = data.draw(st.sampled_from(SCHEMES), label="scheme")
+    stop_early = data.draw(st.booleans(), label="stop_early")
+    max_iter = data.draw(st.integers(0, 8), label="max_iter")
+    dtype = data.draw(st.sampled_from([np.float64, np.float32]), label="dtype")
+    x = zero_mean_integer_tokens(rng, batch, n, m, spread=data.draw(st.integers(1, 3)))
+    scores = integer_weights(rng, batch, n).astype(dtype)
+    init = distinct_init(rng, batch, n, k) if data.draw(st.booleans()) else None
+    kwargs = dict(scores=scores, init=init, max_iter=max_iter, stop_early=stop_early,
+                  return_info=True)
+    want = tokenpool_ops.pool(x.astype(dtype), k, method, fast_paths=False, **kwargs)
+    with kernel_as_fast_path(host, scheme) as calls:
+        got = tokenpool_ops.pool(x.astype(dtype), k, method, **kwargs)
+    assert calls[0] == (1 if k < n else 0)  # k = n returns x itself (Algorithm 1, line 1)
+    assert_same_clustering(got, want, exact=True)
+    np.testing.assert_array_equal(got.sizes, want.sizes)
+    np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-6, atol=1e-6)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), data=st.data())
+def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, seed, n, data):
+    # kmedoids() itself (k = n runs the loop too), every k, weights with zero-weight clusters.
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    x = zero_mean_integer_tokens(rng, 2, n, 2, spread=1)  # spread 1: mostly duplicates
+    weights = integer_weights(rng, 2, n)
+    scheme = data.draw(st.sampled_from(SCHEMES), label="scheme")
+    kwargs = dict(weights=weights, init="random", seed=seed % 1000, max_iter=6)
+    want = tokenpool_ops.kmedoids(x, k, fast_paths=False, **kwargs)
+    with kernel_as_fast_path(host, scheme) as calls:
+        got = tokenpool_ops.kmedoids(x, k, **kwargs)
+    assert calls[0] == 1
+    assert_same_clustering(got, want, exact=True)
+    np.testing.assert_array_equal(got.centres, want.centres)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_empty_batch_and_single_token(host, scheme):
+    for shape, k in (((0, 5, 3), 2), ((2, 0, 5, 3), 2), ((3, 1, 2), 1)):
+        x = np.ones(shape)
+        scores = np.ones(shape[:-1])
+        for stop_early in (True, False):
+            want = tokenpool_ops.kmedoids(x, k, weights=scores, stop_early=stop_early,
+                                          fast_paths=False)
+            with kernel_as_fast_path(host, scheme):
+                got = tokenpool_ops.kmedoids(x, k, weights=scores, stop_early=stop_early)
+            assert got.assignment.shape == want.assignment.shape
+            assert_same_clustering(got, want, exact=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rounding-level agreement on float tokens
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 120), m=st.integers(1, 40),
+       data=st.data())
+def test_pool_agrees_with_generic_on_float_tokens(host, seed, n, m, data):
+    # Gaussian tokens far from the origin, float64: the generic Gram distances and the
+    # kernel's differences round differently, but no comparison is that close.
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n - 1), label="k")
+    scheme = data.draw(st.sampled_from(SCHEMES), label="scheme")
+    x = rng.normal(size=(2, n, m)) + rng.normal(scale=10.0, size=(2, 1, m))
+    scores = rng.exponential(size=(2, n))
+    kwargs = dict(scores=scores, init="random", max_iter=20, return_info=True)
+    want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **kwargs)
+    with kernel_as_fast_path(host, scheme):
+        got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
+    assert_same_clustering(got, want, exact=False)
+    np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(("n", "k", "scheme"), [(1024, 1, "rows"), (1024, 700, "plan"),
+                                                (577, 98, "matrix"), (300, 49, "plan")])
+def test_large_problems_agree_with_generic(host, n, k, scheme, rng):
+    x = rng.normal(size=(1, n, 3))
+    scores = rng.exponential(size=(1, n))
+    kwargs = dict(scores=scores, init="random", max_iter=4, return_info=True)
+    want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **kwargs)
+    with kernel_as_fast_path(host, scheme) as calls:
+        got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
+    assert calls[0] == 1
+    assert_same_clustering(got, want, exact=False)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), m=st.integers(1, 70),
+       data=st.data())
+def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m, data):
+    # The matrix in shared memory and the rows in global memory sum every distance in the
+    # same order; float16 and bfloat16 tokens are converted exactly to float32.
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    x32 = rng.normal(size=(2, n, m)).astype(np.float32)
+    half = x32.astype(np.float16)
+    brain_bits = (x32.view(np.uint32) >> 16).astype(np.uint16)  # bfloat16, rounded down
+    brain = (brain_bits.astype(np.uint32) << 16).view(np.float32)
+    weights = rng.exponential(size=(2, n)).astype(np.float32)
+    init = distinct_init(rng, 2, n, k)
+    for tokens, as_float32, dtype_name in ((x32, x32, None),
+                                           (half, half.astype(np.float32), None),
+                                           (brain_bits, brain, "bfloat16")):
+        mean = as_float32.mean(axis=1, keepdims=True)
+        runs = [host.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
+                for scheme in ("matrix", "rows")]
+        runs.append(host.run(as_float32, mean, init, weights, 8, True, "rows"))
+        for run in runs[1:]:
+            for got, want in zip(run, runs[0], strict=True):
+                np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# Any input: labels and medoids in range, no crash, no hang (issue #9's invariants)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), data=st.data())
+def test_bad_values_never_give_out_of_range_results(host, seed, n, data):
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    scheme = data.draw(st.sampled_from(["matrix", "rows"]), label="scheme")
+    dtype = data.draw(st.sampled_from([np.float32, np.float64]), label="dtype")
+    bad = [np.nan, np.inf, -np.inf, 1e19, -1e19, 3e38, 0.0]
+    x = rng.normal(size=(2, n, 3)).astype(dtype)
+    corrupt = rng.random(x.shape) < data.draw(st.sampled_from([0.0, 0.1, 0.5, 1.0]))
+    x[corrupt] = rng.choice(bad, size=int(corrupt.sum()))
+    weights = rng.choice([0.0, 1.0, 2.5, np.nan, np.inf], size=(2, n)).astype(dtype)
+    with np.errstate(all="ignore"):
+        mean = x.mean(axis=1, keepdims=True)
+    init = distinct_init(rng, 2, n, k)
+    labels, medoids, history, n_iter = host.run(x, mean, init, weights, 5, True, scheme)
+    assert 0 <= n_iter <= 5 and history.shape == (2, n_iter + 1)
+    assert ((labels >= 0) & (labels < k)).all()
+    assert ((medoids >= 0) & (medoids < n)).all()
+    for problem in range(2):  # distinct medoids, each in its own cluster
+        assert len(set(medoids[problem].tolist())) == k
+        np.testing.assert_array_equal(labels[problem, medoids[problem]], np.arange(k))
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 30), data=st.data())
+def test_init_out_of_range_or_repeated_stays_in_bounds(host, seed, n, data):
+    # Possible only with check_values=False: indices are mapped into [0, N).
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    x = rng.normal(size=(1, n, 2))
+    init = rng.integers(-3 * n, 3 * n, size=(1, k))
+    labels, medoids, _, _ = host.run(x, x.mean(axis=1, keepdims=True), init, np.ones((1, n)),
+                                     4, True, data.draw(st.sampled_from(["matrix", "rows"])))
+    assert ((labels >= 0) & (labels < k)).all()
+    assert ((medoids >= 0) & (medoids < n)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU (skipped elsewhere, with the reason)
+
+
+def _gpu_libraries() -> tuple[Any, Any]:
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: GPU kernel untested")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("no device")
+    except Exception as error:
+        pytest.skip(f"no CUDA GPU on this machine ({error}): GPU kernel untested")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    return cupy, torch
+
+
+@pytest.mark.parametrize("n,k", [(197, 98), (197, 49), (577, 98), (1025, 256)])
+@pytest.mark.parametrize("library", ["cupy", "torch"])
+def test_gpu_kernel_equals_generic(library, n, k, rng):
+    cupy, torch = _gpu_libraries()
+    x = rng.normal(size=(4, n, 16))
+    scores = rng.exponential(size=(4, n))
+    as_gpu = cupy.asarray if library == "cupy" else (lambda a: torch.as_tensor(a, device="cuda"))
+    kwargs = dict(scores=as_gpu(scores), init="random", max_iter=10, return_info=True)
+    calls = []
+    plain = _cupy.run_kmedoids
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return plain(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_cupy, "run_kmedoids", counted)
+        got = tokenpool_ops.pool(as_gpu(x), k, "wkmedoids", **kwargs)
+    want = tokenpool_ops.pool(as_gpu(x), k, "wkmedoids", fast_paths=False, **kwargs)
+    assert calls, "the kernel did not run"
+    to_numpy = cupy.asnumpy if library == "cupy" else (lambda a: a.cpu().numpy())
+    for field in ("assignment", "medoids"):
+        np.testing.assert_array_equal(to_numpy(getattr(got, field)),
+                                      to_numpy(getattr(want, field)))
+    assert got.n_iter == want.n_iter
+    np.testing.assert_allclose(to_numpy(got.tokens), to_numpy(want.tokens), rtol=1e-10)
+    if library == "torch":
+        assert got.tokens.device == torch.device("cuda", torch.cuda.current_device())
+
+
+def test_gpu_float32_on_torch_stream_without_checks():
+    _, torch = _gpu_libraries()
+    x = torch.randn(8, 197, 384, device="cuda")
+    scores = torch.rand(8, 197, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        got = tokenpool_ops.pool(x, 98, "wkmedoids", scores=scores, check_values=False,
+                                 stop_early=False, return_info=True)
+    stream.synchronize()
+    want = tokenpool_ops.pool(x, 98, "wkmedoids", scores=scores, stop_early=False,
+                              return_info=True, fast_paths=False)
+    agree = (got.assignment == want.assignment).float().mean().item()
+    assert agree > 0.99  # float32: a rare near tie may break the other way
+    torch.testing.assert_close(got.objective, want.objective, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_sources_ship_with_the_package():
+    for name in ("kmedoids.cu", "device_helpers.cuh", "host_emulation.h", "host_build.cpp"):
+        assert (Path(_cupy.KERNEL_DIR) / name).is_file(), name
