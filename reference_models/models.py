@@ -1,0 +1,283 @@
+"""Models for the trainer: timm registrations, token downsampling and a FLOP estimate.
+
+Registered here (``timm.create_model`` knows them once this module is imported):
+
+- ``deit_e318_patch16_224`` and ``deit_e252_patch16_224``: the paper's DeiT-S variants with
+  embedding width 318 and 252. The paper gives only the width; everything else is DeiT-S
+  (12 blocks, 6 heads, so head widths 53 and 42, MLP ratio 4, 224 px, patch 16).
+- ``deit_digits_tiny_patch1_8``, ``deit_digits_small_patch1_8`` and
+  ``deit_digits_tiny_patch2_16``: CPU-sized DeiTs for scikit-learn's 8x8 digits, kept at 8 px
+  (patch 1) or upsampled to 16 px (patch 2); 64 patch tokens either way, so pooling has
+  tokens to work on.
+
+DeiT-Ti/S/B are timm's own ``deit_{tiny,small,base}_patch16_224``.
+
+Downsampling never has a second implementation: every ``--downsample`` choice is a method of
+:func:`tokenpool_ops.timm.patch_timm`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from tokenpool_ops.timm import patch_timm
+
+from .errors import ConfigError
+
+__all__ = [
+    "DOWNSAMPLERS",
+    "KEEP_PRESETS",
+    "TOKENPOOL_METHODS",
+    "apply_downsample",
+    "build_model",
+    "estimate_gflops",
+    "resolve_keep",
+    "set_pool_seed",
+]
+
+# The pooling methods of --downsample tokenpool; the other choices are fixed methods.
+TOKENPOOL_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
+# --downsample choice -> patch_timm method (None: no patching; "tokenpool": --method).
+# A later issue adds "conv", which is no patch_timm method, so the mapping stays open.
+DOWNSAMPLERS: dict[str, str | None] = {
+    "none": None,
+    "tokenpool": "tokenpool",
+    "powerbert": "topk",
+    "random": "random",
+    "importance": "importance",
+}
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg without weights: it tells resolve_data_config the input and norm."""
+    return {"num_classes": 1000, "input_size": (3, 224, 224), "crop_pct": 0.875,
+            "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.proj",
+            "classifier": "head", **kwargs}
+
+
+# Digits are gray strokes on black; 0.5/0.5 maps them to [-1, 1]. crop_pct 1: no border to
+# crop at 8 px.
+_DIGITS = {"num_classes": 10, "crop_pct": 1.0, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+default_cfgs = generate_default_cfgs({
+    "deit_e318_patch16_224": _cfg(),
+    "deit_e252_patch16_224": _cfg(),
+    "deit_digits_tiny_patch2_16": _cfg(input_size=(3, 16, 16), **_DIGITS),
+    "deit_digits_tiny_patch1_8": _cfg(input_size=(3, 8, 8), **_DIGITS),
+    "deit_digits_small_patch1_8": _cfg(input_size=(3, 8, 8), **_DIGITS),
+})
+
+
+def _create(variant: str, pretrained: bool, **kwargs: Any) -> VisionTransformer:
+    """Build a registered variant through timm's builder (so pretrained cfgs resolve)."""
+    return build_model_with_cfg(VisionTransformer, variant, pretrained, **kwargs)
+
+
+@register_model
+def deit_e318_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-e318: DeiT-S with embedding width 318 (the paper's appendix)."""
+    args = {"patch_size": 16, "embed_dim": 318, "depth": 12, "num_heads": 6}
+    return _create("deit_e318_patch16_224", pretrained, **{**args, **kwargs})
+
+
+@register_model
+def deit_e252_patch16_224(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """DeiT-e252: DeiT-S with embedding width 252 (the paper's appendix)."""
+    args = {"patch_size": 16, "embed_dim": 252, "depth": 12, "num_heads": 6}
+    return _create("deit_e252_patch16_224", pretrained, **{**args, **kwargs})
+
+
+def _digits(variant: str, pretrained: bool, args: dict[str, Any],
+            kwargs: dict[str, Any]) -> VisionTransformer:
+    """A digits model, its positional embedding drawn with std 0.5 instead of DeiT's 0.02.
+
+    Why: a patch of one gray pixel (or of a few upsampled ones) carries one number, so the
+    tokens differ almost only by position. With DeiT's 0.02 the first hundreds of steps are
+    blind to position and the loss sits at ln 10; with 0.5 the model learns at once.
+    """
+    model = _create(variant, pretrained, **{"num_classes": 10, **args, **kwargs})
+    if not pretrained and model.pos_embed is not None:
+        nn.init.trunc_normal_(model.pos_embed, std=0.5)
+    return model
+
+
+@register_model
+def deit_digits_tiny_patch1_8(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """4 blocks of width 64 (4 heads) on the native 8 px digits, patch 1: 64 patch tokens."""
+    args = {"img_size": 8, "patch_size": 1, "embed_dim": 64, "depth": 4, "num_heads": 4}
+    return _digits("deit_digits_tiny_patch1_8", pretrained, args, kwargs)
+
+
+@register_model
+def deit_digits_small_patch1_8(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """6 blocks of width 128 (4 heads) on the native 8 px digits, patch 1: 64 patch tokens."""
+    args = {"img_size": 8, "patch_size": 1, "embed_dim": 128, "depth": 6, "num_heads": 4}
+    return _digits("deit_digits_small_patch1_8", pretrained, args, kwargs)
+
+
+@register_model
+def deit_digits_tiny_patch2_16(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """4 blocks of width 64 on digits upsampled to 16 px, patch 2: 64 patch tokens."""
+    args = {"img_size": 16, "patch_size": 2, "embed_dim": 64, "depth": 4, "num_heads": 4}
+    return _digits("deit_digits_tiny_patch2_16", pretrained, args, kwargs)
+
+
+def build_model(name: str, num_classes: int, *, pretrained: bool = False,
+                drop_path: float = 0.0, drop: float = 0.0,
+                img_size: int | None = None) -> VisionTransformer:
+    """Create a registered timm ViT, or raise :class:`ConfigError` for an unknown name.
+
+    Only ``VisionTransformer`` models are accepted, since ``patch_timm`` patches those.
+    """
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown model {name!r}{hint}")
+    kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path,
+                              "drop_rate": drop}
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (RuntimeError, OSError) as err:
+        # Offline pretrained downloads and models without weights end here.
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"cannot create model {name!r}: {first}") from err
+    if not isinstance(model, VisionTransformer):
+        raise ConfigError(f"model {name!r} is a {type(model).__name__}; the trainer needs a "
+                          "timm VisionTransformer (DeiT, ViT)")
+    return model
+
+
+def _linear(num_patches: int, depth: int) -> list[int]:
+    """Block l (1-based) keeps N (L - l) / L patch tokens: the last keeps only the class."""
+    return [round(num_patches * (depth - layer) / depth) for layer in range(1, depth + 1)]
+
+
+def _half(num_patches: int, depth: int) -> list[int]:
+    """Every block keeps half of the patch tokens: one halving, in the first block."""
+    return [num_patches // 2] * depth
+
+
+def _full(num_patches: int, depth: int) -> list[int]:
+    """No block reduces: the patched model computes what the plain one does."""
+    return [num_patches] * depth
+
+
+# Keep presets: name -> f(patch tokens, depth) -> patch tokens left after each block.
+# The paper's per-model schedules (its Tables 3-5) join this table in a later issue.
+KEEP_PRESETS: dict[str, Callable[[int, int], list[int]]] = {
+    "linear": _linear,
+    "half": _half,
+    "full": _full,
+}
+
+
+def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
+    """Turn ``--keep`` (a preset name, one count, or one count per block) into a schedule.
+
+    Examples
+    --------
+    >>> resolve_keep("linear", 64, 4)
+    [48, 32, 16, 0]
+    >>> resolve_keep("32", 64, 4)
+    [32, 32, 32, 32]
+    >>> resolve_keep("60,40,20,10", 64, 4)
+    [60, 40, 20, 10]
+    """
+    text = keep.strip()
+    if text in KEEP_PRESETS:
+        return KEEP_PRESETS[text](num_patches, depth)
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        counts = [int(p) for p in parts]
+    except ValueError:
+        raise ConfigError(f"--keep {keep!r} is neither a preset ({', '.join(KEEP_PRESETS)}) "
+                          "nor a list of integers") from None
+    if len(counts) == 1:
+        counts = counts * depth
+    if len(counts) != depth or any(c < 0 for c in counts):
+        raise ConfigError(f"--keep needs one non-negative count or {depth} of them (one per "
+                          f"block), got {len(counts)}: {keep!r}")
+    return counts
+
+
+def apply_downsample(model: VisionTransformer, downsample: str, method: str | None,
+                     keep: str, *, seed: int = 0,
+                     compiled: bool = False) -> list[int] | None:
+    """Patch the model's blocks with ``patch_timm``; return the keep schedule (None: none).
+
+    ``compiled`` selects the pooling options the ``tokenpool_ops`` README gives for
+    ``torch.compile`` (no value read on the host, a fixed number of iterations).
+    """
+    if downsample not in DOWNSAMPLERS:
+        raise ConfigError(f"unknown --downsample {downsample!r}; choose from "
+                          f"{', '.join(DOWNSAMPLERS)}")
+    fixed = DOWNSAMPLERS[downsample]
+    if fixed is None:
+        return None
+    if fixed == "tokenpool":
+        method = method or "wkmedoids"
+        if method not in TOKENPOOL_METHODS:
+            raise ConfigError(f"--method {method!r} is not a Token Pooling method; choose "
+                              f"from {', '.join(TOKENPOOL_METHODS)}")
+    elif method is not None:
+        raise ConfigError(f"--method applies to --downsample tokenpool only (--downsample "
+                          f"{downsample} always selects with {fixed!r})")
+    else:
+        method = fixed
+    schedule = resolve_keep(keep, model.patch_embed.num_patches, len(model.blocks))
+    options: dict[str, Any] = {"seed": seed}
+    if compiled:
+        options.update(check_values=False, stop_early=False)
+    patch_timm(model, schedule, method=method, **options)  # type: ignore[arg-type]
+    return schedule
+
+
+def set_pool_seed(model: nn.Module, seed: int) -> None:
+    """Give the random downsamplers of a patched model a new seed (no-op when unpatched).
+
+    ``pool`` draws random and importance selections from ``seed``; a fixed seed would pick
+    the same token positions at every step, so training moves it on step by step.
+    """
+    state = getattr(model, "_tokenpool", None)
+    if state is not None:
+        state["options"]["seed"] = seed
+
+
+def estimate_gflops(model: VisionTransformer, schedule: list[int] | None) -> float:
+    """Multiply-adds per image, in billions, of the linear layers and attention products.
+
+    A simple analytic estimate (1 FLOP = 1 multiply-add, as the paper's fvcore counts)
+    until the project's FLOP counter lands: patch embedding, q/k/v/proj, the two attention
+    products, the MLP and the head. Norms, softmax, GELU and the clustering itself are left
+    out. Pooling sits between attention and MLP (``patch_timm``'s default placement).
+    """
+    dim = model.embed_dim
+    prefix = model.num_prefix_tokens
+    patches = model.patch_embed.num_patches
+    proj = model.patch_embed.proj
+    in_ch = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
+    kernel = proj.kernel_size if isinstance(proj, nn.Conv2d) else (1, 1)
+    macs = float(patches * dim * in_ch * kernel[0] * kernel[1])
+    left = patches
+    for i, block in enumerate(model.blocks):
+        n_attn = prefix + left
+        if schedule is not None:
+            left = min(left, schedule[i])
+        n_mlp = prefix + left
+        hidden = int(block.mlp.fc1.out_features)  # type: ignore[union-attr, arg-type]
+        macs += 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim
+        macs += 2 * n_mlp * dim * hidden
+    head = model.head
+    if isinstance(head, nn.Linear):
+        macs += head.in_features * head.out_features
+    return macs / 1e9

@@ -1,0 +1,449 @@
+"""``python -m reference_models.train``: train a DeiT with optional token downsampling.
+
+The recipe is DeiT's (``main.py`` of facebookresearch/deit), built from timm's factories:
+``create_transform`` (RandAugment, random erasing, bicubic), ``Mixup`` with
+``SoftTargetCrossEntropy``, ``create_optimizer_v2`` (AdamW), ``create_scheduler_v2``
+(cosine with warm-up, stepped every update), ``ModelEmaV3``, ``RepeatAugSampler``, drop path
+and gradient clipping. Defaults are DeiT's for ImageNet, CIFAR and folders; ``--data digits``
+has its own (a 16 px model trained in minutes on two CPU cores). Every default is a flag,
+and the resolved configuration is printed at start and written to ``OUTPUT/config.json``.
+
+Resume is exact: ``OUTPUT/checkpoint.pt`` (written atomically after every epoch) holds the
+model, EMA, optimizer, scheduler, grad scaler, epoch, update count, best accuracy and every
+rank's RNG states (Python, NumPy, torch, CUDA). Samplers reshuffle from (seed, epoch) and
+data-loader workers are seeded from the torch RNG at the start of each epoch, so a run
+killed at any moment and resumed with ``--resume`` replays the interrupted epoch exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import Mixup, resolve_data_config
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from . import data as data_mod
+from .distributed import DistInfo, all_gather_objects, cleanup, init_distributed
+from .engine import evaluate, train_one_epoch
+from .errors import ConfigError
+from .models import (
+    DOWNSAMPLERS,
+    KEEP_PRESETS,
+    TOKENPOOL_METHODS,
+    apply_downsample,
+    build_model,
+    estimate_gflops,
+)
+
+__all__ = ["PROFILES", "build_parser", "main"]
+
+# Defaults that depend on the data. "deit" follows DeiT's main.py (ImageNet, DeiT-S); the
+# digits column trades DeiT's 300 ImageNet epochs for a run of a few CPU minutes, and
+# drops what does not suit 8x8 digits (horizontal flips turn a 2 into a mirrored 2).
+PROFILES: dict[str, dict[str, Any]] = {
+    "deit": {
+        "model": "deit_small_patch16_224", "epochs": 300, "batch_size": 64,
+        "warmup_epochs": 5, "drop_path": 0.1, "model_ema_decay": 0.99996,
+        "repeated_aug": True, "hflip": 0.5, "scale": [0.08, 1.0],
+        "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.25, "mixup": 0.8,
+        "cutmix": 1.0, "smoothing": 0.1, "base_lr": 5e-4, "clip_grad": None,
+        "weight_decay": 0.05, "threads": None,
+    },
+    "digits": {
+        "model": "deit_digits_tiny_patch1_8", "epochs": 30, "batch_size": 64,
+        "warmup_epochs": 2, "drop_path": 0.05, "model_ema_decay": 0.998,
+        "repeated_aug": False, "hflip": 0.0, "scale": [0.5, 1.0],
+        "aa": "rand-m6-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.25, "mixup": 0.8,
+        "cutmix": 1.0, "smoothing": 0.1, "base_lr": 5e-4, "clip_grad": 1.0,
+        "weight_decay": 0.05, "threads": 1,
+    },
+}
+
+
+def _profile_of(data: str) -> str:
+    return "digits" if data == "digits" else "deit"
+
+
+def _d(key: str) -> str:
+    """Help text for a data-dependent default."""
+    return f"(default {PROFILES['deit'][key]}; with --data digits {PROFILES['digits'][key]})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every flag of the trainer, with its default in the help text."""
+    p = argparse.ArgumentParser(
+        prog="python -m reference_models.train",
+        description="Train a DeiT (timm ViT) with optional token downsampling through "
+                    "tokenpool_ops.timm.patch_timm. Data-dependent defaults: DeiT's for "
+                    "ImageNet-like data, small ones for --data digits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="digits",
+                   help="digits (scikit-learn, embedded), cifar10, cifar100 (torchvision, "
+                        "downloaded into --data-dir), or a folder with train/ and val/ "
+                        "ImageFolder trees")
+    g.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
+    g.add_argument("--workers", type=int, default=None,
+                   help="data-loader processes per rank (default 0 on the CPU, 8 on CUDA; "
+                        "resume is exact either way)")
+    g.add_argument("--input-size", type=int, default=None,
+                   help="image side in pixels (default: the model's)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"timm model name {_d('model')}")
+    g.add_argument("--pretrained", action="store_true",
+                   help="load timm's pretrained weights (needs the internet or a cache)")
+    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=float, default=None, help=f"drop path {_d('drop_path')}")
+    g = p.add_argument_group("token downsampling (through tokenpool_ops.timm.patch_timm)")
+    g.add_argument("--downsample", default="none", choices=list(DOWNSAMPLERS),
+                   help="none; tokenpool (clustering, --method); powerbert (top-k "
+                        "significance scores); random; importance (sampled by score)")
+    g.add_argument("--method", default=None, choices=TOKENPOOL_METHODS,
+                   help="Token Pooling method (default wkmedoids; --downsample tokenpool only)")
+    g.add_argument("--keep", default="linear",
+                   help="patch tokens left after each block: a preset "
+                        f"({', '.join(KEEP_PRESETS)}), one count for all blocks, or one "
+                        "count per block, comma-separated")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=None, help=f"epochs {_d('epochs')}")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help=f"images per rank and step {_d('batch_size')}")
+    g.add_argument("--eval-batch-size", type=int, default=None,
+                   help="images per rank in evaluation (default 2 x --batch-size)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default --base-lr x total batch / --lr-base-size)")
+    g.add_argument("--base-lr", type=float, default=None,
+                   help=f"learning rate at a total batch of --lr-base-size {_d('base_lr')}")
+    g.add_argument("--lr-base-size", type=int, default=512, help="batch of --base-lr")
+    g.add_argument("--opt", default="adamw", help="timm optimizer name")
+    g.add_argument("--opt-eps", type=float, default=1e-8, help="optimizer epsilon")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help=f"weight decay {_d('weight_decay')}")
+    g.add_argument("--clip-grad", type=float, default=None,
+                   help=f"clip the gradient norm to this {_d('clip_grad')}")
+    g.add_argument("--sched", default="cosine", help="timm scheduler name")
+    g.add_argument("--warmup-epochs", type=int, default=None,
+                   help=f"linear warm-up {_d('warmup_epochs')}")
+    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate warm-up starts at")
+    g.add_argument("--min-lr", type=float, default=1e-5, help="floor of the cosine")
+    g = p.add_argument_group("augmentation and regularisation")
+    g.add_argument("--aa", default=None,
+                   help=f"timm auto-augment policy, '' for none {_d('aa')}")
+    g.add_argument("--color-jitter", type=float, default=None,
+                   help=f"colour jitter, used when --aa is empty {_d('color_jitter')}")
+    g.add_argument("--hflip", type=float, default=None,
+                   help=f"horizontal flip probability {_d('hflip')}")
+    g.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help=f"random-resized-crop area range {_d('scale')}")
+    g.add_argument("--train-interpolation", default="bicubic", help="training resize")
+    g.add_argument("--reprob", type=float, default=None,
+                   help=f"random erasing probability {_d('reprob')}")
+    g.add_argument("--remode", default="pixel", help="random erasing fill")
+    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"timm RepeatAugSampler (3 repeats) {_d('repeated_aug')}")
+    g.add_argument("--smoothing", type=float, default=None,
+                   help=f"label smoothing {_d('smoothing')}")
+    g.add_argument("--mixup", type=float, default=None, help=f"mixup alpha {_d('mixup')}")
+    g.add_argument("--cutmix", type=float, default=None, help=f"cutmix alpha {_d('cutmix')}")
+    g.add_argument("--mixup-prob", type=float, default=1.0, help="chance of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                   help="chance of cutmix instead of mixup when both are on")
+    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="mix per batch, pair or element")
+    g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep an EMA of the weights (timm ModelEmaV3), evaluated every epoch")
+    g.add_argument("--model-ema-decay", type=float, default=None,
+                   help=f"EMA decay {_d('model_ema_decay')}")
+    g = p.add_argument_group("running")
+    g.add_argument("--output", default="output", help="folder for log, config, checkpoints")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="continue from CHECKPOINT; bare --resume: OUTPUT/checkpoint.pt if "
+                        "it exists, else start afresh")
+    g.add_argument("--eval", action="store_true",
+                   help="only evaluate (the --resume checkpoint, or the --pretrained model)")
+    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
+                   help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with "
+                        "a grad scaler); always float32 on the CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per rank (default: CPU cores / ranks per node; "
+                        "with --data digits 1, as its small matrices gain nothing from more)")
+    g.add_argument("--check-sync", action="store_true",
+                   help="after every step, check that all ranks hold identical weights "
+                        "(debugging aid, slow)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="tqdm bars (default: when stderr is a terminal)")
+    return p
+
+
+def resolve_defaults(args: argparse.Namespace, dist: DistInfo) -> argparse.Namespace:
+    """Fill data-dependent defaults and derived values (lr, workers, precision)."""
+    for key, value in PROFILES[_profile_of(args.data)].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.threads is None:
+        args.threads = max(1, (os.cpu_count() or 1) // dist.local_world)
+    if args.workers is None:
+        args.workers = 8 if dist.device.type == "cuda" else 0
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
+    args.total_batch_size = args.batch_size * dist.world
+    if args.lr is None:
+        args.lr = args.base_lr * args.total_batch_size / args.lr_base_size
+    if dist.device.type != "cuda":
+        args.amp = "none"  # float32 on the CPU
+    elif args.amp == "auto":
+        args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    args.world_size = dist.world
+    args.device_used = str(dist.device)
+    return args
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: never a half file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _checkpoint_path(args: argparse.Namespace) -> Path | None:
+    """The checkpoint --resume names, None to start afresh; ConfigError if it is missing."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        path = Path(args.output) / "checkpoint.pt"
+        return path if path.is_file() else None
+    path = Path(args.resume)
+    if not path.is_file():
+        raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")
+    return path
+
+
+def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+
+
+def _criterion(args: argparse.Namespace) -> tuple[nn.Module, Mixup | None]:
+    """DeiT's loss: soft targets under Mixup/CutMix, else label smoothing."""
+    mixing = args.mixup > 0 or args.cutmix > 0
+    if mixing and args.batch_size % 2:
+        raise ConfigError(f"--batch-size {args.batch_size}: Mixup needs an even batch")
+    if mixing:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
+                      switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+def _truncate_log(path: Path, epochs_done: int) -> None:
+    """Drop log lines of epochs a resumed run will redo (written after the checkpoint)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["epoch"] < epochs_done]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
+
+def run(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Build everything from ``args`` and train (or only evaluate)."""
+    device = dist.device
+    # One seed on every rank for the model (DDP also broadcasts rank 0's weights) ...
+    _seed_all(args.seed)
+    model = build_model(args.model, 1000, pretrained=args.pretrained,
+                        drop_path=args.drop_path, drop=args.drop, img_size=args.input_size)
+    data_config = resolve_data_config(model=model)
+    train_tf = data_mod.build_transform(args, data_config, is_training=True)
+    val_tf = data_mod.build_transform(args, data_config, is_training=False)
+    train_set, val_set, args.num_classes = data_mod.build_datasets(args.data, args.data_dir,
+                                                                   train_tf, val_tf)
+    model.reset_classifier(args.num_classes)
+    schedule = apply_downsample(model, args.downsample, args.method, args.keep,
+                                seed=args.seed, compiled=args.compile)
+    args.keep_schedule = schedule
+    args.gflops = estimate_gflops(model, schedule)
+    model.to(device)
+    criterion, mixup = _criterion(args)
+
+    sampler = data_mod.train_sampler(train_set, world=dist.world, rank=dist.rank,
+                                     repeated_aug=args.repeated_aug, seed=args.seed)
+    val_part = data_mod.val_shard(val_set, world=dist.world, rank=dist.rank)
+    train_loader, val_loader = data_mod.build_loaders(
+        train_set, val_part, sampler, batch_size=args.batch_size,
+        eval_batch_size=args.eval_batch_size, workers=args.workers,
+        pin_memory=device.type == "cuda")
+    if len(train_loader) == 0:
+        raise ConfigError(f"--batch-size {args.batch_size} exceeds this rank's "
+                          f"{len(sampler)} training images")
+
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, eps=args.opt_eps,
+                                    weight_decay=args.weight_decay, momentum=args.momentum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
+        updates_per_epoch=len(train_loader))
+    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    net: nn.Module = model
+    if dist.distributed:
+        net = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)  # type: ignore[assignment]
+
+    start_epoch, num_updates, best_acc1 = 0, 0, -1.0
+    ckpt_path = _checkpoint_path(args)
+    ckpt: dict[str, Any] | None = None
+    if ckpt_path is not None:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        if args.eval:
+            pass
+        else:
+            if ema is not None and ckpt.get("ema") is not None:
+                ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            start_epoch, num_updates = ckpt["epoch"] + 1, ckpt["num_updates"]
+            best_acc1 = ckpt["best_acc1"]
+
+    amp_dtype = _amp_dtype(args)
+    out = Path(args.output)
+    if dist.is_main:
+        print(json.dumps(vars(args), indent=1, default=str), flush=True)
+        out.mkdir(parents=True, exist_ok=True)
+    if args.eval:
+        stats = evaluate(net, val_loader, device=device, amp_dtype=amp_dtype,
+                         pool_seed=args.seed, progress=args.progress and dist.is_main)
+        if dist.is_main:
+            print(json.dumps(stats), flush=True)
+        return
+
+    # ... and a seed per rank for augmentation, mixup and drop path (as DeiT).
+    _seed_all(args.seed + dist.rank)
+    if ckpt is not None:
+        states = ckpt["rng"]
+        if len(states) == dist.world:
+            _set_rng_state(states[dist.rank], device)
+        elif dist.is_main:
+            print(f"resume: checkpoint from {len(states)} ranks, now {dist.world}: RNG "
+                  "states reseeded, so the run is no longer bit-exact", flush=True)
+        print(f"resumed from {ckpt_path} after epoch {start_epoch - 1}", flush=True)
+    if dist.is_main:
+        (out / "config.json").write_text(json.dumps(vars(args), indent=1, default=str) + "\n")
+        _truncate_log(out / "log.jsonl", start_epoch)
+
+    progress = args.progress and dist.is_main
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(
+            net, criterion, train_loader, optimizer, scheduler, device=device,
+            num_updates=num_updates, mixup=mixup, amp_dtype=amp_dtype, scaler=scaler,
+            clip_grad=args.clip_grad, ema=ema,
+            pool_seed=(args.seed * 1_000_003 + dist.rank) * 1_000_003,
+            check_sync=args.check_sync, progress=progress, desc=f"epoch {epoch}")
+        num_updates = int(train["num_updates"])
+        val = evaluate(net, val_loader, device=device, amp_dtype=amp_dtype,
+                       pool_seed=args.seed, progress=progress)
+        record: dict[str, Any] = {
+            "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
+            "val_acc1": val["val_acc1"], "lr": lr, "images_per_s": train["images_per_s"],
+            "gflops": args.gflops, "train_images": train["train_images"],
+            "val_images": val["val_images"]}
+        if ema is not None:
+            ema_val = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype,
+                               pool_seed=args.seed, progress=progress, desc="val ema")
+            record["val_acc1_ema"] = ema_val["val_acc1"]
+        # Every rank's RNG states, gathered before anything below draws again.
+        rng = all_gather_objects(_rng_state(device))
+        is_best = record["val_acc1"] > best_acc1
+        best_acc1 = max(best_acc1, record["val_acc1"])
+        if dist.is_main:
+            _write_epoch(out, record, is_best, {
+                "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(), "epoch": epoch, "num_updates": num_updates,
+                "best_acc1": best_acc1, "rng": rng, "config": vars(args)})
+
+
+def _write_epoch(out: Path, record: dict[str, Any], is_best: bool,
+                 checkpoint: dict[str, Any]) -> None:
+    """best.pt, then the log line, then checkpoint.pt: a crash in between loses nothing.
+
+    A resumed run redoes every epoch after its checkpoint and drops their log lines first.
+    """
+    if is_best:
+        _atomic_save({k: checkpoint[k] for k in ("model", "ema", "epoch", "config")}
+                     | {"val_acc1": record["val_acc1"]}, out / "best.pt")
+    with open(out / "log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    _atomic_save(checkpoint, out / "checkpoint.pt")
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, train, return 0; bad input exits with status 2 and one message."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    dist = init_distributed(args.device)
+    try:
+        args = resolve_defaults(args, dist)
+        if dist.device.type == "cpu":
+            torch.set_num_threads(args.threads)
+        run(args, dist)
+    except ConfigError as err:
+        parser.error(str(err))
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

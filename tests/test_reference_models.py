@@ -1,0 +1,370 @@
+"""The DeiT trainer in reference_models/: learning, exact resume, downsamplers, DDP, errors.
+
+Everything runs on the CPU with the embedded digits and tiny runs: the whole file takes a
+few minutes on two cores. Subprocesses run the real command line; the rest calls the
+modules in process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the trainer needs PyTorch")
+pytest.importorskip("timm", reason="the trainer needs timm")
+pytest.importorskip("torchvision", reason="the trainer needs torchvision")
+pytest.importorskip("sklearn", reason="--data digits needs scikit-learn")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from reference_models import data, engine, models, train  # noqa: E402
+
+# A small fast recipe: the tiny digits model, few images per step, every random part on
+# (RandAugment, random erasing, Mixup/CutMix, drop path, EMA), one CPU thread per process.
+FAST = ["--data", "digits", "--model", "deit_digits_tiny_patch1_8", "--batch-size", "64",
+        "--threads", "1", "--seed", "3"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env
+
+
+def _trainer(*args: str) -> list[str]:
+    return [sys.executable, "-m", "reference_models.train", *args]
+
+
+def _run(cmd: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _log(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _assert_state_equal(a: Any, b: Any, where: str = "") -> None:
+    """Bit-identical nested state (tensors, numbers, lists, dicts)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
+        assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), where
+        for key in a:
+            _assert_state_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_state_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning
+
+
+def test_tiny_digits_run_learns(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    res = _run(_trainer(*FAST, "--epochs", "4", "--output", str(out)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    log = _log(out)
+    assert [r["epoch"] for r in log] == [0, 1, 2, 3]
+    for key in ("train_loss", "val_loss", "val_acc1", "lr", "images_per_s", "gflops"):
+        assert all(key in r for r in log), key
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.3
+    assert log[-1]["val_acc1"] >= 60.0  # chance is 10%
+    assert all(r["val_images"] == data.DIGITS_VAL_SIZE for r in log)
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == pytest.approx(config["base_lr"] * 64 / 512)
+    best = _load(out / "best.pt")
+    assert best["val_acc1"] == max(r["val_acc1"] for r in log)
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json",
+                                                     "log.jsonl"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kill and resume
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+    # The random downsampler and every augmentation draw random numbers, so any RNG state
+    # that resume failed to restore changes the weights.
+    args = [*FAST, "--epochs", "2", "--downsample", "random", "--keep", "48,32,16,8"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    victim = subprocess.Popen(_trainer(*args, "--output", str(broken)), cwd=ROOT, env=_env(),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    reference = _run(_trainer(*args, "--output", str(whole)))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    deadline = time.monotonic() + 200
+    while not (broken / "checkpoint.pt").exists():
+        assert victim.poll() is None, f"run ended before its first checkpoint: {victim.stderr}"
+        assert time.monotonic() < deadline, "no checkpoint within 200 s"
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)  # in epoch 1, after the checkpoint of epoch 0
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    assert len(_log(broken)) == 1
+
+    resumed = _run(_trainer(*args, "--output", str(broken), "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _load(whole / "checkpoint.pt"), _load(broken / "checkpoint.pt")
+    for key in ("model", "ema", "optimizer", "scheduler", "scaler", "epoch", "num_updates",
+                "rng"):
+        _assert_state_equal(a[key], b[key], key)
+    assert [r["epoch"] for r in _log(broken)] == [0, 1]
+    for ra, rb in zip(_log(whole), _log(broken), strict=True):
+        assert ra["val_acc1"] == rb["val_acc1"] and ra["train_loss"] == rb["train_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every downsampler through patch_timm: one step and an evaluation, gradients everywhere
+
+
+DOWNSAMPLE_CASES = [("none", None)] + [("tokenpool", m) for m in models.TOKENPOOL_METHODS] + [
+    ("powerbert", None), ("random", None), ("importance", None)]
+
+
+@pytest.mark.parametrize(("downsample", "method"), DOWNSAMPLE_CASES)
+def test_each_downsampler_trains_a_step_and_evaluates(downsample: str,
+                                                      method: str | None) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = models.build_model("deit_digits_tiny_patch1_8", 10, drop_path=0.1)
+    keep = [40, 24, 12, 4]
+    schedule = models.apply_downsample(model, downsample, method, ",".join(map(str, keep)))
+    assert schedule == (None if downsample == "none" else keep)
+    if downsample != "none":
+        # patch_timm is the only pooling code: the model's state says which method runs.
+        expected = method if downsample == "tokenpool" else models.DOWNSAMPLERS[downsample]
+        assert model._tokenpool["method"] == expected
+
+    x_train, y_train, x_val, y_val = data.digits_split()
+    tf = data.build_transform(None, {"input_size": (3, 8, 8), "interpolation": "bicubic",
+                                     "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0},
+                              is_training=False)
+    train_set = data.DigitsDataset(x_train[:16], y_train[:16], tf)
+    val_set = data.DigitsDataset(x_val[:24], y_val[:24], tf)
+    loader = torch.utils.data.DataLoader(train_set, batch_size=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = type("NoSchedule", (), {"step_update": lambda self, n: None})()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = engine.train_one_epoch(
+        model, torch.nn.CrossEntropyLoss(), loader, optimizer, scheduler,
+        device=torch.device("cpu"), num_updates=0, mixup=None, amp_dtype=None,
+        scaler=torch.amp.GradScaler("cpu", enabled=False), clip_grad=1.0, ema=None,
+        pool_seed=0)
+    assert stats["num_updates"] == 1 and stats["train_images"] == 16
+    # With pooling between attention and MLP, every block still attends over the tokens it
+    # gets and the class token reaches the head, so no parameter is left without gradient.
+    for name, param in model.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient"
+        assert torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"{name}: zero gradient"
+        assert not torch.equal(param.detach(), before[name]), f"{name} did not move"
+    if downsample != "none":
+        sizes = model._tokenpool["sizes"]
+        assert sizes is not None and tuple(sizes.shape) == (16, keep[-1])
+        if downsample == "tokenpool":  # clusters cover every original patch
+            assert torch.equal(sizes.sum(dim=1), torch.full((16,), 64.0))
+
+    val = engine.evaluate(model, torch.utils.data.DataLoader(val_set, batch_size=10),
+                          device=torch.device("cpu"), amp_dtype=None, pool_seed=0)
+    assert val["val_images"] == 24 and 0.0 <= val["val_acc1"] <= 100.0
+    assert val["val_loss"] == pytest.approx(val["val_loss"])  # finite, not NaN
+
+
+def test_keep_presets_and_lists() -> None:
+    assert models.resolve_keep("linear", 64, 4) == [48, 32, 16, 0]
+    assert models.resolve_keep("half", 196, 12) == [98] * 12
+    assert models.resolve_keep("7", 64, 4) == [7, 7, 7, 7]
+    assert models.resolve_keep("5, 4,3 2", 64, 4) == [5, 4, 3, 2]
+
+
+def test_gflops_estimate_matches_deit_small() -> None:
+    # The paper (fvcore multiply-adds) gives DeiT-S 4.6 GFLOPs; pooling lowers the count.
+    model = models.build_model("deit_small_patch16_224", 1000)
+    assert models.estimate_gflops(model, None) == pytest.approx(4.6, abs=0.05)
+    level1 = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
+    assert models.estimate_gflops(model, level1) < 3.5
+
+
+def test_registered_models() -> None:
+    import timm
+
+    for name, width in (("deit_e318_patch16_224", 318), ("deit_e252_patch16_224", 252)):
+        model = timm.create_model(name)
+        assert model.embed_dim == width and len(model.blocks) == 12
+        assert model.blocks[0].attn.num_heads == 6 and model.patch_embed.num_patches == 196
+    for name in ("deit_digits_tiny_patch1_8", "deit_digits_small_patch1_8",
+                 "deit_digits_tiny_patch2_16"):
+        model = timm.create_model(name)
+        assert model.patch_embed.num_patches == 64 and len(model.blocks) >= 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed
+
+
+def test_samplers_give_disjoint_shares() -> None:
+    x_train, y_train, x_val, y_val = data.digits_split()
+    train_set = data.DigitsDataset(x_train, y_train)
+    val_set = data.DigitsDataset(x_val, y_val)
+    shares = []
+    for rank in range(2):
+        sampler = data.train_sampler(train_set, world=2, rank=rank, repeated_aug=False, seed=1)
+        sampler.set_epoch(3)
+        shares.append(list(sampler))
+    assert len(shares[0]) == len(shares[1]) == (len(train_set) + 1) // 2
+    # 1437 images: one rank pads with one repeat; otherwise the shares are disjoint.
+    assert len(set(shares[0]) & set(shares[1])) <= 1
+    assert set(shares[0]) | set(shares[1]) == set(range(len(train_set)))
+
+    val_shares = [i for r in range(3) for i in data.val_shard(val_set, world=3, rank=r).indices]
+    assert sorted(val_shares) == list(range(len(val_set)))  # each image exactly once
+
+    repeated = []
+    for rank in range(2):
+        sampler = data.train_sampler(train_set, world=2, rank=rank, repeated_aug=True, seed=1)
+        sampler.set_epoch(0)
+        repeated.append(list(sampler))
+    # Repeated augmentation: each rank takes its own positions of the 3x repeated order, so
+    # an image's repeats are spread over both ranks, and no rank gets the same list.
+    assert repeated[0] != repeated[1] and len(repeated[0]) == len(repeated[1])
+
+
+def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "reference_models.train",
+           *FAST, "--epochs", "1", "--batch-size", "32", "--check-sync",
+           "--downsample", "tokenpool", "--method", "kmeans", "--keep", "half",
+           "--output", str(out)]
+    res = _run(cmd, timeout=240)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    # --check-sync compared all parameters of both ranks after every step (it raises, and
+    # the run fails, on any difference). Only rank 0 wrote: one log line, no stray file.
+    log = _log(out)
+    assert len(log) == 1 and log[0]["epoch"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json",
+                                                     "log.jsonl"]
+    assert res.stdout.count('"epoch": 0, "train_loss"') == 1
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["total_batch_size"] == 64
+    # Both ranks trained on their own share: 1437 images, 719 per rank, 22 steps of 32.
+    assert log[0]["train_images"] == 2 * (719 // 32) * 32
+    assert log[0]["val_images"] == data.DIGITS_VAL_SIZE  # gathered, no padding
+    # Gathered accuracy equals one process evaluating the saved weights on the whole set.
+    ckpt = out / "checkpoint.pt"
+    single = _run(_trainer(*FAST, "--downsample", "tokenpool", "--method", "kmeans",
+                           "--keep", "half", "--eval", "--resume", str(ckpt),
+                           "--output", str(tmp_path / "eval")))
+    assert single.returncode == 0, single.stderr[-3000:]
+    stats = json.loads(single.stdout.strip().splitlines()[-1])
+    assert stats["val_images"] == data.DIGITS_VAL_SIZE
+    assert stats["val_acc1"] == pytest.approx(log[0]["val_acc1"], abs=1e-9)
+    assert len(_load(ckpt)["rng"]) == 2  # every rank's RNG states, for an exact resume
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: one argparse-style line and exit status 2
+
+
+def _png_tree(root: Path, layout: dict[str, list[str]], images: int = 1) -> None:
+    from PIL import Image
+
+    for split, classes in layout.items():
+        for cls in classes:
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(images):
+                Image.new("RGB", (8, 8), (i, 0, 0)).save(folder / f"{i}.png")
+
+
+def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("python -m reference")
+             or "error:" in line]
+    assert len([line for line in lines if "error:" in line]) == 1, err
+    return err.split("error:", 1)[1].strip()
+
+
+def test_bad_inputs_get_one_clear_error(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--threads", "1", "--output", str(tmp_path / "out")]
+    assert "neither digits" in _error_of(["--data", str(tmp_path / "nope"), *base], capsys)
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("not a folder")
+    assert "neither digits" in _error_of(["--data", str(a_file), *base], capsys)
+    (tmp_path / "no_val" / "train" / "a").mkdir(parents=True)
+    assert "no val/ folder" in _error_of(["--data", str(tmp_path / "no_val"), *base], capsys)
+    empty = tmp_path / "empty"
+    for split in ("train", "val"):
+        (empty / split / "a").mkdir(parents=True)
+    msg = _error_of(["--data", str(empty), *base], capsys)
+    assert "train/" in msg and "found no valid file" in msg.lower(), msg
+    _png_tree(tmp_path / "mismatch", {"train": ["cat", "dog"], "val": ["cat", "emu"]})
+    msg = _error_of(["--data", str(tmp_path / "mismatch"), *base], capsys)
+    assert "classes differ" in msg and "dog" in msg and "emu" in msg
+    msg = _error_of(["--model", "deit_tiny_patch16_22", *base], capsys)
+    assert "unknown model" in msg and "deit_tiny_patch16_224" in msg
+    msg = _error_of(["--downsample", "tokenpool", "--keep", "sparsity9", *base], capsys)
+    assert "preset" in msg and "linear" in msg
+    msg = _error_of(["--downsample", "powerbert", "--keep", "40,30,20", *base], capsys)
+    assert "4 of them" in msg and "got 3" in msg
+    msg = _error_of(["--downsample", "random", "--method", "kmeans", *base], capsys)
+    assert "--method applies to --downsample tokenpool only" in msg
+    msg = _error_of(["--resume", str(tmp_path / "missing.pt"), *base], capsys)
+    assert "no such checkpoint" in msg
+
+
+def test_good_image_folder_trains(tmp_path: Path) -> None:
+    # Any ImageFolder tree: a run of one epoch on random 8x8 images in two classes.
+    _png_tree(tmp_path / "tree", {"train": ["a", "b"], "val": ["a", "b"]}, images=4)
+    res = _run(_trainer("--data", str(tmp_path / "tree"), "--model",
+                        "deit_digits_tiny_patch1_8", "--batch-size", "4", "--epochs", "1",
+                        "--threads", "1", "--output", str(tmp_path / "out")))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _log(tmp_path / "out")[0]["val_images"] == 8
+
+
+def test_cifar_offline_is_one_line_and_status_2(tmp_path: Path) -> None:
+    res = _run(_trainer("--data", "cifar10", "--data-dir", str(tmp_path / "cifar"),
+                        "--model", "deit_digits_tiny_patch1_8", "--threads", "1",
+                        "--output", str(tmp_path / "out")), timeout=120)
+    if res.returncode == 0:
+        pytest.skip("this machine is online: CIFAR-10 downloaded, no offline error to test")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "--data cifar10" in res.stderr and "offline" in res.stderr
+
+
+def test_help_documents_every_flag() -> None:
+    parser = train.build_parser()
+    text = parser.format_help()
+    for action in parser._actions:
+        if action.option_strings:
+            assert action.help, f"{action.option_strings} has no help"
+            assert any(opt in text for opt in action.option_strings)
