@@ -221,13 +221,18 @@ def test_pool_equals_generic_exactly_on_integer_tokens(host, seed, n, m, batch, 
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), data=st.data())
 def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, seed, n, data):
-    # kmedoids() itself (k = n runs the loop too), every k, weights with zero-weight clusters.
+    # kmedoids() itself (k = n runs the loop too), every k, weights with zero-weight clusters;
+    # and init with repeated tokens, which only check_values=False lets through (the lowest
+    # cluster keeps a shared medoid, the others stay empty).
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n), label="k")
     x = zero_mean_integer_tokens(rng, 2, n, 2, spread=1)  # spread 1: mostly duplicates
     weights = integer_weights(rng, 2, n)
     scheme = data.draw(st.sampled_from(SCHEMES), label="scheme")
-    kwargs = dict(weights=weights, init="random", seed=seed % 1000, max_iter=6)
+    repeats = data.draw(st.booleans(), label="repeats")
+    init = rng.integers(0, n, size=(2, k)) if repeats else "random"
+    kwargs = dict(weights=weights, init=init, seed=seed % 1000, max_iter=6,
+                  check_values=not repeats)
     want = tokenpool_ops.kmedoids(x, k, fast_paths=False, **kwargs)
     with kernel_as_fast_path(host, scheme) as calls:
         got = tokenpool_ops.kmedoids(x, k, **kwargs)

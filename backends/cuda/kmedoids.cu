@@ -225,8 +225,10 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 
 // FullMatrix: the two distance schemes above (a template parameter, so that each
 // instantiation holds one scheme's code only).
+// At least 4 blocks per SM caps registers at 64 per thread: the rows scheme's blocks are
+// small enough to share an SM, and without the cap ptxas spilled at 48 registers (sm_80).
 template <typename T, bool FullMatrix>
-__global__ void __launch_bounds__(TP_BLOCK_THREADS)
+__global__ void __launch_bounds__(TP_BLOCK_THREADS, 4)
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
          const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Compile check of the CUDA kernels (backends/cuda), for machines without a GPU.
+#
+# Every template instantiation the CuPy glue loads (backends/_cupy.py, kernel_name) is
+# compiled with nvcc for sm_80 and sm_90, warnings as errors, and ptxas prints its resource
+# report (registers, shared memory, spills). The float32, float16 and bfloat16 kernels must
+# not spill (ptxas -warn-spills is an error for them); the float64 kernels, which only the
+# tests use, may, and their spills are reported. The host build that the tests run
+# (host_build.cpp through host_emulation.h) is compiled too, warnings as errors.
+#
+# Usage: .ci/check_cuda.sh            (NVCC and CXX may name other compilers)
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+source_dir="$root/backends/cuda"
+nvcc=${NVCC:-nvcc}
+cxx=${CXX:-g++}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+
+if ! command -v "$nvcc" >/dev/null; then
+  echo "check_cuda: $nvcc not found" >&2
+  exit 1
+fi
+
+# One translation unit per element-type group, taking the address of each kernel so that
+# every instantiation is compiled.
+instantiate() {  # file, element types...
+  local file=$1
+  shift
+  {
+    echo '#include "kmedoids.cu"'
+    echo 'void* tokenpool_kernels[] = {'
+    for type in "$@"; do
+      for full in true false; do
+        echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, $full>),"
+      done
+    done
+    echo '};'
+  } >"$file"
+}
+instantiate "$work/float_kernels.cu" float __half __nv_bfloat16
+instantiate "$work/double_kernels.cu" double
+
+# ptxas's resource report, one line per kernel: instantiation, registers, spills, shared
+# memory; errors and warnings as they came.
+report() {
+  (command -v c++filt >/dev/null && c++filt || cat) <"$1" | awk '
+    /Function properties for/ { name = $0; sub(/.*tokenpool::kmedoids/, "kmedoids", name);
+                                sub(/\(.*/, "", name); next }
+    /spill stores/ { spills = $0; gsub(/^ +/, "", spills); next }
+    /Used [0-9]+ registers/ { used = $0; sub(/.*Used /, "", used);
+                              printf "  %-34s %s; %s\n", name, used, spills; next }
+    /error|warning/ { print }'
+}
+
+common=(-std=c++17 -c -I"$source_dir" -Werror all-warnings -Xcompiler -Wall,-Wextra)
+status=0
+for arch in 80 90; do
+  target=(-gencode "arch=compute_$arch,code=sm_$arch")
+  echo "== sm_$arch: float32, float16, bfloat16 (no spill allowed)"
+  if ! "$nvcc" "${common[@]}" "${target[@]}" -Xptxas -v,-warn-spills,-warn-lmem-usage \
+      "$work/float_kernels.cu" -o "$work/float_$arch.o" 2>"$work/float_$arch.log"; then
+    status=1
+  fi
+  report "$work/float_$arch.log"
+  echo "== sm_$arch: float64 (tests only; spills reported, allowed)"
+  if ! "$nvcc" "${common[@]}" "${target[@]}" -Xptxas -v \
+      "$work/double_kernels.cu" -o "$work/double_$arch.o" 2>"$work/double_$arch.log"; then
+    status=1
+  fi
+  report "$work/double_$arch.log"
+done
+
+echo "== host build (g++ -std=c++20, as tests/test_cuda_kernel.py compiles it)"
+if command -v "$cxx" >/dev/null; then
+  "$cxx" -std=c++20 -fsyntax-only -Wall -Wextra -Werror -pthread "$source_dir/host_build.cpp" \
+    || status=1
+else
+  echo "check_cuda: $cxx not found, host build not checked" >&2
+  status=1
+fi
+
+if [ "$status" -ne 0 ]; then
+  echo "check_cuda: FAILED (errors above)" >&2
+else
+  echo "check_cuda: every instantiation compiles for sm_80 and sm_90; no spill in float32"
+fi
+exit "$status"
