@@ -39,7 +39,7 @@ instantiate() {  # file, element types...
     echo '};'
   } >"$file"
 }
-instantiate "$work/float_kernels.cu" float __half __nv_bfloat16
+instantiate "$work/float_kernels.cu" float tokenpool::Half tokenpool::BFloat16
 instantiate "$work/double_kernels.cu" double
 
 # ptxas's resource report, one line per kernel: instantiation, registers, spills, shared

@@ -33,8 +33,8 @@ STATIC_SHARED_BYTES = 64
 
 #: Element types of x the kernel is instantiated for, with their C++ names and the dtype
 #: the kernel accumulates in (float32 for every input but float64, which serves the tests).
-CXX_TYPES = {"float64": "double", "float32": "float", "float16": "__half",
-             "bfloat16": "__nv_bfloat16"}
+CXX_TYPES = {"float64": "double", "float32": "float", "float16": "tokenpool::Half",
+             "bfloat16": "tokenpool::BFloat16"}
 ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32",
                "bfloat16": "float32"}
 
@@ -143,15 +143,24 @@ def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
 # CuPy only: compile once per process, launch on the current stream.
 
 
+def kernel_names() -> list[str]:
+    """Every instantiation the module compiles (its NVRTC name expressions)."""
+    return [kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options: the source includes only its own header (no CUDA header)."""
+    return ("-std=c++17", f"-I{KERNEL_DIR}")
+
+
 @functools.cache
 def _module() -> Any:
-    """The kernel module with every instantiation, compiled on first use (NVRTC)."""
+    """The kernel module with every instantiation, compiled on first use (NVRTC) and kept
+    for the process (CuPy also caches the binary on disk)."""
     import cupy
 
-    names = [kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
-    source = (KERNEL_DIR / "kmedoids.cu").read_text()
-    return cupy.RawModule(code=source, options=("-std=c++17", f"-I{KERNEL_DIR}"),
-                          name_expressions=names)
+    return cupy.RawModule(code=(KERNEL_DIR / "kmedoids.cu").read_text(),
+                          options=compile_options(), name_expressions=kernel_names())
 
 
 @functools.cache

@@ -182,13 +182,57 @@ def test_plan_chooses_a_scheme_or_declines():
     plan = _cupy.kmedoids_plan(1025, 512, "float32", H100_SHARED_BYTES)
     assert plan is not None and not plan.full_matrix
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
-        "tokenpool::kmedoids<__half, false>")
+        "tokenpool::kmedoids<tokenpool::Half, false>")
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(_cupy.MAX_TOKENS + 1, 8, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 3, "complex64", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(4096, 4096, "float32", 48 * 1024) is None  # rows do not fit
+
+
+def _nvrtc() -> ctypes.CDLL:
+    """NVRTC, the compiler behind cupy.RawModule: from the system or from the pip wheels
+    that PyTorch and CuPy install (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib)."""
+    import ctypes.util
+    import site
+
+    candidates = [ctypes.util.find_library("nvrtc")]
+    for packages in site.getsitepackages():
+        candidates += sorted(str(p) for p in Path(packages).glob("nvidia/*/lib/libnvrtc.so*"))
+    for candidate in filter(None, candidates):
+        folder = Path(candidate).parent
+        for builtins in sorted(folder.glob("libnvrtc-builtins.so*")):  # NVRTC loads it itself
+            with contextlib.suppress(OSError):
+                ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+        with contextlib.suppress(OSError):
+            return ctypes.CDLL(candidate)
+    pytest.skip("NVRTC not found: the CuPy module's compilation is untested")
+
+
+def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
+    # What _cupy._module hands to cupy.RawModule: the source, its options, every name.
+    nvrtc = _nvrtc()
+    program = ctypes.c_void_p()
+    source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_bytes()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"kmedoids.cu", 0, None,
+                                    None) == 0
+    names = [name.encode() for name in _cupy.kernel_names()]
+    for name in names:
+        assert nvrtc.nvrtcAddNameExpression(program, name) == 0
+    options = [option.encode() for option in (*_cupy.compile_options(), "-arch=compute_80")]
+    compiled = nvrtc.nvrtcCompileProgram(program, len(options),
+                                         (ctypes.c_char_p * len(options))(*options))
+    log_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+    log = ctypes.create_string_buffer(log_size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert compiled == 0, log.value.decode()
+    for name in names:
+        lowered = ctypes.c_char_p()
+        assert nvrtc.nvrtcGetLoweredName(program, name, ctypes.byref(lowered)) == 0, name
+        assert lowered.value and b"kmedoids" in lowered.value
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
 # ---------------------------------------------------------------------------------------------

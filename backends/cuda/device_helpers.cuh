@@ -1,6 +1,6 @@
 // Device helpers shared by the Token Pooling kernels (kmedoids.cu): element types, the one
 // distance formula, block reductions and the shared-memory layout. Written for nvcc/NVRTC
-// and for g++ through host_emulation.h, so no standard-library header is used here.
+// and for g++ through host_emulation.h, so no header (standard or CUDA) is used here.
 #pragma once
 
 // Threads per block (one block per problem). 256 keeps eight warps busy on the N x N loops
@@ -25,14 +25,39 @@ constexpr int kMaxTokens = 4096;
 //: Marks "no cluster" in the token -> cluster-of-its-medoid map (any value >= K works).
 constexpr int kNotAMedoid = 0x7FFFFFFF;
 
+// The 16-bit inputs, as their bits (the layout of __half and __nv_bfloat16). Converting
+// them here, rather than with cuda_fp16.h, keeps the source free of CUDA headers (NVRTC
+// then needs no include path) and lets the host build run the very same conversion.
+struct Half {
+  unsigned short bits;  // IEEE 754 binary16
+};
+struct BFloat16 {
+  unsigned short bits;  // the upper half of a float32
+};
+
 // float32 accumulation for every float input; float64 only for float64 (tests).
 template <typename T> struct Accumulator { using type = float; };
 template <> struct Accumulator<double> { using type = double; };
 
 __device__ __forceinline__ float to_accumulator(float v) { return v; }
 __device__ __forceinline__ double to_accumulator(double v) { return v; }
-__device__ __forceinline__ float to_accumulator(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_accumulator(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_accumulator(BFloat16 v) {
+  return __int_as_float(static_cast<int>(static_cast<unsigned int>(v.bits) << 16));
+}
+// Exact: every binary16 value is a float32 value.
+__device__ __forceinline__ float to_accumulator(Half v) {
+  const unsigned int sign = static_cast<unsigned int>(v.bits & 0x8000u) << 16;
+  const unsigned int exponent = (v.bits >> 10) & 0x1Fu;
+  const unsigned int mantissa = v.bits & 0x3FFu;
+  if (exponent == 0) {  // zero or subnormal: mantissa * 2^-24
+    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-8f;
+    return sign ? -magnitude : magnitude;
+  }
+  const unsigned int bits = exponent == 0x1Fu
+      ? sign | 0x7F800000u | (mantissa << 13)  // infinity or NaN
+      : sign | ((exponent + 112u) << 23) | (mantissa << 13);  // rebias 15 -> 127
+  return __int_as_float(static_cast<int>(bits));
+}
 
 // Explicit fused multiply-adds: the GPU and the host emulation then round identically.
 __device__ __forceinline__ float multiply_add(float a, float b, float c) { return fmaf(a, b, c); }

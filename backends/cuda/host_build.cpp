@@ -48,8 +48,8 @@ void run_kmedoids(const void* x, const void* mean, const long long* init, const 
 
 TP_KMEDOIDS_ENTRY(float64, double)
 TP_KMEDOIDS_ENTRY(float32, float)
-TP_KMEDOIDS_ENTRY(float16, __half)
-TP_KMEDOIDS_ENTRY(bfloat16, __nv_bfloat16)
+TP_KMEDOIDS_ENTRY(float16, tokenpool::Half)
+TP_KMEDOIDS_ENTRY(bfloat16, tokenpool::BFloat16)
 
 extern "C" int tp_block_threads() { return tokenpool::kBlockThreads; }
 extern "C" int tp_feature_chunk() { return tokenpool::kFeatureChunk; }

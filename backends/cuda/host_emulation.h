@@ -102,35 +102,3 @@ inline double __longlong_as_double(long long bits) {
   std::memcpy(&value, &bits, sizeof value);
   return value;
 }
-
-// Storage-only half types with the conversions the kernels use (inputs are only read).
-struct __half {
-  std::uint16_t bits;
-};
-struct __nv_bfloat16 {
-  std::uint16_t bits;
-};
-
-inline float __half2float(__half h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h.bits & 0x8000u) << 16;
-  const std::uint32_t exponent = (h.bits >> 10) & 0x1Fu;
-  const std::uint32_t mantissa = h.bits & 0x3FFu;
-  if (exponent == 0x1Fu) {  // infinity or NaN
-    const std::uint32_t bits = sign | 0x7F800000u | (mantissa << 13);
-    float value;
-    std::memcpy(&value, &bits, sizeof value);
-    return value;
-  }
-  // Normal and subnormal numbers alike: mantissa * 2^(exponent - 25), exact in float.
-  const float magnitude = exponent == 0
-      ? std::ldexp(static_cast<float>(mantissa), -24)
-      : std::ldexp(static_cast<float>(mantissa | 0x400u), static_cast<int>(exponent) - 25);
-  return sign ? -magnitude : magnitude;
-}
-
-inline float __bfloat162float(__nv_bfloat16 h) {
-  const std::uint32_t bits = static_cast<std::uint32_t>(h.bits) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}

@@ -21,8 +21,6 @@
 //   (B, K, N); a row is recomputed when its medoid moves, and the within-cluster distances
 //   of the medoid update are computed from the tokens (O(sum of squared cluster sizes * M)).
 #if defined(__CUDACC__)
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 // Dynamic shared memory; host_emulation.h defines the same name for the CPU build.
 #define TP_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
 #endif
