@@ -216,3 +216,43 @@ def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
 
 
 FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids}
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch CUDA tensors: zero-copy through DLPack, on PyTorch's current stream.
+
+#: PyTorch dtypes the kernel takes through DLPack (CuPy has no bfloat16; the core computes
+#: half precision in float32 anyway, see _compat.compute_dtype).
+TORCH_DTYPES = ("float16", "float32", "float64")
+
+
+def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+                   stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+    """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
+
+    None (the PyTorch code runs) without CuPy, off CUDA, inside ``torch.compile``, for other
+    dtypes and for shapes the kernel does not cover. The kernel runs on PyTorch's current
+    stream, so it is ordered with the surrounding PyTorch work without a synchronisation.
+    Nothing here needs gradients: labels and medoids have none, and the merge that follows
+    stays in PyTorch.
+    """
+    import torch
+
+    if (x.device.type != "cuda" or torch.compiler.is_compiling()
+            or str(x.dtype).removeprefix("torch.") not in TORCH_DTYPES):
+        return None
+    try:
+        import cupy
+    except ImportError:
+        return None
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    with torch.no_grad(), cupy.cuda.Device(x.device.index), cupy.cuda.ExternalStream(stream):
+        x_gpu, mean_gpu, init_gpu, weights_gpu = (cupy.from_dlpack(t.detach())
+                                                  for t in (x, mean, init, weights))
+        result = run_kmedoids(x_gpu, mean_gpu, init_gpu, weights_gpu, max_iter, stop_early)
+        if result is None:
+            return None
+        labels, medoids, history, n_iter = result
+        # Still inside the stream context: CuPy's stream is PyTorch's, nothing to wait for.
+        return (torch.from_dlpack(labels), torch.from_dlpack(medoids),
+                torch.from_dlpack(history), n_iter)

@@ -235,6 +235,16 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
+def test_dispatch_offers_the_kernel_to_cupy_and_declines_off_cuda():
+    # CuPy arrays get the kernel as their fused K-Medoids; PyTorch tensors that are not on
+    # a CUDA device never reach CuPy (the CPU ones take the Numba kernel or PyTorch).
+    assert backends._fast_paths("cupy")["kmedoids"] is _cupy.kmedoids
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = torch.zeros(2, 5, 3)
+    assert _cupy.torch_kmedoids(x, x.mean(1, keepdim=True), torch.zeros(2, 2, dtype=torch.int64),
+                                torch.ones(2, 5), 3, True) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # Exact equality with the generic code
 

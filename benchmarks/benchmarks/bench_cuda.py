@@ -1,0 +1,172 @@
+"""The fused CUDA K-Medoids kernel against the generic GPU paths (issue #10's grid).
+
+As an asv suite (``time_pool``), and as a script that prints one table, which
+``benchmarks/gpu_check.sh`` runs: ``python benchmarks/benchmarks/bench_cuda.py``.
+
+Columns, all ``pool(x, k, "wkmedoids", scores=s)`` with the default checks unless noted,
+float32 tokens of M = 384 features, the device awaited inside each timed call, median ms:
+
+* ``kernel``: the clustering alone (``backends._cupy.run_kmedoids``, CuPy arrays);
+* ``torch kernel`` / ``torch generic``: PyTorch CUDA tensors, fast paths on / off;
+* ``torch kernel nochk``: the same with ``check_values=False, stop_early=False``;
+* ``cupy kernel`` / ``cupy generic``: CuPy arrays, fast paths on / off;
+* ``ToMe``: the ToMe-style bipartite merge of ``benchmarks/compare_peers.py`` (r = N - k).
+
+A column that could not run (a library missing, or the kernel not used) says so.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import tokenpool_ops
+
+#: (B, N, K) of issue #10: ViT-S/16 at 224 (N = 197), ViT-B/16 at 384 (577), and 1025.
+CASES = [(64, 197, 49), (64, 197, 98), (256, 197, 49), (256, 197, 98), (64, 577, 144),
+         (64, 1025, 256)]
+FEATURES = 384
+COLUMNS = ["kernel", "torch kernel", "torch kernel nochk", "torch generic", "cupy kernel",
+           "cupy generic", "ToMe"]
+
+
+def _inputs(b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((b, n, FEATURES), dtype=np.float32)
+    return x, rng.random((b, n), dtype=np.float32)
+
+
+def _tome() -> Callable[..., Any] | None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    try:
+        from compare_peers import tome_merge
+    except ImportError:
+        return None
+    return tome_merge
+
+
+def _calls(b: int, n: int, k: int) -> dict[str, Callable[[], object] | str]:
+    """Each column's call on fresh device inputs, or why it cannot run."""
+    from tokenpool_ops.backends import _cupy
+
+    x, scores = _inputs(b, n)
+    calls: dict[str, Callable[[], object] | str] = dict.fromkeys(COLUMNS, "unavailable")
+    try:
+        import cupy
+    except ImportError:
+        cupy = None
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if cupy is not None:
+        xc, sc = cupy.asarray(x), cupy.asarray(scores)
+        mean = xc.mean(axis=1, keepdims=True)
+        init = cupy.argsort(-sc, axis=1)[:, :k]
+        calls["kernel"] = lambda: _cupy.run_kmedoids(xc, mean, init, sc, 10, True)
+        calls["cupy kernel"] = lambda: tokenpool_ops.pool(xc, k, "wkmedoids", scores=sc)
+        calls["cupy generic"] = lambda: tokenpool_ops.pool(xc, k, "wkmedoids", scores=sc,
+                                                           fast_paths=False)
+    if torch is not None and torch.cuda.is_available():
+        xt, st = torch.as_tensor(x, device="cuda"), torch.as_tensor(scores, device="cuda")
+        calls["torch kernel"] = lambda: tokenpool_ops.pool(xt, k, "wkmedoids", scores=st)
+        calls["torch kernel nochk"] = lambda: tokenpool_ops.pool(
+            xt, k, "wkmedoids", scores=st, check_values=False, stop_early=False)
+        calls["torch generic"] = lambda: tokenpool_ops.pool(xt, k, "wkmedoids", scores=st,
+                                                            fast_paths=False)
+        tome = _tome()
+        calls["ToMe"] = (lambda: tome(xt, n - k)) if tome else "compare_peers not found"
+    return calls
+
+
+def _uses_kernel(call: Callable[[], object]) -> bool:
+    """Whether one call of ``call`` ran the kernel."""
+    from tokenpool_ops.backends import _cupy
+
+    plain, runs = _cupy.run_kmedoids, []
+
+    def counted(*args: Any) -> Any:
+        runs.append(1)
+        return plain(*args)
+
+    _cupy.run_kmedoids = counted
+    try:
+        call()
+    finally:
+        _cupy.run_kmedoids = plain
+    return bool(runs)
+
+
+def _wait() -> None:
+    for name in ("torch", "cupy"):
+        module = sys.modules.get(name)
+        if name == "torch" and module is not None and module.cuda.is_available():
+            module.cuda.synchronize()
+        elif name == "cupy" and module is not None:
+            module.cuda.Device().synchronize()
+
+
+def median_ms(call: Callable[[], object], repeat: int = 15) -> float:
+    for _ in range(2):  # compile, allocate, warm the caches
+        call()
+    _wait()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        call()
+        _wait()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def table() -> str:
+    lines = ["| B | N | K | " + " | ".join(COLUMNS) + " | speed-up vs torch generic |",
+             "|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1)]
+    for b, n, k in CASES:
+        cells, timings = [], {}
+        for column, call in _calls(b, n, k).items():
+            if isinstance(call, str):
+                cells.append(call)
+                continue
+            if "kernel" in column and column != "kernel" and not _uses_kernel(call):
+                cells.append("kernel not used")
+                continue
+            timings[column] = median_ms(call)
+            cells.append(f"{timings[column]:.3f}")
+        speedup = ("" if "torch kernel" not in timings or "torch generic" not in timings
+                   else f"{timings['torch generic'] / timings['torch kernel']:.1f}x")
+        lines.append(f"| {b} | {n} | {k} | " + " | ".join(cells) + f" | {speedup} |")
+        print(lines[-1], file=sys.stderr, flush=True)  # progress
+    return "\n".join(lines)
+
+
+class PoolOnGpu:
+    """asv: every column of the table, per case."""
+
+    params = (COLUMNS, [f"{b}x{n}/{k}" for b, n, k in CASES])
+    param_names = ("implementation", "B x N / K")
+    timeout = 300.0
+
+    def setup(self, implementation: str, case: str) -> None:
+        shape, k = case.split("/")
+        b, n = (int(v) for v in shape.split("x"))
+        call = _calls(b, n, int(k))[implementation]
+        if isinstance(call, str):
+            raise NotImplementedError(call)  # asv: skipped
+        self.call = call
+        median_ms(call, repeat=1)
+
+    def time_pool(self, implementation: str, case: str) -> None:
+        self.call()
+        _wait()
+
+
+if __name__ == "__main__":
+    print(f"\nwkmedoids pool, float32, M = {FEATURES}, median ms (device awaited):\n")
+    print(table())

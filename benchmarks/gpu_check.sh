@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The prepared GPU check of issue #10, for a machine with a CUDA GPU (and no network):
+#   1. the CuPy and torch-cuda tests of the suite, and the GPU tests of the CUDA kernel;
+#   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py), whose table comes last.
+# Installs nothing; about 6 minutes at most (each step has its own time limit).
+#
+# Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use)
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+python=${PYTHON:-}
+if [ -z "$python" ]; then
+  if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
+fi
+
+echo "== device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
+  || echo "nvidia-smi not available"
+"$python" - <<'EOF'
+import importlib
+for name in ("torch", "cupy", "numba", "timm", "jax"):
+    try:
+        print(f"{name} {importlib.import_module(name).__version__}")
+    except Exception as error:  # missing, or failing to load
+        print(f"{name}: not available ({type(error).__name__})")
+EOF
+
+echo "== tests: CuPy and torch-cuda backends, GPU kernel tests (limit 240 s)"
+timeout 240 "$python" -m pytest -q -ra -p no:cacheprovider tests \
+  -k "cupy or torch-cuda or gpu"
+tests_status=$?
+
+echo "== benchmark (limit 100 s)"
+table=$(timeout 100 "$python" benchmarks/benchmarks/bench_cuda.py)
+bench_status=$?
+
+echo
+echo "== summary: tests exit ${tests_status}, benchmark exit ${bench_status}"
+echo "$table"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
