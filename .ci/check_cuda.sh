@@ -24,7 +24,7 @@ if ! command -v "$nvcc" >/dev/null; then
 fi
 
 # One translation unit per element-type group, taking the address of each kernel so that
-# every instantiation is compiled.
+# every instantiation is compiled: kmedoids<T, FullMatrix> and merge<T>.
 instantiate() {  # file, element types...
   local file=$1
   shift
@@ -32,9 +32,9 @@ instantiate() {  # file, element types...
     echo '#include "kmedoids.cu"'
     echo 'void* tokenpool_kernels[] = {'
     for type in "$@"; do
-      for full in true false; do
-        echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, $full>),"
-      done
+      echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, true>),"
+      echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, false>),"
+      echo "  reinterpret_cast<void*>(&tokenpool::merge<$type>),"
     done
     echo '};'
   } >"$file"
@@ -46,7 +46,7 @@ instantiate "$work/double_kernels.cu" double
 # memory; errors and warnings as they came.
 report() {
   (command -v c++filt >/dev/null && c++filt || cat) <"$1" | awk '
-    /Function properties for/ { name = $0; sub(/.*tokenpool::kmedoids/, "kmedoids", name);
+    /Function properties for/ { name = $0; sub(/^.*void tokenpool::/, "", name);
                                 sub(/\(.*/, "", name); next }
     /spill stores/ { spills = $0; gsub(/^ +/, "", spills); next }
     /Used [0-9]+ registers/ { used = $0; sub(/.*Used /, "", used);

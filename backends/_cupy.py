@@ -140,12 +140,72 @@ def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
 
 
 # ---------------------------------------------------------------------------------------------
+# The merge (Algorithm 1, line 6): pooled tokens, their sizes and the objective.
+
+
+def merge_name(dtype_name: str) -> str:
+    return f"tokenpool::merge<{CXX_TYPES[dtype_name]}>"
+
+
+def merge_shared_bytes(n: int, k: int, accumulator_bytes: int) -> int:
+    """``MergeLayout::bytes()``: effective weights (N), cluster totals (K), a reduction
+    scratch (BLOCK_THREADS); labels and members (N each), cluster starts (K + 1)."""
+    return (n + k + BLOCK_THREADS) * accumulator_bytes + (2 * n + k + 1) * 4
+
+
+def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int) -> bool:
+    """Whether the merge kernel covers these shapes (else the generic merge runs)."""
+    if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS or k * m >= 2**31:
+        return False
+    accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
+    return merge_shared_bytes(n, k, accumulator_bytes) <= max_shared_bytes - STATIC_SHARED_BYTES
+
+
+@dataclass(frozen=True)
+class MergeArguments:
+    """The merge kernel's inputs, contiguous in its dtypes, and its outputs."""
+
+    x: Any  # (B, N, M)
+    mean: Any  # (B, M)
+    labels: Any  # (B, N) int64
+    weights: Any  # (B, N)
+    fallback: Any  # (B, N), or (0,) when there is none (weights all positive)
+    carried: Any  # (B, N) input sizes
+    tokens: Any  # (B, K, M) pooled tokens
+    sizes: Any  # (B, K) their sizes
+    objective: Any  # (B,) Eq. 13 of the pooled tokens
+
+
+def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weights: Any,
+                    fallback: Any | None, carried: Any) -> MergeArguments:
+    n_problems, _, m = x.shape
+    accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
+
+    def per_token(values: Any) -> Any:
+        return np_like.ascontiguousarray(values, dtype=accumulator)
+
+    return MergeArguments(
+        x=np_like.ascontiguousarray(x),
+        mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
+        labels=np_like.ascontiguousarray(labels, dtype=np_like.int64),
+        weights=per_token(weights),
+        fallback=(np_like.empty((0,), dtype=accumulator) if fallback is None
+                  else per_token(fallback)),
+        carried=per_token(carried),
+        tokens=np_like.empty((n_problems, k, m), dtype=accumulator),
+        sizes=np_like.empty((n_problems, k), dtype=accumulator),
+        objective=np_like.empty((n_problems,), dtype=accumulator),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 # CuPy only: compile once per process, launch on the current stream.
 
 
 def kernel_names() -> list[str]:
     """Every instantiation the module compiles (its NVRTC name expressions)."""
-    return [kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
+    return ([kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
+            + [merge_name(dtype) for dtype in CXX_TYPES])
 
 
 def compile_options() -> tuple[str, ...]:
@@ -207,6 +267,34 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
     if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
         _launch(args, plan, max_iter)
     return kernel_results(args, max_iter, stop_early)
+
+
+def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
+              carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+    """Algorithm 1, line 6 on CuPy arrays: pooled tokens (B, K, M), their sizes (B, K) and,
+    ``with_objective``, Eq. 13 of the pooled tokens (B,); None where the kernel does not
+    apply. Arguments as in ``_pool._pool_by_clustering`` (``fallback`` None: the weights are
+    all positive); results in the accumulator dtype. Not yet a ``Primitives`` entry.
+    """
+    import cupy
+    import numpy as np
+
+    n_problems, n, m = x.shape
+    max_shared = _max_shared_bytes(x.device.id)
+    if not merge_applies(n, k, m, x.dtype.name, max_shared):
+        return None
+    args = merge_arguments(cupy, x, mean, labels, k, weights, fallback, carried)
+    if n_problems > 0:
+        kernel = _module().get_function(merge_name(x.dtype.name))
+        shared = merge_shared_bytes(n, k, args.tokens.itemsize)
+        kernel.max_dynamic_shared_size_bytes = shared
+        kernel((n_problems,), (BLOCK_THREADS,),
+               (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
+                np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
+                np.int32(fallback is not None), np.int32(with_objective), args.tokens,
+                args.sizes, args.objective),
+               shared_mem=shared)
+    return args.tokens, args.sizes, args.objective if with_objective else None
 
 
 def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,

@@ -53,6 +53,10 @@ class HostKernels:
             function.restype = None
             function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 5
             getattr(library, f"tp_kmedoids_shared_bytes_{suffix}").restype = ctypes.c_longlong
+            merge = getattr(library, f"tp_merge_{suffix}")
+            merge.restype = None
+            merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3
+            getattr(library, f"tp_merge_shared_bytes_{suffix}").restype = ctypes.c_longlong
 
     def plan(self, n: int, k: int, dtype_name: str, scheme: str) -> _cupy.KMedoidsPlan:
         plan = _cupy.kmedoids_plan(n, k, dtype_name, H100_SHARED_BYTES)
@@ -88,6 +92,20 @@ class HostKernels:
             args = _cupy.kernel_arguments(np, x, mean, init, weights, max_iter, plan)
         self.launch(args, plan, max_iter, dtype_name)
         return _cupy.kernel_results(args, max_iter, stop_early)
+
+    def merge(self, x: np.ndarray, mean: np.ndarray, labels: np.ndarray, k: int,
+              weights: np.ndarray, fallback: np.ndarray | None, carried: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``_cupy.run_merge`` on the host: pooled tokens, sizes, objective."""
+        assert _cupy.merge_applies(x.shape[1], k, x.shape[2], x.dtype.name, H100_SHARED_BYTES)
+        args = _cupy.merge_arguments(np, x, mean, labels, k, weights, fallback, carried)
+        n_problems, n, m = args.x.shape
+        getattr(self.library, f"tp_merge_{x.dtype.name}")(
+            args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
+            args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
+            n_problems, n, m, k, int(fallback is not None), 1, args.tokens.ctypes.data,
+            args.sizes.ctypes.data, args.objective.ctypes.data)
+        return args.tokens, args.sizes, args.objective
 
 
 @pytest.fixture(scope="module")
@@ -165,10 +183,12 @@ def test_constants_and_layout_agree_with_the_kernel(host):
     for dtype_name, accumulator in (("float64", 8), ("float32", 4), ("float16", 4),
                                     ("bfloat16", 4)):
         entry = getattr(host.library, f"tp_kmedoids_shared_bytes_{dtype_name}")
+        merge_entry = getattr(host.library, f"tp_merge_shared_bytes_{dtype_name}")
         for n, k in ((1, 1), (197, 98), (577, 49), (4096, 4096)):
             for full in (True, False):
                 assert entry(n, k, int(full)) == _cupy.kmedoids_shared_bytes(n, k, accumulator,
                                                                              full)
+            assert merge_entry(n, k) == _cupy.merge_shared_bytes(n, k, accumulator)
 
 
 def test_plan_chooses_a_scheme_or_declines():
@@ -231,7 +251,7 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
     for name in names:
         lowered = ctypes.c_char_p()
         assert nvrtc.nvrtcGetLoweredName(program, name, ctypes.byref(lowered)) == 0, name
-        assert lowered.value and b"kmedoids" in lowered.value
+        assert lowered.value and lowered.value.startswith(b"_ZN9tokenpool")
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
 
 
@@ -367,6 +387,34 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
         for run in runs[1:]:
             for got, want in zip(run, runs[0], strict=True):
                 np.testing.assert_array_equal(got, want)
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge kernel (Algorithm 1, line 6) equals the generic merge
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 60), m=st.integers(1, 40),
+       data=st.data())
+def test_merge_equals_generic_merge(host, seed, n, m, data):
+    # Labels from the generic pool; weights in {0, 1, 2} (clusters of zero weight fall back
+    # to the sizes, then to ones); sizes given or not, as pool's weights and fallback rules.
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n - 1), label="k")
+    method = data.draw(st.sampled_from(["kmedoids", "wkmedoids"]), label="method")
+    x = zero_mean_integer_tokens(rng, 2, n, m, spread=3) + rng.normal(size=(2, n, m))
+    scores = integer_weights(rng, 2, n)
+    sizes = (rng.integers(0, 3, size=(2, n)).astype(float) if data.draw(st.booleans())
+             else None)
+    want = tokenpool_ops.pool(x, k, method, scores=scores, sizes=sizes, return_info=True,
+                              fast_paths=False)
+    carried = np.ones((2, n)) if sizes is None else sizes
+    weights = scores * carried if method == "wkmedoids" else carried
+    fallback = None if sizes is None and method == "kmedoids" else carried
+    tokens, out_sizes, objective = host.merge(x, x.mean(axis=1, keepdims=True),
+                                              want.assignment, k, weights, fallback, carried)
+    np.testing.assert_array_equal(out_sizes, want.sizes)
+    np.testing.assert_allclose(tokens, want.tokens, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(objective, want.objective, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,8 +75,8 @@ template <> __device__ __forceinline__ double infinity<double>() {
 
 // Squared distance of two centred tokens read from global memory, summed chunk by chunk
 // (see kFeatureChunk). Centring first, as everywhere in the library.
-template <typename T, typename Acc>
-__device__ Acc pair_distance(const T* __restrict__ a, const T* __restrict__ b,
+template <typename A, typename B, typename Acc>
+__device__ Acc pair_distance(const A* __restrict__ a, const B* __restrict__ b,
                              const Acc* __restrict__ mean, int m) {
   Acc total = 0;
   for (int start = 0; start < m; start += kFeatureChunk) {
@@ -129,6 +129,22 @@ struct KMedoidsLayout {
   __device__ long long int_count() const {
     // labels, medoid_of, medoids, moved
     return 2LL * n + 2LL * k;
+  }
+  __device__ long long bytes() const {
+    return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
+  }
+};
+
+// The merge kernel's block: per-token effective weights, per-cluster totals, members.
+template <typename Acc>
+struct MergeLayout {
+  int n, k;
+
+  __device__ long long acc_count() const {
+    return static_cast<long long>(n) + k + kBlockThreads;  // weights, totals, scratch
+  }
+  __device__ long long int_count() const {
+    return 2LL * n + k + 1;  // labels, members in cluster order, cluster starts
   }
   __device__ long long bytes() const {
     return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;

@@ -1,6 +1,7 @@
 // (Weighted) K-Medoids for Token Pooling (Marin et al., §4 and Appendix A), one thread block
-// per problem, the whole iteration loop in one launch; and the merge of Algorithm 1, line 6
-// (weighted cluster means, output sizes, objective) in a second launch.
+// per problem, the whole iteration loop in one launch (`kmedoids`); and the rest of
+// Algorithm 1 (line 6: weighted cluster means; output sizes; the objective) in a second
+// launch (`merge`), for any clustering's labels.
 //
 // Rules, identical to the generic array-API code (tokenpool_ops/_clustering.py):
 // * assignment (Eq. 16): the nearest medoid, the lowest cluster index on ties; a medoid is
@@ -281,6 +282,127 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
     medoids_out[static_cast<long long>(problem) * k + c] = p.medoids[c];
   }
   if (threadIdx.x == 0) iterations[problem] = done;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merge (Algorithm 1, line 6), as tokenpool_ops._pool._pool_by_clustering computes it:
+// * cluster c's token is the mean of its members weighted by the effective weights of
+//   _clustering.effective_weights: `weights` if they sum to more than zero over the
+//   cluster, else `fallback` (the sizes) if those do, else ones; without `fallback` the
+//   weights are used as they are, and a cluster of zero total weight (or no member) takes
+//   the problem's mean;
+// * its size is the sum of `carried` over its members;
+// * the objective (Eq. 13) is sum_i weights_i |x_i - t_a(i)|^2, t_a(i) the pooled token
+//   nearest to x_i (the lowest index on ties), from the token differences.
+// Every sum runs over the members in token order, so the result is the same on every run.
+
+// Members of each cluster in token order (`order`, from `starts[c]` to `starts[c + 1]`).
+__device__ __forceinline__ void group_members(const int* labels, int n, int k, int* order,
+                                              int* starts) {
+  for (int c = threadIdx.x; c < k; c += kBlockThreads) {
+    int count = 0;
+    for (int i = 0; i < n; ++i) count += labels[i] == c;
+    starts[c + 1] = count;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {  // K <= kMaxTokens small sums: one thread is fast enough
+    starts[0] = 0;
+    for (int c = 0; c < k; ++c) starts[c + 1] += starts[c];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < k; c += kBlockThreads) {
+    int slot = starts[c];
+    for (int i = 0; i < n; ++i) {
+      if (labels[i] == c) order[slot++] = i;
+    }
+  }
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(TP_BLOCK_THREADS)
+merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
+      const long long* __restrict__ labels,
+      const typename Accumulator<T>::type* __restrict__ weights,
+      const typename Accumulator<T>::type* __restrict__ fallback,
+      const typename Accumulator<T>::type* __restrict__ carried, int n_problems, int n, int m,
+      int k, int has_fallback, int with_objective,
+      typename Accumulator<T>::type* __restrict__ tokens,
+      typename Accumulator<T>::type* __restrict__ sizes,
+      typename Accumulator<T>::type* __restrict__ objective) {
+  using Acc = typename Accumulator<T>::type;
+  const int problem = blockIdx.x;
+  if (problem >= n_problems || n <= 0 || k <= 0) return;  // uniform across the block
+  TP_DYNAMIC_SHARED(shared);
+  const long long token_offset = static_cast<long long>(problem) * n;
+  x += token_offset * m;
+  mean += static_cast<long long>(problem) * m;
+  weights += token_offset;
+  fallback += has_fallback ? token_offset : 0;
+  carried += token_offset;
+  tokens += static_cast<long long>(problem) * k * m;
+  sizes += static_cast<long long>(problem) * k;
+  Acc* const token_weights = reinterpret_cast<Acc*>(shared);
+  Acc* const totals = token_weights + n;
+  Acc* const scratch = totals + k;
+  int* const cluster = reinterpret_cast<int*>(scratch + kBlockThreads);
+  int* const order = cluster + n;
+  int* const starts = order + n;
+
+  for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+    const long long label = labels[token_offset + i];
+    cluster[i] = label >= 0 && label < k ? static_cast<int>(label) : 0;  // never out of range
+  }
+  __syncthreads();
+  group_members(cluster, n, k, order, starts);
+
+  // Per cluster: which weights its mean uses, their total, and the output size.
+  for (int c = threadIdx.x; c < k; c += kBlockThreads) {
+    Acc weight_sum = 0, fallback_sum = 0, size = 0;
+    for (int s = starts[c]; s < starts[c + 1]; ++s) {
+      const int i = order[s];
+      weight_sum += weights[i];
+      if (has_fallback) fallback_sum += fallback[i];
+      size += carried[i];
+    }
+    const int source = !has_fallback || weight_sum > 0 ? 0 : fallback_sum > 0 ? 1 : 2;
+    Acc total = 0;
+    for (int s = starts[c]; s < starts[c + 1]; ++s) {
+      const int i = order[s];
+      const Acc w = source == 0 ? weights[i] : source == 1 ? fallback[i] : Acc(1);
+      token_weights[i] = w;
+      total += w;
+    }
+    totals[c] = total;
+    sizes[c] = size;
+  }
+  __syncthreads();
+
+  for (int e = threadIdx.x; e < k * m; e += kBlockThreads) {  // k * m < 2^31: see the plan
+    const int c = e / m, q = e % m;
+    Acc sum = 0;
+    for (int s = starts[c]; s < starts[c + 1]; ++s) {
+      const int i = order[s];
+      sum = multiply_add(token_weights[i], to_accumulator(x[static_cast<long long>(i) * m + q]),
+                         sum);
+    }
+    tokens[e] = totals[c] > 0 ? sum / totals[c] : mean[q];
+  }
+  if (!with_objective) return;  // uniform across the block
+  __syncthreads();  // the pooled tokens, written above, are read below
+
+  Acc error = 0;
+  for (int i = threadIdx.x; i < n; i += kBlockThreads) {
+    Acc nearest = infinity<Acc>();
+    for (int c = 0; c < k; ++c) {
+      const Acc d = pair_distance(x + static_cast<long long>(i) * m,
+                                  tokens + static_cast<long long>(c) * m, mean, m);
+      if (d < nearest) nearest = d;  // strict, and false for NaN
+    }
+    error = multiply_add(weights[i], nearest, error);
+  }
+  error = block_sum(error, scratch);
+  if (threadIdx.x == 0) objective[problem] = error;
 }
 
 }  // namespace tokenpool
