@@ -60,15 +60,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         "repeated_aug": True, "hflip": 0.5, "scale": [0.08, 1.0],
         "aa": "rand-m9-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.25, "mixup": 0.8,
         "cutmix": 1.0, "smoothing": 0.1, "base_lr": 5e-4, "clip_grad": None,
-        "weight_decay": 0.05, "threads": None,
+        "weight_decay": 0.05, "threads": None, "model_ema_warmup": False,
     },
     "digits": {
         "model": "deit_digits_tiny_patch1_8", "epochs": 30, "batch_size": 64,
         "warmup_epochs": 2, "drop_path": 0.05, "model_ema_decay": 0.998,
         "repeated_aug": False, "hflip": 0.0, "scale": [0.5, 1.0],
         "aa": "rand-m6-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.25, "mixup": 0.8,
-        "cutmix": 1.0, "smoothing": 0.1, "base_lr": 5e-4, "clip_grad": 1.0,
-        "weight_decay": 0.05, "threads": 1,
+        "cutmix": 1.0, "smoothing": 0.1, "base_lr": 8e-3, "clip_grad": 1.0,
+        "weight_decay": 0.05, "threads": 1, "model_ema_warmup": True,
     },
 }
 
@@ -169,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep an EMA of the weights (timm ModelEmaV3), evaluated every epoch")
     g.add_argument("--model-ema-decay", type=float, default=None,
                    help=f"EMA decay {_d('model_ema_decay')}")
+    g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=None,
+                   help="ModelEmaV3 warm-up: decay 1 - (1 + update)^(-2/3) up to the EMA "
+                        f"decay, so a short run's EMA follows the model {_d('model_ema_warmup')}")
     g = p.add_argument_group("running")
     g.add_argument("--output", default="output", help="folder for log, config, checkpoints")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -327,7 +330,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> None:
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False,
         updates_per_epoch=len(train_loader))
-    ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    ema = (ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+           if args.model_ema else None)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     net: nn.Module = model
     if dist.distributed:

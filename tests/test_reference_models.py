@@ -139,7 +139,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
 # Every downsampler through patch_timm: one step and an evaluation, gradients everywhere
 
 
-DOWNSAMPLE_CASES = [("none", None)] + [("tokenpool", m) for m in models.TOKENPOOL_METHODS] + [
+# A bug outside this package, kept visible: weighted K-Means can leave a cluster empty
+# (size 0) on digits tokens, and patch_timm's prop_attn then divides the next block's scores
+# by that size (NaN), which pool rejects. strict: the test fails once the bug is fixed.
+_EMPTY_CLUSTER_BUG = pytest.mark.xfail(
+    raises=ValueError, strict=True,
+    reason="tokenpool_ops.timm: scores / sizes is NaN after an empty weighted-K-Means cluster")
+DOWNSAMPLE_CASES = [
+    ("none", None), ("tokenpool", "kmeans"), ("tokenpool", "kmedoids"),
+    pytest.param("tokenpool", "wkmeans", marks=_EMPTY_CLUSTER_BUG), ("tokenpool", "wkmedoids"),
     ("powerbert", None), ("random", None), ("importance", None)]
 
 
@@ -161,7 +169,7 @@ def test_each_downsampler_trains_a_step_and_evaluates(downsample: str,
     tf = data.build_transform(None, {"input_size": (3, 8, 8), "interpolation": "bicubic",
                                      "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0},
                               is_training=False)
-    train_set = data.DigitsDataset(x_train[:16], y_train[:16], tf)
+    train_set = data.DigitsDataset(x_train[:32], y_train[:32], tf)
     val_set = data.DigitsDataset(x_val[:24], y_val[:24], tf)
     loader = torch.utils.data.DataLoader(train_set, batch_size=16)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -172,7 +180,9 @@ def test_each_downsampler_trains_a_step_and_evaluates(downsample: str,
         device=torch.device("cpu"), num_updates=0, mixup=None, amp_dtype=None,
         scaler=torch.amp.GradScaler("cpu", enabled=False), clip_grad=1.0, ema=None,
         pool_seed=0)
-    assert stats["num_updates"] == 1 and stats["train_images"] == 16
+    # Two steps: the digits models start with a zero head (timm's jax init), so the first
+    # step reaches the head alone; the gradients below are the second step's.
+    assert stats["num_updates"] == 2 and stats["train_images"] == 32
     # With pooling between attention and MLP, every block still attends over the tokens it
     # gets and the class token reaches the head, so no parameter is left without gradient.
     for name, param in model.named_parameters():
