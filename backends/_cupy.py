@@ -26,6 +26,8 @@ KERNEL_DIR = Path(__file__).parent / "cuda"
 #: device_helpers.cuh (a test checks that both sides agree).
 BLOCK_THREADS = 256
 FEATURE_CHUNK = 32
+#: Side of the distance tiles (kTile): the stage's rows are padded to whole tiles.
+TILE = 4
 #: Most tokens per problem (kMaxTokens): N * N must index in a 32-bit int.
 MAX_TOKENS = 4096
 #: Shared memory the kernel declares statically (one flag), rounded up generously.
@@ -47,12 +49,13 @@ def kernel_name(dtype_name: str, full_matrix: bool) -> str:
 def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, full_matrix: bool) -> int:
     """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
 
-    With ``full_matrix`` the N x N distances and a (kFeatureChunk, N) stage of centred
-    features; always the weights, distances to the own medoid and medoid costs (N each), a
-    reduction scratch (BLOCK_THREADS) and four int arrays (labels, medoid of each token: N;
-    medoids, moved flags: K).
+    With ``full_matrix`` a (kFeatureChunk, N rounded up to kTile) stage of centred features
+    and the N x N distances; always the weights, distances to the own medoid and medoid
+    costs (N each), a reduction scratch (BLOCK_THREADS) and four int arrays (labels, medoid
+    of each token: N; medoids, moved flags: K).
     """
-    matrix = n * n + n * FEATURE_CHUNK if full_matrix else 0
+    stride = -(-n // TILE) * TILE
+    matrix = n * n + stride * FEATURE_CHUNK if full_matrix else 0
     return (matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes + (2 * n + 2 * k) * 4
 
 

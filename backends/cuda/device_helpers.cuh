@@ -22,6 +22,17 @@ constexpr int kFeatureChunk = 32;
 //: compiles to a call and spills registers).
 constexpr int kMaxTokens = 4096;
 
+//: Side of the square tiles of distances one thread computes in fill_matrix: each pair of
+//: loaded features feeds kTile * kTile cells, which keeps the loop off the shared-memory
+//: bandwidth limit.
+constexpr int kTile = 4;
+
+// kTile values of the stage, loaded at once (one 128-bit load for float).
+template <typename Acc>
+struct alignas(16) TileValues {
+  Acc v[kTile];
+};
+
 //: Marks "no cluster" in the token -> cluster-of-its-medoid map (any value >= K works).
 constexpr int kNotAMedoid = 0x7FFFFFFF;
 
@@ -116,15 +127,18 @@ struct KMedoidsLayout {
   int n, k;
   bool full_matrix;  // the N x N distances live in shared memory (else rows in a workspace)
 
+  // The stage's rows are padded to whole tiles (see fill_matrix).
+  __device__ int stage_stride() const { return (n + kTile - 1) / kTile * kTile; }
+  __device__ long long stage_count() const {
+    return full_matrix ? static_cast<long long>(stage_stride()) * kFeatureChunk : 0;
+  }
   __device__ long long matrix_count() const {
     return full_matrix ? static_cast<long long>(n) * n : 0;
   }
-  __device__ long long stage_count() const {
-    return full_matrix ? static_cast<long long>(n) * kFeatureChunk : 0;
-  }
   __device__ long long acc_count() const {
-    // matrix, stage, weights, nearest, cost, reduction scratch
-    return matrix_count() + stage_count() + 3LL * n + kBlockThreads;
+    // stage (first: its tile loads need 16-byte alignment), matrix, weights, nearest,
+    // cost, reduction scratch
+    return stage_count() + matrix_count() + 3LL * n + kBlockThreads;
   }
   __device__ long long int_count() const {
     // labels, medoid_of, medoids, moved

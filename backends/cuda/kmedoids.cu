@@ -35,12 +35,13 @@ template <typename T, bool FullMatrix>
 struct Problem {
   using Acc = typename Accumulator<T>::type;
   int n, m, k;
+  int stride;  // of the stage: N rounded up to whole tiles
   const T* __restrict__ x;      // (N, M)
   const Acc* __restrict__ mean;  // (M,)
   Acc* __restrict__ rows;        // (K, N) workspace, when not FullMatrix
   // shared memory
+  Acc* stage;     // (kFeatureChunk, stage_stride) centred features, when FullMatrix
   Acc* matrix;    // (N, N) when FullMatrix
-  Acc* stage;     // (kFeatureChunk, N) centred features, when FullMatrix
   Acc* weights;   // (N,)
   Acc* nearest;   // (N,) distance to the own medoid
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
@@ -74,10 +75,10 @@ __device__ Problem<T, FullMatrix> carve(unsigned char* shared, int n, int m, int
   p.x = x;
   p.mean = mean;
   p.rows = rows;
-  Acc* accs = reinterpret_cast<Acc*>(shared);
-  p.matrix = accs;
-  p.stage = p.matrix + layout.matrix_count();
-  p.weights = p.stage + layout.stage_count();
+  p.stride = layout.stage_stride();
+  p.stage = reinterpret_cast<Acc*>(shared);
+  p.matrix = p.stage + layout.stage_count();
+  p.weights = p.matrix + layout.matrix_count();
   p.nearest = p.weights + n;
   p.cost = p.nearest + n;
   p.scratch = p.cost + n;
@@ -89,31 +90,67 @@ __device__ Problem<T, FullMatrix> carve(unsigned char* shared, int n, int m, int
   return p;
 }
 
-// All N x N distances into shared memory, a chunk of centred features at a time (the stage
-// is feature-major, so a warp reads 32 consecutive tokens of one feature: no bank conflict).
+// Tile t of the upper triangle (tile row <= tile column) of an R x R grid of tiles, rows
+// first: t = row * R - row * (row - 1) / 2 + (column - row).
+__device__ __forceinline__ void upper_tile(int t, int r, int* row, int* column) {
+  auto first = [r](int i) { return i * r - i * (i - 1) / 2; };
+  const float b = 2.0f * r + 1.0f;  // exact: r <= kMaxTokens / kTile
+  int i = static_cast<int>((b - sqrtf(b * b - 8.0f * t)) * 0.5f);
+  i = i < 0 ? 0 : i > r - 1 ? r - 1 : i;
+  while (i > 0 && first(i) > t) --i;  // sqrtf may round either way: settle exactly
+  while (i < r - 1 && first(i + 1) <= t) ++i;
+  *row = i;
+  *column = i + (t - first(i));
+}
+
+// All N x N distances into shared memory, a chunk of centred features at a time. The stage
+// is feature-major and padded to whole tiles; each thread computes kTile x kTile tiles of
+// the upper triangle (a distance is symmetric to the bit: (a - b)^2 == (b - a)^2) and
+// writes each cell twice. Every cell sums its chunks as pair_distance does, so both
+// distance schemes agree to the bit.
 template <typename T>
 __device__ void fill_matrix(const Problem<T, true>& p) {
   using Acc = typename Accumulator<T>::type;
   const int cells = p.n * p.n;  // N <= kMaxTokens keeps every index in an int
   for (int e = threadIdx.x; e < cells; e += kBlockThreads) p.matrix[e] = 0;
+  for (int e = threadIdx.x; e < kFeatureChunk * p.stride; e += kBlockThreads) p.stage[e] = 0;
+  const int tiles_per_side = p.stride / kTile;
+  const int tiles = tiles_per_side * (tiles_per_side + 1) / 2;
   for (int start = 0; start < p.m; start += kFeatureChunk) {
     const int width = p.m - start < kFeatureChunk ? p.m - start : kFeatureChunk;
-    __syncthreads();  // the previous chunk is no longer read
+    __syncthreads();  // the previous chunk is no longer read (and the padding is zero)
     for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
       const int i = e / width, q = e % width;
-      p.stage[q * p.n + i] =
+      p.stage[q * p.stride + i] =
           to_accumulator(p.x[static_cast<long long>(i) * p.m + start + q]) - p.mean[start + q];
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < cells; e += kBlockThreads) {
-      const int i = e / p.n, j = e % p.n;
-      if (i == j) continue;  // exactly zero
-      Acc partial = 0;
+    for (int t = threadIdx.x; t < tiles; t += kBlockThreads) {
+      int tile_row, tile_column;
+      upper_tile(t, tiles_per_side, &tile_row, &tile_column);
+      Acc partial[kTile][kTile] = {};
       for (int q = 0; q < width; ++q) {
-        const Acc diff = p.stage[q * p.n + i] - p.stage[q * p.n + j];
-        partial = multiply_add(diff, diff, partial);
+        const Acc* features = p.stage + q * p.stride;
+        const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(
+            features + tile_row * kTile);
+        const TileValues<Acc> b = *reinterpret_cast<const TileValues<Acc>*>(
+            features + tile_column * kTile);
+        for (int r = 0; r < kTile; ++r) {
+          for (int s = 0; s < kTile; ++s) {
+            const Acc diff = a.v[r] - b.v[s];
+            partial[r][s] = multiply_add(diff, diff, partial[r][s]);
+          }
+        }
       }
-      p.matrix[e] += partial;
+      for (int r = 0; r < kTile; ++r) {
+        for (int s = 0; s < kTile; ++s) {
+          const int i = tile_row * kTile + r, j = tile_column * kTile + s;
+          if (i < j && j < p.n) {  // the diagonal stays exactly zero
+            p.matrix[i * p.n + j] += partial[r][s];
+            p.matrix[j * p.n + i] += partial[r][s];
+          }
+        }
+      }
     }
   }
   __syncthreads();
@@ -224,10 +261,12 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 
 // FullMatrix: the two distance schemes above (a template parameter, so that each
 // instantiation holds one scheme's code only).
-// At least 4 blocks per SM caps registers at 64 per thread: the rows scheme's blocks are
-// small enough to share an SM, and without the cap ptxas spilled at 48 registers (sm_80).
+// Blocks per SM: the rows scheme's blocks are small enough for 4 to share an SM (which caps
+// registers at 64; without a cap ptxas spilled at 48 registers on sm_80); the matrix fills
+// most of the shared memory (one block per SM), so its distance tiles may take up to 128
+// registers (a bound of 2 blocks).
 template <typename T, bool FullMatrix>
-__global__ void __launch_bounds__(TP_BLOCK_THREADS, 4)
+__global__ void __launch_bounds__(TP_BLOCK_THREADS, FullMatrix ? 2 : 4)
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
          const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,
