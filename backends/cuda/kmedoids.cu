@@ -275,7 +275,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
          typename Accumulator<T>::type* __restrict__ history, int* __restrict__ iterations) {
   using Acc = typename Accumulator<T>::type;
   const int problem = blockIdx.x;
-  if (problem >= n_problems || n <= 0 || k <= 0) return;  // uniform across the block
+  if (problem >= n_problems || n <= 0 || k <= 0 || max_iter < 0) return;  // uniform
   TP_DYNAMIC_SHARED(shared);
   __shared__ int changed;
   const Problem<T, FullMatrix> p = carve<T, FullMatrix>(
