@@ -226,12 +226,19 @@ def _module() -> Any:
                           options=compile_options(), name_expressions=kernel_names())
 
 
+#: cudaDevAttrMaxSharedMemoryPerBlockOptin of the CUDA runtime API (its enum value, should a
+#: CuPy version not name it).
+_SHARED_OPTIN_ATTRIBUTE = 97
+
+
 @functools.cache
 def _max_shared_bytes(device_id: int) -> int:
+    """Dynamic shared memory one block may opt in to on this device."""
     from cupy.cuda import runtime
 
-    return int(runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                          device_id))
+    attribute = getattr(runtime, "cudaDevAttrMaxSharedMemoryPerBlockOptin",
+                        _SHARED_OPTIN_ATTRIBUTE)
+    return int(runtime.deviceGetAttribute(attribute, device_id))
 
 
 def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
