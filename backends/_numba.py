@@ -99,7 +99,7 @@ def _medoid_rows(gram: Any, sq_norms: Any, medoids: Any) -> Any:
         for j in range(n - k):
             i = order[k + j]
             d = sq_norms[m] + sq_norms[i] - 2 * gram[c, j]
-            rows[c, i] = d if d > 0 else 0
+            rows[c, i] = 0 if d < 0 else d  # clamped at zero; NaN stays NaN, as np.clip
         for other in range(k):
             rows[c, medoids[other]] = np.inf
         rows[c, m] = 0
@@ -108,9 +108,14 @@ def _medoid_rows(gram: Any, sq_norms: Any, medoids: Any) -> Any:
 
 @numba.njit(cache=True)
 def _assign(rows: Any, medoids: Any, labels: Any, nearest: Any) -> None:
-    """Eq. 16: the nearest medoid, the lowest cluster index on ties; a medoid keeps itself."""
-    nearest[:] = np.inf
-    for c in range(rows.shape[0]):
+    """Eq. 16: the nearest medoid, the lowest cluster index on ties; a medoid keeps itself.
+
+    Every token starts in cluster 0 at its distance to medoid 0, so a label is written even
+    when no distance is below infinity (overflow) or all are NaN: labels stay in [0, K).
+    """
+    nearest[:] = rows[0]
+    labels[:] = 0
+    for c in range(1, rows.shape[0]):
         row = rows[c]
         for i in range(rows.shape[1]):
             if row[i] < nearest[i]:  # strict: an equal later cluster does not win
@@ -283,9 +288,12 @@ def _kmedoids_one(x: Any, mean: Any, gram: Any, medoids: Any, weights: Any, labe
 @numba.njit(cache=True)
 def _assign_to_means(gram: Any, member: Any, coef: Any, count: Any, dot: Any, labels: Any,
                      nearest: Any) -> None:
-    """Eq. 10 / 14 from the Gram matrix: the nearest centre, the lowest index on ties."""
+    """Eq. 10 / 14 from the Gram matrix: the nearest centre, the lowest index on ties.
+
+    Cluster 0 is taken unconditionally (``c == 0``), so every token gets a label in [0, K)
+    even when its distances overflow to infinity or are NaN.
+    """
     n = gram.shape[0]
-    nearest[:] = np.inf
     for c in range(count.shape[0]):
         row = dot[c]
         row[:] = 0
@@ -298,8 +306,8 @@ def _assign_to_means(gram: Any, member: Any, coef: Any, count: Any, dot: Any, la
             centre_sq += coef[c, a] * row[member[c, a]]
         for i in range(n):
             d = gram[i, i] + centre_sq - 2 * row[i]
-            d = d if d > 0 else 0.0
-            if d < nearest[i]:  # strict: an equal later cluster does not win
+            d = 0.0 if d < 0 else d  # clamped at zero; NaN stays NaN, as np.clip
+            if c == 0 or d < nearest[i]:  # strict: an equal later cluster does not win
                 nearest[i] = d
                 labels[i] = c
 

@@ -104,11 +104,13 @@ def assign_to_medoids(xp: Namespace, to_medoids: Array, medoids: Array) -> tuple
     """
     n = to_medoids.shape[1]
     token_ids = xp.arange(n, dtype=medoids.dtype, device=device(medoids))
-    is_own_medoid = token_ids[None, :, None] == medoids[:, None, :]
-    # Distances are >= 0, so -1 makes a medoid choose itself even when it has a duplicate.
-    forced = xp.where(is_own_medoid, constant(xp, -1.0, to_medoids), to_medoids)
+    is_own_medoid = token_ids[None, :, None] == medoids[:, None, :]  # (B, N, K)
+    # A medoid's label is set, not found by argmin: a NaN distance (unchecked input) would
+    # otherwise win the argmin and put a medoid in another cluster.
+    own_cluster = xp.argmax(xp.astype(is_own_medoid, xp.int8), axis=-1)
+    labels = xp.where(xp.any(is_own_medoid, axis=-1), own_cluster, xp.argmin(to_medoids, axis=-1))
     nearest = xp.min(xp.where(is_own_medoid, constant(xp, 0.0, to_medoids), to_medoids), axis=-1)
-    return xp.argmin(forced, axis=-1), nearest
+    return labels, nearest
 
 
 def medoid_assignment(xp: Namespace, token_dist: Array, medoids: Array) -> tuple[Array, Array]:
