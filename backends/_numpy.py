@@ -12,13 +12,24 @@ from typing import Any
 
 import numpy as np
 
+from tokenpool_ops._primitives import sq_distances as generic_sq_distances
+
 
 def sq_distances(xp: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Generic ``sq_distances`` assembled in one buffer: the peak is one (B, N, K) array."""
+    """Generic ``sq_distances`` assembled in one buffer: the peak is one (B, N, K) array.
+
+    ``-2 a.b`` comes first here, so it could overflow to -inf and be clamped to a finite 0.
+    That needs ``|a|^2 + |b|^2`` beyond half the dtype's range, which the squared norms
+    tell: then the generic order runs, where an overflow stays infinite or NaN (_overflow).
+    """
+    sq_a = np.einsum("bnm,bnm->bn", a, a)
+    sq_b = np.einsum("bkm,bkm->bk", b, b)
+    if sq_a.max(initial=0) + sq_b.max(initial=0) > np.finfo(a.dtype).max / 2:
+        return generic_sq_distances(xp, a, b)
     dist = np.matmul(a, np.swapaxes(b, -1, -2))
     dist *= -2
-    dist += np.einsum("bnm,bnm->bn", a, a)[:, :, None]
-    dist += np.einsum("bkm,bkm->bk", b, b)[:, None, :]
+    dist += sq_a[:, :, None]
+    dist += sq_b[:, None, :]
     return np.maximum(dist, 0, out=dist)
 
 

@@ -14,11 +14,15 @@ from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_
 
 
 def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Generic ``sq_distances`` with one fused ``baddbmm``; the peak is one (B, N, K) array."""
+    """Generic ``sq_distances`` with one fused ``baddbmm``; the peak is one (B, N, K) array.
+
+    ``(|a|^2 + |b|^2) - 2 a.b`` in the generic order: an overflowed ``-2 a.b`` meets an
+    infinite sum of norms and gives NaN, never a finite 0 after the clamp (_overflow).
+    """
     sq_a = (a * a).sum(-1)
     sq_b = (b * b).sum(-1)
-    dist = torch.baddbmm(sq_b[:, None, :], a, b.mT, alpha=-2)
-    return dist.add_(sq_a[:, :, None]).clamp_min_(0)
+    dist = sq_a[:, :, None] + sq_b[:, None, :]
+    return dist.baddbmm_(a, b.mT, alpha=-2).clamp_min_(0)
 
 
 def self_sq_distances(xp: Any, a: torch.Tensor) -> torch.Tensor:
@@ -142,6 +146,10 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                  weights: torch.Tensor, max_iter: int, stop_early: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+        if x.device.type == "cuda":  # the CUDA kernel, where CuPy is installed
+            from . import _cupy
+
+            return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)
         if not _on_host(x, mean, init, weights):
             return None
         with torch.no_grad():  # assignments and medoids have no gradient

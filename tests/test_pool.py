@@ -267,3 +267,25 @@ def test_empty_batches_tokens_and_features(backend, shape, method):
     backend.assert_like(info.tokens, (shape[0], kept, shape[2]), backend.xp.float64)
     assert tuple(info.objective.shape) == (shape[0],)
     np.testing.assert_array_equal(backend.to_numpy(info.objective), 0.0)
+
+
+@pytest.mark.parametrize("weighted,plain", [("wkmedoids", "kmedoids"), ("wkmeans", "kmeans")])
+def test_w_methods_without_scores_are_their_unweighted_forms(backend, weighted, plain, rng):
+    # The design card's first call, pool(x, k, method="wkmedoids"), with no scores: every
+    # token is equally significant, default initialisation ('spread') included.
+    x = backend.asarray(rng.normal(size=(3, 30, 4)))
+    got = tokenpool_ops.pool(x, 7, weighted, return_info=True)
+    want = tokenpool_ops.pool(x, 7, plain, return_info=True)
+    for field in ("tokens", "assignment", "sizes", "objective", "history"):
+        np.testing.assert_array_equal(backend.to_numpy(getattr(got, field)),
+                                      backend.to_numpy(getattr(want, field)))
+    spread = np.arange(7) * 30 // 7  # floor(j N / k), the documented 'spread' start
+    first = tokenpool_ops.pool(x, 7, weighted, max_iter=0, return_info=True)
+    if weighted == "wkmedoids":
+        np.testing.assert_array_equal(backend.to_numpy(first.medoids), np.tile(spread, (3, 1)))
+
+
+def test_default_method_runs_without_scores(rng):
+    x = rng.normal(size=(2, 20, 3))
+    np.testing.assert_array_equal(tokenpool_ops.pool(x, 5),
+                                  tokenpool_ops.pool(x, 5, "kmedoids"))

@@ -175,10 +175,28 @@ def test_negative_max_iter_is_a_value_error(op):
 # --- scores, sizes, weights --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["wkmeans", "wkmedoids", "topk", "importance"])
+@pytest.mark.parametrize("method", ["topk", "importance"])
 def test_score_based_methods_need_scores(backend, method):
     with pytest.raises(ValueError, match=rf"^method '{method}' needs scores"):
         tp.pool(backend.asarray(tokens()), K, method)
+
+
+NOT_ARRAYS = {"list": [[0.0, 1.0], [2.0, 3.0]], "float": 1.5, "none": None, "str": "x"}
+
+
+@pytest.mark.parametrize("value", NOT_ARRAYS.values(), ids=NOT_ARRAYS.keys())
+@pytest.mark.parametrize("op", ["pool", "kmeans", "kmedoids"])
+def test_x_that_is_not_an_array_says_what_was_expected(op, value):
+    expected = (r"^x must be an array of a library supporting the array API \(NumPy, "
+                rf"PyTorch, JAX, CuPy, ...\), got {type(value).__name__}$")
+    with pytest.raises(TypeError, match=expected):
+        OPERATORS[op](value)
+
+
+def test_scores_that_are_not_an_array_say_what_was_expected():
+    with pytest.raises(TypeError, match=r"^scores must be an array of a library supporting "
+                                        r"the array API .*, got list$"):
+        tp.pool(tokens(), K, "wkmedoids", scores=[1.0] * tokens().shape[0])
 
 
 @pytest.mark.parametrize("method", ["kmeans", "kmedoids"])

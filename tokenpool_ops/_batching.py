@@ -46,10 +46,10 @@ class Batch:
             flat, self.x.dtype)
 
     def flat_tokens(self, tokens: Array) -> Array:
-        """Other tokens (..., K, M) of the same batch as (B, K, M), compute dtype, centred."""
+        """Other tokens (..., K, M) of the same batch as (B, K, M), in the compute dtype."""
         xp = self.xp
         flat = xp.reshape(tokens, (self.x.shape[0], tokens.shape[-2], tokens.shape[-1]))
-        return xp.astype(flat, self.x.dtype) - self.mean
+        return xp.astype(flat, self.x.dtype)
 
     def unflat(self, values: Array) -> Array:
         """Back from (B, ...) to the caller's batch shape."""
@@ -58,11 +58,24 @@ class Batch:
     def index_dtype(self) -> Any:
         return index_dtype(self.xp, self.x)
 
+    def widened(self) -> Batch | None:
+        """The same problems computed in float64; None where they already are, or where the
+        library has no float64 (JAX without x64)."""
+        xp = self.xp
+        if self.x.dtype == xp.float64:
+            return None
+        x = xp.astype(self.x, xp.float64)
+        if x.dtype != xp.float64:
+            return None
+        return Batch(self.prims, self.batch_shape, x, xp.mean(x, axis=1, keepdims=True),
+                     self.out_dtype)
 
-def _no_numpy_warnings(xp: Namespace) -> AbstractContextManager[object]:
-    """The mean doubles as the finite check of x (validation.check_finite_tokens), which
-    reports a NaN or infinity as a ValueError: NumPy need not warn about it first. Other
-    libraries do not warn (and torch.compile cannot trace ``np.errstate``)."""
+
+def no_overflow_warnings(xp: Namespace) -> AbstractContextManager[object]:
+    """NumPy's overflow warnings off, where the caller handles non-finite values itself:
+    the mean doubles as the finite check of x (validation.check_finite_tokens), and
+    overflowed problems are redone in float64 (_overflow). Other libraries do not warn (and
+    torch.compile cannot trace ``np.errstate``)."""
     if backend_name(xp) in ("numpy", "array_api_strict"):
         return np.errstate(invalid="ignore", over="ignore")
     return nullcontext()
@@ -77,6 +90,6 @@ def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     if n == 0:
         mean = xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat))
     else:
-        with _no_numpy_warnings(xp):
+        with no_overflow_warnings(xp):
             mean = xp.mean(flat, axis=1, keepdims=True)
     return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, x.dtype)

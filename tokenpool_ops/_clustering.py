@@ -44,16 +44,20 @@ def sq_errors(prims: Primitives, x: Array, centres: Array, labels: Array) -> Arr
     """``|f_i - c_a(i)|^2`` per token (B, N), from the differences themselves.
 
     The Gram expansion is fast for finding the nearest centre but loses digits to
-    cancellation; the error we report is recomputed directly, exact up to rounding.
+    cancellation; the error we report is recomputed directly, exact up to rounding. Pass
+    the tokens as they are (not centred): each difference is then rounded once.
     """
     diff = x - prims.gather_rows(prims.xp, centres, labels)
     return prims.xp.sum(diff * diff, axis=-1)
 
 
-def reconstruction_objective(prims: Primitives, x: Array, centres: Array, weights: Array) -> Array:
-    """Eq. 13 (Eq. 9 with unit weights) of tokens ``x`` (B, N, M) given ``centres`` (B, K, M)."""
+def reconstruction_objective(prims: Primitives, x: Array, mean: Array, centres: Array,
+                             weights: Array) -> Array:
+    """Eq. 13 (Eq. 9 with unit weights) of tokens ``x`` (B, N, M) given ``centres``
+    (B, K, M), both as they are; ``mean`` (B, 1, M) centres them for the nearest-centre
+    search (Gram expansion), and the errors come from the uncentred differences."""
     xp = prims.xp
-    labels, _ = assign(xp, prims.sq_distances(xp, x, centres))
+    labels, _ = assign(xp, prims.sq_distances(xp, x - mean, centres - mean))
     return weighted_objective(xp, weights, sq_errors(prims, x, centres, labels))
 
 

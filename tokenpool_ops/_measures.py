@@ -86,5 +86,6 @@ def reconstruction_error(x: Array, centers: Array, *, weights: Array | None = No
         return xp.full(batch.batch_shape, value, dtype=batch.x.dtype, device=device(x))
     w = batch.flat(weights)
     w = xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(x)) if w is None else w
-    error = reconstruction_objective(batch.prims, batch.centred(), batch.flat_tokens(centers), w)
+    error = reconstruction_objective(batch.prims, batch.x, batch.mean,
+                                     batch.flat_tokens(centers), w)
     return batch.unflat(error)

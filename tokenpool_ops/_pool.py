@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Literal, TypeVar
 
-from ._batching import Batch, flatten
+from ._batching import Batch, flatten, no_overflow_warnings
 from ._clustering import (
-    FlatClustering,
     cluster_means,
     cluster_medoids,
     effective_weights,
@@ -17,13 +17,15 @@ from ._clustering import (
     weighted_means,
     weighted_objective,
 )
-from ._compat import Array, Namespace, device, is_array_api_obj, take_along_axis
+from ._compat import Array, device, is_array_api_obj, take_along_axis
+from ._overflow import without_overflow
 from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
     check_count,
     check_finite_tokens,
     check_init_indices,
+    check_is_array,
     check_same_device,
     check_token_values,
     check_tokens,
@@ -38,9 +40,13 @@ Init = Literal["topk", "random", "spread"] | Array | None
 CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
 SELECTION_METHODS = ("topk", "random", "importance")
 METHODS = CLUSTERING_METHODS + SELECTION_METHODS
-#: Methods that cannot run without significance scores.
-NEEDS_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
+#: Methods that weigh or rank tokens by significance scores when they are given.
+USES_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
+#: Methods that have no meaning without scores. The w-methods without scores treat every
+#: token as equally significant, i.e. they are their unweighted forms.
+NEEDS_SCORES = ("topk", "importance")
 DEFAULT_MAX_ITER = 10
+R = TypeVar("R", "Clustering", "PoolResult")
 
 
 @dataclass(frozen=True)
@@ -91,10 +97,16 @@ class PoolResult:
     objective : array (...)
         Reconstruction error of the returned tokens, Eq. 13 with weights ``scores * sizes``
         for the w-methods and ``sizes`` otherwise (Eq. 9 when there are no sizes). +inf for
-        K = 0 and N > 0 (the minimum over an empty set).
+        K = 0 and N > 0 (the minimum over an empty set). Finite for finite input: where
+        float32 overflows, the problem is computed in float64, and an OverflowError names a
+        problem whose objective its dtype cannot hold.
     history : array (..., T + 1)
-        The clustering objective after each iteration (see :class:`Clustering`); one entry,
-        ``objective``, for the selection baselines and the trivial cases.
+        The clustering's own objective after each iteration (see :class:`Clustering`): the
+        error of its centres, which for the medoid methods are the medoids, not the
+        returned means. So ``history[..., -1]`` is not ``objective``: it is larger for the
+        medoid methods (means reconstruct their clusters better than medoids do). One
+        entry, ``objective``, for the selection baselines and the trivial cases. May hold
+        +inf where an intermediate objective exceeds the dtype (see ``objective``).
     n_iter : int
         Iterations the clustering ran (0 for the selection baselines).
     """
@@ -137,6 +149,10 @@ def _prepare(
 ) -> tuple[Batch, int, int]:
     """Check the arguments shared by every entry point; return the flattened batch, k and
     max_iter."""
+    check_is_array(x, "x")
+    for name, values in per_token.items():
+        if values is not None:
+            check_is_array(values, name)
     if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
         raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                         f"got {type(init).__name__}")
@@ -171,58 +187,76 @@ def _cluster(
                                   weights=weights)
     k = min(k, batch.x.shape[1])
     given = batch.flat(weights)
-    w = _ones(batch) if given is None else given
     start = _resolve_init(batch, init, given, k, seed, "weights")
     if k == 0:
-        return _empty_clustering(batch, w)
+        return _to_caller(batch, _empty_clustering(batch))
+
+    def compute(b: Batch) -> Clustering:
+        return _clustering(b, algorithm, start, b.flat(given), max_iter, stop_early)
+
+    return _to_caller(batch, _computed(batch, compute, check_values, weights=given))
+
+
+def _clustering(batch: Batch, algorithm: str, start: Array, given: Array | None,
+                max_iter: int, stop_early: bool) -> Clustering:
+    """K-Means or K-Medoids of a flattened batch; a Clustering of (B, ...) arrays."""
+    xp, prims = batch.xp, batch.prims
+    w = _ones(batch) if given is None else given
     if algorithm == "kmeans":
         fallback = None if given is None else _ones(batch)
-        flat = cluster_means(batch.prims, batch.x, batch.mean, start, w, fallback, max_iter,
+        flat = cluster_means(prims, batch.x, batch.mean, start, w, fallback, max_iter,
                              stop_early)
+        centres = flat.centres + batch.mean
     else:
-        flat = cluster_medoids(batch.prims, batch.x, batch.mean, start, w, max_iter, stop_early)
-    return _public_clustering(batch, flat)
+        flat = cluster_medoids(prims, batch.x, batch.mean, start, w, max_iter, stop_early)
+        centres = prims.gather_rows(xp, batch.x, flat.medoids)  # input tokens, bit for bit
+    return Clustering(centres, flat.assignment, flat.medoids, flat.history[:, -1],
+                      flat.history, flat.n_iter)
+
+
+def _computed(batch: Batch, compute: Callable[[Batch], R], check_values: bool,
+              returned: tuple[str, ...] | None = None, **values: Array | None) -> R:
+    """``compute(batch)``; with ``check_values``, overflowed problems redone in float64
+    (see _overflow: finite input gives finite output). ``returned``: the fields the caller
+    sees (all when None); ``values``: the per-token inputs, named in an OverflowError."""
+    if not check_values:
+        return compute(batch)
+    with no_overflow_warnings(batch.xp):
+        return without_overflow(batch, compute, compute(batch), returned, values)
+
+
+def _to_caller(batch: Batch, result: R) -> R:
+    """A result of (B, ...) arrays back in the caller's batch shape, tokens in their dtype."""
+    xp = batch.xp
+    changes = {}
+    for field in fields(result):  # type: ignore[arg-type]
+        value = getattr(result, field.name)
+        if value is None or field.name == "n_iter":
+            continue
+        if field.name in ("tokens", "centres"):
+            value = xp.astype(value, batch.out_dtype, copy=False)
+        changes[field.name] = batch.unflat(value)
+    return replace(result, **changes)  # type: ignore[type-var]
 
 
 def _ones(batch: Batch) -> Array:
     return batch.xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
 
 
-def _public_clustering(batch: Batch, flat: FlatClustering) -> Clustering:
-    xp = batch.xp
-    if flat.medoids is not None:  # medoids are input tokens, bit for bit
-        centres = batch.prims.gather_rows(xp, batch.x, flat.medoids)
-    else:
-        centres = flat.centres + batch.mean
-    return Clustering(
-        centres=batch.unflat(xp.astype(centres, batch.out_dtype, copy=False)),
-        assignment=batch.unflat(flat.assignment),
-        medoids=None if flat.medoids is None else batch.unflat(flat.medoids),
-        objective=batch.unflat(flat.history[:, -1]),
-        history=batch.unflat(flat.history),
-        n_iter=flat.n_iter,
-    )
-
-
-def _empty_clustering(batch: Batch, weights: Array) -> Clustering:
+def _empty_clustering(batch: Batch) -> Clustering:
     xp = batch.xp
     n_problems, n = batch.x.shape[:2]
-    objective = _empty_objective(xp, weights)
+    objective = _empty_objective(batch)
     labels = xp.full((n_problems, n), -1, dtype=batch.index_dtype(), device=device(batch.x))
-    return Clustering(
-        centres=batch.unflat(xp.astype(batch.x[:, :0, :], batch.out_dtype)),
-        assignment=batch.unflat(labels),
-        medoids=None,
-        objective=batch.unflat(objective),
-        history=batch.unflat(objective[:, None]),
-        n_iter=0,
-    )
+    return Clustering(centres=batch.x[:, :0, :], assignment=labels, medoids=None,
+                      objective=objective, history=objective[:, None], n_iter=0)
 
 
-def _empty_objective(xp: Namespace, weights: Array) -> Array:
+def _empty_objective(batch: Batch) -> Array:
     """Eq. 9 with no centres: +inf wherever there is a token to reconstruct."""
-    value = math.inf if weights.shape[1] > 0 else 0.0
-    return xp.full(weights.shape[:1], value, dtype=weights.dtype, device=device(weights))
+    value = math.inf if batch.x.shape[1] > 0 else 0.0
+    return batch.xp.full(batch.x.shape[:1], value, dtype=batch.x.dtype,
+                         device=device(batch.x))
 
 
 def kmeans(
@@ -250,8 +284,9 @@ def kmeans(
         Seed of ``init='random'``.
     check_values : bool
         Check array values: NaN or infinity in ``x``, negative or non-finite ``weights``,
-        ``init`` indices out of range or repeated. Each check synchronises the device;
-        False skips them (shapes, dtypes, libraries and devices are always checked).
+        ``init`` indices out of range or repeated, and overflow in the results (then redone
+        in float64). Each check synchronises the device; False skips them (shapes, dtypes,
+        libraries and devices are always checked).
     stop_early : bool
         Stop once no assignment changed in any problem (a device synchronisation per
         iteration). False runs exactly ``max_iter`` iterations and reads no array value on
@@ -333,8 +368,10 @@ def pool(
         in their original order.
     scores : array (..., N), optional
         Significance scores (Eq. 5, see :func:`significance_scores`), non-negative. Weights
-        of the w-methods and ranking of the default initialisation. Needed by 'wkmeans',
-        'wkmedoids', 'topk' and 'importance'.
+        of the w-methods and ranking of the default initialisation. Needed by 'topk' and
+        'importance'. Without scores the w-methods treat every token as equally
+        significant: 'wkmeans' and 'wkmedoids' are then 'kmeans' and 'kmedoids', default
+        initialisation ('spread') included.
     sizes : array (..., N), optional
         How many original tokens each input token stands for (Appendix E, "carry").
         The weight of token i is ``scores[i] * sizes[i]`` for the w-methods and ``sizes[i]``
@@ -352,8 +389,9 @@ def pool(
         Return a :class:`PoolResult` instead of the tokens alone.
     check_values : bool
         Check array values: NaN or infinity in ``x``, negative or non-finite ``scores`` and
-        ``sizes``, ``init`` indices out of range or repeated. Each check synchronises the
-        device; False skips them (shapes, dtypes, libraries and devices are always checked).
+        ``sizes``, ``init`` indices out of range or repeated, and overflow in the results
+        (then redone in float64). Each check synchronises the device; False skips them
+        (shapes, dtypes, libraries and devices are always checked).
     stop_early : bool
         Stop once no assignment changed in any problem (one device synchronisation per
         iteration). False runs exactly ``max_iter`` iterations and reads no array value on
@@ -369,10 +407,14 @@ def pool(
     Raises
     ------
     TypeError
-        Non-floating ``x``, non-integer ``k``, arrays from different libraries.
+        ``x`` not an array, non-floating ``x``, non-integer ``k``, arrays from different
+        libraries.
     ValueError
         Wrong shapes, negative ``k``, unknown method, missing scores, negative or NaN scores
         or sizes, non-finite ``x``, bad ``init`` indices, arrays on different devices.
+    OverflowError
+        A returned value of finite input beyond the range of its dtype even computed in
+        float64 (see ``objective`` in :class:`PoolResult`).
 
     Examples
     --------
@@ -387,29 +429,31 @@ def pool(
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
     batch, k, max_iter = _prepare(x, k, max_iter, init, check_values, fast_paths,
                                   scores=scores, sizes=sizes)
-    s = batch.flat(scores)
-    carried = _ones(batch) if sizes is None else batch.flat(sizes)
-    weights = s * carried if s is not None and method.startswith("w") else carried
-    # Cluster means fall back to the sizes where weights sum to zero; unit weights cannot.
-    fallback = None if sizes is None and weights is carried else carried
-
+    s, given_sizes = batch.flat(scores), batch.flat(sizes)
     if k >= batch.x.shape[1]:
-        result = _identity(batch, x, carried)
-    elif k == 0:
-        result = _nothing_kept(batch, weights)
-    elif method in SELECTION_METHODS:
-        result = _select(batch, method, s, carried, weights, k, seed, return_info)
+        result = _identity(batch, x, given_sizes)
+        return result if return_info else result.tokens
+    if k == 0:
+        result = _nothing_kept(batch)
     else:
-        start = _resolve_init(batch, init, s, k, seed, "scores")
-        result = _pool_by_clustering(batch, method, start, weights, carried, fallback,
-                                     max_iter, stop_early, return_info)
+        indices = (_choose(batch, method, s, k, seed) if method in SELECTION_METHODS
+                   else _resolve_init(batch, init, s, k, seed, "scores"))
+
+        def compute(b: Batch) -> PoolResult:
+            return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
+                              stop_early, return_info)
+
+        result = _computed(batch, compute, check_values, None if return_info else ("tokens",),
+                           scores=s, sizes=given_sizes)
+    result = _to_caller(batch, result)
     return result if return_info else result.tokens
 
 
-def _identity(batch: Batch, x: Array, carried: Array) -> PoolResult:
-    """Algorithm 1, line 1: k >= N keeps every token."""
+def _identity(batch: Batch, x: Array, given_sizes: Array | None) -> PoolResult:
+    """Algorithm 1, line 1: k >= N keeps every token (``x`` itself, in the caller's shape)."""
     xp = batch.xp
     n_problems, n = batch.x.shape[:2]
+    carried = _ones(batch) if given_sizes is None else given_sizes
     ids = xp.arange(n, dtype=batch.index_dtype(), device=device(batch.x))
     ids = xp.broadcast_to(ids[None, :], (n_problems, n))
     zero = xp.zeros((n_problems, 1), dtype=batch.x.dtype, device=device(batch.x))
@@ -417,43 +461,58 @@ def _identity(batch: Batch, x: Array, carried: Array) -> PoolResult:
                       batch.unflat(zero[:, 0]), batch.unflat(zero), 0)
 
 
-def _nothing_kept(batch: Batch, weights: Array) -> PoolResult:
-    empty = _empty_clustering(batch, weights)
-    xp = batch.xp
-    no_sizes = xp.zeros((*batch.batch_shape, 0), dtype=batch.x.dtype, device=device(batch.x))
+def _nothing_kept(batch: Batch) -> PoolResult:
+    empty = _empty_clustering(batch)
+    no_sizes = batch.xp.zeros((batch.x.shape[0], 0), dtype=batch.x.dtype,
+                              device=device(batch.x))
     return PoolResult(empty.centres, empty.assignment, no_sizes, None, empty.objective,
                       empty.history, 0)
 
 
-def _select(batch: Batch, method: str, scores: Array | None, carried: Array, weights: Array,
-            k: int, seed: int, return_info: bool) -> PoolResult:
-    """The baselines of §5: keep k input tokens, in their original order."""
-    xp = batch.xp
+def _choose(batch: Batch, method: str, scores: Array | None, k: int, seed: int) -> Array:
+    """The k tokens (B, k) a baseline of §5 keeps, ascending."""
     if method == "topk":
-        chosen = top_k(xp, scores, k)
-    else:
-        chosen = draw_without_replacement(xp, scores if method == "importance" else None, k,
-                                          seed, batch.x)
-    tokens = batch.prims.gather_rows(xp, batch.x, chosen)
-    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype, copy=False))
-    out_sizes = batch.unflat(take_along_axis(xp, carried, chosen, axis=-1))
+        return top_k(batch.xp, scores, k)
+    weights = scores if method == "importance" else None
+    return draw_without_replacement(batch.xp, weights, k, seed, batch.x)
+
+
+def _pool_flat(batch: Batch, method: str, indices: Array, scores: Array | None,
+               given_sizes: Array | None, max_iter: int, stop_early: bool,
+               return_info: bool) -> PoolResult:
+    """Token Pooling of a flattened batch from its chosen tokens or starting centres
+    ``indices`` (B, k); a PoolResult of (B, ...) arrays."""
+    carried = _ones(batch) if given_sizes is None else given_sizes
+    # Without scores every token is equally significant: the w-methods are unweighted.
+    weights = scores * carried if scores is not None and method.startswith("w") else carried
+    if method in SELECTION_METHODS:
+        return _select(batch, indices, carried, weights, return_info)
+    # Cluster means fall back to the sizes where weights sum to zero; unit weights cannot.
+    fallback = None if given_sizes is None and weights is carried else carried
+    return _pool_by_clustering(batch, method, indices, weights, carried, fallback, max_iter,
+                               stop_early, return_info)
+
+
+def _select(batch: Batch, chosen: Array, carried: Array, weights: Array,
+            return_info: bool) -> PoolResult:
+    """The baselines of §5: keep the ``chosen`` input tokens, in their original order."""
+    xp, prims = batch.xp, batch.prims
+    tokens = prims.gather_rows(xp, batch.x, chosen)
+    sizes = take_along_axis(xp, carried, chosen, axis=-1)
     if not return_info:
-        return PoolResult(out_tokens, None, out_sizes, None, None, None, 0)
-    prims = batch.prims
+        return PoolResult(tokens, None, sizes, None, None, None, 0)
     centred = batch.centred()
-    kept = prims.gather_rows(xp, centred, chosen)
-    labels, _ = assign_to_medoids(xp, prims.sq_distances(xp, centred, kept), chosen)
-    objective = weighted_objective(xp, weights, sq_errors(prims, centred, kept, labels))
-    return PoolResult(out_tokens, batch.unflat(labels), out_sizes, batch.unflat(chosen),
-                      batch.unflat(objective), batch.unflat(objective[:, None]), 0)
+    to_kept = prims.sq_distances(xp, centred, prims.gather_rows(xp, centred, chosen))
+    labels, _ = assign_to_medoids(xp, to_kept, chosen)
+    objective = weighted_objective(xp, weights, sq_errors(prims, batch.x, tokens, labels))
+    return PoolResult(tokens, labels, sizes, chosen, objective, objective[:, None], 0)
 
 
 def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
                         carried: Array, fallback: Array | None, max_iter: int,
-                        stop_early: bool,
-                        return_info: bool) -> PoolResult:
+                        stop_early: bool, return_info: bool) -> PoolResult:
     """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
-    xp, prims = batch.xp, batch.prims
+    prims = batch.prims
     k = start.shape[1]
     if method.endswith("kmeans"):
         flat = cluster_means(prims, batch.x, batch.mean, start, weights, fallback, max_iter,
@@ -466,14 +525,13 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     # Only K-Means clusters can be empty (a medoid always belongs to its own cluster).
     empty = batch.mean if flat.centres is None else flat.centres + batch.mean
     tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
-    out_tokens = batch.unflat(xp.astype(tokens, batch.out_dtype, copy=False))
-    out_sizes = batch.unflat(prims.segment_sum(xp, carried[:, :, None], labels, k)[:, :, 0])
-    if not return_info:
-        return PoolResult(out_tokens, None, out_sizes, None, None, None, flat.n_iter)
-    objective = reconstruction_objective(prims, batch.centred(), tokens - batch.mean, weights)
-    medoids = None if flat.medoids is None else batch.unflat(flat.medoids)
-    return PoolResult(out_tokens, batch.unflat(labels), out_sizes, medoids,
-                      batch.unflat(objective), batch.unflat(flat.history), flat.n_iter)
+    sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
+    # The history is kept even without return_info: an overflow in the clustering shows
+    # there first (see _overflow).
+    objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
+                 if return_info else None)
+    return PoolResult(tokens, labels, sizes, flat.medoids, objective, flat.history,
+                      flat.n_iter)
 
 
 def unpool(tokens: Array, assignment: Array) -> Array:

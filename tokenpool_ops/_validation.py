@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
-from ._compat import Array, Namespace, array_namespace, backend_name, device
+from ._compat import Array, Namespace, array_namespace, backend_name, device, is_array_api_obj
 from .backends import primitives_for
 
 
@@ -104,3 +104,10 @@ def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...],
     ordered = xp.sort(init, axis=-1)
     if k > 1 and bool(xp.any(ordered[..., 1:] == ordered[..., :-1])):
         raise ValueError("init indices must be distinct within each problem")
+
+
+def check_is_array(value: Any, name: str) -> None:
+    """``value`` must be an array of an array-API library (not a list, scalar or None)."""
+    if not is_array_api_obj(value):
+        raise TypeError(f"{name} must be an array of a library supporting the array API "
+                        f"(NumPy, PyTorch, JAX, CuPy, ...), got {type(value).__name__}")

@@ -41,7 +41,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from ._measures import significance_scores
-from ._pool import METHODS, NEEDS_SCORES, Method
+from ._pool import METHODS, USES_SCORES, Method
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
@@ -240,7 +240,7 @@ def patch_timm(
         tp_block, tp_attn = cast(TokenPoolBlock, block), cast(TokenPoolAttention, block.attn)
         tp_block._tp_state = tp_attn._tp_state = state
         tp_block._tp_keep = k
-        tp_attn._tp_needs_scores = reduces and method in NEEDS_SCORES
+        tp_attn._tp_needs_scores = reduces and method in USES_SCORES
         n = min(n, k)
     model.__class__ = _model_class(type(model))
     setattr(model, STATE, state)

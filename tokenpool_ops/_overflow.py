@@ -1,0 +1,133 @@
+"""Finite in, finite out: problems whose arithmetic overflowed are redone in float64.
+
+Squared distances of float32 tokens overflow once the tokens reach about 1e19, and weighted
+sums once weights times tokens reach about 3e38. Such an overflow always surfaces as an
+infinity or a NaN in that problem's results: every distance is assembled as
+``(|a|^2 + |b|^2) - 2 a.b`` or from the differences themselves (never in an order where an
+overflowed ``-2 a.b`` is clamped to a finite zero), and every objective is a sum of
+non-negative terms. So one finite check of the results finds every overflowed problem
+(one device synchronisation, made only when values are checked).
+
+Those problems are computed again in float64, where any float32 input fits: its squares,
+weights times tokens and their sums stay below 1e160. The redone problems replace the
+overflowed ones; the others keep their float32 results bit for bit. What float64 cannot
+hold either (float64 input beyond 1e150, or a float32 objective beyond 3.4e38 once it is cast
+back) raises an OverflowError that names the problem and its largest value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import fields, replace
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from ._batching import Batch
+from ._compat import Array, Namespace
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+#: PoolResult or Clustering: a dataclass of (B, ...) arrays (or None) and ``n_iter``.
+Result = TypeVar("Result", bound="DataclassInstance")
+
+
+def _arrays(result: Any) -> dict[str, Array]:
+    return {f.name: getattr(result, f.name) for f in fields(result)
+            if f.name != "n_iter" and getattr(result, f.name) is not None}
+
+
+def finite_problems(xp: Namespace, result: Any) -> Array | None:
+    """(B,) True where every floating value of a problem's result is finite (None when
+    the result holds no floating array)."""
+    finite = None
+    for value in _arrays(result).values():
+        if not xp.isdtype(value.dtype, "real floating"):
+            continue
+        per_problem = xp.isfinite(value)
+        if value.ndim > 1:
+            per_problem = xp.all(per_problem, axis=tuple(range(1, value.ndim)))
+        finite = per_problem if finite is None else finite & per_problem
+    return finite
+
+
+def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: Result,
+                     returned: tuple[str, ...] | None = None,
+                     values: dict[str, Array | None] | None = None) -> Result:
+    """``result`` of ``compute(batch)``, with its overflowed problems computed in float64.
+
+    An overflow anywhere is redone; one that float64 does not cure raises an OverflowError
+    if it is in a field of ``returned`` (all but ``history`` when None). The history may
+    keep +inf where an intermediate objective exceeds the dtype (its correctly rounded
+    value); ``values`` (scores, sizes) are named in the error message.
+    """
+    xp = batch.xp
+    finite = finite_problems(xp, result)
+    if bool(xp.all(finite)):
+        return result
+    wide = batch.widened()
+    wide_result = None if wide is None else compute(wide)
+    if wide_result is not None:
+        redone = _cast_floats(xp, wide_result, batch.x.dtype)
+        result = _where_problems(xp, finite, result, redone)
+    seen = replace(result, **{name: None for name in _arrays(result)
+                              if name == "history" or (returned and name not in returned)})
+    finite = finite_problems(xp, seen)
+    if finite is None or bool(xp.all(finite)):
+        return result
+    raise _overflow_error(batch, seen, finite, wide_result, values)
+
+
+def _cast_floats(xp: Namespace, result: Result, dtype: Any) -> Result:
+    return replace(result, **{name: xp.astype(value, dtype) for name, value
+                              in _arrays(result).items()
+                              if xp.isdtype(value.dtype, "real floating")})
+
+
+def _where_problems(xp: Namespace, keep: Array, first: Result, second: Result) -> Result:
+    """Per problem, ``first`` where ``keep`` else ``second``; histories padded to one length
+    (a problem that converged repeats its final value) and the larger ``n_iter``."""
+    first_arrays, second_arrays = _arrays(first), _arrays(second)
+    length = max(first.n_iter, second.n_iter) + 1  # type: ignore[attr-defined]
+    merged = {}
+    for name, a in first_arrays.items():
+        b = second_arrays[name]
+        if name == "history":
+            a, b = _padded(xp, a, length), _padded(xp, b, length)
+        mask = xp.reshape(keep, (keep.shape[0],) + (1,) * (a.ndim - 1))
+        merged[name] = xp.where(mask, a, b)
+    return replace(first, n_iter=length - 1, **merged)
+
+
+def _padded(xp: Namespace, history: Array, length: int) -> Array:
+    missing = length - history.shape[1]
+    if missing == 0:
+        return history
+    last = xp.broadcast_to(history[:, -1:], (history.shape[0], missing))
+    return xp.concat([history, last], axis=1)
+
+
+def _overflow_error(batch: Batch, result: Any, finite: Array, wide_result: Any,
+                    values: dict[str, Array | None] | None) -> OverflowError:
+    """Name the first problem that overflowed, the field and, where float64 held it, its
+    value; and the largest input magnitudes of that problem."""
+    xp = batch.xp
+    bad = next(b for b in range(finite.shape[0]) if not bool(finite[b]))
+    index = tuple(int(i) for i in np.unravel_index(bad, batch.batch_shape))
+    name = next(name for name, value in _arrays(result).items()
+                if xp.isdtype(value.dtype, "real floating")
+                and not bool(xp.all(xp.isfinite(value[bad, ...]))))
+    inputs = ", ".join(f"{label} {float(xp.max(xp.abs(a[bad, ...]))):.3g}"
+                       for label, a in {"x": batch.x, **(values or {})}.items()
+                       if a is not None and a.shape[1] > 0)
+    dtype = str(batch.x.dtype).rsplit(".", 1)[-1]  # torch.float32 -> float32
+    if wide_result is None:
+        what, advice = f"overflows {dtype}", ""
+    else:
+        reached = float(xp.max(xp.abs(getattr(wide_result, name)[bad, ...])))
+        what = (f"reaches {reached:.3g} (computed in float64), beyond the range of "
+                f"{dtype} in which it is returned")
+        advice = ", or pass float64 tokens"
+    return OverflowError(f"problem {index}: the {name} {what}. Largest input magnitudes: "
+                         f"{inputs}. Scale x, scores or sizes down{advice}")
