@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Build the wheel, check that no top-level "backends" module is in it, install it into a
-# fresh virtual environment and import it from outside the source tree.
+# Build the wheel, check that no top-level "backends" module is in it, install it (no extras)
+# into a fresh virtual environment, check that the compiled kernels are active there, and
+# import it both from outside the source tree and from the repository root (where the
+# source folder tokenpool_ops/ shadows the installed package).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo=$(pwd)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -20,13 +23,20 @@ PY
 
 python3 -m venv "$work/venv"
 "$work/venv/bin/pip" install --quiet "$wheel"
-cd "$work"
-"$work/venv/bin/python" - <<'PY'
-import importlib.util
+check='
+import importlib.util, warnings
 import numpy as np
+warnings.simplefilter("error")  # a missing Numba would warn: make it fail here
 import tokenpool_ops, tokenpool_ops.backends
-assert importlib.util.find_spec("backends") is None, "a top-level backends module is installed"
-out = tokenpool_ops.pool(np.random.default_rng(0).normal(size=(2, 10, 3)), 4, "kmedoids")
+from tokenpool_ops.backends import primitives_for
+import array_api_compat.numpy as xp
+import sys
+if sys.argv[1] == "outside":  # in the repository root, its own backends/ folder is found
+    assert importlib.util.find_spec("backends") is None, "a top-level backends module is installed"
+assert primitives_for(xp).kmedoids is not None, "the Numba kernels are not active"
+out = tokenpool_ops.pool(np.random.default_rng(0).normal(size=(2, 10, 3)), 4)
 assert out.shape == (2, 4, 3)
-print("fresh venv ok:", tokenpool_ops.__file__)
-PY
+print("ok:", tokenpool_ops.__file__, "with", tokenpool_ops.backends.__file__)
+'
+(cd "$work" && "$work/venv/bin/python" -c "$check" outside)
+(cd "$repo" && "$work/venv/bin/python" -c "$check" root)

@@ -8,6 +8,8 @@ produce identical assignments.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from tokenpool_ops.backends import primitives_for
@@ -327,3 +329,26 @@ def test_compiled_kmeans_in_float32_matches_generic(backend_named, name, rng):
                  for fast in (True, False))
     assert got.centres.dtype == want.centres.dtype
     assert_same_clustering(backend, got, want, 1e-5)
+
+
+def test_missing_numba_warns_once_and_falls_back(monkeypatch):
+    import sys
+
+    import array_api_compat.numpy as xp
+
+    import tokenpool_ops.backends as backends
+
+    monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now raises ImportError
+    backends.numba_available.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"Numba could not be imported .* about 3x "
+                                                r"slower for K-Medoids and 6x for K-Means"):
+            assert primitives_for(xp).kmedoids is None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the second time: no warning
+            assert primitives_for(xp).kmeans is None
+        x = np.random.default_rng(0).normal(size=(2, 12, 3))
+        np.testing.assert_array_equal(tokenpool_ops.pool(x, 4, "kmedoids"),
+                                      tokenpool_ops.pool(x, 4, "kmedoids", fast_paths=False))
+    finally:
+        backends.numba_available.cache_clear()

@@ -11,8 +11,12 @@ arrays alike; the result stays in the caller's library, device and dtype.
 (2, 3, 4)
 """
 
-from ._measures import reconstruction_error, significance_scores
-from ._pool import Clustering, PoolResult, kmeans, kmedoids, pool, unpool
+from ._checkout import attach_backends
+
+attach_backends()  # before any import below needs tokenpool_ops.backends
+
+from ._measures import reconstruction_error, significance_scores  # noqa: E402
+from ._pool import Clustering, PoolResult, kmeans, kmedoids, pool, unpool  # noqa: E402
 
 __all__ = [
     "Clustering",
