@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ._pool import METHODS
+
 if TYPE_CHECKING:
     from timm.models.vision_transformer import VisionTransformer
 
@@ -66,8 +68,14 @@ def cluster_map(model: torch.nn.Module, pixels: torch.Tensor, block: int) -> np.
     return labels.reshape(vit.patch_embed.grid_size)
 
 
-def draw_clusters(image: Image.Image, labels: np.ndarray, path: str) -> int:
-    """Write ``path`` (PNG): the image with cluster borders, next to the mean-colour clusters.
+#: Height in pixels of the caption strip under the picture.
+CAPTION_HEIGHT = 18
+
+
+def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
+                  caption: str | None = None) -> int:
+    """Write ``path`` (PNG): the image with cluster borders, next to the mean-colour clusters,
+    and ``caption`` written in a strip underneath (so the picture says what it shows).
 
     Returns the number of clusters drawn.
     """
@@ -96,9 +104,12 @@ def draw_clusters(image: Image.Image, labels: np.ndarray, path: str) -> int:
             if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
                 draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill="white", width=2)
 
-    canvas = Image.new("RGB", (2 * width, height))
+    strip = CAPTION_HEIGHT if caption else 0
+    canvas = Image.new("RGB", (2 * width, height + strip), "white")
     canvas.paste(left, (0, 0))
     canvas.paste(Image.fromarray(filled.astype(np.uint8)), (width, 0))
+    if caption:
+        ImageDraw.Draw(canvas).text((4, height + 3), caption, fill="black")
     canvas.save(path, format="PNG")
     return len(clusters)
 
@@ -109,14 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from .timm import patch_timm
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="deit_tiny_patch16_224")
-    parser.add_argument("--method", default="wkmedoids")
-    parser.add_argument("--block", type=int, default=7, help="0-based block to show")
+    parser = argparse.ArgumentParser(
+        prog="python -m tokenpool_ops.visualize", description=__doc__.split("\n\n")[0],
+        epilog="The caption (block, clusters, model, method) is printed and written under "
+               "the picture.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="deit_tiny_patch16_224",
+                        help="timm VisionTransformer to build, with random weights")
+    parser.add_argument("--method", default="wkmedoids", choices=METHODS,
+                        help="pooling method of every block")
+    parser.add_argument("--block", type=int, default=7,
+                        help="0-based block whose clusters are drawn")
     parser.add_argument("--keep", type=int, nargs="+", default=DEFAULT_KEEP,
-                        help="patch tokens left after each block (one value or one per block)")
+                        help="patch tokens left after each block (one value or one per "
+                             "block); the default is the paper's DeiT-S sparsity level 1")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
-    parser.add_argument("--out", default="tokenpool_clusters.png")
+    parser.add_argument("--out", default="tokenpool_clusters.png",
+                        help="PNG file to write")
     args = parser.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -125,9 +144,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     patch_timm(model, keep, method=args.method, trace_source=True)
     image, pixels = prepare_image(load_sample_image("china.jpg"))
     labels = cluster_map(model, pixels, args.block)
-    drawn = draw_clusters(image, labels, args.out)
-    print(f"{args.out}: block {args.block}, {drawn} clusters of {labels.size} patches "
-          f"({args.model}, {args.method}, random weights)")
+    drawn = int(np.unique(labels[labels >= 0]).size)
+    caption = (f"block {args.block}: {drawn} clusters of {labels.size} patches "
+               f"({args.model}, {args.method}, random weights)")
+    draw_clusters(image, labels, args.out, caption)
+    print(f"{args.out}: {caption}")
     return 0
 
 
