@@ -63,11 +63,11 @@ PROFILES: dict[str, dict[str, Any]] = {
         "weight_decay": 0.05, "threads": None, "model_ema_warmup": False,
     },
     "digits": {
-        "model": "deit_digits_tiny_patch1_8", "epochs": 30, "batch_size": 64,
-        "warmup_epochs": 2, "drop_path": 0.05, "model_ema_decay": 0.998,
-        "repeated_aug": False, "hflip": 0.0, "scale": [0.5, 1.0],
-        "aa": "rand-m6-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.25, "mixup": 0.8,
-        "cutmix": 1.0, "smoothing": 0.1, "base_lr": 8e-3, "clip_grad": 1.0,
+        "model": "deit_digits_tiny_patch1_8", "epochs": 25, "batch_size": 32,
+        "warmup_epochs": 1, "drop_path": 0.0, "model_ema_decay": 0.998,
+        "repeated_aug": False, "hflip": 0.0, "scale": [0.7, 1.0],
+        "aa": "rand-m3-mstd0.5-inc1", "color_jitter": 0.3, "reprob": 0.0, "mixup": 0.1,
+        "cutmix": 0.0, "smoothing": 0.1, "base_lr": 16e-3, "clip_grad": 1.0,
         "weight_decay": 0.05, "threads": 1, "model_ema_warmup": True,
     },
 }
@@ -263,6 +263,25 @@ def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     return path
 
 
+def _load_checkpoint(path: Path, model: nn.Module, *, need_state: bool) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model``; ConfigError if it does not fit."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: any unpickling error
+        raise ConfigError(f"--resume {str(path)!r} is no readable checkpoint ({err})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"--resume {str(path)!r} is no checkpoint of this trainer")
+    if need_state and "optimizer" not in ckpt:
+        raise ConfigError(f"--resume {str(path)!r} holds weights only (best.pt?); resume "
+                          "training from checkpoint.pt, or add --eval")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"--resume {str(path)!r} does not fit --model: {first}") from None
+    return ckpt
+
+
 def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
@@ -344,11 +363,8 @@ def run(args: argparse.Namespace, dist: DistInfo) -> None:
     ckpt_path = _checkpoint_path(args)
     ckpt: dict[str, Any] | None = None
     if ckpt_path is not None:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        if args.eval:
-            pass
-        else:
+        ckpt = _load_checkpoint(ckpt_path, model, need_state=not args.eval)
+        if not args.eval:
             if ema is not None and ckpt.get("ema") is not None:
                 ema.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])

@@ -29,10 +29,12 @@ if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository
 
 from reference_models import data, engine, models, train  # noqa: E402
 
-# A small fast recipe: the tiny digits model, few images per step, every random part on
-# (RandAugment, random erasing, Mixup/CutMix, drop path, EMA), one CPU thread per process.
-FAST = ["--data", "digits", "--model", "deit_digits_tiny_patch1_8", "--batch-size", "64",
-        "--threads", "1", "--seed", "3"]
+# The digits defaults (tiny model, batch 32), one CPU thread per process, a seed of its own.
+FAST = ["--data", "digits", "--model", "deit_digits_tiny_patch1_8", "--threads", "1",
+        "--seed", "3"]
+# Every random part of the recipe on, so that resume must restore every RNG.
+ALL_RANDOM = ["--drop-path", "0.1", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0",
+              "--aa", "rand-m9-mstd0.5-inc1", "--batch-size", "64"]
 
 
 def _env() -> dict[str, str]:
@@ -89,10 +91,11 @@ def test_tiny_digits_run_learns(tmp_path: Path) -> None:
     for key in ("train_loss", "val_loss", "val_acc1", "lr", "images_per_s", "gflops"):
         assert all(key in r for r in log), key
     assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.3
-    assert log[-1]["val_acc1"] >= 60.0  # chance is 10%
+    assert log[-1]["val_acc1"] >= 40.0  # chance is 10%
     assert all(r["val_images"] == data.DIGITS_VAL_SIZE for r in log)
     config = json.loads((out / "config.json").read_text())
-    assert config["lr"] == pytest.approx(config["base_lr"] * 64 / 512)
+    assert config["total_batch_size"] == 32
+    assert config["lr"] == pytest.approx(config["base_lr"] * 32 / 512)
     best = _load(out / "best.pt")
     assert best["val_acc1"] == max(r["val_acc1"] for r in log)
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json",
@@ -106,7 +109,8 @@ def test_tiny_digits_run_learns(tmp_path: Path) -> None:
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     # The random downsampler and every augmentation draw random numbers, so any RNG state
     # that resume failed to restore changes the weights.
-    args = [*FAST, "--epochs", "2", "--downsample", "random", "--keep", "48,32,16,8"]
+    args = [*FAST, *ALL_RANDOM, "--epochs", "2", "--downsample", "random",
+            "--keep", "48,32,16,8"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     victim = subprocess.Popen(_trainer(*args, "--output", str(broken)), cwd=ROOT, env=_env(),
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -348,6 +352,12 @@ def test_bad_inputs_get_one_clear_error(tmp_path: Path,
     assert "--method applies to --downsample tokenpool only" in msg
     msg = _error_of(["--resume", str(tmp_path / "missing.pt"), *base], capsys)
     assert "no such checkpoint" in msg
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert "no readable checkpoint" in _error_of(["--resume", str(garbage), *base], capsys)
+    weights_only = tmp_path / "best.pt"
+    torch.save({"model": {}, "epoch": 0}, weights_only)
+    assert "weights only" in _error_of(["--resume", str(weights_only), *base], capsys)
 
 
 def test_good_image_folder_trains(tmp_path: Path) -> None:
