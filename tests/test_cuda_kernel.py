@@ -377,16 +377,16 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
     brain = (brain_bits.astype(np.uint32) << 16).view(np.float32)
     weights = rng.exponential(size=(2, n)).astype(np.float32)
     init = distinct_init(rng, 2, n, k)
-    for tokens, as_float32, dtype_name in ((x32, x32, None),
-                                           (half, half.astype(np.float32), None),
-                                           (brain_bits, brain, "bfloat16")):
-        mean = as_float32.mean(axis=1, keepdims=True)
+    # Each pair of runs must agree to the bit (tokens, element type, scheme of each run).
+    pairs = [((x32, None, "matrix"), (x32, None, "rows")),
+             ((half, None, "matrix"), (half.astype(np.float32), None, "matrix")),
+             ((brain_bits, "bfloat16", "rows"), (brain, None, "rows"))]
+    for first, second in pairs:
+        mean = second[0].astype(np.float32).mean(axis=1, keepdims=True)
         runs = [host.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
-                for scheme in ("matrix", "rows")]
-        runs.append(host.run(as_float32, mean, init, weights, 8, True, "rows"))
-        for run in runs[1:]:
-            for got, want in zip(run, runs[0], strict=True):
-                np.testing.assert_array_equal(got, want)
+                for tokens, dtype_name, scheme in (first, second)]
+        for got, want in zip(*runs, strict=True):
+            np.testing.assert_array_equal(got, want)
 
 
 # ---------------------------------------------------------------------------------------------
