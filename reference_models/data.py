@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import create_transform
+from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 from torchvision import datasets
@@ -43,6 +43,24 @@ __all__ = [
 
 DIGITS_VAL_SIZE = 360
 _DIGITS_SEED = 0
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs: Any) -> Image.Image:
+    """timm's posterize, with 0 bits kept meaning a black image again.
+
+    Why: RandAugment's increasing posterize keeps 4 - int(m / 10 * 4) bits, 0 at magnitude
+    10, which DeiT's ``rand-m9-mstd0.5-inc1`` reaches now and then. Older Pillow turned 0
+    bits into a black image; Pillow 13 raises ValueError, which would end a training run.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return _timm_posterize(img, bits_to_keep, **kwargs)
+
+
+_timm_posterize = auto_augment.posterize
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    if auto_augment.NAME_TO_OP.get(_name) is _timm_posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -102,12 +120,13 @@ def _image_folders(root: Path, train_tf: Any, val_tf: Any) -> tuple[Dataset[Any]
     if not root.is_dir():
         raise ConfigError(f"--data {str(root)!r} is neither digits, cifar10, cifar100 nor an "
                           "existing folder")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"--data {str(root)!r} has no {split}/ folder; expected "
+                              "train/CLASS/*.jpg and val/CLASS/*.jpg (the ImageNet layout)")
     folders: dict[str, datasets.ImageFolder] = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         path = root / split
-        if not path.is_dir():
-            raise ConfigError(f"--data {str(root)!r} has no {split}/ folder; expected "
-                              "train/CLASS/*.jpg and val/CLASS/*.jpg (the ImageNet layout)")
         try:
             folders[split] = datasets.ImageFolder(str(path), transform=tf)
         except FileNotFoundError as err:  # no class folders, or no image in any of them

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="the trainer needs PyTorch")
@@ -66,6 +67,8 @@ def _assert_state_equal(a: Any, b: Any, where: str = "") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype, where
         assert torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, np.ndarray):  # NumPy's RNG state
+        assert isinstance(b, np.ndarray) and np.array_equal(a, b), f"{where} differs"
     elif isinstance(a, dict):
         assert set(a) == set(b), where
         for key in a:
@@ -112,20 +115,22 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     args = [*FAST, *ALL_RANDOM, "--epochs", "2", "--downsample", "random",
             "--keep", "48,32,16,8"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    victim = subprocess.Popen(_trainer(*args, "--output", str(broken)), cwd=ROOT, env=_env(),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    reference = _run(_trainer(*args, "--output", str(whole)))
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    def start(out: Path) -> subprocess.Popen[str]:
+        return subprocess.Popen(_trainer(*args, "--output", str(out)), cwd=ROOT, env=_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
+    victim, reference = start(broken), start(whole)  # side by side: one core each
     deadline = time.monotonic() + 200
     while not (broken / "checkpoint.pt").exists():
         assert victim.poll() is None, f"run ended before its first checkpoint: {victim.stderr}"
         assert time.monotonic() < deadline, "no checkpoint within 200 s"
-        time.sleep(0.05)
+        time.sleep(0.02)
     victim.send_signal(signal.SIGKILL)  # in epoch 1, after the checkpoint of epoch 0
     victim.wait()
     assert victim.returncode == -signal.SIGKILL
     assert len(_log(broken)) == 1
+    _, reference_err = reference.communicate(timeout=240)
+    assert reference.returncode == 0, reference_err[-3000:]
 
     resumed = _run(_trainer(*args, "--output", str(broken), "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -204,6 +209,21 @@ def test_each_downsampler_trains_a_step_and_evaluates(downsample: str,
                           device=torch.device("cpu"), amp_dtype=None, pool_seed=0)
     assert val["val_images"] == 24 and 0.0 <= val["val_acc1"] <= 100.0
     assert val["val_loss"] == pytest.approx(val["val_loss"])  # finite, not NaN
+
+
+def test_randaugment_posterize_survives_zero_bits() -> None:
+    # DeiT's rand-m9-mstd0.5-inc1 sometimes asks timm's posterize to keep 0 bits, which
+    # Pillow 13 rejects; data.py maps it to the black image it always meant.
+    from PIL import Image
+    from timm.data.auto_augment import NAME_TO_OP, rand_augment_transform
+
+    image = Image.new("RGB", (8, 8), (200, 100, 50))
+    assert NAME_TO_OP["PosterizeIncreasing"](image, 0).getextrema() == ((0, 0),) * 3
+    assert NAME_TO_OP["PosterizeIncreasing"](image, 1).getpixel((0, 0)) == (128, 0, 0)
+    policy = rand_augment_transform("rand-m10-n1-mstd0-inc1", {"img_mean": (0, 0, 0)})
+    for op in policy.ops:
+        op.prob = 1.0
+        op(image)  # every op at magnitude 10, posterize included
 
 
 def test_keep_presets_and_lists() -> None:
