@@ -50,7 +50,7 @@ report() {
                                 sub(/\(.*/, "", name); next }
     /spill stores/ { spills = $0; gsub(/^ +/, "", spills); next }
     /Used [0-9]+ registers/ { used = $0; sub(/.*Used /, "", used);
-                              printf "  %-34s %s; %s\n", name, used, spills; next }
+                              printf "  %-40s %s; %s\n", name, used, spills; next }
     /error|warning/ { print }'
 }
 

@@ -41,30 +41,32 @@ ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32",
                "bfloat16": "float32"}
 
 
-def kernel_name(dtype_name: str, full_matrix: bool) -> str:
+def kernel_name(dtype_name: str, shared_matrix: bool) -> str:
     """The template instantiation for tokens of ``dtype_name``, e.g. ``float32``."""
-    return f"tokenpool::kmedoids<{CXX_TYPES[dtype_name]}, {'true' if full_matrix else 'false'}>"
+    return (f"tokenpool::kmedoids<{CXX_TYPES[dtype_name]}, "
+            f"{'true' if shared_matrix else 'false'}>")
 
 
-def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, full_matrix: bool) -> int:
+def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, shared_matrix: bool) -> int:
     """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
 
-    With ``full_matrix`` a (kFeatureChunk, N rounded up to kTile) stage of centred features
-    and the N x N distances; always the weights, distances to the own medoid and medoid
-    costs (N each), a reduction scratch (BLOCK_THREADS) and four int arrays (labels, medoid
-    of each token: N; medoids, moved flags: K).
+    A (kFeatureChunk, N rounded up to TILE) stage of centred features; with
+    ``shared_matrix`` the N x N distances; the weights, distances to the own medoid and
+    medoid costs (N each), a reduction scratch (BLOCK_THREADS); three int arrays (labels and
+    the medoid of each token: N; medoids: K).
     """
     stride = -(-n // TILE) * TILE
-    matrix = n * n + stride * FEATURE_CHUNK if full_matrix else 0
-    return (matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes + (2 * n + 2 * k) * 4
+    matrix = n * n if shared_matrix else 0
+    return ((stride * FEATURE_CHUNK + matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes
+            + (2 * n + k) * 4)
 
 
 @dataclass(frozen=True)
 class KMedoidsPlan:
-    """How the kernel runs one batch: which distance scheme, and its shared memory."""
+    """How the kernel runs one batch: where the distances live, and its shared memory."""
 
     kernel: str
-    full_matrix: bool  # N x N distances in shared memory; else medoid rows in a workspace
+    shared_matrix: bool  # N x N distances in shared memory; else in a (B, N, N) workspace
     shared_bytes: int
 
 
@@ -75,17 +77,17 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     The kernel covers 1 <= k <= n <= MAX_TOKENS and the dtypes of CXX_TYPES. It keeps the
     N x N distance matrix in shared memory where it fits in ``max_shared_bytes`` (the
     device's opt-in limit per block; N up to about 225 in float32 on Hopper, 200 on Ampere),
-    else the K medoid rows in a global (B, K, N) workspace; the small per-token arrays must
-    fit in any case (N up to MAX_TOKENS needs 57 KiB in float32).
+    else in a global (B, N, N) workspace, as long as a chunk of every token's features fits
+    in shared memory (N up to about 1750 on Hopper, 1250 on Ampere).
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None
     accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
     budget = max_shared_bytes - STATIC_SHARED_BYTES
-    for full_matrix in (True, False):
-        shared = kmedoids_shared_bytes(n, k, accumulator_bytes, full_matrix)
+    for shared_matrix in (True, False):
+        shared = kmedoids_shared_bytes(n, k, accumulator_bytes, shared_matrix)
         if shared <= budget:
-            return KMedoidsPlan(kernel_name(dtype_name, full_matrix), full_matrix, shared)
+            return KMedoidsPlan(kernel_name(dtype_name, shared_matrix), shared_matrix, shared)
     return None
 
 
@@ -97,7 +99,7 @@ class KernelArguments:
     mean: Any  # (B, M), accumulator dtype
     init: Any  # (B, K), int64
     weights: Any  # (B, N), accumulator dtype
-    rows: Any  # (B, K, N) workspace, accumulator dtype; (0,) when the matrix is in shared
+    workspace: Any  # (B, N, N) distances, accumulator dtype; (0,) when they are in shared
     labels: Any  # (B, N), int64
     medoids: Any  # (B, K), int64
     history: Any  # (B, max_iter + 1), accumulator dtype
@@ -111,13 +113,13 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
     n_problems, n, m = x.shape
     k = init.shape[-1]
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
-    rows_shape = (0,) if plan.full_matrix else (n_problems, k, n)
+    workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, n)
     return KernelArguments(
         x=np_like.ascontiguousarray(x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         init=np_like.ascontiguousarray(init, dtype=np_like.int64),
         weights=np_like.ascontiguousarray(weights, dtype=accumulator),
-        rows=np_like.empty(rows_shape, dtype=accumulator),
+        workspace=np_like.empty(workspace_shape, dtype=accumulator),
         labels=np_like.empty((n_problems, n), dtype=np_like.int64),
         medoids=np_like.empty((n_problems, k), dtype=np_like.int64),
         history=np_like.empty((n_problems, max_iter + 1), dtype=accumulator),
@@ -207,7 +209,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
 
 def kernel_names() -> list[str]:
     """Every instantiation the module compiles (its NVRTC name expressions)."""
-    return ([kernel_name(dtype, full) for dtype in CXX_TYPES for full in (True, False)]
+    return ([kernel_name(dtype, shared) for dtype in CXX_TYPES for shared in (True, False)]
             + [merge_name(dtype) for dtype in CXX_TYPES])
 
 
@@ -252,8 +254,8 @@ def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
     k = args.init.shape[1]
     kernel((n_problems,), (BLOCK_THREADS,),
            (args.x, args.mean, args.init, args.weights, np.int32(n_problems), np.int32(n),
-            np.int32(m), np.int32(k), np.int32(max_iter), args.rows, args.labels, args.medoids,
-            args.history, args.iterations),
+            np.int32(m), np.int32(k), np.int32(max_iter), args.workspace, args.labels,
+            args.medoids, args.history, args.iterations),
            shared_mem=plan.shared_bytes)
 
 

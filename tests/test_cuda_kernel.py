@@ -35,8 +35,9 @@ from tokenpool_ops import backends
 
 #: Dynamic shared memory per block on an H100 (opt-in limit): the plan of a real GPU.
 H100_SHARED_BYTES = 232448
-#: Host schemes: the kernel's own plan, or one distance scheme forced at any N.
-SCHEMES = ["plan", "matrix", "rows"]
+#: Where the distances live on the host: as the kernel's plan for an H100 decides, or forced
+#: into shared memory or into the global workspace at any N.
+SCHEMES = ["plan", "shared", "global"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,13 +61,14 @@ class HostKernels:
 
     def plan(self, n: int, k: int, dtype_name: str, scheme: str) -> _cupy.KMedoidsPlan:
         plan = _cupy.kmedoids_plan(n, k, dtype_name, H100_SHARED_BYTES)
-        assert plan is not None, "every test shape is one the kernel covers"
-        if scheme == "plan":
+        if scheme == "plan" and plan is not None:
             return plan
-        full = scheme == "matrix"
+        # Forced, or beyond an H100's shared memory (float64 at large N): the host has no
+        # such limit.
+        shared = scheme == "shared"
         accumulator = 8 if _cupy.ACCUMULATOR[dtype_name] == "float64" else 4
-        return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, full), full,
-                                  _cupy.kmedoids_shared_bytes(n, k, accumulator, full))
+        return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, shared), shared,
+                                  _cupy.kmedoids_shared_bytes(n, k, accumulator, shared))
 
     def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan, max_iter: int,
                dtype_name: str) -> None:
@@ -74,8 +76,8 @@ class HostKernels:
         k = args.init.shape[1]
         getattr(self.library, f"tp_kmedoids_{dtype_name}")(
             args.x.ctypes.data, args.mean.ctypes.data, args.init.ctypes.data,
-            args.weights.ctypes.data, n_problems, n, m, k, max_iter, int(plan.full_matrix),
-            args.rows.ctypes.data, args.labels.ctypes.data, args.medoids.ctypes.data,
+            args.weights.ctypes.data, n_problems, n, m, k, max_iter, int(plan.shared_matrix),
+            args.workspace.ctypes.data, args.labels.ctypes.data, args.medoids.ctypes.data,
             args.history.ctypes.data, args.iterations.ctypes.data)
 
     def run(self, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
@@ -185,22 +187,23 @@ def test_constants_and_layout_agree_with_the_kernel(host):
         entry = getattr(host.library, f"tp_kmedoids_shared_bytes_{dtype_name}")
         merge_entry = getattr(host.library, f"tp_merge_shared_bytes_{dtype_name}")
         for n, k in ((1, 1), (197, 98), (577, 49), (4096, 4096)):
-            for full in (True, False):
-                assert entry(n, k, int(full)) == _cupy.kmedoids_shared_bytes(n, k, accumulator,
-                                                                             full)
+            for shared in (True, False):
+                assert entry(n, k, int(shared)) == _cupy.kmedoids_shared_bytes(
+                    n, k, accumulator, shared)
             assert merge_entry(n, k) == _cupy.merge_shared_bytes(n, k, accumulator)
 
 
 def test_plan_chooses_a_scheme_or_declines():
-    # The N x N matrix where it fits in shared memory, the medoid rows above.
+    # The N x N matrix in shared memory where it fits, in the global workspace above.
     plan = _cupy.kmedoids_plan(197, 98, "float32", H100_SHARED_BYTES)
-    assert plan is not None and plan.full_matrix
+    assert plan is not None and plan.shared_matrix
     assert plan.kernel == "tokenpool::kmedoids<float, true>"
     assert plan.shared_bytes <= H100_SHARED_BYTES
     a100_limit = 166912
-    assert not _cupy.kmedoids_plan(197, 98, "float32", a100_limit).full_matrix
-    plan = _cupy.kmedoids_plan(1025, 512, "float32", H100_SHARED_BYTES)
-    assert plan is not None and not plan.full_matrix
+    assert not _cupy.kmedoids_plan(197, 98, "float32", a100_limit).shared_matrix
+    for n in (577, 1025):
+        plan = _cupy.kmedoids_plan(n, n // 2, "float32", a100_limit)
+        assert plan is not None and not plan.shared_matrix
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
         "tokenpool::kmedoids<tokenpool::Half, false>")
     # Shapes and types the kernel does not cover: the generic code runs.
@@ -208,7 +211,7 @@ def test_plan_chooses_a_scheme_or_declines():
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(_cupy.MAX_TOKENS + 1, 8, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 3, "complex64", H100_SHARED_BYTES) is None
-    assert _cupy.kmedoids_plan(4096, 4096, "float32", 48 * 1024) is None  # rows do not fit
+    assert _cupy.kmedoids_plan(2048, 64, "float32", H100_SHARED_BYTES) is None  # no stage
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -351,8 +354,8 @@ def test_pool_agrees_with_generic_on_float_tokens(host, seed, n, m, data):
     np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize(("n", "k", "scheme"), [(1024, 1, "rows"), (1024, 700, "plan"),
-                                                (577, 98, "matrix"), (300, 49, "plan")])
+@pytest.mark.parametrize(("n", "k", "scheme"), [(1024, 1, "global"), (1024, 700, "plan"),
+                                                (577, 98, "shared"), (300, 49, "plan")])
 def test_large_problems_agree_with_generic(host, n, k, scheme, rng):
     x = rng.normal(size=(1, n, 3))
     scores = rng.exponential(size=(1, n))
@@ -367,8 +370,8 @@ def test_large_problems_agree_with_generic(host, n, k, scheme, rng):
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), m=st.integers(1, 70),
        data=st.data())
 def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m, data):
-    # The matrix in shared memory and the rows in global memory sum every distance in the
-    # same order; float16 and bfloat16 tokens are converted exactly to float32.
+    # The matrix in shared or in global memory: the same bits; float16 and bfloat16 tokens
+    # are converted exactly to float32.
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n), label="k")
     x32 = rng.normal(size=(2, n, m)).astype(np.float32)
@@ -378,9 +381,9 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
     weights = rng.exponential(size=(2, n)).astype(np.float32)
     init = distinct_init(rng, 2, n, k)
     # Each pair of runs must agree to the bit (tokens, element type, scheme of each run).
-    pairs = [((x32, None, "matrix"), (x32, None, "rows")),
-             ((half, None, "matrix"), (half.astype(np.float32), None, "matrix")),
-             ((brain_bits, "bfloat16", "rows"), (brain, None, "rows"))]
+    pairs = [((x32, None, "shared"), (x32, None, "global")),
+             ((half, None, "shared"), (half.astype(np.float32), None, "shared")),
+             ((brain_bits, "bfloat16", "global"), (brain, None, "global"))]
     for first, second in pairs:
         mean = second[0].astype(np.float32).mean(axis=1, keepdims=True)
         runs = [host.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
@@ -425,7 +428,7 @@ def test_merge_equals_generic_merge(host, seed, n, m, data):
 def test_bad_values_never_give_out_of_range_results(host, seed, n, data):
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n), label="k")
-    scheme = data.draw(st.sampled_from(["matrix", "rows"]), label="scheme")
+    scheme = data.draw(st.sampled_from(["shared", "global"]), label="scheme")
     dtype = data.draw(st.sampled_from([np.float32, np.float64]), label="dtype")
     bad = [np.nan, np.inf, -np.inf, 1e19, -1e19, 3e38, 0.0]
     x = rng.normal(size=(2, n, 3)).astype(dtype)
@@ -452,7 +455,7 @@ def test_init_out_of_range_or_repeated_stays_in_bounds(host, seed, n, data):
     x = rng.normal(size=(1, n, 2))
     init = rng.integers(-3 * n, 3 * n, size=(1, k))
     labels, medoids, _, _ = host.run(x, x.mean(axis=1, keepdims=True), init, np.ones((1, n)),
-                                     4, True, data.draw(st.sampled_from(["matrix", "rows"])))
+                                     4, True, data.draw(st.sampled_from(["shared", "global"])))
     assert ((labels >= 0) & (labels < k)).all()
     assert ((medoids >= 0) & (medoids < n)).all()
 

@@ -125,15 +125,15 @@ __device__ Acc block_sum(Acc value, Acc* scratch) {
 template <typename Acc>
 struct KMedoidsLayout {
   int n, k;
-  bool full_matrix;  // the N x N distances live in shared memory (else rows in a workspace)
+  bool shared_matrix;  // the N x N distances live in shared memory (else in a workspace)
 
   // The stage's rows are padded to whole tiles (see fill_matrix).
   __device__ int stage_stride() const { return (n + kTile - 1) / kTile * kTile; }
   __device__ long long stage_count() const {
-    return full_matrix ? static_cast<long long>(stage_stride()) * kFeatureChunk : 0;
+    return static_cast<long long>(stage_stride()) * kFeatureChunk;
   }
   __device__ long long matrix_count() const {
-    return full_matrix ? static_cast<long long>(n) * n : 0;
+    return shared_matrix ? static_cast<long long>(n) * n : 0;
   }
   __device__ long long acc_count() const {
     // stage (first: its tile loads need 16-byte alignment), matrix, weights, nearest,
@@ -141,8 +141,7 @@ struct KMedoidsLayout {
     return stage_count() + matrix_count() + 3LL * n + kBlockThreads;
   }
   __device__ long long int_count() const {
-    // labels, medoid_of, medoids, moved
-    return 2LL * n + 2LL * k;
+    return 2LL * n + k;  // labels, medoid_of, medoids
   }
   __device__ long long bytes() const {
     return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;

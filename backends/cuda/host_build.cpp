@@ -10,24 +10,24 @@
 namespace {
 
 template <typename T>
-long long kmedoids_shared_bytes(int n, int k, int full_matrix) {
+long long kmedoids_shared_bytes(int n, int k, int shared_matrix) {
   const tokenpool::KMedoidsLayout<typename tokenpool::Accumulator<T>::type> layout{
-      n, k, full_matrix != 0};
+      n, k, shared_matrix != 0};
   return layout.bytes();
 }
 
 template <typename T>
 void run_kmedoids(const void* x, const void* mean, const long long* init, const void* weights,
-                  int n_problems, int n, int m, int k, int max_iter, int full_matrix,
-                  void* rows, long long* labels, long long* medoids, void* history,
+                  int n_problems, int n, int m, int k, int max_iter, int shared_matrix,
+                  void* workspace, long long* labels, long long* medoids, void* history,
                   int* iterations) {
   using Acc = typename tokenpool::Accumulator<T>::type;
-  const auto bytes = static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, full_matrix));
-  const auto kernel = full_matrix ? tokenpool::kmedoids<T, true> : tokenpool::kmedoids<T, false>;
+  const auto bytes = static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, shared_matrix));
+  const auto kernel = shared_matrix ? tokenpool::kmedoids<T, true> : tokenpool::kmedoids<T, false>;
   tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
     kernel(static_cast<const T*>(x), static_cast<const Acc*>(mean), init,
            static_cast<const Acc*>(weights), n_problems, n, m, k, max_iter,
-           static_cast<Acc*>(rows), labels, medoids, static_cast<Acc*>(history), iterations);
+           static_cast<Acc*>(workspace), labels, medoids, static_cast<Acc*>(history), iterations);
   });
 }
 
@@ -50,28 +50,28 @@ void run_merge(const void* x, const void* mean, const long long* labels, const v
   });
 }
 
-#define TP_KMEDOIDS_ENTRY(suffix, T)                                                         \
-  extern "C" void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init, \
-                                       const void* weights, int n_problems, int n, int m,      \
-                                       int k, int max_iter, int full_matrix, void* rows,       \
-                                       long long* labels, long long* medoids, void* history,   \
-                                       int* iterations) {                                      \
-    run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, full_matrix, rows, \
-                    labels, medoids, history, iterations);                                     \
-  }                                                                                            \
-  extern "C" long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int full_matrix) {      \
-    return kmedoids_shared_bytes<T>(n, k, full_matrix);                                        \
-  }                                                                                            \
-  extern "C" void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,  \
-                                    const void* weights, const void* fallback,                 \
-                                    const void* carried, int n_problems, int n, int m, int k,  \
-                                    int has_fallback, int with_objective, void* tokens,        \
-                                    void* sizes, void* objective) {                            \
-    run_merge<T>(x, mean, labels, weights, fallback, carried, n_problems, n, m, k,             \
-                 has_fallback, with_objective, tokens, sizes, objective);                      \
-  }                                                                                            \
-  extern "C" long long tp_merge_shared_bytes_##suffix(int n, int k) {                          \
-    return tokenpool::MergeLayout<typename tokenpool::Accumulator<T>::type>{n, k}.bytes();     \
+#define TP_KMEDOIDS_ENTRY(suffix, T)                                                               \
+  extern "C" void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init,     \
+                                       const void* weights, int n_problems, int n, int m,          \
+                                       int k, int max_iter, int shared_matrix, void* workspace,    \
+                                       long long* labels, long long* medoids, void* history,       \
+                                       int* iterations) {                                          \
+    run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, shared_matrix,          \
+                    workspace, labels, medoids, history, iterations);                              \
+  }                                                                                                \
+  extern "C" long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix) {        \
+    return kmedoids_shared_bytes<T>(n, k, shared_matrix);                                          \
+  }                                                                                                \
+  extern "C" void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,      \
+                                    const void* weights, const void* fallback,                     \
+                                    const void* carried, int n_problems, int n, int m, int k,      \
+                                    int has_fallback, int with_objective, void* tokens,            \
+                                    void* sizes, void* objective) {                                \
+    run_merge<T>(x, mean, labels, weights, fallback, carried, n_problems, n, m, k,                 \
+                 has_fallback, with_objective, tokens, sizes, objective);                          \
+  }                                                                                                \
+  extern "C" long long tp_merge_shared_bytes_##suffix(int n, int k) {                              \
+    return tokenpool::MergeLayout<typename tokenpool::Accumulator<T>::type>{n, k}.bytes();         \
   }
 
 TP_KMEDOIDS_ENTRY(float64, double)

@@ -15,12 +15,14 @@
 // every loop is bounded, every access in range. A NaN is never "nearer" nor "cheaper".
 //
 // Distances are those of the centred tokens (x minus the problem's mean), each summed in
-// chunks of kFeatureChunk features. Two ways to hold them:
-// * FullMatrix: the N x N matrix in shared memory, computed once (N <= about 225 in 227 KiB
-//   on Hopper); every later distance is a shared-memory read;
-// * otherwise: the K rows of distances from each medoid to every token in a global workspace
-//   (B, K, N); a row is recomputed when its medoid moves, and the within-cluster distances
-//   of the medoid update are computed from the tokens (O(sum of squared cluster sizes * M)).
+// chunks of kFeatureChunk features, all N x N of them computed once per problem in register
+// tiles from features staged in shared memory (fill_matrix). The matrix lives
+// * in shared memory where it fits (SharedMatrix; N <= about 225 in float32 in the 227 KiB
+//   of Hopper, 200 on Ampere), so every later distance is a shared-memory read;
+// * else in a global workspace (B, N, N), read through L2 with the same access patterns
+//   (N up to about 1250 on Ampere and 1750 on Hopper, where a chunk of every token's
+//   features still fits in shared memory for the tiles; the glue declines larger N).
+// Both give the same bits: the code is the same but for where the matrix is.
 #if defined(__CUDACC__)
 // Dynamic shared memory; host_emulation.h defines the same name for the CPU build.
 #define TP_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
@@ -31,17 +33,16 @@
 namespace tokenpool {
 
 // One problem's view: its slices of the inputs and its shared-memory arrays.
-template <typename T, bool FullMatrix>
+template <typename T>
 struct Problem {
   using Acc = typename Accumulator<T>::type;
   int n, m, k;
   int stride;  // of the stage: N rounded up to whole tiles
   const T* __restrict__ x;      // (N, M)
   const Acc* __restrict__ mean;  // (M,)
-  Acc* __restrict__ rows;        // (K, N) workspace, when not FullMatrix
+  Acc* matrix;    // (N, N) distances: in shared memory or in the global workspace
   // shared memory
-  Acc* stage;     // (kFeatureChunk, stage_stride) centred features, when FullMatrix
-  Acc* matrix;    // (N, N) when FullMatrix
+  Acc* stage;     // (kFeatureChunk, stride) centred features
   Acc* weights;   // (N,)
   Acc* nearest;   // (N,) distance to the own medoid
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
@@ -49,36 +50,29 @@ struct Problem {
   int* labels;    // (N,)
   int* medoid_of; // (N,) cluster whose medoid the token is, kNotAMedoid otherwise
   int* medoids;   // (K,)
-  int* moved;     // (K,) the medoid moved in this update
 
-  __device__ Acc distance(int i, int j) const {
-    return FullMatrix ? matrix[i * n + j]
-                       : pair_distance(x + static_cast<long long>(i) * m,
-                                       x + static_cast<long long>(j) * m, mean, m);
-  }
-  __device__ Acc to_medoid(int c, int i) const {
-    return FullMatrix ? matrix[medoids[c] * n + i]
-                       : rows[static_cast<long long>(c) * n + i];
-  }
+  __device__ Acc distance(int i, int j) const { return matrix[i * n + j]; }
+  __device__ Acc to_medoid(int c, int i) const { return matrix[medoids[c] * n + i]; }
 };
 
-template <typename T, bool FullMatrix>
-__device__ Problem<T, FullMatrix> carve(unsigned char* shared, int n, int m, int k, const T* x,
-                                        const typename Accumulator<T>::type* mean,
-                                        typename Accumulator<T>::type* rows) {
+// `workspace` is this problem's (N, N) slice of the global workspace, unless SharedMatrix.
+template <typename T, bool SharedMatrix>
+__device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T* x,
+                            const typename Accumulator<T>::type* mean,
+                            typename Accumulator<T>::type* workspace) {
   using Acc = typename Accumulator<T>::type;
-  const KMedoidsLayout<Acc> layout{n, k, FullMatrix};
-  Problem<T, FullMatrix> p;
+  const KMedoidsLayout<Acc> layout{n, k, SharedMatrix};
+  Problem<T> p;
   p.n = n;
   p.m = m;
   p.k = k;
   p.x = x;
   p.mean = mean;
-  p.rows = rows;
   p.stride = layout.stage_stride();
   p.stage = reinterpret_cast<Acc*>(shared);
-  p.matrix = p.stage + layout.stage_count();
-  p.weights = p.matrix + layout.matrix_count();
+  Acc* const after_stage = p.stage + layout.stage_count();
+  p.matrix = SharedMatrix ? after_stage : workspace;
+  p.weights = after_stage + layout.matrix_count();
   p.nearest = p.weights + n;
   p.cost = p.nearest + n;
   p.scratch = p.cost + n;
@@ -86,7 +80,6 @@ __device__ Problem<T, FullMatrix> carve(unsigned char* shared, int n, int m, int
   p.labels = ints;
   p.medoid_of = p.labels + n;
   p.medoids = p.medoid_of + n;
-  p.moved = p.medoids + k;
   return p;
 }
 
@@ -109,7 +102,7 @@ __device__ __forceinline__ void upper_tile(int t, int r, int* row, int* column) 
 // writes each cell twice. Every cell sums its chunks as pair_distance does, so both
 // distance schemes agree to the bit.
 template <typename T>
-__device__ void fill_matrix(const Problem<T, true>& p) {
+__device__ void fill_matrix(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
   const int cells = p.n * p.n;  // N <= kMaxTokens keeps every index in an int
   for (int e = threadIdx.x; e < cells; e += kBlockThreads) p.matrix[e] = 0;
@@ -156,25 +149,9 @@ __device__ void fill_matrix(const Problem<T, true>& p) {
   __syncthreads();
 }
 
-// Row c of the workspace: distances from medoid c to every token, for the clusters whose
-// `moved` flag is set (all of them at the start).
-template <typename T>
-__device__ void fill_rows(const Problem<T, false>& p) {
-  const int cells = p.k * p.n;
-  for (int e = threadIdx.x; e < cells; e += kBlockThreads) {
-    const int c = e / p.n, i = e % p.n;
-    if (!p.moved[c]) continue;
-    p.rows[e] = i == p.medoids[c] ? 0
-                                  : pair_distance(p.x + static_cast<long long>(p.medoids[c]) * p.m,
-                                                  p.x + static_cast<long long>(i) * p.m, p.mean,
-                                                  p.m);
-  }
-  __syncthreads();
-}
-
 // medoid_of from medoids: the lowest cluster wins a token that init repeats.
-template <typename T, bool FullMatrix>
-__device__ void index_medoids(const Problem<T, FullMatrix>& p) {
+template <typename T>
+__device__ void index_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
   __syncthreads();
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) atomicMin(&p.medoid_of[p.medoids[c]], c);
@@ -183,8 +160,8 @@ __device__ void index_medoids(const Problem<T, FullMatrix>& p) {
 
 // Eq. 16. Writes labels and nearest; returns the objective of Eq. 13 (sum_i w_i nearest_i)
 // and sets *changed when a label differs from the previous one.
-template <typename T, bool FullMatrix>
-__device__ typename Accumulator<T>::type assign(const Problem<T, FullMatrix>& p, int* changed) {
+template <typename T>
+__device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* changed) {
   using Acc = typename Accumulator<T>::type;
   Acc objective = 0;
   int any_change = 0;
@@ -212,23 +189,17 @@ __device__ typename Accumulator<T>::type assign(const Problem<T, FullMatrix>& p,
   return block_sum(objective, p.scratch);  // its barriers also publish labels and *changed
 }
 
-// Eq. 17 with the weights inside. Sets `moved` for each cluster whose medoid changes.
-template <typename T, bool FullMatrix>
-__device__ void update_medoids(const Problem<T, FullMatrix>& p) {
+// Eq. 17 with the weights inside.
+template <typename T>
+__device__ void update_medoids(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
     const int cluster = p.labels[i];
-    const int own = p.medoids[cluster];
     Acc total = 0;
     for (int j = 0; j < p.n; ++j) {
       if (p.labels[j] != cluster) continue;
-      // The medoid's row holds the distances the assignment used (same bits as computing
-      // them again; reading them is just cheaper).
-      const Acc d = j == i ? Acc(0)
-                    : i == own ? p.to_medoid(cluster, j)
-                    : j == own ? p.to_medoid(cluster, i)
-                               : p.distance(j, i);
-      total = multiply_add(p.weights[j], d, total);
+      // Column i: the entries the assignment read for a medoid i (the matrix is symmetric).
+      total = multiply_add(p.weights[j], p.distance(j, i), total);
     }
     p.cost[i] = total;
   }
@@ -244,9 +215,7 @@ __device__ void update_medoids(const Problem<T, FullMatrix>& p) {
     }
     // Only a member can take over (so medoids stay distinct), and only when strictly
     // cheaper: the current medoid stays on ties, and a NaN cost never wins.
-    const bool move = challenger >= 0 && challenger_cost < p.cost[p.medoids[c]];
-    if (move) p.medoids[c] = challenger;
-    p.moved[c] = move;
+    if (challenger >= 0 && challenger_cost < p.cost[p.medoids[c]]) p.medoids[c] = challenger;
   }
   __syncthreads();
 }
@@ -259,18 +228,15 @@ __device__ __forceinline__ int token_index(long long index, int n) {
       : static_cast<int>(static_cast<unsigned int>(index) % static_cast<unsigned int>(n));
 }
 
-// FullMatrix: the two distance schemes above (a template parameter, so that each
-// instantiation holds one scheme's code only).
-// Blocks per SM: the rows scheme's blocks are small enough for 4 to share an SM (which caps
-// registers at 64; without a cap ptxas spilled at 48 registers on sm_80); the matrix fills
-// most of the shared memory (one block per SM), so its distance tiles may take up to 128
-// registers (a bound of 2 blocks).
-template <typename T, bool FullMatrix>
-__global__ void __launch_bounds__(TP_BLOCK_THREADS, FullMatrix ? 2 : 4)
+// SharedMatrix: where the distances live (a template parameter, so that each instantiation
+// has its addresses fixed). 2 blocks per SM caps registers at 128: the distance tiles need
+// more than 64, and a block with its matrix in shared memory has an SM to itself anyway.
+template <typename T, bool SharedMatrix>
+__global__ void __launch_bounds__(TP_BLOCK_THREADS, 2)
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
          const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,
-         int k, int max_iter, typename Accumulator<T>::type* __restrict__ rows,
+         int k, int max_iter, typename Accumulator<T>::type* __restrict__ workspace,
          long long* __restrict__ labels_out, long long* __restrict__ medoids_out,
          typename Accumulator<T>::type* __restrict__ history, int* __restrict__ iterations) {
   using Acc = typename Accumulator<T>::type;
@@ -278,21 +244,20 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   if (problem >= n_problems || n <= 0 || k <= 0 || max_iter < 0) return;  // uniform
   TP_DYNAMIC_SHARED(shared);
   __shared__ int changed;
-  const Problem<T, FullMatrix> p = carve<T, FullMatrix>(
+  const Problem<T> p = carve<T, SharedMatrix>(
       shared, n, m, k, x + static_cast<long long>(problem) * n * m,
       mean + static_cast<long long>(problem) * m,
-      FullMatrix ? rows : rows + static_cast<long long>(problem) * k * n);
+      SharedMatrix ? workspace : workspace + static_cast<long long>(problem) * n * n);
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
     p.weights[i] = weights[static_cast<long long>(problem) * n + i];
     p.labels[i] = -1;  // differs from every label: the first assignment counts as a change
   }
   for (int c = threadIdx.x; c < k; c += kBlockThreads) {
     p.medoids[c] = token_index(init[static_cast<long long>(problem) * k + c], n);
-    p.moved[c] = 1;
   }
   if (threadIdx.x == 0) changed = 0;
   __syncthreads();
-  if constexpr (FullMatrix) fill_matrix(p); else fill_rows(p);
+  fill_matrix(p);
   index_medoids(p);
   Acc* const out_history = history + static_cast<long long>(problem) * (max_iter + 1);
   Acc objective = assign(p, &changed);
@@ -300,7 +265,6 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   int done = 0;
   while (done < max_iter) {
     update_medoids(p);
-    if constexpr (!FullMatrix) fill_rows(p);
     index_medoids(p);
     if (threadIdx.x == 0) changed = 0;
     __syncthreads();
