@@ -6,13 +6,12 @@ single module (the pattern of array-api-extra's ``_lib/_compat.py``).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
+import array_api_compat
 import numpy as np
 from array_api_compat import (
-    array_namespace,
-    device,
-    is_array_api_obj,
     is_array_api_strict_namespace,
     is_cupy_namespace,
     is_jax_namespace,
@@ -45,8 +44,39 @@ Array = Any
 Namespace = Any
 
 
+# PyTorch tensors are recognised directly, before array-api-compat's detection helpers: those
+# are functools.lru_cache-wrapped, and torch.compile warns at every one it traces (dozens of
+# warnings for one compiled TokenPooling). The results are the ones array-api-compat gives.
+
+
+def _is_tensor(x: object) -> bool:
+    torch = sys.modules.get("torch")  # never imports torch for other libraries' arrays
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def array_namespace(*arrays: Array) -> Namespace:
+    """The array API namespace of ``arrays`` (TypeError if they mix libraries)."""
+    if arrays and all(_is_tensor(a) for a in arrays):
+        import array_api_compat.torch
+
+        return array_api_compat.torch
+    return array_api_compat.array_namespace(*arrays)
+
+
+def is_array_api_obj(x: object) -> bool:
+    """Whether ``x`` is an array of a library array-api-compat supports."""
+    return _is_tensor(x) or array_api_compat.is_array_api_obj(x)
+
+
+def device(x: Array) -> Any:
+    """The device ``x`` lives on."""
+    return x.device if _is_tensor(x) else array_api_compat.device(x)
+
+
 def backend_name(xp: Namespace) -> str:
     """Short name of the library behind ``xp``, used to pick fast paths and in messages."""
+    if getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch"):  # see _is_tensor
+        return "torch"
     for name, test in (
         ("numpy", is_numpy_namespace),
         ("torch", is_torch_namespace),
