@@ -6,7 +6,8 @@ Ties are broken towards the lower token index.
 
 from __future__ import annotations
 
-from ._compat import Array, Namespace, constant, device, exponential_noise, index_dtype
+from ._compat import Array, Namespace, constant, device, index_dtype
+from ._random import uniforms
 
 
 def top_k(xp: Namespace, keys: Array, k: int) -> Array:
@@ -29,17 +30,18 @@ def draw_without_replacement(
 ) -> Array:
     """k distinct indices per problem, uniformly or with probability proportional to weights.
 
-    Exponential race: token i gets key E_i / w_i with E_i ~ Exp(1); the k smallest keys are a
-    draw without replacement proportional to w (Efraimidis and Spirakis, 2006). Tokens of zero
-    weight are taken only when fewer than k tokens have positive weight. The noise is drawn on
-    the host from ``seed`` (see :func:`exponential_noise`), so every backend draws the same
-    tokens; a problem's draw depends on its position in the batch.
+    Exponential race: token i gets key E_i / w_i with E_i = -log U_i ~ Exp(1); the k smallest
+    keys are a draw without replacement proportional to w (Efraimidis and Spirakis, 2006),
+    and without weights the k largest U_i are a uniform draw. Tokens of zero weight are taken
+    only when fewer than k tokens have positive weight. The uniforms come from a counter-based
+    hash of (seed, problem, token) computed on ``like``'s device (see :mod:`._random`), so
+    every backend draws the same tokens; a problem's draw depends on its position in the
+    batch. Equal keys go to the lower index.
     """
-    batch, n = like.shape[0], like.shape[1]
-    noise = exponential_noise(xp, seed, (batch, n), dtype=like.dtype, device=device(like))
+    u = uniforms(xp, seed, (like.shape[0], like.shape[1]), like)
     if weights is None:
-        return top_k(xp, -noise, k)
+        return top_k(xp, u, k)
     positive = weights > 0
     safe = xp.where(positive, weights, constant(xp, 1.0, weights))
-    keys = xp.where(positive, -noise / safe, constant(xp, -float("inf"), weights))
+    keys = xp.where(positive, xp.log(u) / safe, constant(xp, -float("inf"), weights))
     return top_k(xp, keys, k)
