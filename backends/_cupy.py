@@ -71,14 +71,25 @@ class KMedoidsPlan:
 
 
 def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMedoidsPlan | None:
-    """The kernel's plan for problems of ``n`` tokens and ``k`` medoids, or None where the
-    kernel does not apply and the generic code must run.
+    """The kernel's plan for problems of ``n`` tokens and ``k`` medoids; None where the kernel
+    does not apply and the generic code runs (the "does it apply" test of the fast path).
 
-    The kernel covers 1 <= k <= n <= MAX_TOKENS and the dtypes of CXX_TYPES. It keeps the
-    N x N distance matrix in shared memory where it fits in ``max_shared_bytes`` (the
-    device's opt-in limit per block; N up to about 225 in float32 on Hopper, 200 on Ampere),
-    else in a global (B, N, N) workspace, as long as a chunk of every token's features fits
-    in shared memory (N up to about 1750 on Hopper, 1250 on Ampere).
+    Parameters
+    ----------
+    n, k : int
+        Tokens and medoids per problem. The kernel covers ``1 <= k <= n <= MAX_TOKENS``.
+    dtype_name : str
+        Element type of the tokens, one of ``CXX_TYPES``.
+    max_shared_bytes : int
+        The device's opt-in limit of dynamic shared memory per block.
+
+    Returns
+    -------
+    KMedoidsPlan or None
+        The N x N distances in shared memory where they fit (N up to about 225 in float32 on
+        Hopper, 200 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
+        every token's features fits in shared memory (N up to about 1750 on Hopper, 1250 on
+        Ampere); None beyond.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None
@@ -152,18 +163,22 @@ def merge_name(dtype_name: str) -> str:
     return f"tokenpool::merge<{CXX_TYPES[dtype_name]}>"
 
 
-def merge_shared_bytes(n: int, k: int, accumulator_bytes: int) -> int:
-    """``MergeLayout::bytes()``: effective weights (N), cluster totals (K), a reduction
-    scratch (BLOCK_THREADS); labels and members (N each), cluster starts (K + 1)."""
-    return (n + k + BLOCK_THREADS) * accumulator_bytes + (2 * n + k + 1) * 4
+def merge_shared_bytes(n: int, k: int, accumulator_bytes: int, with_objective: bool) -> int:
+    """``MergeLayout::bytes()``: with the objective, a (kFeatureChunk, N + K) stage of centred
+    features; effective weights (N), cluster totals (K), a reduction scratch
+    (BLOCK_THREADS); labels and members (N each), cluster starts (K + 1)."""
+    stage = (n + k) * FEATURE_CHUNK if with_objective else 0
+    return (stage + n + k + BLOCK_THREADS) * accumulator_bytes + (2 * n + k + 1) * 4
 
 
-def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int) -> bool:
+def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int,
+                  with_objective: bool) -> bool:
     """Whether the merge kernel covers these shapes (else the generic merge runs)."""
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS or k * m >= 2**31:
         return False
     accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
-    return merge_shared_bytes(n, k, accumulator_bytes) <= max_shared_bytes - STATIC_SHARED_BYTES
+    shared = merge_shared_bytes(n, k, accumulator_bytes, with_objective)
+    return shared <= max_shared_bytes - STATIC_SHARED_BYTES
 
 
 @dataclass(frozen=True)
@@ -176,14 +191,15 @@ class MergeArguments:
     weights: Any  # (B, N)
     fallback: Any  # (B, N), or (0,) when there is none (weights all positive)
     carried: Any  # (B, N) input sizes
+    workspace: Any  # (B, K, N) distances for the objective, or (0,) without it
     tokens: Any  # (B, K, M) pooled tokens
     sizes: Any  # (B, K) their sizes
     objective: Any  # (B,) Eq. 13 of the pooled tokens
 
 
 def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weights: Any,
-                    fallback: Any | None, carried: Any) -> MergeArguments:
-    n_problems, _, m = x.shape
+                    fallback: Any | None, carried: Any, with_objective: bool) -> MergeArguments:
+    n_problems, n, m = x.shape
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
 
     def per_token(values: Any) -> Any:
@@ -197,6 +213,8 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         fallback=(np_like.empty((0,), dtype=accumulator) if fallback is None
                   else per_token(fallback)),
         carried=per_token(carried),
+        workspace=np_like.empty((n_problems, k, n) if with_objective else (0,),
+                                dtype=accumulator),
         tokens=np_like.empty((n_problems, k, m), dtype=accumulator),
         sizes=np_like.empty((n_problems, k), dtype=accumulator),
         objective=np_like.empty((n_problems,), dtype=accumulator),
@@ -261,11 +279,30 @@ def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
 
 def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
                  ) -> tuple[Any, Any, Any, int] | None:
-    """The fused K-Medoids on CuPy arrays, or None where the kernel does not apply.
+    """(Weighted) K-Medoids (Eq. 16-17, weights inside) of CuPy arrays in one launch.
 
-    ``x`` (B, N, M) tokens, ``mean`` (B, 1, M) their per-problem means, ``init`` (B, K)
-    initial medoids, ``weights`` (B, N): the arguments of ``_clustering.cluster_medoids``.
-    Runs on the current device and stream; returns CuPy arrays.
+    Parameters
+    ----------
+    x : cupy.ndarray (B, N, M)
+        Tokens, float16, float32 or float64.
+    mean : cupy.ndarray (B, 1, M)
+        Each problem's mean token (distances are those of the centred tokens).
+    init : cupy.ndarray (B, K)
+        Initial medoids, distinct token indices.
+    weights : cupy.ndarray (B, N)
+        Token weights ``w_i`` of Eq. 13 and 17.
+    max_iter : int
+        Most iterations; each problem stops at its own fixed point.
+    stop_early : bool
+        As in ``_clustering.run_kmedoids``: the iterations reported are the most any problem
+        needed (one read of a device value); False reports ``max_iter`` and reads nothing.
+
+    Returns
+    -------
+    tuple or None
+        ``(labels (B, N), medoids (B, K), history (B, T + 1), T)`` as
+        ``_clustering.run_kmedoids`` returns them, on the current device, computed on the
+        current stream; None where :func:`kmedoids_plan` declines.
     """
     import cupy
 
@@ -293,18 +330,19 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
 
     n_problems, n, m = x.shape
     max_shared = _max_shared_bytes(x.device.id)
-    if not merge_applies(n, k, m, x.dtype.name, max_shared):
+    if not merge_applies(n, k, m, x.dtype.name, max_shared, with_objective):
         return None
-    args = merge_arguments(cupy, x, mean, labels, k, weights, fallback, carried)
+    args = merge_arguments(cupy, x, mean, labels, k, weights, fallback, carried,
+                           with_objective)
     if n_problems > 0:
         kernel = _module().get_function(merge_name(x.dtype.name))
-        shared = merge_shared_bytes(n, k, args.tokens.itemsize)
+        shared = merge_shared_bytes(n, k, args.tokens.itemsize, with_objective)
         kernel.max_dynamic_shared_size_bytes = shared
         kernel((n_problems,), (BLOCK_THREADS,),
                (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
                 np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
-                np.int32(fallback is not None), np.int32(with_objective), args.tokens,
-                args.sizes, args.objective),
+                np.int32(fallback is not None), np.int32(with_objective), args.workspace,
+                args.tokens, args.sizes, args.objective),
                shared_mem=shared)
     return args.tokens, args.sizes, args.objective if with_objective else None
 

@@ -56,7 +56,7 @@ class HostKernels:
             getattr(library, f"tp_kmedoids_shared_bytes_{suffix}").restype = ctypes.c_longlong
             merge = getattr(library, f"tp_merge_{suffix}")
             merge.restype = None
-            merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 3
+            merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 4
             getattr(library, f"tp_merge_shared_bytes_{suffix}").restype = ctypes.c_longlong
 
     def plan(self, n: int, k: int, dtype_name: str, scheme: str) -> _cupy.KMedoidsPlan:
@@ -99,14 +99,15 @@ class HostKernels:
               weights: np.ndarray, fallback: np.ndarray | None, carried: np.ndarray
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``_cupy.run_merge`` on the host: pooled tokens, sizes, objective."""
-        assert _cupy.merge_applies(x.shape[1], k, x.shape[2], x.dtype.name, H100_SHARED_BYTES)
-        args = _cupy.merge_arguments(np, x, mean, labels, k, weights, fallback, carried)
+        assert _cupy.merge_applies(x.shape[1], k, x.shape[2], x.dtype.name, H100_SHARED_BYTES,
+                                   True)
+        args = _cupy.merge_arguments(np, x, mean, labels, k, weights, fallback, carried, True)
         n_problems, n, m = args.x.shape
         getattr(self.library, f"tp_merge_{x.dtype.name}")(
             args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
             args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
-            n_problems, n, m, k, int(fallback is not None), 1, args.tokens.ctypes.data,
-            args.sizes.ctypes.data, args.objective.ctypes.data)
+            n_problems, n, m, k, int(fallback is not None), 1, args.workspace.ctypes.data,
+            args.tokens.ctypes.data, args.sizes.ctypes.data, args.objective.ctypes.data)
         return args.tokens, args.sizes, args.objective
 
 
@@ -190,7 +191,9 @@ def test_constants_and_layout_agree_with_the_kernel(host):
             for shared in (True, False):
                 assert entry(n, k, int(shared)) == _cupy.kmedoids_shared_bytes(
                     n, k, accumulator, shared)
-            assert merge_entry(n, k) == _cupy.merge_shared_bytes(n, k, accumulator)
+            for objective in (True, False):
+                assert merge_entry(n, k, int(objective)) == _cupy.merge_shared_bytes(
+                    n, k, accumulator, objective)
 
 
 def test_plan_chooses_a_scheme_or_declines():

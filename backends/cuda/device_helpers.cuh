@@ -152,9 +152,15 @@ struct KMedoidsLayout {
 template <typename Acc>
 struct MergeLayout {
   int n, k;
+  bool with_objective;
 
+  // Centred features of the tokens and the pooled tokens, for the objective.
+  __device__ long long stage_count() const {
+    return with_objective ? (static_cast<long long>(n) + k) * kFeatureChunk : 0;
+  }
   __device__ long long acc_count() const {
-    return static_cast<long long>(n) + k + kBlockThreads;  // weights, totals, scratch
+    // stage, effective weights, cluster totals, reduction scratch
+    return stage_count() + n + k + kBlockThreads;
   }
   __device__ long long int_count() const {
     return 2LL * n + k + 1;  // labels, members in cluster order, cluster starts

@@ -36,16 +36,17 @@ void run_kmedoids(const void* x, const void* mean, const long long* init, const 
 template <typename T>
 void run_merge(const void* x, const void* mean, const long long* labels, const void* weights,
                const void* fallback, const void* carried, int n_problems, int n, int m, int k,
-               int has_fallback, int with_objective, void* tokens, void* sizes,
-               void* objective) {
+               int has_fallback, int with_objective, void* workspace, void* tokens,
+               void* sizes, void* objective) {
   using Acc = typename tokenpool::Accumulator<T>::type;
-  const tokenpool::MergeLayout<Acc> layout{n, k};
+  const tokenpool::MergeLayout<Acc> layout{n, k, with_objective != 0};
   const auto bytes = static_cast<std::size_t>(layout.bytes());
   tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
     tokenpool::merge<T>(static_cast<const T*>(x), static_cast<const Acc*>(mean), labels,
                         static_cast<const Acc*>(weights), static_cast<const Acc*>(fallback),
                         static_cast<const Acc*>(carried), n_problems, n, m, k, has_fallback,
-                        with_objective, static_cast<Acc*>(tokens), static_cast<Acc*>(sizes),
+                        with_objective, static_cast<Acc*>(workspace),
+                        static_cast<Acc*>(tokens), static_cast<Acc*>(sizes),
                         static_cast<Acc*>(objective));
   });
 }
@@ -65,13 +66,14 @@ void run_merge(const void* x, const void* mean, const long long* labels, const v
   extern "C" void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,      \
                                     const void* weights, const void* fallback,                     \
                                     const void* carried, int n_problems, int n, int m, int k,      \
-                                    int has_fallback, int with_objective, void* tokens,            \
-                                    void* sizes, void* objective) {                                \
+                                    int has_fallback, int with_objective, void* workspace,         \
+                                    void* tokens, void* sizes, void* objective) {                  \
     run_merge<T>(x, mean, labels, weights, fallback, carried, n_problems, n, m, k,                 \
-                 has_fallback, with_objective, tokens, sizes, objective);                          \
+                 has_fallback, with_objective, workspace, tokens, sizes, objective);               \
   }                                                                                                \
-  extern "C" long long tp_merge_shared_bytes_##suffix(int n, int k) {                              \
-    return tokenpool::MergeLayout<typename tokenpool::Accumulator<T>::type>{n, k}.bytes();         \
+  extern "C" long long tp_merge_shared_bytes_##suffix(int n, int k, int with_objective) {          \
+    using Acc = typename tokenpool::Accumulator<T>::type;                                          \
+    return tokenpool::MergeLayout<Acc>{n, k, with_objective != 0}.bytes();                         \
   }
 
 TP_KMEDOIDS_ENTRY(float64, double)

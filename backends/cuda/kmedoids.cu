@@ -296,7 +296,8 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
 //   the problem's mean;
 // * its size is the sum of `carried` over its members;
 // * the objective (Eq. 13) is sum_i weights_i |x_i - t_a(i)|^2, t_a(i) the pooled token
-//   nearest to x_i (the lowest index on ties), from the token differences.
+//   nearest to x_i, from the differences of the centred tokens: all (K, N) of them in a
+//   global workspace, summed chunk by chunk from features staged in shared memory.
 // Every sum runs over the members in token order, so the result is the same on every run.
 
 // Members of each cluster in token order (`order`, from `starts[c]` to `starts[c + 1]`).
@@ -330,6 +331,7 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
       const typename Accumulator<T>::type* __restrict__ fallback,
       const typename Accumulator<T>::type* __restrict__ carried, int n_problems, int n, int m,
       int k, int has_fallback, int with_objective,
+      typename Accumulator<T>::type* __restrict__ workspace,
       typename Accumulator<T>::type* __restrict__ tokens,
       typename Accumulator<T>::type* __restrict__ sizes,
       typename Accumulator<T>::type* __restrict__ objective) {
@@ -345,7 +347,9 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   carried += token_offset;
   tokens += static_cast<long long>(problem) * k * m;
   sizes += static_cast<long long>(problem) * k;
-  Acc* const token_weights = reinterpret_cast<Acc*>(shared);
+  const MergeLayout<Acc> layout{n, k, with_objective != 0};
+  Acc* const stage = reinterpret_cast<Acc*>(shared);
+  Acc* const token_weights = stage + layout.stage_count();
   Acc* const totals = token_weights + n;
   Acc* const scratch = totals + k;
   int* const cluster = reinterpret_cast<int*>(scratch + kBlockThreads);
@@ -394,12 +398,37 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   if (!with_objective) return;  // uniform across the block
   __syncthreads();  // the pooled tokens, written above, are read below
 
+  // Distances (K, N) of the pooled tokens to the tokens. Consecutive threads take
+  // consecutive tokens: coalesced in the workspace, conflict-free in the stage.
+  Acc* const distances = workspace + static_cast<long long>(problem) * k * n;
+  const int columns = n + k;  // of the stage: the tokens, then the pooled tokens
+  for (int e = threadIdx.x; e < k * n; e += kBlockThreads) distances[e] = 0;
+  for (int start = 0; start < m; start += kFeatureChunk) {
+    const int width = m - start < kFeatureChunk ? m - start : kFeatureChunk;
+    __syncthreads();  // the previous chunk is no longer read
+    for (int e = threadIdx.x; e < columns * width; e += kBlockThreads) {
+      const int j = e / width, q = start + e % width;
+      const Acc value = j < n ? to_accumulator(x[static_cast<long long>(j) * m + q])
+                              : tokens[static_cast<long long>(j - n) * m + q];
+      stage[(e % width) * columns + j] = value - mean[q];
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < k * n; e += kBlockThreads) {
+      const int c = e / n, i = e % n;
+      Acc partial = 0;
+      for (int q = 0; q < width; ++q) {
+        const Acc diff = stage[q * columns + i] - stage[q * columns + n + c];
+        partial = multiply_add(diff, diff, partial);
+      }
+      distances[e] += partial;  // the same thread owns e in every chunk
+    }
+  }
+  __syncthreads();
   Acc error = 0;
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
     Acc nearest = infinity<Acc>();
     for (int c = 0; c < k; ++c) {
-      const Acc d = pair_distance(x + static_cast<long long>(i) * m,
-                                  tokens + static_cast<long long>(c) * m, mean, m);
+      const Acc d = distances[c * n + i];
       if (d < nearest) nearest = d;  // strict, and false for NaN
     }
     error = multiply_add(weights[i], nearest, error);
