@@ -335,7 +335,6 @@ def test_missing_numba_warns_once_and_falls_back(monkeypatch):
     import sys
 
     import array_api_compat.numpy as xp
-
     import tokenpool_ops.backends as backends
 
     monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now raises ImportError

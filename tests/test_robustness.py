@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tokenpool_ops.backends as backends
 from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import tokenpool_ops
-import tokenpool_ops.backends as backends
 
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
 F32_MAX = float(np.finfo(np.float32).max)
@@ -48,7 +48,6 @@ def path(request, backend_named, monkeypatch):
 
 def test_numba_kernels_run_with_bounds_checking():
     import numba
-
     from tokenpool_ops.backends import _numba
 
     assert numba.config.BOUNDSCHECK, "conftest.py must switch Numba's bounds checking on"

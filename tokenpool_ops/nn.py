@@ -18,6 +18,7 @@ torch.Size([2, 10, 4])
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
@@ -45,6 +46,14 @@ class PoolOptions(TypedDict, total=False):
     fast_paths: bool
 
 
+def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
+    """Autocast switched off on ``x``'s device (devices without autocast, such as meta, have
+    nothing to switch off)."""
+    if not torch.amp.is_autocast_available(x.device.type):
+        return nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def _detached(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
 
@@ -58,7 +67,7 @@ def plan(
     ``options`` are the keyword options of ``pool`` (``init``, ``max_iter``, ``seed``,
     ``check_values``, ``stop_early``, ``fast_paths``). Returns its :class:`PoolResult`.
     """
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), _autocast_off(x):
         return pool(x.detach(), k, method, scores=_detached(scores), sizes=_detached(sizes),
                     return_info=True, **options)
 
@@ -90,13 +99,13 @@ def merge(
     labels = result.assignment.reshape(-1, n)
     carried = torch.ones_like(flat_x[..., 0]) if sizes is None else sizes.reshape(-1, n).float()
     weights = carried
-    if method.startswith("w"):
-        weights = cast(Tensor, scores).reshape(-1, n).float() * carried  # w-methods need them
+    if method.startswith("w") and scores is not None:  # without scores: unweighted, as pool
+        weights = scores.reshape(-1, n).float() * carried
     # The core's own weighting and fallbacks, on live tensors: its torch ops are differentiable.
     prims = primitives_for(array_namespace(flat_x), fast_paths)
     fallback = None if sizes is None and weights is carried else carried
     empty = result.tokens.reshape(flat_x.shape[0], k, x.shape[-1]).to(flat_x.dtype)
-    with torch.autocast(x.device.type, enabled=False):  # sums stay float32 under autocast
+    with _autocast_off(x):  # sums stay float32 under autocast
         token_weights = effective_weights(prims, labels, k, weights, fallback)
         tokens = weighted_means(prims, flat_x, labels, k, token_weights, empty)
     return tokens.reshape(*x.shape[:-2], k, x.shape[-1]).to(x.dtype)
@@ -115,10 +124,10 @@ def pool_with_grad(
 class TokenPooling(nn.Module):
     """Token Pooling layer (Algorithm 1): (..., N, M) tokens to (..., k, M).
 
-    Parameters are those of :func:`tokenpool_ops.pool`. For ``torch.compile`` use the
-    generic path with a fixed iteration count: ``stop_early=False, check_values=False,
-    fast_paths=False`` (and not the host-drawn 'random' / 'importance' methods or
-    ``init='random'``).
+    Parameters are those of :func:`tokenpool_ops.pool`. For ``torch.compile`` and CUDA
+    graphs use the generic path with a fixed iteration count: ``stop_early=False,
+    check_values=False, fast_paths=False``; then no value is read on the host (the seeded
+    draws of 'random', 'importance' and ``init='random'`` are made on the device too).
 
     ``forward(x, scores=None, sizes=None)`` returns the pooled tokens;
     ``forward_with_info`` also returns the :class:`PoolResult` of the clustering (its

@@ -206,7 +206,10 @@ def patch_timm(
         Pool between attention and MLP (default) or after the block.
     **options
         Passed to :func:`tokenpool_ops.pool` (``max_iter``, ``init``, ``seed``,
-        ``check_values``, ``stop_early``, ``fast_paths``).
+        ``check_values``, ``stop_early``, ``fast_paths``). ``check_values`` defaults to
+        False here: activations inside a model are not user input, and each check is a
+        host synchronisation. With ``stop_early=False, fast_paths=False`` as well, a forward
+        pass reads no value on the host (for CUDA graphs and ``torch.compile``).
 
     Returns
     -------
@@ -227,6 +230,7 @@ def patch_timm(
                             f"{type(block.attn).__name__}; only timm Block with Attention "
                             "is supported")
     schedule = _keep_schedule(keep, len(blocks))
+    options = cast(PoolOptions, {"check_values": False, **options})
 
     state = TokenPoolState(
         num_prefix=model.num_prefix_tokens, method=method, prop_attn=prop_attn,

@@ -1,0 +1,116 @@
+"""A pooled forward pass reads no value on the host: the path a GPU tensor takes, proven on
+the CPU.
+
+On the CPU, ``fast_paths=False`` stands in for a GPU tensor's path (the Numba kernels read
+host memory by design). Two proofs:
+
+* every way a tensor's value reaches Python (``bool``, ``item``, ``tolist``, ``numpy``,
+  ``cpu``, ``int``, ``float``) raises while ``pool(..., check_values=False,
+  stop_early=False)`` and a patched model's forward run;
+* on PyTorch's meta device, where no value exists, a dispatch mode fails any operation that
+  mixes in a tensor from the CPU (a host-side draw copied over, a constant built on the host).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the host-read checks are about PyTorch tensors")
+timm = pytest.importorskip("timm", reason="the patched-model checks need timm")
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import tokenpool_ops  # noqa: E402
+from tokenpool_ops.timm import patch_timm  # noqa: E402
+
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+HOST_READS = ("__bool__", "item", "tolist", "numpy", "cpu", "__int__", "__float__")
+NO_SYNC = dict(check_values=False, stop_early=False, fast_paths=False)
+SCHEDULE = [16, 14, 10, 6]  # patch tokens left after each of the 4 blocks
+
+
+@contextmanager
+def host_reads_forbidden(monkeypatch):
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            raise AssertionError(f"host read: Tensor.{name}")
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        yield
+
+
+def small_vit(device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4,
+                             embed_dim=48, num_heads=3).eval().to(device)
+
+
+def test_the_guard_catches_a_host_read(monkeypatch):
+    with host_reads_forbidden(monkeypatch), pytest.raises(AssertionError, match="host read"):
+        tokenpool_ops.pool(torch.randn(2, 10, 3), 4, "kmedoids")  # checks values: reads
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_reads_no_value_on_the_host(monkeypatch, method):
+    gen = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(2, 30, 8, generator=gen), torch.rand(2, 30, generator=gen)
+    with host_reads_forbidden(monkeypatch):
+        result = tokenpool_ops.pool(x, 7, method, scores=scores, return_info=True, **NO_SYNC)
+    expected = tokenpool_ops.pool(x, 7, method, scores=scores, return_info=True,
+                                  stop_early=False)
+    torch.testing.assert_close(result.tokens, expected.tokens)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_patched_forward_reads_no_value_on_the_host(monkeypatch, method):
+    model = patch_timm(small_vit(), SCHEDULE, method=method, stop_early=False, fast_paths=False)
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        with host_reads_forbidden(monkeypatch):
+            logits = model(images)
+        expected = model(images)
+    torch.testing.assert_close(logits, expected)
+
+
+class NoHostTensors(TorchDispatchMode):
+    """Fails any operation that takes a CPU tensor while its other tensors are on meta."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(a, torch.Tensor)]
+        devices = {t.device.type for t in tensors}
+        if ("cpu" in devices and "meta" in devices) or (
+                func is torch.ops.aten._to_copy.default and "cpu" in devices
+                and kwargs.get("device") is not None
+                and torch.device(kwargs["device"]).type == "meta"):
+            raise AssertionError(f"{func} mixes a host tensor into the meta device")
+        return func(*args, **kwargs)
+
+
+def test_the_meta_guard_catches_a_host_copy():
+    with NoHostTensors(), pytest.raises(AssertionError, match="host tensor"):
+        torch.ones(3, device="meta") + torch.ones(3)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_on_the_meta_device_copies_nothing_from_the_host(method):
+    x = torch.empty(2, 30, 8, device="meta")
+    scores = torch.empty(2, 30, device="meta")
+    with NoHostTensors():
+        tokens = tokenpool_ops.pool(x, 7, method, scores=scores, **NO_SYNC)
+    assert tokens.device.type == "meta" and tokens.shape == (2, 7, 8)
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "random"])
+def test_patched_forward_on_the_meta_device_copies_nothing_from_the_host(method):
+    model = patch_timm(small_vit("meta"), SCHEDULE, method=method, stop_early=False,
+                       fast_paths=False)
+    with torch.no_grad(), NoHostTensors():
+        logits = model(torch.empty(2, 3, 64, 64, device="meta"))
+    assert logits.device.type == "meta" and logits.shape == (2, 1000)
