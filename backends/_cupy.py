@@ -190,6 +190,7 @@ class MergeArguments:
     labels: Any  # (B, N) int64
     weights: Any  # (B, N)
     fallback: Any  # (B, N), or (0,) when there is none (weights all positive)
+    has_fallback: bool
     carried: Any  # (B, N) input sizes
     workspace: Any  # (B, K, N) distances for the objective, or (0,) without it
     tokens: Any  # (B, K, M) pooled tokens
@@ -212,6 +213,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         weights=per_token(weights),
         fallback=(np_like.empty((0,), dtype=accumulator) if fallback is None
                   else per_token(fallback)),
+        has_fallback=fallback is not None,
         carried=per_token(carried),
         workspace=np_like.empty((n_problems, k, n) if with_objective else (0,),
                                 dtype=accumulator),
@@ -277,6 +279,29 @@ def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
            shared_mem=plan.shared_bytes)
 
 
+#: Launches the kmedoids kernel: ``launch(args, plan, max_iter)`` (_launch on a GPU, the
+#: host build in the tests).
+KMedoidsLauncher = Callable[[KernelArguments, KMedoidsPlan, int], None]
+#: Launches the merge kernel: ``launch(args, with_objective)``.
+MergeLauncher = Callable[["MergeArguments", bool], None]
+
+
+def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, x: Any,
+                   mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
+                   ) -> tuple[Any, Any, Any, int] | None:
+    """:func:`run_kmedoids` for any array module and launcher (the tests run it with NumPy
+    and the host build of the kernel)."""
+    if x.ndim != 3:
+        return None
+    plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name, max_shared_bytes)
+    if plan is None:
+        return None
+    args = kernel_arguments(np_like, x, mean, init, weights, max_iter, plan)
+    if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
+        launch(args, plan, max_iter)
+    return kernel_results(args, max_iter, stop_early)
+
+
 def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
                  ) -> tuple[Any, Any, Any, int] | None:
     """(Weighted) K-Medoids (Eq. 16-17, weights inside) of CuPy arrays in one launch.
@@ -306,16 +331,39 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
     """
     import cupy
 
-    if x.ndim != 3:
+    return fused_kmedoids(cupy, _launch, _max_shared_bytes(x.device.id), x, mean, init,
+                          weights, max_iter, stop_early)
+
+
+def fused_merge(np_like: Any, launch: MergeLauncher, max_shared_bytes: int, x: Any, mean: Any,
+                labels: Any, k: int, weights: Any, fallback: Any | None, carried: Any,
+                with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+    """:func:`run_merge` for any array module and launcher (see :func:`fused_kmedoids`)."""
+    n_problems, n, m = x.shape
+    if not merge_applies(n, k, m, x.dtype.name, max_shared_bytes, with_objective):
         return None
-    plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name,
-                         _max_shared_bytes(x.device.id))
-    if plan is None:
-        return None
-    args = kernel_arguments(cupy, x, mean, init, weights, max_iter, plan)
-    if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
-        _launch(args, plan, max_iter)
-    return kernel_results(args, max_iter, stop_early)
+    args = merge_arguments(np_like, x, mean, labels, k, weights, fallback, carried,
+                           with_objective)
+    if n_problems > 0:
+        launch(args, with_objective)
+    return args.tokens, args.sizes, args.objective if with_objective else None
+
+
+def _launch_merge(args: MergeArguments, with_objective: bool) -> None:
+    """One block per problem, on CuPy's current stream."""
+    import numpy as np
+
+    kernel = _module().get_function(merge_name(args.x.dtype.name))
+    n_problems, n, m = args.x.shape
+    k = args.tokens.shape[1]
+    shared = merge_shared_bytes(n, k, args.tokens.itemsize, with_objective)
+    kernel.max_dynamic_shared_size_bytes = shared
+    kernel((n_problems,), (BLOCK_THREADS,),
+           (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
+            np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
+            np.int32(args.has_fallback), np.int32(with_objective), args.workspace, args.tokens,
+            args.sizes, args.objective),
+           shared_mem=shared)
 
 
 def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
@@ -326,25 +374,9 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
     all positive); results in the accumulator dtype. Not yet a ``Primitives`` entry.
     """
     import cupy
-    import numpy as np
 
-    n_problems, n, m = x.shape
-    max_shared = _max_shared_bytes(x.device.id)
-    if not merge_applies(n, k, m, x.dtype.name, max_shared, with_objective):
-        return None
-    args = merge_arguments(cupy, x, mean, labels, k, weights, fallback, carried,
-                           with_objective)
-    if n_problems > 0:
-        kernel = _module().get_function(merge_name(x.dtype.name))
-        shared = merge_shared_bytes(n, k, args.tokens.itemsize, with_objective)
-        kernel.max_dynamic_shared_size_bytes = shared
-        kernel((n_problems,), (BLOCK_THREADS,),
-               (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
-                np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
-                np.int32(fallback is not None), np.int32(with_objective), args.workspace,
-                args.tokens, args.sizes, args.objective),
-               shared_mem=shared)
-    return args.tokens, args.sizes, args.objective if with_objective else None
+    return fused_merge(cupy, _launch_merge, _max_shared_bytes(x.device.id), x, mean, labels,
+                       k, weights, fallback, carried, with_objective)
 
 
 def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,

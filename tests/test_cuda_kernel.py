@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -70,45 +71,60 @@ class HostKernels:
         return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, shared), shared,
                                   _cupy.kmedoids_shared_bytes(n, k, accumulator, shared))
 
-    def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan, max_iter: int,
-               dtype_name: str) -> None:
+    def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
+               max_iter: int) -> None:
+        """A ``_cupy.KMedoidsLauncher``: the instantiation the plan names, on the host."""
         n_problems, n, m = args.x.shape
         k = args.init.shape[1]
-        getattr(self.library, f"tp_kmedoids_{dtype_name}")(
+        getattr(self.library, f"tp_kmedoids_{_element_type(plan.kernel)}")(
             args.x.ctypes.data, args.mean.ctypes.data, args.init.ctypes.data,
             args.weights.ctypes.data, n_problems, n, m, k, max_iter, int(plan.shared_matrix),
             args.workspace.ctypes.data, args.labels.ctypes.data, args.medoids.ctypes.data,
             args.history.ctypes.data, args.iterations.ctypes.data)
 
+    def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
+        """A ``_cupy.MergeLauncher`` on the host."""
+        n_problems, n, m = args.x.shape
+        getattr(self.library, f"tp_merge_{args.x.dtype.name}")(
+            args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
+            args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
+            n_problems, n, m, args.tokens.shape[1], int(args.has_fallback),
+            int(with_objective), args.workspace.ctypes.data, args.tokens.ctypes.data,
+            args.sizes.ctypes.data, args.objective.ctypes.data)
+
     def run(self, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
             max_iter: int, stop_early: bool, scheme: str = "plan",
             dtype_name: str | None = None) -> tuple[Any, Any, Any, int]:
-        """``_cupy.run_kmedoids`` on the host. ``dtype_name`` names the kernel's element
-        type where NumPy has none (bfloat16, passed as its uint16 bits)."""
+        """The kernel on the host: with scheme "plan", exactly ``_cupy.run_kmedoids`` with
+        NumPy for CuPy and an H100's shared memory; else the distances forced into shared
+        or global memory at any N. ``dtype_name`` names the element type where NumPy has
+        none (bfloat16, passed as its uint16 bits)."""
+        if scheme == "plan" and dtype_name is None:
+            fused = _cupy.fused_kmedoids(np, self.launch, H100_SHARED_BYTES, x, mean, init,
+                                         weights, max_iter, stop_early)
+            if fused is not None:
+                return fused
         dtype_name = dtype_name or x.dtype.name
         plan = self.plan(x.shape[1], init.shape[-1], dtype_name, scheme)
-        if dtype_name == "bfloat16":  # NumPy has no bfloat16: float16 has its size
-            args = _cupy.kernel_arguments(np, x.view(np.float16), mean, init, weights,
-                                          max_iter, plan)
-        else:
-            args = _cupy.kernel_arguments(np, x, mean, init, weights, max_iter, plan)
-        self.launch(args, plan, max_iter, dtype_name)
+        stand_in = x.view(np.float16) if dtype_name == "bfloat16" else x  # same item size
+        args = _cupy.kernel_arguments(np, stand_in, mean, init, weights, max_iter, plan)
+        self.launch(dataclasses.replace(args, x=np.ascontiguousarray(x)), plan, max_iter)
         return _cupy.kernel_results(args, max_iter, stop_early)
 
     def merge(self, x: np.ndarray, mean: np.ndarray, labels: np.ndarray, k: int,
               weights: np.ndarray, fallback: np.ndarray | None, carried: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``_cupy.run_merge`` on the host: pooled tokens, sizes, objective."""
-        assert _cupy.merge_applies(x.shape[1], k, x.shape[2], x.dtype.name, H100_SHARED_BYTES,
-                                   True)
-        args = _cupy.merge_arguments(np, x, mean, labels, k, weights, fallback, carried, True)
-        n_problems, n, m = args.x.shape
-        getattr(self.library, f"tp_merge_{x.dtype.name}")(
-            args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
-            args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
-            n_problems, n, m, k, int(fallback is not None), 1, args.workspace.ctypes.data,
-            args.tokens.ctypes.data, args.sizes.ctypes.data, args.objective.ctypes.data)
-        return args.tokens, args.sizes, args.objective
+              ) -> tuple[Any, Any, Any]:
+        """Exactly ``_cupy.run_merge``, with NumPy and the host build."""
+        merged = _cupy.fused_merge(np, self.launch_merge, H100_SHARED_BYTES, x, mean, labels,
+                                   k, weights, fallback, carried, True)
+        assert merged is not None, "every test shape is one the merge kernel covers"
+        return merged
+
+
+def _element_type(kernel: str) -> str:
+    """The dtype name of an instantiation's element type ("tokenpool::kmedoids<float, ...")."""
+    cxx_type = kernel.split("<", 1)[1].split(",")[0]
+    return next(name for name, cxx in _cupy.CXX_TYPES.items() if cxx == cxx_type)
 
 
 @pytest.fixture(scope="module")
