@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
@@ -200,14 +199,3 @@ def build_loaders(train: Dataset[Any], val: Dataset[Any], sampler: Sampler[int],
                             num_workers=workers, pin_memory=pin_memory, drop_last=False)
     return train_loader, val_loader
 
-
-def dataset_size(dataset: Dataset[Any]) -> int:
-    """``len`` for the datasets used here (typed helper: Dataset has no ``__len__``)."""
-    return len(dataset)  # type: ignore[arg-type]
-
-
-def to_device(batch: tuple[torch.Tensor, torch.Tensor],
-              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Move an (images, labels) batch to the device, without blocking where pinned."""
-    images, labels = batch
-    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 
 from . import data as data_mod
 from .distributed import DistInfo, all_gather_objects, cleanup, init_distributed
@@ -48,7 +50,7 @@ from .models import (
     estimate_gflops,
 )
 
-__all__ = ["PROFILES", "build_parser", "main"]
+__all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "main", "run"]
 
 # Defaults that depend on the data. "deit" follows DeiT's main.py (ImageNet, DeiT-S); the
 # digits column trades DeiT's 300 ImageNet epochs for a run of a few CPU minutes, and
@@ -312,33 +314,47 @@ def _truncate_log(path: Path, epochs_done: int) -> None:
     os.replace(tmp, path)
 
 
-def run(args: argparse.Namespace, dist: DistInfo) -> None:
-    """Build everything from ``args`` and train (or only evaluate)."""
+@dataclass
+class Parts:
+    """Everything one rank trains with; ``net`` is ``model`` under DDP / compile wrappers."""
+
+    model: nn.Module
+    net: nn.Module
+    sampler: Any
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    criterion: nn.Module
+    mixup: Mixup | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: ModelEmaV3 | None
+    scaler: torch.amp.GradScaler
+
+
+def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
+    """Model (downsampled through patch_timm), data, loss, optimizer, schedule, EMA."""
     device = dist.device
-    # One seed on every rank for the model (DDP also broadcasts rank 0's weights) ...
+    # One seed on every rank for the model (DDP also broadcasts rank 0's weights).
     _seed_all(args.seed)
     model = build_model(args.model, 1000, pretrained=args.pretrained,
                         drop_path=args.drop_path, drop=args.drop, img_size=args.input_size)
     data_config = resolve_data_config(model=model)
-    train_tf = data_mod.build_transform(args, data_config, is_training=True)
-    val_tf = data_mod.build_transform(args, data_config, is_training=False)
-    train_set, val_set, args.num_classes = data_mod.build_datasets(args.data, args.data_dir,
-                                                                   train_tf, val_tf)
+    train_set, val_set, args.num_classes = data_mod.build_datasets(
+        args.data, args.data_dir, data_mod.build_transform(args, data_config, True),
+        data_mod.build_transform(args, data_config, False))
     model.reset_classifier(args.num_classes)
-    schedule = apply_downsample(model, args.downsample, args.method, args.keep,
-                                seed=args.seed, compiled=args.compile)
-    args.keep_schedule = schedule
-    args.gflops = estimate_gflops(model, schedule)
+    args.keep_schedule = apply_downsample(model, args.downsample, args.method, args.keep,
+                                          seed=args.seed, compiled=args.compile)
+    args.gflops = estimate_gflops(model, args.keep_schedule)
     model.to(device)
     criterion, mixup = _criterion(args)
 
     sampler = data_mod.train_sampler(train_set, world=dist.world, rank=dist.rank,
                                      repeated_aug=args.repeated_aug, seed=args.seed)
-    val_part = data_mod.val_shard(val_set, world=dist.world, rank=dist.rank)
     train_loader, val_loader = data_mod.build_loaders(
-        train_set, val_part, sampler, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, workers=args.workers,
-        pin_memory=device.type == "cuda")
+        train_set, data_mod.val_shard(val_set, world=dist.world, rank=dist.rank), sampler,
+        batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        workers=args.workers, pin_memory=device.type == "cuda")
     if len(train_loader) == 0:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds this rank's "
                           f"{len(sampler)} training images")
@@ -358,59 +374,73 @@ def run(args: argparse.Namespace, dist: DistInfo) -> None:
                                       if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)  # type: ignore[assignment]
+    return Parts(model, net, sampler, train_loader, val_loader, criterion, mixup, optimizer,
+                 scheduler, ema, scaler)
 
-    start_epoch, num_updates, best_acc1 = 0, 0, -1.0
+
+def _restore(parts: Parts, ckpt: dict[str, Any]) -> tuple[int, int, float]:
+    """Load the training state; return (first epoch to run, updates done, best accuracy)."""
+    if parts.ema is not None and ckpt.get("ema") is not None:
+        parts.ema.load_state_dict(ckpt["ema"])
+    parts.optimizer.load_state_dict(ckpt["optimizer"])
+    parts.scheduler.load_state_dict(ckpt["scheduler"])
+    parts.scaler.load_state_dict(ckpt["scaler"])
+    return ckpt["epoch"] + 1, ckpt["num_updates"], ckpt["best_acc1"]
+
+
+def run(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Build everything from ``args``, then train (or only evaluate)."""
+    parts = build(args, dist)
     ckpt_path = _checkpoint_path(args)
-    ckpt: dict[str, Any] | None = None
-    if ckpt_path is not None:
-        ckpt = _load_checkpoint(ckpt_path, model, need_state=not args.eval)
-        if not args.eval:
-            if ema is not None and ckpt.get("ema") is not None:
-                ema.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            start_epoch, num_updates = ckpt["epoch"] + 1, ckpt["num_updates"]
-            best_acc1 = ckpt["best_acc1"]
-
-    amp_dtype = _amp_dtype(args)
+    ckpt = (None if ckpt_path is None else
+            _load_checkpoint(ckpt_path, parts.model, need_state=not args.eval))
     out = Path(args.output)
     if dist.is_main:
         print(json.dumps(vars(args), indent=1, default=str), flush=True)
         out.mkdir(parents=True, exist_ok=True)
     if args.eval:
-        stats = evaluate(net, val_loader, device=device, amp_dtype=amp_dtype,
-                         pool_seed=args.seed, progress=args.progress and dist.is_main)
+        stats = evaluate(parts.net, parts.val_loader, device=dist.device,
+                         amp_dtype=_amp_dtype(args), pool_seed=args.seed,
+                         progress=args.progress and dist.is_main)
         if dist.is_main:
             print(json.dumps(stats), flush=True)
         return
 
-    # ... and a seed per rank for augmentation, mixup and drop path (as DeiT).
+    start_epoch, num_updates, best_acc1 = 0, 0, -1.0
+    # A seed per rank for augmentation, Mixup and drop path (as DeiT), or the saved states.
     _seed_all(args.seed + dist.rank)
     if ckpt is not None:
-        states = ckpt["rng"]
-        if len(states) == dist.world:
-            _set_rng_state(states[dist.rank], device)
+        start_epoch, num_updates, best_acc1 = _restore(parts, ckpt)
+        if len(ckpt["rng"]) == dist.world:
+            _set_rng_state(ckpt["rng"][dist.rank], dist.device)
         elif dist.is_main:
-            print(f"resume: checkpoint from {len(states)} ranks, now {dist.world}: RNG "
+            print(f"resume: checkpoint from {len(ckpt['rng'])} ranks, now {dist.world}: RNG "
                   "states reseeded, so the run is no longer bit-exact", flush=True)
-        print(f"resumed from {ckpt_path} after epoch {start_epoch - 1}", flush=True)
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} after epoch {start_epoch - 1}", flush=True)
     if dist.is_main:
         (out / "config.json").write_text(json.dumps(vars(args), indent=1, default=str) + "\n")
         _truncate_log(out / "log.jsonl", start_epoch)
+    fit(args, dist, parts, start_epoch, num_updates, best_acc1)
 
+
+def fit(args: argparse.Namespace, dist: DistInfo, parts: Parts, start_epoch: int,
+        num_updates: int, best_acc1: float) -> None:
+    """The epoch loop: train, evaluate (model and EMA), log and checkpoint (rank 0)."""
+    device, amp_dtype, out = dist.device, _amp_dtype(args), Path(args.output)
     progress = args.progress and dist.is_main
+    ema = parts.ema
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
+        parts.sampler.set_epoch(epoch)
+        lr = parts.optimizer.param_groups[0]["lr"]
         train = train_one_epoch(
-            net, criterion, train_loader, optimizer, scheduler, device=device,
-            num_updates=num_updates, mixup=mixup, amp_dtype=amp_dtype, scaler=scaler,
-            clip_grad=args.clip_grad, ema=ema,
+            parts.net, parts.criterion, parts.train_loader, parts.optimizer, parts.scheduler,
+            device=device, num_updates=num_updates, mixup=parts.mixup, amp_dtype=amp_dtype,
+            scaler=parts.scaler, clip_grad=args.clip_grad, ema=ema,
             pool_seed=(args.seed * 1_000_003 + dist.rank) * 1_000_003,
             check_sync=args.check_sync, progress=progress, desc=f"epoch {epoch}")
         num_updates = int(train["num_updates"])
-        val = evaluate(net, val_loader, device=device, amp_dtype=amp_dtype,
+        val = evaluate(parts.net, parts.val_loader, device=device, amp_dtype=amp_dtype,
                        pool_seed=args.seed, progress=progress)
         record: dict[str, Any] = {
             "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
@@ -418,19 +448,21 @@ def run(args: argparse.Namespace, dist: DistInfo) -> None:
             "gflops": args.gflops, "train_images": train["train_images"],
             "val_images": val["val_images"]}
         if ema is not None:
-            ema_val = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype,
-                               pool_seed=args.seed, progress=progress, desc="val ema")
-            record["val_acc1_ema"] = ema_val["val_acc1"]
+            record["val_acc1_ema"] = evaluate(
+                ema.module, parts.val_loader, device=device, amp_dtype=amp_dtype,
+                pool_seed=args.seed, progress=progress, desc="val ema")["val_acc1"]
         # Every rank's RNG states, gathered before anything below draws again.
         rng = all_gather_objects(_rng_state(device))
         is_best = record["val_acc1"] > best_acc1
         best_acc1 = max(best_acc1, record["val_acc1"])
         if dist.is_main:
             _write_epoch(out, record, is_best, {
-                "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "epoch": epoch, "num_updates": num_updates,
-                "best_acc1": best_acc1, "rng": rng, "config": vars(args)})
+                "model": parts.model.state_dict(),
+                "ema": ema.state_dict() if ema is not None else None,
+                "optimizer": parts.optimizer.state_dict(),
+                "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
+                "epoch": epoch, "num_updates": num_updates, "best_acc1": best_acc1,
+                "rng": rng, "config": vars(args)})
 
 
 def _write_epoch(out: Path, record: dict[str, Any], is_best: bool,

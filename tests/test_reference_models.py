@@ -289,7 +289,7 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", str(29500 + os.getpid() % 1000), "-m", "reference_models.train",
-           *FAST, "--epochs", "1", "--batch-size", "32", "--check-sync",
+           *FAST, "--epochs", "1", "--batch-size", "32", "--check-sync", "--repeated-aug",
            "--downsample", "tokenpool", "--method", "kmeans", "--keep", "half",
            "--output", str(out)]
     res = _run(cmd, timeout=240)
@@ -303,8 +303,8 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     assert res.stdout.count('"epoch": 0, "train_loss"') == 1
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["total_batch_size"] == 64
-    # Both ranks trained on their own share: 1437 images, 719 per rank, 22 steps of 32.
-    assert log[0]["train_images"] == 2 * (719 // 32) * 32
+    # RepeatAugSampler: 1437 // 256 * 256 / 2 = 640 images per rank, 20 steps of 32 each.
+    assert log[0]["train_images"] == 2 * 20 * 32
     assert log[0]["val_images"] == data.DIGITS_VAL_SIZE  # gathered, no padding
     # Gathered accuracy equals one process evaluating the saved weights on the whole set.
     ckpt = out / "checkpoint.pt"
