@@ -1,25 +1,46 @@
-"""Forward time of a Token-Pooling DeiT-S against the plain model, next to their FLOP ratio.
+"""Forward time of a Token-Pooling DeiT-S against the plain model, per method.
 
-DeiT-S (random weights), keep schedule of sparsity level 1, wkmedoids, batch 32, no_grad;
-best of 3 after a warm-up. FLOPs are counted by torch.utils.flop_counter (matrix products and
-attention, the clustering's matrix products included) and by the analytic per-block count of
-the paper's Table 1 (pooling excluded).
+DeiT-S (random weights), a keep schedule of the paper's Table 3 (PoWER-BERT's sparsity
+levels for DeiT-S), eval and no_grad, best of ``--repeats`` after a warm-up, on the CPU or a
+CUDA GPU, in float32 or under bfloat16 autocast. For every method it prints the pooled time,
+the speed-up over the plain model, the FLOP ratio (torch.utils.flop_counter: matrix products
+and attention, the clustering's matrix products included) next to the analytic ratio of the
+paper's Table 1 formula (pooling excluded), and the share of the pooled model's time spent
+in pooling (the torch profiler's time inside ``tokenpool_ops.timm.pool_with_grad``: device
+time on a GPU, CPU time on the CPU).
 
-    python benchmarks/timm_speedup.py [--batch 32] [--repeats 3]
+    python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
+        [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
+
+The patched models run as patch_timm sets them up by default (values unchecked); on a GPU
+``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import tokenpool_ops.timm as tp_timm
 from tokenpool_ops.timm import patch_timm
 
-KEEP = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
+#: Patch tokens left after each of DeiT-S's 12 blocks: the paper's Table 3 sparsity levels.
+SCHEDULES = {
+    "level1": [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0],
+    "level2": [196, 195, 190, 177, 141, 108, 84, 69, 35, 18, 3, 0],
+    "level3": [196, 194, 187, 163, 118, 85, 58, 47, 20, 12, 2, 0],
+    "level4": [196, 193, 179, 142, 97, 64, 46, 34, 13, 9, 1, 0],
+}
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+MODEL = "deit_small_patch16_224"
+POOL_SCOPE = "tokenpool_ops.pool"
 
 
 def block_macs(n: int, m: int, dim: int, mlp_ratio: float = 4.0) -> float:
@@ -38,13 +59,26 @@ def analytic_ratio(keep: list[int], prefix: int = 1, n: int = 196, dim: int = 38
     return pooled / full
 
 
-def best_time(model: torch.nn.Module, x: torch.Tensor, repeats: int) -> float:
-    with torch.no_grad():
-        model(x)  # warm-up
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def best_time(model: torch.nn.Module, x: torch.Tensor, repeats: int, dtype: str) -> float:
+    with torch.no_grad(), precision(dtype, x.device):
+        model(x)  # warm-up: kernels compiled, caches filled
+        synchronise(x.device)
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             model(x)
+            synchronise(x.device)
             times.append(time.perf_counter() - start)
     return min(times)
 
@@ -56,26 +90,91 @@ def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--method", default="wkmedoids")
-    args = parser.parse_args()
+@contextlib.contextmanager
+def pooling_scoped() -> Iterator[None]:
+    """Every pooling call of the patched blocks inside a profiler scope of its own."""
+    original: Callable[..., Any] = tp_timm.pool_with_grad
 
+    def scoped(*args: Any, **kwargs: Any) -> Any:
+        with torch.profiler.record_function(POOL_SCOPE):
+            return original(*args, **kwargs)
+
+    tp_timm.pool_with_grad = scoped
+    try:
+        yield
+    finally:
+        tp_timm.pool_with_grad = original
+
+
+def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
+    """Fraction of one forward pass's time spent inside pooling, from the profiler."""
+    cuda = x.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with pooling_scoped(), torch.no_grad(), precision(dtype, x.device):
+        model(x)
+        synchronise(x.device)
+        with torch.profiler.profile(activities=activities) as profile:
+            with torch.profiler.record_function("forward"):
+                model(x)
+            synchronise(x.device)
+    totals = {event.key: event for event in profile.key_averages()}
+
+    def spent(key: str) -> float:  # kernels launched inside the scope on a GPU
+        event = totals[key]
+        return float(event.device_time_total if cuda else event.cpu_time_total)
+
+    return spent(POOL_SCOPE) / spent("forward")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                        help="float32, or bfloat16 autocast")
+    parser.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--schedule", choices=sorted(SCHEDULES), default="level1",
+                        help="DeiT-S keep schedule of the paper's Table 3")
+    parser.add_argument("--methods", default="wkmedoids",
+                        help="comma-separated methods of tokenpool_ops.pool, or 'all'")
+    parser.add_argument("--repeats", type=int, default=3, help="timed forward passes")
+    parser.add_argument("--no-sync", action="store_true",
+                        help="stop_early=False: no host read in a forward pass")
+    args = parser.parse_args()
+    args.methods = METHODS if args.methods == "all" else args.methods.split(",")
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    keep = SCHEDULES[args.schedule]
     torch.manual_seed(0)
-    x = torch.randn(args.batch, 3, 224, 224)
-    plain = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-    pooled = patch_timm(timm.create_model("deit_small_patch16_224", pretrained=False).eval(),
-                        KEEP, method=args.method)
-    t_plain, t_pooled = best_time(plain, x, args.repeats), best_time(pooled, x, args.repeats)
-    f_plain, f_pooled = flops(plain, x[:1]), flops(pooled, x[:1])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}")
-    print(f"plain   DeiT-S: {t_plain * 1e3:8.1f} ms  {f_plain / 1e9:6.2f} GFLOP/image")
-    print(f"pooled  DeiT-S: {t_pooled * 1e3:8.1f} ms  {f_pooled / 1e9:6.2f} GFLOP/image "
-          f"({args.method}, keep {KEEP})")
-    print(f"time ratio {t_pooled / t_plain:.3f}; FLOP ratio {f_pooled / f_plain:.3f} "
-          f"(counted), {analytic_ratio(KEEP):.3f} (Table 1 formula, pooling excluded)")
+    x = torch.randn(args.batch, 3, 224, 224, device=device)
+    plain = timm.create_model(MODEL, pretrained=False).eval().to(device)
+    t_plain = best_time(plain, x, args.repeats, args.dtype)
+    f_plain = flops(plain, x[:1])
+    print(f"torch {torch.__version__}, device {device} "
+          f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
+          f"{torch.get_num_threads()} threads), {args.dtype}, batch {args.batch}, "
+          f"{MODEL} {args.schedule} {keep}")
+    print(f"analytic FLOP ratio (Table 1 formula, pooling excluded): {analytic_ratio(keep):.3f}")
+    print(f"{'model':<12} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
+    print(f"{'plain':<12} {t_plain * 1e3:>9.1f} {1.0:>9.2f} {1.0:>11.3f} {'':>14}")
+    options = {"stop_early": False} if args.no_sync else {}
+    for method in args.methods:
+        model = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device), keep,
+                           method=method, **options)
+        t_pooled = best_time(model, x, args.repeats, args.dtype)
+        ratio = flops(model, x[:1]) / f_plain
+        share = pooling_share(model, x, args.dtype)
+        print(f"{method:<12} {t_pooled * 1e3:>9.1f} {t_plain / t_pooled:>9.2f} {ratio:>11.3f} "
+              f"{share:>13.1%}")
 
 
 if __name__ == "__main__":
