@@ -112,10 +112,14 @@ def _wait() -> None:
             module.cuda.Device().synchronize()
 
 
-def median_ms(call: Callable[[], object], repeat: int = 15) -> float:
+def median_ms(call: Callable[[], object], repeat: int = 15, budget_s: float = 1.5) -> float:
+    """Median of up to ``repeat`` timed calls, fewer where a call is slow (the whole table
+    must fit in the GPU check's time limit)."""
     for _ in range(2):  # compile, allocate, warm the caches
+        start = time.perf_counter()
         call()
-    _wait()
+        _wait()
+    repeat = max(3, min(repeat, int(budget_s / max(time.perf_counter() - start, 1e-6))))
     times = []
     for _ in range(repeat):
         start = time.perf_counter()
