@@ -10,8 +10,10 @@ and ``pool``/``kmedoids`` must give what ``fast_paths=False`` gives:
   the many exact ties must break the same way);
 * up to rounding on float tokens (labels and medoids identical in float64).
 
-The tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
-elsewhere.
+The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way;
+NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue asks it to; any
+input, NaN and overflow included, leaves labels and medoids in range. The tests at the end
+need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason, elsewhere.
 """
 
 from __future__ import annotations
