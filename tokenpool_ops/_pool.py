@@ -436,8 +436,9 @@ def pool(
     if k == 0:
         result = _nothing_kept(batch)
     else:
-        indices = (_choose(batch, method, s, k, seed) if method in SELECTION_METHODS
-                   else _resolve_init(batch, init, s, k, seed, "scores"))
+        with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
+            indices = (_choose(batch, method, s, k, seed) if method in SELECTION_METHODS
+                       else _resolve_init(batch, init, s, k, seed, "scores"))
 
         def compute(b: Batch) -> PoolResult:
             return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
