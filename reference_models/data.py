@@ -4,9 +4,10 @@
 
 - ``digits``: scikit-learn's bundled handwritten digits (1,797 8x8 images, 10 classes),
   nothing downloaded. Fixed split: ``train_test_split(range(1797), test_size=360,
-  stratify=labels, random_state=0)``, so 1,437 training and 360 validation images (36
-  per class). Pixels 0..16 become gray 8-bit RGB images, then take the same timm transforms
-  as any other dataset (upsampled to the model's input size).
+  stratify=labels, random_state=0)``, so 1,437 training and 360 validation images (about
+  36 per class). Pixels 0..16 become gray 8-bit RGB images, then take the same timm
+  transforms as any other dataset, resized to the model's input size (8 px for the default
+  model: no upsampling; 16 px for ``deit_digits_tiny_patch2_16``).
 - ``cifar10`` / ``cifar100``: torchvision, downloaded into ``--data-dir`` where online.
 - any other value: a folder with ``train/`` and ``val/`` ImageFolder trees (the ImageNet
   layout), the same classes in both.
