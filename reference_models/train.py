@@ -84,6 +84,15 @@ def _d(key: str) -> str:
     return f"(default {PROFILES['deit'][key]}; with --data digits {PROFILES['digits'][key]})"
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None (those say in their help what they become)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the trainer, with its default in the help text."""
     p = argparse.ArgumentParser(
@@ -91,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a DeiT (timm ViT) with optional token downsampling through "
                     "tokenpool_ops.timm.patch_timm. Data-dependent defaults: DeiT's for "
                     "ImageNet-like data, small ones for --data digits.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="digits",
                    help="digits (scikit-learn, embedded), cifar10, cifar100 (torchvision, "
@@ -99,8 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "ImageFolder trees")
     g.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
     g.add_argument("--workers", type=int, default=None,
-                   help="data-loader processes per rank (default 0 on the CPU, 8 on CUDA; "
-                        "resume is exact either way)")
+                   help="data-loader processes per rank (default 0 on the CPU, 8 on CUDA)")
     g.add_argument("--input-size", type=int, default=None,
                    help="image side in pixels (default: the model's)")
     g = p.add_argument_group("model")
