@@ -48,7 +48,7 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
   std::lock_guard<std::mutex> lock(one_launch);
   // Garbage-filled, as on a GPU: a kernel that reads shared memory before writing it should
   // not pass the tests by luck.
-  dynamic_shared.assign(shared_bytes + 16, 0xA5);
+  dynamic_shared.assign(shared_bytes, 0xA5);
   block_dim.x = threads;
   grid_dim.x = grid;
   std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
