@@ -1,10 +1,11 @@
-"""GPU fast path: the fused K-Medoids kernel of ``backends/cuda/kmedoids.cu``.
+"""GPU fast paths: the CUDA kernels of ``backends/cuda/kmedoids.cu``.
 
 One launch runs the whole (weighted) K-Medoids loop of Eq. 16-17, one thread block per
 problem, with the tie rules of the generic code (see the kernel source). It serves CuPy
 arrays (``FAST_PATHS``) and PyTorch CUDA tensors (through DLPack, zero-copy, on PyTorch's
 current stream; see ``backends._torch``). Shapes the kernel does not cover return None, and
-the generic code runs: see :func:`kmedoids_plan`.
+the generic code runs: see :func:`kmedoids_plan`. A second kernel merges the clusters
+(Algorithm 1, line 6); CuPy uses its weighted means (:func:`means_by_merge`).
 
 Everything with logic in it (the plan, the layout arithmetic, the argument preparation and
 the result post-processing) is plain Python or works on NumPy as well as CuPy, so that the
@@ -19,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from tokenpool_ops._primitives import weighted_means as generic_weighted_means
 
 #: The CUDA sources: kmedoids.cu and its headers.
 KERNEL_DIR = Path(__file__).parent / "cuda"
@@ -385,7 +388,30 @@ def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
     return run_kmedoids(x, mean, init, weights, max_iter, stop_early)
 
 
-FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids}
+def means_by_merge(merge: Callable[..., tuple[Any, Any, Any] | None], xp: Any, values: Any,
+                   labels: Any, k: int, weights: Any, empty: Any) -> Any:
+    """``Primitives.weighted_means`` from the merge kernel (``merge`` is :func:`run_merge`,
+    or its host twin in the tests): sum_i w_i v_i / sum_i w_i per cluster, in token order,
+    O(N M) per problem instead of the one-hot product's O(N K M).
+
+    The kernel gives a cluster of zero total weight the problem's one ``empty`` row, which
+    is what the K-Medoids merge passes (the mean token); other calls (K-Means keeps one
+    centre per cluster) and shapes the kernel does not cover take the generic code.
+    """
+    if values.ndim == 3 and empty.ndim == 3 and empty.shape[1] == 1:
+        merged = merge(values, empty, labels, k, weights, None, weights, False)
+        if merged is not None:
+            return merged[0]
+    return generic_weighted_means(xp, values, labels, k, weights, empty)
+
+
+def weighted_means(xp: Any, values: Any, labels: Any, k: int, weights: Any, empty: Any) -> Any:
+    """The ``Primitives.weighted_means`` entry for CuPy arrays (see :func:`means_by_merge`)."""
+    return means_by_merge(run_merge, xp, values, labels, k, weights, empty)
+
+
+FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids,
+                                             "weighted_means": weighted_means}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -280,9 +280,11 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
 
 
 def test_dispatch_offers_the_kernel_to_cupy_and_declines_off_cuda():
-    # CuPy arrays get the kernel as their fused K-Medoids; PyTorch tensors that are not on
-    # a CUDA device never reach CuPy (the CPU ones take the Numba kernel or PyTorch).
+    # CuPy arrays get the kernel as their fused K-Medoids and the merge kernel's means;
+    # PyTorch tensors that are not on a CUDA device never reach CuPy (the CPU ones take the
+    # Numba kernel or PyTorch).
     assert backends._fast_paths("cupy")["kmedoids"] is _cupy.kmedoids
+    assert backends._fast_paths("cupy")["weighted_means"] is _cupy.weighted_means
     torch = pytest.importorskip("torch", reason="torch is not installed")
     x = torch.zeros(2, 5, 3)
     assert _cupy.torch_kmedoids(x, x.mean(1, keepdim=True), torch.zeros(2, 2, dtype=torch.int64),
@@ -439,6 +441,33 @@ def test_merge_equals_generic_merge(host, seed, n, m, data):
     np.testing.assert_array_equal(out_sizes, want.sizes)
     np.testing.assert_allclose(tokens, want.tokens, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(objective, want.objective, rtol=1e-10, atol=1e-10)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), m=st.integers(1, 40),
+       data=st.data())
+def test_weighted_means_by_merge_equal_generic(host, seed, n, m, data):
+    # CuPy's weighted_means: the merge kernel where `empty` is one row per problem (clusters
+    # of zero weight, or none, take it), the generic code for one row per cluster.
+    import array_api_compat.numpy as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    values = rng.normal(size=(3, n, m))
+    labels = rng.integers(0, k, size=(3, n))
+    weights = integer_weights(rng, 3, n)
+    empty = rng.normal(size=(3, data.draw(st.sampled_from([1, k]), label="rows"), m))
+    launched = []
+
+    def merge(*args: Any) -> Any:
+        launched.append(1)
+        return _cupy.fused_merge(np, host.launch_merge, H100_SHARED_BYTES, *args)
+
+    got = _cupy.means_by_merge(merge, xp, values, labels, k, weights, empty)
+    want = Primitives(xp).weighted_means(xp, values, labels, k, weights, empty)
+    assert bool(launched) == (empty.shape[1] == 1)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
