@@ -1,5 +1,5 @@
-// Device helpers shared by the Token Pooling kernels (kmedoids.cu): element types, the one
-// distance formula, block reductions and the shared-memory layout. Written for nvcc/NVRTC
+// Device helpers shared by the Token Pooling kernels (kmedoids.cu): element types, the
+// distance tiles, block reductions and the shared-memory layouts. Written for nvcc/NVRTC
 // and for g++ through host_emulation.h, so no header (standard or CUDA) is used here.
 #pragma once
 
@@ -13,9 +13,8 @@ namespace tokenpool {
 
 constexpr int kBlockThreads = TP_BLOCK_THREADS;
 
-//: Features per chunk of a distance. Every distance is summed chunk by chunk (a partial sum
-//: per chunk, then the partials), whether its features come from shared or global memory,
-//: so that both ways of computing a distance give the same bits.
+//: Features per chunk of a distance: the features staged in shared memory at a time. Every
+//: distance is summed chunk by chunk (a partial sum per chunk, then the partials).
 constexpr int kFeatureChunk = 32;
 
 //: Most tokens per problem: N * N and K * N index in an int (no 64-bit division, which
@@ -82,24 +81,6 @@ template <> __device__ __forceinline__ float infinity<float>() {
 }
 template <> __device__ __forceinline__ double infinity<double>() {
   return __longlong_as_double(0x7FF0000000000000LL);
-}
-
-// Squared distance of two centred tokens read from global memory, summed chunk by chunk
-// (see kFeatureChunk). Centring first, as everywhere in the library.
-template <typename A, typename B, typename Acc>
-__device__ Acc pair_distance(const A* __restrict__ a, const B* __restrict__ b,
-                             const Acc* __restrict__ mean, int m) {
-  Acc total = 0;
-  for (int start = 0; start < m; start += kFeatureChunk) {
-    const int stop = start + kFeatureChunk < m ? start + kFeatureChunk : m;
-    Acc partial = 0;
-    for (int q = start; q < stop; ++q) {
-      const Acc diff = (to_accumulator(a[q]) - mean[q]) - (to_accumulator(b[q]) - mean[q]);
-      partial = multiply_add(diff, diff, partial);
-    }
-    total += partial;
-  }
-  return total;
 }
 
 // Sum of every thread's `value`, in a fixed order (a tree over kBlockThreads slots), so the

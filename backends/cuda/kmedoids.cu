@@ -96,11 +96,11 @@ __device__ __forceinline__ void upper_tile(int t, int r, int* row, int* column) 
   *column = i + (t - first(i));
 }
 
-// All N x N distances into shared memory, a chunk of centred features at a time. The stage
-// is feature-major and padded to whole tiles; each thread computes kTile x kTile tiles of
-// the upper triangle (a distance is symmetric to the bit: (a - b)^2 == (b - a)^2) and
-// writes each cell twice. Every cell sums its chunks as pair_distance does, so both
-// distance schemes agree to the bit.
+// All N x N distances into the matrix (shared or global), a chunk of centred features at a
+// time. The stage is feature-major and padded to whole tiles; each thread computes
+// kTile x kTile tiles of the upper triangle (a distance is symmetric to the bit:
+// (a - b)^2 == (b - a)^2) and writes each cell twice. A cell sums its features chunk by
+// chunk, each chunk in feature order, wherever the matrix lives.
 template <typename T>
 __device__ void fill_matrix(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
