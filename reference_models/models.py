@@ -226,6 +226,9 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
         raise ConfigError(f"unknown --downsample {downsample!r}; choose from "
                           f"{', '.join(DOWNSAMPLERS)}")
     fixed = DOWNSAMPLERS[downsample]
+    if fixed != "tokenpool" and method is not None:
+        raise ConfigError(f"--method applies to --downsample tokenpool only (--downsample "
+                          f"{downsample} {'pools nothing' if fixed is None else 'uses ' + fixed})")
     if fixed is None:
         return None
     if fixed == "tokenpool":
@@ -233,9 +236,6 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
         if method not in TOKENPOOL_METHODS:
             raise ConfigError(f"--method {method!r} is not a Token Pooling method; choose "
                               f"from {', '.join(TOKENPOOL_METHODS)}")
-    elif method is not None:
-        raise ConfigError(f"--method applies to --downsample tokenpool only (--downsample "
-                          f"{downsample} always selects with {fixed!r})")
     else:
         method = fixed
     schedule = resolve_keep(keep, model.patch_embed.num_patches, len(model.blocks))
