@@ -492,8 +492,8 @@ def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, train, return 0; bad input exits with status 2 and one message."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    dist = init_distributed(args.device)
     try:
+        dist = init_distributed(args.device)
         args = resolve_defaults(args, dist)
         if dist.device.type == "cpu":
             torch.set_num_threads(args.threads)

@@ -372,6 +372,9 @@ def test_bad_inputs_get_one_clear_error(tmp_path: Path,
     for downsample in ("random", "none"):
         msg = _error_of(["--downsample", downsample, "--method", "kmeans", *base], capsys)
         assert "--method applies to --downsample tokenpool only" in msg
+    assert "no torch device" in _error_of(["--device", "tpu9", *base], capsys)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in _error_of(["--device", "cuda", *base], capsys)
     msg = _error_of(["--resume", str(tmp_path / "missing.pt"), *base], capsys)
     assert "no such checkpoint" in msg
     garbage = tmp_path / "garbage.pt"
