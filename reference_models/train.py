@@ -311,12 +311,23 @@ def _criterion(args: argparse.Namespace) -> tuple[nn.Module, Mixup | None]:
     return nn.CrossEntropyLoss(), None
 
 
+def _epoch_of(line: str) -> int | None:
+    """The epoch of a log line; None for a line torn by a kill in the middle of writing."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _truncate_log(path: Path, epochs_done: int) -> None:
     """Drop log lines of epochs a resumed run will redo (written after the checkpoint)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["epoch"] < epochs_done]
+    lines = []
+    for line in path.read_text().splitlines():
+        epoch = _epoch_of(line)
+        if epoch is not None and epoch < epochs_done:
+            lines.append(line)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)

@@ -144,6 +144,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
         assert ra["val_acc1"] == rb["val_acc1"] and ra["train_loss"] == rb["train_loss"]
 
 
+def test_resume_drops_log_lines_of_redone_epochs_and_torn_lines(tmp_path: Path) -> None:
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 0, "val_acc1": 50.0}\n{"epoch": 1, "val_acc1": 60.0}\n'
+                   '{"epoch": 2, "val_ac')  # killed while writing epoch 2's line
+    train._truncate_log(log, epochs_done=1)  # the checkpoint holds epoch 0
+    assert log.read_text() == '{"epoch": 0, "val_acc1": 50.0}\n'
+
+
 # ---------------------------------------------------------------------------------------------
 # Every downsampler through patch_timm: one step and an evaluation, gradients everywhere
 
