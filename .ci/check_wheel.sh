@@ -18,6 +18,7 @@ top = sorted({n.split("/")[0] for n in names if not n.split("/")[0].endswith(".d
 assert top == ["tokenpool_ops"], f"wheel holds top-level entries {top}"
 assert "tokenpool_ops/backends/__init__.py" in names, "backends missing from the wheel"
 assert "tokenpool_ops/py.typed" in names, "py.typed missing from the wheel"
+assert "tokenpool_ops/backends/cuda/kmedoids.cu" in names, "CUDA sources missing from the wheel"
 print(f"wheel ok: {len(names)} files, top level {top}")
 PY
 

@@ -51,9 +51,18 @@ class Backend:
         from array_api_compat import array_namespace, device
 
         assert array_namespace(array) == self.xp
-        assert device(array) == self.device
+        assert _with_index(device(array)) == _with_index(self.device)
         assert tuple(array.shape) == tuple(shape)
         assert array.dtype == dtype
+
+
+def _with_index(device: Any) -> Any:
+    """torch.device("cuda") is the current CUDA device: give it that index, so that it equals
+    the device of a tensor on it (cuda:0)."""
+    if getattr(device, "type", None) == "cuda" and getattr(device, "index", 0) is None:
+        torch = importlib.import_module("torch")
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _numpy() -> Backend:
