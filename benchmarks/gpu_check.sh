@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check of issue #10, for a machine with a CUDA GPU (and no network):
 #   1. the CuPy and torch-cuda tests of the suite, and the GPU tests of the CUDA kernel;
-#   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py), whose table comes last.
+#   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py);
+#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11); the tables come last.
 # Installs nothing; about 6 minutes at most (each step has its own time limit).
 #
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use)
@@ -43,8 +44,8 @@ then
   exit 2
 fi
 
-echo "== tests: CuPy and torch-cuda backends, GPU kernel tests (limit 270 s)"
-timeout 270 "$python" -m pytest -q -ra -p no:cacheprovider tests \
+echo "== tests: CuPy and torch-cuda backends, GPU kernel tests, no host sync (limit 220 s)"
+timeout 220 "$python" -m pytest -q -ra -p no:cacheprovider tests \
   -k "cupy or torch-cuda or gpu"
 tests_status=$?
 
@@ -52,7 +53,15 @@ echo "== benchmark (limit 75 s)"
 table=$(timeout 75 "$python" benchmarks/benchmarks/bench_cuda.py)
 bench_status=$?
 
+echo "== whole model: DeiT-S level 4, batch 256, bf16 then fp32 (limit 60 s)"
+model_table=$(timeout 60 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
+  --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync 2>/dev/null \
+  && timeout 40 "$python" benchmarks/timm_speedup.py --device cuda --dtype fp32 \
+  --batch 256 --schedule level4 --methods wkmedoids --no-sync 2>/dev/null)
+model_status=$?
+
 echo
-echo "== summary: tests exit ${tests_status}, benchmark exit ${bench_status}"
+echo "== summary: tests exit ${tests_status}, benchmark exit ${bench_status}, whole model exit ${model_status}"
 echo "$table"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ]
+echo "$model_table"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$model_status" -eq 0 ]

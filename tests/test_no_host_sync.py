@@ -114,3 +114,56 @@ def test_patched_forward_on_the_meta_device_copies_nothing_from_the_host(method)
     with torch.no_grad(), NoHostTensors():
         logits = model(torch.empty(2, 3, 64, 64, device="meta"))
     assert logits.device.type == "meta" and logits.shape == (2, 1000)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a GPU: the same promises checked by CUDA itself (benchmarks/gpu_check.sh runs these).
+
+
+def cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the CPU tests above prove the same logic")
+    return torch.device("cuda")
+
+
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["generic", "kernel"])
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_pool_makes_no_host_sync(method, fast_paths):
+    device = cuda_or_skip()
+    gen = torch.Generator(device).manual_seed(0)
+    x = torch.randn(4, 197, 64, device=device, generator=gen)
+    scores = torch.rand(4, 197, device=device, generator=gen)
+    options = dict(check_values=False, stop_early=False, fast_paths=fast_paths)
+    tokenpool_ops.pool(x, 49, method, scores=scores, **options)  # warm-up: compiles, caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = tokenpool_ops.pool(x, 49, method, scores=scores, **options)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert tokens.device.type == "cuda" and tokens.shape == (4, 49, 64)
+
+
+@pytest.mark.parametrize("fast_paths", [False, True], ids=["generic", "kernel"])
+def test_gpu_patched_deit_replays_in_a_cuda_graph(fast_paths):
+    device = cuda_or_skip()
+    torch.manual_seed(0)
+    model = timm.create_model("deit_small_patch16_224", pretrained=False).eval().to(device)
+    patch_timm(model, [196, 193, 179, 142, 97, 64, 46, 34, 13, 9, 1, 0], stop_early=False,
+               fast_paths=fast_paths)
+    images = torch.randn(8, 3, 224, 224, device=device)
+    static = images.clone()
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up on a side stream, as capture requires
+                model(static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = model(static)
+        eager = model(images)
+        static.copy_(images)
+        graph.replay()
+    torch.testing.assert_close(captured, eager)
