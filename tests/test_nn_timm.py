@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="TokenPooling and the timm patch need PyTorch")
 timm = pytest.importorskip("timm", reason="the timm patch needs timm (pip install timm)")
 
+import warnings  # noqa: E402
+
 import numpy as np  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
@@ -65,8 +67,13 @@ def test_module_compiles_without_graph_breaks() -> None:
     """torch.compile, generic path, fixed iterations: the pooling step is one graph."""
     layer = TokenPooling(6, "wkmedoids", stop_early=False, check_values=False, fast_paths=False)
     x, scores = torch.randn(2, 30, 8), torch.rand(2, 30)
-    explanation = torch._dynamo.explain(layer)(x, scores)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = torch._dynamo.explain(layer)(x, scores)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+    # Tracing our namespace detection must not make Dynamo warn (it did at every
+    # lru_cache-wrapped helper of array-api-compat: about 60 lines of test summary).
+    assert not [w for w in caught if "Dynamo" in str(w.message)], caught[0].message
     compiled = torch.compile(layer, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x, scores), layer(x, scores))
 
@@ -249,7 +256,7 @@ def test_compile_patched_deit_tiny(images: torch.Tensor) -> None:
 def test_visualisation_draws_k_clusters(tmp_path) -> None:
     from PIL import Image
 
-    from tokenpool_ops.visualize import cluster_map, draw_clusters, prepare_image
+    from tokenpool_ops.visualize import CAPTION_HEIGHT, cluster_map, draw_clusters, prepare_image
 
     model = make()
     patch_timm(model, SCHEDULE)
@@ -263,6 +270,24 @@ def test_visualisation_draws_k_clusters(tmp_path) -> None:
     with Image.open(path) as drawn:
         assert drawn.size == (448, 224)
     assert model._tokenpool["trace_source"] is False
+    captioned = tmp_path / "captioned.png"
+    draw_clusters(image, labels, str(captioned), caption="block 8: a caption")
+    with Image.open(captioned) as drawn:  # the caption gets a strip of its own underneath
+        assert drawn.size == (448, 224 + CAPTION_HEIGHT)
+        strip = np.asarray(drawn)[224:]
+        assert (strip < 128).any() and (strip == 255).any()  # dark text on white
+
+
+def test_visualize_help_describes_every_option(capsys) -> None:
+    from tokenpool_ops.visualize import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    for option in ("--model", "--method", "--block", "--keep", "--seed", "--out"):
+        line = next(line for line in text.splitlines() if line.strip().startswith(option))
+        described = text.split(line, 1)[1].splitlines()[0].strip() or line.split(None, 2)[-1]
+        assert described and not described.startswith("-"), f"{option} has no description"
 
 
 @pytest.mark.parametrize("fast_paths", [True, False])
