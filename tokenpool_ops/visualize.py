@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from .timm import TokenPoolState
 
-__all__ = ["cluster_map", "draw_clusters", "main", "prepare_image"]
+__all__ = ["build_parser", "cluster_map", "draw_clusters", "main", "prepare_image"]
 
 #: DeiT-S sparsity level 1 (patch tokens left after each block), from PoWER-BERT's search.
 DEFAULT_KEEP = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
@@ -114,12 +114,8 @@ def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
     return len(clusters)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import timm
-    from sklearn.datasets import load_sample_image
-
-    from .timm import patch_timm
-
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m tokenpool_ops.visualize``; every option has help."""
     parser = argparse.ArgumentParser(
         prog="python -m tokenpool_ops.visualize", description=__doc__.split("\n\n")[0],
         epilog="The caption (block, clusters, model, method) is printed and written under "
@@ -136,7 +132,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     parser.add_argument("--out", default="tokenpool_clusters.png",
                         help="PNG file to write")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import timm
+    from sklearn.datasets import load_sample_image
+
+    from .timm import patch_timm
+
+    args = build_parser().parse_args(argv)
 
     torch.manual_seed(args.seed)
     model = cast("VisionTransformer", timm.create_model(args.model, pretrained=False).eval())
