@@ -1,0 +1,190 @@
+"""Analytic FLOPs of a ViT with a keep schedule, in the paper's breakdown (Table 1).
+
+One multiply-add counts as one flop, as in the paper. Per block with ``n`` tokens (prefix
+tokens included) entering attention, ``m`` leaving the pooling step, width ``M``, ``H``
+heads and MLP ratio ``r``:
+
+* softmax-attention: ``2 n^2 M`` (the products Q K^T and A V) plus ``n^2 H`` (one
+  normalisation per attention weight);
+* QKV projections: ``3 n M^2``; O projection: ``n M^2``;
+* MLP: ``2 r m M^2``: with pooling between attention and MLP (``patch_timm``'s default
+  placement) the MLP sees the pooled tokens; with ``placement="block"`` it sees ``n``.
+
+The model total adds the patch embedding (``P^2 C M`` per patch) and the classifier head
+(``M`` times the classes). These reproduce Table 1 to its printed precision and the
+PoWER-BERT rows of Table 3 within 0.05 GFLOPs (``tests/test_flops.py``).
+
+The clustering's own cost, per pooling block (``k < n`` patch tokens), from §4 of the paper:
+
+* K-Medoids: ``n^2 M`` for the pairwise distances (once), then ``n^2 + n k`` per iteration
+  (medoid costs within clusters, assignment to k medoids);
+* K-Means: ``n k M`` per iteration (distances from n tokens to k centres);
+* the selection baselines (topk, random, importance): nothing counted.
+
+Iterations default to ``max_iter`` (10, every iteration run); Table 3's "+" column is
+consistent with about 5 K-Means iterations on average, which ``--iterations`` sets.
+
+    python -m reference_models.flops                   # Table 1
+    python -m reference_models.flops --model deit_small_patch16_224 \\
+        --keep 196,193,179,142,97,64,46,34,13,9,1,0 --method kmedoids [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+#: Table 1's models: (name, timm name, image size).
+TABLE1_MODELS = (
+    ("ViT-B/384", "vit_base_patch16_384", 384), ("ViT-B", "vit_base_patch16_224", 224),
+    ("DeiT-S", "deit_small_patch16_224", 224), ("DeiT-Ti", "deit_tiny_patch16_224", 224))
+CLUSTERING = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
+DEFAULT_ITERATIONS = 10
+
+
+@dataclass(frozen=True)
+class ViTShape:
+    """What the count needs of a ViT."""
+
+    depth: int
+    width: int
+    heads: int
+    patches: int
+    prefix: int = 1
+    mlp_ratio: float = 4.0
+    patch_size: int = 16
+    channels: int = 3
+    classes: int = 1000
+
+    @classmethod
+    def of(cls, model: object) -> ViTShape:
+        """The shape of a timm VisionTransformer (an instance)."""
+        embed = model.patch_embed  # type: ignore[attr-defined]
+        block = model.blocks[0]  # type: ignore[attr-defined]
+        head = model.head  # type: ignore[attr-defined]
+        return cls(depth=len(model.blocks), width=model.embed_dim,  # type: ignore[attr-defined]
+                   heads=block.attn.num_heads, patches=embed.num_patches,
+                   prefix=model.num_prefix_tokens,  # type: ignore[attr-defined]
+                   mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,  # type: ignore[attr-defined]
+                   patch_size=embed.patch_size[0], channels=embed.proj.in_channels,
+                   classes=getattr(head, "out_features", 0))
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """GFLOPs of one model and schedule, in Table 1's rows (``--json`` keys)."""
+
+    softmax_attention: float
+    qkv_projections: float
+    o_projection: float
+    mlp: float
+    embedding_and_head: float
+    clustering: float
+
+    @property
+    def total(self) -> float:
+        """Everything but the clustering (Table 1's total; Table 3's first number)."""
+        return (self.softmax_attention + self.qkv_projections + self.o_projection + self.mlp
+                + self.embedding_and_head)
+
+
+def clustering_flops(method: str, n: int, k: int, width: int, iterations: int) -> float:
+    """Multiply-adds of one pooling step from n to k patch tokens (see the module text)."""
+    if k >= n or method not in CLUSTERING:
+        return 0.0
+    if method.endswith("kmedoids"):
+        return n * n * width + iterations * (n * n + n * k)
+    return iterations * n * k * width
+
+
+def count(shape: ViTShape, keep: Sequence[int] | None = None, method: str = "wkmedoids",
+          placement: str = "attn", iterations: int = DEFAULT_ITERATIONS) -> Breakdown:
+    """GFLOPs of ``shape`` with ``keep[i]`` patch tokens left after block i (None: none
+    pooled). Prefix tokens are never pooled."""
+    keep = [shape.patches] * shape.depth if keep is None else list(keep)
+    if len(keep) != shape.depth:
+        raise ValueError(f"keep has {len(keep)} entries for {shape.depth} blocks")
+    sums = dict.fromkeys(("attention", "qkv", "o", "mlp", "clustering"), 0.0)
+    width, patches = shape.width, shape.patches
+    for k in keep:
+        after = min(patches, k)
+        n, m = patches + shape.prefix, after + shape.prefix
+        sums["attention"] += 2 * n * n * width + n * n * shape.heads
+        sums["qkv"] += 3 * n * width * width
+        sums["o"] += n * width * width
+        sums["mlp"] += 2 * shape.mlp_ratio * (m if placement == "attn" else n) * width**2
+        sums["clustering"] += clustering_flops(method, patches, after, width, iterations)
+        patches = after
+    embed = shape.patches * shape.patch_size**2 * shape.channels * width
+    giga = 1e-9
+    return Breakdown(sums["attention"] * giga, sums["qkv"] * giga, sums["o"] * giga,
+                     sums["mlp"] * giga, (embed + width * shape.classes) * giga,
+                     sums["clustering"] * giga)
+
+
+def shape_of(name: str, image_size: int | None = None) -> ViTShape:
+    """The shape of a timm model by name, built on the meta device (no weights, no memory)."""
+    import timm
+    import torch
+
+    kwargs: dict[str, Any] = {} if image_size is None else {"img_size": image_size}
+    with torch.device("meta"):
+        return ViTShape.of(timm.create_model(name, pretrained=False, **kwargs))
+
+
+def table1() -> str:
+    """Table 1 of the paper: GFLOPs per part, one column per model."""
+    rows = ("softmax-attention", "QKV projections", "O projection", "MLP", "Total")
+    columns = [count(shape_of(timm_name, size)) for _, timm_name, size in TABLE1_MODELS]
+    values = [[c.softmax_attention, c.qkv_projections, c.o_projection, c.mlp, c.total]
+              for c in columns]
+    lines = [f"{'GFLOPs':<18}" + "".join(f"{name:>11}" for name, _, _ in TABLE1_MODELS)]
+    for r, row in enumerate(rows):
+        lines.append(f"{row:<18}" + "".join(f"{v[r]:>11.2f}" for v in values))
+    return "\n".join(lines)
+
+
+def parse_keep(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--keep must be integers separated by commas, "
+                                         f"got {text!r}") from error
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reference_models.flops",
+                                     description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", help="timm model name; without it, print Table 1")
+    parser.add_argument("--img-size", type=int, default=None, help="input image size")
+    parser.add_argument("--keep", type=parse_keep, default=None,
+                        help="patch tokens left after each block, comma-separated")
+    parser.add_argument("--method", default="wkmedoids", help="pooling method (its cost)")
+    parser.add_argument("--placement", choices=("attn", "block"), default="attn",
+                        help="pooling between attention and MLP, or after the block")
+    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
+                        help="clustering iterations counted per pooling step")
+    parser.add_argument("--json", action="store_true",
+                        help="print the Breakdown's fields and total as JSON")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        print(table1())
+        return 0
+    try:
+        result = count(shape_of(args.model, args.img_size), args.keep, args.method,
+                       args.placement, args.iterations)
+    except (ValueError, RuntimeError) as error:
+        parser.error(str(error))
+    if args.json:
+        print(json.dumps({**asdict(result), "total": result.total}))
+    else:
+        print(f"{result.total:.2f} GFLOPs (+{result.clustering:.2f} {args.method})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
