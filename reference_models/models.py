@@ -1,4 +1,4 @@
-"""Models for the trainer: timm registrations, token downsampling and a FLOP estimate.
+"""Models for the trainer: timm registrations and token downsampling.
 
 Registered here (``timm.create_model`` knows them once this module is imported):
 
@@ -38,7 +38,7 @@ __all__ = [
     "TOKENPOOL_METHODS",
     "apply_downsample",
     "build_model",
-    "estimate_gflops",
+    "pool_method",
     "resolve_keep",
     "set_pool_seed",
 ]
@@ -246,6 +246,12 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
     return schedule
 
 
+def pool_method(model: nn.Module) -> str:
+    """The ``tokenpool_ops.pool`` method a patched model runs ("none" when unpatched)."""
+    state = getattr(model, "_tokenpool", None)
+    return "none" if state is None else str(state["method"])
+
+
 def set_pool_seed(model: nn.Module, seed: int) -> None:
     """Give the random downsamplers of a patched model a new seed (no-op when unpatched).
 
@@ -256,32 +262,3 @@ def set_pool_seed(model: nn.Module, seed: int) -> None:
     if state is not None:
         state["options"]["seed"] = seed
 
-
-def estimate_gflops(model: VisionTransformer, schedule: list[int] | None) -> float:
-    """Multiply-adds per image, in billions, of the linear layers and attention products.
-
-    A simple analytic estimate (1 FLOP = 1 multiply-add, as the paper's fvcore counts)
-    until the project's FLOP counter lands: patch embedding, q/k/v/proj, the two attention
-    products, the MLP and the head. Norms, softmax, GELU and the clustering itself are left
-    out. Pooling sits between attention and MLP (``patch_timm``'s default placement).
-    """
-    dim = model.embed_dim
-    prefix = model.num_prefix_tokens
-    patches = model.patch_embed.num_patches
-    proj = model.patch_embed.proj
-    in_ch = proj.in_channels if isinstance(proj, nn.Conv2d) else 3
-    kernel = proj.kernel_size if isinstance(proj, nn.Conv2d) else (1, 1)
-    macs = float(patches * dim * in_ch * kernel[0] * kernel[1])
-    left = patches
-    for i, block in enumerate(model.blocks):
-        n_attn = prefix + left
-        if schedule is not None:
-            left = min(left, schedule[i])
-        n_mlp = prefix + left
-        hidden = int(block.mlp.fc1.out_features)  # type: ignore[union-attr, arg-type]
-        macs += 4 * n_attn * dim * dim + 2 * n_attn * n_attn * dim
-        macs += 2 * n_mlp * dim * hidden
-    head = model.head
-    if isinstance(head, nn.Linear):
-        macs += head.in_features * head.out_features
-    return macs / 1e9

@@ -41,13 +41,15 @@ from . import data as data_mod
 from .distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from .engine import evaluate, train_one_epoch
 from .errors import ConfigError
+from .flops import ViTShape
+from .flops import count as count_flops
 from .models import (
     DOWNSAMPLERS,
     KEEP_PRESETS,
     TOKENPOOL_METHODS,
     apply_downsample,
     build_model,
-    estimate_gflops,
+    pool_method,
 )
 
 __all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "main", "run"]
@@ -364,7 +366,9 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
     model.reset_classifier(args.num_classes)
     args.keep_schedule = apply_downsample(model, args.downsample, args.method, args.keep,
                                           seed=args.seed, compiled=args.compile)
-    args.gflops = estimate_gflops(model, args.keep_schedule)
+    # The project's FLOP counter (the paper's counting); clustering is logged apart.
+    flop_count = count_flops(ViTShape.of(model), args.keep_schedule, method=pool_method(model))
+    args.gflops, args.gflops_clustering = flop_count.total, flop_count.clustering
     model.to(device)
     criterion, mixup = _criterion(args)
 
@@ -464,7 +468,8 @@ def fit(args: argparse.Namespace, dist: DistInfo, parts: Parts, start_epoch: int
         record: dict[str, Any] = {
             "epoch": epoch, "train_loss": train["train_loss"], "val_loss": val["val_loss"],
             "val_acc1": val["val_acc1"], "lr": lr, "images_per_s": train["images_per_s"],
-            "gflops": args.gflops, "train_images": train["train_images"],
+            "gflops": args.gflops, "gflops_clustering": args.gflops_clustering,
+            "train_images": train["train_images"],
             "val_images": val["val_images"]}
         if ema is not None:
             record["val_acc1_ema"] = evaluate(
