@@ -3,9 +3,8 @@
 ``python -m reference_models.train --help`` lists every flag. The modules, one concern each:
 ``train`` (flags, main loop, checkpoint and resume), ``engine`` (one epoch of training,
 evaluation), ``data`` (datasets, transforms, samplers), ``models`` (timm registrations,
-downsampling through :func:`tokenpool_ops.timm.patch_timm`), ``flops`` (the FLOP
-counter) and
-``distributed`` (torchrun helpers).
+downsampling through :func:`tokenpool_ops.timm.patch_timm`), ``flops`` (the FLOP counter)
+and ``distributed`` (torchrun helpers).
 """
 
 from __future__ import annotations
