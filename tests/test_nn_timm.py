@@ -195,6 +195,27 @@ def test_scores_are_per_original_token(prop_attn: bool, images: torch.Tensor, mo
     torch.testing.assert_close(scores, expected)
 
 
+def test_a_token_of_size_zero_weighs_nothing(images: torch.Tensor, monkeypatch) -> None:
+    """An empty K-Means cluster leaves a token of size 0; with prop_attn its score was
+    0 / 0 = NaN in the next block (and the loss NaN). It must weigh 0 instead."""
+    model = make()
+    patch_timm(model, [196, 120, 60] + [60] * 9, method="wkmeans")
+    passed = []
+    pool_with_grad = tp_timm.pool_with_grad
+
+    def emptying(x, k, method, *, scores, sizes, **options):
+        passed.append(scores)
+        tokens, result = pool_with_grad(x, k, method, scores=scores, sizes=sizes, **options)
+        result.sizes[:, 0] = 0  # as if cluster 0 had emptied
+        return tokens, result
+
+    monkeypatch.setattr(tp_timm, "pool_with_grad", emptying)
+    with torch.no_grad():
+        logits = model(images)
+    assert torch.isfinite(passed[1]).all() and (passed[1][:, 0] == 0).all()
+    assert torch.isfinite(logits).all()
+
+
 def test_round_trip_restores_the_model(images: torch.Tensor) -> None:
     model = make("vit_small_layerscale_qknorm")
     classes = [type(m) for m in model.modules()]

@@ -162,16 +162,9 @@ def test_resume_drops_log_lines_of_redone_epochs_and_torn_lines(tmp_path: Path) 
 # Every downsampler through patch_timm: one step and an evaluation, gradients everywhere
 
 
-# A bug outside this package, kept visible: weighted K-Means can leave a cluster empty
-# (size 0) on digits tokens, and patch_timm's prop_attn then divides the next block's scores
-# by that size: NaN, which pool rejects (ValueError) where it checks values, else the loss
-# is NaN (FloatingPointError from the engine). strict: the test fails once it is fixed.
-_EMPTY_CLUSTER_BUG = pytest.mark.xfail(
-    raises=(ValueError, FloatingPointError), strict=True,
-    reason="tokenpool_ops.timm: scores / sizes is NaN after an empty weighted-K-Means cluster")
 DOWNSAMPLE_CASES = [
     ("none", None), ("tokenpool", "kmeans"), ("tokenpool", "kmedoids"),
-    pytest.param("tokenpool", "wkmeans", marks=_EMPTY_CLUSTER_BUG), ("tokenpool", "wkmedoids"),
+    ("tokenpool", "wkmeans"), ("tokenpool", "wkmedoids"),
     ("powerbert", None), ("random", None), ("importance", None)]
 
 

@@ -144,7 +144,10 @@ class TokenPoolBlock(Block):
             return x
         sizes = state["sizes"]
         if scores is not None and sizes is not None and state["prop_attn"]:
-            scores = scores / sizes.to(scores.dtype)  # see the module docstring
+            # Per original token (see the module docstring). An empty K-Means cluster left a
+            # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
+            sizes = sizes.to(scores.dtype)
+            scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
         tokens, result = pool_with_grad(patches, k, state["method"], scores=scores,
                                         sizes=sizes, **state["options"])
         state["sizes"] = result.sizes.float()
