@@ -21,3 +21,6 @@ collect_ignore = [
                         ("visualize", ("torch", "timm", "PIL")))
     if any(importlib.util.find_spec(module) is None for module in needs)
 ]
+# The trainer and the FLOP counter read timm models.
+if any(importlib.util.find_spec(module) is None for module in ("torch", "timm")):
+    collect_ignore.append("reference_models")
