@@ -4,6 +4,8 @@ distribution (chi-square tests at a fixed seed, so they never flake)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -84,3 +86,20 @@ def test_draw_happens_on_the_device_without_host_arrays():
     like = torch.empty((2, 7), device="meta")
     u = uniforms(xp, 3, (2, 7), like)
     assert u.device.type == "meta" and u.shape == (2, 7) and u.dtype == torch.float32
+
+
+def test_jax_without_x64_draws_the_same_numbers_without_a_warning():
+    """JAX without x64 has no int64: the documented numbers come from NumPy instead."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("jax", reason="jax is not installed")
+    program = ("import warnings; warnings.simplefilter('error'); "
+               "import jax.numpy as jnp, numpy as np; "
+               "from tokenpool_ops._random import uniforms; "
+               "print(np.asarray(uniforms(jnp, 7, (2, 3), jnp.zeros(1))).tolist())")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    want = [[expected_uniform(7, b, i) for i in range(3)] for b in range(2)]
+    np.testing.assert_array_equal(np.array(json.loads(done.stdout)), want)

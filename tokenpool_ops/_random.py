@@ -60,12 +60,13 @@ def uniforms(xp: Namespace, seed: int, shape: tuple[int, int], like: Array) -> A
     Number (b, i) depends only on the seed, b and i, so a problem's draw depends on its
     position in the batch, and never on the library, the device or the batch size.
     """
-    problems = xp.arange(shape[0], dtype=xp.int64, device=device(like))[:, None]
-    if problems.dtype != xp.int64:  # JAX without x64: the same numbers, made by NumPy
+    if "int64" not in xp.__array_namespace_info__().dtypes(kind="signed integer"):
+        # JAX without x64: the same numbers, made by NumPy and moved to the device.
         import numpy as np
 
         host = uniforms(np, seed, shape, np.empty(0, dtype=np.float64))
         return xp.asarray(host, dtype=like.dtype, device=device(like))
+    problems = xp.arange(shape[0], dtype=xp.int64, device=device(like))[:, None]
     tokens = xp.arange(shape[1], dtype=xp.int64, device=device(like))[None, :]
     per_problem = _mix(xp, problems ^ seed_key(seed))
     h = _mix(xp, (_mix(xp, per_problem ^ tokens) + problems) & MASK32)
