@@ -26,7 +26,7 @@ consistent with about 5 K-Means iterations on average, which ``--iterations`` se
 
     python -m reference_models.flops                   # Table 1
     python -m reference_models.flops --model deit_small_patch16_224 \\
-        --keep 196,193,179,142,97,64,46,34,13,9,1,0 --method kmedoids [--json]
+        --keep deits-level4 --method kmedoids [--json]
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from .schedules import PAPER_SCHEDULES
 
 #: Table 1's models: (name, timm name, image size).
 TABLE1_MODELS = (
@@ -148,10 +150,14 @@ def table1() -> str:
 
 
 def parse_keep(text: str) -> list[int]:
+    """``--keep``: a paper schedule by name (``deits-level4``) or comma-separated counts."""
+    if text in PAPER_SCHEDULES:
+        return list(PAPER_SCHEDULES[text])
     try:
         return [int(part) for part in text.split(",")]
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"--keep must be integers separated by commas, "
+        raise argparse.ArgumentTypeError(f"--keep must be a paper schedule (such as "
+                                         f"deits-level4) or integers separated by commas, "
                                          f"got {text!r}") from error
 
 
@@ -162,7 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="timm model name; without it, print Table 1")
     parser.add_argument("--img-size", type=int, default=None, help="input image size")
     parser.add_argument("--keep", type=parse_keep, default=None,
-                        help="patch tokens left after each block, comma-separated")
+                        help="patch tokens left after each block, comma-separated, or a "
+                             "paper schedule: deits-, deite318-, deite252-level0 to level7")
     parser.add_argument("--method", default="wkmedoids", help="pooling method (its cost)")
     parser.add_argument("--placement", choices=("attn", "block"), default="attn",
                         help="pooling between attention and MLP, or after the block")

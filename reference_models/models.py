@@ -31,6 +31,7 @@ from torch import nn
 from tokenpool_ops.timm import patch_timm
 
 from .errors import ConfigError
+from .schedules import PAPER_SCHEDULES
 
 __all__ = [
     "DOWNSAMPLERS",
@@ -200,12 +201,19 @@ def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
     text = keep.strip()
     if text in KEEP_PRESETS:
         return KEEP_PRESETS[text](num_patches, depth)
+    if text in PAPER_SCHEDULES:  # the paper's Tables 3-5, for 12 blocks of 196 patches
+        schedule = PAPER_SCHEDULES[text]
+        if (num_patches, depth) != (196, len(schedule)):
+            raise ConfigError(f"--keep {text} is a schedule for 196 patches in 12 blocks; "
+                              f"this model has {num_patches} patches in {depth} blocks")
+        return list(schedule)
     parts = [p for p in text.replace(",", " ").split() if p]
     try:
         counts = [int(p) for p in parts]
     except ValueError:
-        raise ConfigError(f"--keep {keep!r} is neither a preset ({', '.join(KEEP_PRESETS)}) "
-                          "nor a list of integers") from None
+        raise ConfigError(f"--keep {keep!r} is neither a preset ({', '.join(KEEP_PRESETS)}, "
+                          "or a paper schedule such as deits-level4) nor a list of integers"
+                          ) from None
     if len(counts) == 1:
         counts = counts * depth
     if len(counts) != depth or any(c < 0 for c in counts):

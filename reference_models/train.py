@@ -127,8 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Token Pooling method (default wkmedoids; --downsample tokenpool only)")
     g.add_argument("--keep", default="linear",
                    help="patch tokens left after each block: a preset "
-                        f"({', '.join(KEEP_PRESETS)}), one count for all blocks, or one "
-                        "count per block, comma-separated")
+                        f"({', '.join(KEEP_PRESETS)}), a schedule of the paper's Tables 3-5 "
+                        "(deits-, deite318-, deite252-level0 to level7, for 12 blocks of 196 "
+                        "patches), one count for all blocks, or one count per block, "
+                        "comma-separated")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=None, help=f"epochs {_d('epochs')}")
     g.add_argument("--batch-size", type=int, default=None,

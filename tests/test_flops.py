@@ -151,3 +151,23 @@ def test_command_line_refuses_a_schedule_of_the_wrong_length(capsys):
         flops.main(["--model", "deit_small_patch16_224", "--keep", "196,98"])
     assert exit_info.value.code == 2
     assert "keep has 2 entries for 12 blocks" in capsys.readouterr().err
+
+
+def test_paper_schedules_by_name_give_table3(capsys):
+    from reference_models.schedules import PAPER_SCHEDULES
+
+    assert len(PAPER_SCHEDULES) == 24 and all(len(k) == 12 for k in PAPER_SCHEDULES.values())
+    for level, (keep, _) in enumerate(TABLE3_POWERBERT):
+        assert PAPER_SCHEDULES[f"deits-level{level}"] == keep
+    assert flops.main(["--model", "deit_small_patch16_224", "--keep", "deits-level4",
+                       "--method", "topk", "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)["total"] - 2.1) <= 0.05
+
+
+def test_trainer_keep_takes_paper_schedules():
+    from reference_models import models
+    from reference_models.errors import ConfigError
+
+    assert models.resolve_keep("deite252-level2", 196, 12)[:3] == [196, 196, 193]
+    with pytest.raises(ConfigError, match="schedule for 196 patches in 12 blocks"):
+        models.resolve_keep("deits-level4", 64, 4)
