@@ -35,6 +35,7 @@ from .schedules import PAPER_SCHEDULES
 
 __all__ = [
     "DOWNSAMPLERS",
+    "DOWNSAMPLE_PREFIX",
     "KEEP_PRESETS",
     "TOKENPOOL_METHODS",
     "apply_downsample",
@@ -44,6 +45,9 @@ __all__ = [
     "set_pool_seed",
 ]
 
+# Parameters a downsampler adds to a model live in ``model.token_downsample`` (a ModuleDict),
+# so their state_dict keys start with this and a base model's weights load around them.
+DOWNSAMPLE_PREFIX = "token_downsample."
 # The pooling methods of --downsample tokenpool; the other choices are fixed methods.
 TOKENPOOL_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
 # --downsample choice -> patch_timm method (None: no patching; "tokenpool": --method).
@@ -223,12 +227,13 @@ def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
 
 
 def apply_downsample(model: VisionTransformer, downsample: str, method: str | None,
-                     keep: str, *, seed: int = 0,
-                     compiled: bool = False) -> list[int] | None:
+                     keep: str, *, seed: int = 0, compiled: bool = False,
+                     carry: bool = True) -> list[int] | None:
     """Patch the model's blocks with ``patch_timm``; return the keep schedule (None: none).
 
     ``compiled`` selects the pooling options the ``tokenpool_ops`` README gives for
     ``torch.compile`` (no value read on the host, a fixed number of iterations).
+    ``carry`` is ``patch_timm``'s ``prop_attn`` (Appendix E).
     """
     if downsample not in DOWNSAMPLERS:
         raise ConfigError(f"unknown --downsample {downsample!r}; choose from "
@@ -250,7 +255,8 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
     options: dict[str, Any] = {"seed": seed}
     if compiled:
         options.update(check_values=False, stop_early=False)
-    patch_timm(model, schedule, method=method, **options)  # type: ignore[arg-type]
+    patch_timm(model, schedule, method=method, prop_attn=carry,
+               **options)  # type: ignore[arg-type]
     return schedule
 
 

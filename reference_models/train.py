@@ -44,6 +44,7 @@ from .errors import ConfigError
 from .flops import ViTShape
 from .flops import count as count_flops
 from .models import (
+    DOWNSAMPLE_PREFIX,
     DOWNSAMPLERS,
     KEEP_PRESETS,
     TOKENPOOL_METHODS,
@@ -131,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(deits-, deite318-, deite252-level0 to level7, for 12 blocks of 196 "
                         "patches), one count for all blocks, or one count per block, "
                         "comma-separated")
+    g.add_argument("--carry", action=argparse.BooleanOptionalAction, default=True,
+                   help="carry each pooled token's size into later blocks' attention "
+                        "(log size added to the logits; Appendix E); --no-carry attends a "
+                        "merged token as one token")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=None, help=f"epochs {_d('epochs')}")
     g.add_argument("--batch-size", type=int, default=None,
@@ -191,8 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT; bare --resume: OUTPUT/checkpoint.pt if "
                         "it exists, else start afresh")
+    g.add_argument("--finetune", default=None, metavar="CHECKPOINT",
+                   help="start from the weights of CHECKPOINT (checkpoint.pt or best.pt of "
+                        "an earlier run) with a fresh optimizer and schedule, as stages 2-3 "
+                        "of the paper's protocol do; modules a downsampler adds "
+                        "(model.token_downsample) may be missing from it")
     g.add_argument("--eval", action="store_true",
-                   help="only evaluate (the --resume checkpoint, or the --pretrained model)")
+                   help="only evaluate (the --resume or --finetune checkpoint, or the "
+                        "--pretrained model)")
     g.add_argument("--seed", type=int, default=0, help="seed of everything random")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
@@ -296,6 +307,37 @@ def _load_checkpoint(path: Path, model: nn.Module, *, need_state: bool) -> dict[
     return ckpt
 
 
+def _load_finetune(path_text: str, model: nn.Module) -> None:
+    """Load a checkpoint's model weights into ``model`` for finetuning.
+
+    Keys may differ only under ``token_downsample.``: the parameters a downsampler adds
+    (convolutions, soft-extract retention) are new when finetuning a base model, and left
+    over when finetuning from a schedule search.
+    """
+    path = Path(path_text)
+    if not path.is_file():
+        raise ConfigError(f"--finetune {path_text!r}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: any unpickling error
+        raise ConfigError(f"--finetune {path_text!r} is no readable checkpoint ({err})"
+                          ) from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"--finetune {path_text!r} is no checkpoint of this trainer")
+    own = {k for k in ckpt["model"] if not k.startswith(DOWNSAMPLE_PREFIX)}
+    weights = {k: v for k, v in ckpt["model"].items() if k in own}
+    try:
+        missing, _ = model.load_state_dict(weights, strict=False)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"--finetune {path_text!r} does not fit --model: {first}") from None
+    missing = [k for k in missing if not k.startswith(DOWNSAMPLE_PREFIX)]
+    unexpected = own - set(model.state_dict())
+    if missing or unexpected:
+        raise ConfigError(f"--finetune {path_text!r} does not fit --model: missing "
+                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+
+
 def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
 
@@ -367,7 +409,10 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
         data_mod.build_transform(args, data_config, False))
     model.reset_classifier(args.num_classes)
     args.keep_schedule = apply_downsample(model, args.downsample, args.method, args.keep,
-                                          seed=args.seed, compiled=args.compile)
+                                          seed=args.seed, compiled=args.compile,
+                                          carry=args.carry)
+    if args.finetune is not None:
+        _load_finetune(args.finetune, model)
     # The project's FLOP counter (the paper's counting); clustering is logged apart.
     flop_count = count_flops(ViTShape.of(model), args.keep_schedule, method=pool_method(model))
     args.gflops, args.gflops_clustering = flop_count.total, flop_count.clustering
