@@ -18,6 +18,7 @@ summing correct counts over ranks gives the accuracy on exactly the whole valida
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,47 @@ def train_sampler(dataset: Dataset[Any], *, world: int, rank: int, repeated_aug:
     if repeated_aug:
         return RepeatAugSampler(dataset, num_replicas=world, rank=rank, shuffle=True)
     return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+
+
+class RecordingSampler(Sampler[int]):
+    """A training sampler that keeps the indices this rank drew in the current epoch.
+
+    Used by ``--check-sync`` to prove, inside a distributed run, that the ranks' shares are
+    disjoint: see :func:`assert_shares_partition`.
+    """
+
+    def __init__(self, inner: RepeatAugSampler | DistributedSampler[Any]) -> None:
+        self.inner = inner
+        self.drawn: list[int] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        self.drawn = []
+        for index in self.inner:
+            self.drawn.append(int(index))
+            yield index
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+def assert_shares_partition(shares: list[list[int]], single: list[int]) -> None:
+    """Raise unless the ranks' shares, dealt round-robin, are one process's epoch order.
+
+    Both samplers deal position p of the epoch's (shuffled, for RepeatAugSampler repeated)
+    order to rank p mod world, so the shares interleaved must reproduce what one process
+    draws (``single``), up to the padding at the end: no position is seen twice or missed.
+    """
+    world = len(shares)
+    if len({len(share) for share in shares}) != 1:
+        raise RuntimeError(f"--check-sync: ranks drew {[len(s) for s in shares]} images")
+    interleaved = [index for group in zip(*shares, strict=True) for index in group]
+    common = min(len(interleaved), len(single))
+    if interleaved[:common] != single[:common] or len(interleaved) <= len(single) - world:
+        raise RuntimeError("--check-sync: the ranks' training shares overlap or miss images "
+                           "of the epoch")
 
 
 def val_shard(dataset: Dataset[Any], *, world: int, rank: int) -> Dataset[Any]:

@@ -255,8 +255,8 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
     options: dict[str, Any] = {"seed": seed}
     if compiled:
         options.update(check_values=False, stop_early=False)
-    patch_timm(model, schedule, method=method, prop_attn=carry,
-               **options)  # type: ignore[arg-type]
+    patch_timm(model, schedule, method=method,  # type: ignore[arg-type]
+               prop_attn=carry, **options)
     return schedule
 
 

@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads per rank (default: CPU cores / ranks per node; "
                         "with --data digits 1, as its small matrices gain nothing from more)")
     g.add_argument("--check-sync", action="store_true",
-                   help="after every step, check that all ranks hold identical weights "
-                        "(debugging aid, slow)")
+                   help="after every step, check that all ranks hold identical weights, "
+                        "and after every epoch that they drew disjoint shares of the "
+                        "training set (debugging aid, slow)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="tqdm bars (default: when stderr is a terminal)")
     return p
@@ -419,8 +420,10 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
     model.to(device)
     criterion, mixup = _criterion(args)
 
-    sampler = data_mod.train_sampler(train_set, world=dist.world, rank=dist.rank,
-                                     repeated_aug=args.repeated_aug, seed=args.seed)
+    sampler: Any = data_mod.train_sampler(train_set, world=dist.world, rank=dist.rank,
+                                          repeated_aug=args.repeated_aug, seed=args.seed)
+    if args.check_sync:
+        sampler = data_mod.RecordingSampler(sampler)
     train_loader, val_loader = data_mod.build_loaders(
         train_set, data_mod.val_shard(val_set, world=dist.world, rank=dist.rank), sampler,
         batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -510,6 +513,8 @@ def fit(args: argparse.Namespace, dist: DistInfo, parts: Parts, start_epoch: int
             pool_seed=(args.seed * 1_000_003 + dist.rank) * 1_000_003,
             check_sync=args.check_sync, progress=progress, desc=f"epoch {epoch}")
         num_updates = int(train["num_updates"])
+        if args.check_sync:
+            _check_shares(args, parts.sampler, epoch)
         val = evaluate(parts.net, parts.val_loader, device=device, amp_dtype=amp_dtype,
                        pool_seed=args.seed, progress=progress)
         record: dict[str, Any] = {
@@ -534,6 +539,15 @@ def fit(args: argparse.Namespace, dist: DistInfo, parts: Parts, start_epoch: int
                 "scheduler": parts.scheduler.state_dict(), "scaler": parts.scaler.state_dict(),
                 "epoch": epoch, "num_updates": num_updates, "best_acc1": best_acc1,
                 "rng": rng, "config": vars(args)})
+
+
+def _check_shares(args: argparse.Namespace, sampler: data_mod.RecordingSampler,
+                  epoch: int) -> None:
+    """--check-sync: the ranks drew disjoint shares of this epoch (every rank raises if not)."""
+    one = data_mod.train_sampler(sampler.inner.dataset, world=1, rank=0,
+                                 repeated_aug=args.repeated_aug, seed=args.seed)
+    one.set_epoch(epoch)
+    data_mod.assert_shares_partition(all_gather_objects(sampler.drawn), [int(i) for i in one])
 
 
 def _write_epoch(out: Path, record: dict[str, Any], is_best: bool,

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
 
-from reference_models import data, engine, models, train  # noqa: E402
+from reference_models import data, engine, errors, models, train  # noqa: E402
 
 # The digits defaults (tiny model, batch 32), one CPU thread per process, a seed of its own.
 FAST = ["--data", "digits", "--model", "deit_digits_tiny_patch1_8", "--threads", "1",
@@ -285,6 +285,34 @@ def test_samplers_give_disjoint_shares() -> None:
     assert repeated[0] != repeated[1] and len(repeated[0]) == len(repeated[1])
 
 
+@pytest.mark.parametrize("repeated_aug", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_share_check_accepts_real_deals_and_rejects_overlap(world: int,
+                                                            repeated_aug: bool) -> None:
+    train_set = data.DigitsDataset(*data.digits_split()[:2])
+    samplers = [data.train_sampler(train_set, world=world, rank=r, repeated_aug=repeated_aug,
+                                   seed=5) for r in range(world)]
+    one = data.train_sampler(train_set, world=1, rank=0, repeated_aug=repeated_aug, seed=5)
+    for sampler in [*samplers, one]:
+        sampler.set_epoch(2)
+    shares, single = [list(map(int, s)) for s in samplers], list(map(int, one))
+    data.assert_shares_partition(shares, single)
+    # A share rotated by one, shares cut short, every rank drawing rank 0's share: caught.
+    # (With 3 repeats on 3 ranks each rank sees every image once, in the same order, with
+    # its own augmentation: there, equal shares are the right deal.)
+    rotated = [*shares[:-1], shares[-1][1:] + shares[-1][:1]]
+    bad = [rotated, [share[: len(share) // 2] for share in shares]]
+    if repeated_aug and world == 3:
+        assert shares[0] == shares[1] == shares[2]
+    else:
+        bad.append([shares[0]] * world)
+    for wrong in bad:
+        with pytest.raises(RuntimeError, match="overlap or miss"):
+            data.assert_shares_partition(wrong, single)
+    with pytest.raises(RuntimeError, match="ranks drew"):
+        data.assert_shares_partition([shares[0], *shares[1:-1], shares[-1][:-1]], single)
+
+
 def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -294,8 +322,9 @@ def test_torchrun_two_processes_gloo(tmp_path: Path) -> None:
            "--output", str(out)]
     res = _run(cmd, timeout=240)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    # --check-sync compared all parameters of both ranks after every step (it raises, and
-    # the run fails, on any difference). Only rank 0 wrote: one log line, no stray file.
+    # --check-sync compared all parameters of both ranks after every step, and the indices
+    # each rank drew with one process's epoch order (disjoint shares; it raises, and the
+    # run fails, on any difference). Only rank 0 wrote: one log line, no stray file.
     log = _log(out)
     assert len(log) == 1 and log[0]["epoch"] == 0
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.json",
@@ -412,3 +441,58 @@ def test_help_documents_every_flag() -> None:
         if action.option_strings:
             assert action.help, f"{action.option_strings} has no help"
             assert any(opt in text for opt in action.option_strings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finetuning from a checkpoint, insertion without finetuning (Appendix E)
+
+
+def _saved_weights(tmp_path: Path, model: Any, extra: dict[str, Any] | None = None) -> Path:
+    path = tmp_path / "weights.pt"
+    torch.save({"model": {**model.state_dict(), **(extra or {})}}, path)
+    return path
+
+
+def test_finetune_loads_weights_and_forgives_only_downsampler_keys(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = models.build_model("deit_digits_tiny_patch1_8", 10)
+    # Left over from a schedule search: a downsampler's parameter the new model lacks.
+    path = _saved_weights(tmp_path, source, {"token_downsample.retention": torch.ones(3)})
+    torch.manual_seed(2)
+    target = models.build_model("deit_digits_tiny_patch1_8", 10)
+    target.token_downsample = torch.nn.ModuleDict({"conv1": torch.nn.Linear(2, 2)})
+    train._load_finetune(str(path), target)
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+    smaller = models.build_model("deit_digits_tiny_patch1_8", 10)
+    del smaller.head  # a real key missing from the model: no silent partial load
+    smaller.head = torch.nn.Identity()
+    with pytest.raises(errors.ConfigError, match="does not fit --model: missing \\[\\], "
+                                               "unexpected \\['head"):
+        train._load_finetune(str(path), smaller)
+    with pytest.raises(errors.ConfigError, match="no such checkpoint"):
+        train._load_finetune(str(tmp_path / "absent.pt"), target)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(errors.ConfigError, match="no readable checkpoint"):
+        train._load_finetune(str(tmp_path / "junk.pt"), target)
+
+
+def test_insert_without_finetuning_with_and_without_carry(tmp_path: Path) -> None:
+    """--eval --finetune BASE --downsample tokenpool: the trained weights, pooled as they are."""
+    torch.manual_seed(4)
+    model = models.build_model("deit_digits_tiny_patch1_8", 10)
+    torch.nn.init.normal_(model.head.weight)  # timm's jax init zeroes the head: loss ln 10
+    base = _saved_weights(tmp_path, model)
+    results = {}
+    for carry in ("--carry", "--no-carry"):
+        res = _run(_trainer(*FAST, "--eval", "--finetune", str(base), "--downsample",
+                            "tokenpool", "--method", "wkmeans", "--keep", "16", carry,
+                            "--output", str(tmp_path / carry)))
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[carry] = json.loads(res.stdout.strip().splitlines()[-1])
+        config = json.loads(res.stdout[: res.stdout.rindex("}\n{") + 1])
+        assert config["carry"] is (carry == "--carry") and config["keep_schedule"] == [16] * 4
+    assert results["--carry"]["val_images"] == data.DIGITS_VAL_SIZE
+    # Carry adds log(size) to later attention logits: the same weights score differently.
+    assert results["--carry"]["val_loss"] != results["--no-carry"]["val_loss"]
