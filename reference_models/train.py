@@ -577,7 +577,7 @@ def _set_cpu_threads(threads: int) -> None:
         import numba
     except ImportError:  # the pooling then runs on torch alone
         return
-    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
 
 
 def main(argv: list[str] | None = None) -> int:
