@@ -223,6 +223,13 @@ def assert_shares_partition(shares: list[list[int]], single: list[int]) -> None:
                            "of the epoch")
 
 
+def first(dataset: Dataset[Any], count: int) -> Dataset[Any]:
+    """The first ``count`` images of ``dataset`` (``--train-limit``)."""
+    if count < 1:
+        raise ConfigError(f"--train-limit {count}: needs at least one image")
+    return Subset(dataset, range(min(count, len(dataset))))  # type: ignore[arg-type]
+
+
 def val_shard(dataset: Dataset[Any], *, world: int, rank: int) -> Dataset[Any]:
     """Images rank, rank + world, ... of the validation set: disjoint shares, no padding."""
     return Subset(dataset, range(rank, len(dataset), world))  # type: ignore[arg-type]

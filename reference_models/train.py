@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data-loader processes per rank (default 0 on the CPU, 8 on CUDA)")
     g.add_argument("--input-size", type=int, default=None,
                    help="image side in pixels (default: the model's)")
+    g.add_argument("--train-limit", type=int, default=None, metavar="N",
+                   help="train on the first N training images only (quick checks)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"timm model name {_d('model')}")
     g.add_argument("--pretrained", action="store_true",
@@ -408,6 +410,8 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
     train_set, val_set, args.num_classes = data_mod.build_datasets(
         args.data, args.data_dir, data_mod.build_transform(args, data_config, True),
         data_mod.build_transform(args, data_config, False))
+    if args.train_limit is not None:
+        train_set = data_mod.first(train_set, args.train_limit)
     model.reset_classifier(args.num_classes)
     args.keep_schedule = apply_downsample(model, args.downsample, args.method, args.keep,
                                           seed=args.seed, compiled=args.compile,
