@@ -238,6 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.conv_after:  # the printed parts stay Table 1's and the clustering
             del record["conv_downsampling"]
         print(json.dumps({**record, "total": result.total}))
+    elif args.conv_after:
+        print(f"{result.total:.2f} GFLOPs ({result.conv_downsampling:.3f} of them the "
+              "downsampling convolutions)")
     else:
         print(f"{result.total:.2f} GFLOPs (+{result.clustering:.2f} {args.method})")
     return 0

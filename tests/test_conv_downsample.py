@@ -5,6 +5,7 @@ bad input. CPU only, the embedded digits, tiny runs."""
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,16 @@ def test_conv_flops_match_torch_flop_counter() -> None:
     # Without keep, the counter quarters the patches at each convolution itself.
     assert flops.count(shape, None, method="none", placement="block",
                        conv_after=[1, 3]) == ours
+
+
+def test_flops_command_line_counts_convolutions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert flops.main(["--model", MODEL, "--conv-after", "1,3", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    expected = flops.count(flops.shape_of(MODEL), [16, 16, 4, 4], method="none",
+                           placement="block", conv_after=[1, 3])
+    assert record["conv_downsampling"] == pytest.approx(expected.conv_downsampling)
+    assert record["total"] == pytest.approx(expected.total)
+    assert record["clustering"] == 0.0  # the convolutions reduce, no clustering is counted
 
 
 def test_finetune_from_a_base_checkpoint_into_a_conv_model(
