@@ -24,16 +24,26 @@ The clustering's own cost, per pooling block (``k < n`` patch tokens), from §4 
 Iterations default to ``max_iter`` (10, every iteration run); Table 3's "+" column is
 consistent with about 5 K-Means iterations on average, which ``--iterations`` sets.
 
+Convolution downsampling (Appendix D, ``conv_after``: the 1-based blocks a 2x2 stride-2
+convolution follows): ``n M^2`` per layer for ``n`` patch tokens entering it (``n / 4``
+outputs, each ``4 M`` inputs times ``M`` outputs; the bias is not counted). It is a learned
+layer of the model, like the patch embedding, so it is part of the total
+(``conv_downsampling``), unlike the clustering. The convolution runs after its block, so
+it needs ``placement="block"``: block l's attention and MLP see its full tokens, the next
+block a quarter of the patches; without ``keep`` the count quarters the patches (rounding
+down) at each convolution, and no clustering is counted where a convolution reduces.
+
     python -m reference_models.flops                   # Table 1
     python -m reference_models.flops --model deit_small_patch16_224 \\
         --keep deits-level4 --method kmedoids [--json]
+    python -m reference_models.flops --model deit_small_patch16_224 --conv-after 4
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -85,12 +95,14 @@ class Breakdown:
     mlp: float
     embedding_and_head: float
     clustering: float
+    conv_downsampling: float = 0.0
 
     @property
     def total(self) -> float:
-        """Everything but the clustering (Table 1's total; Table 3's first number)."""
+        """Everything but the clustering (Table 1's total; Table 3's first number), with
+        the convolutions of convolution downsampling."""
         return (self.softmax_attention + self.qkv_projections + self.o_projection + self.mlp
-                + self.embedding_and_head)
+                + self.embedding_and_head + self.conv_downsampling)
 
 
 def clustering_flops(method: str, n: int, k: int, width: int, iterations: int) -> float:
@@ -102,29 +114,50 @@ def clustering_flops(method: str, n: int, k: int, width: int, iterations: int) -
     return iterations * n * k * width
 
 
+def conv_flops(n: int, width: int) -> float:
+    """Multiply-adds of one 2x2 stride-2 convolution, width to width, over n patch tokens."""
+    return n * width * width
+
+
+def _conv_keep(patches: int, depth: int, conv_after: Collection[int]) -> list[int]:
+    """Patch tokens after each block when the convolutions alone reduce them."""
+    keep = []
+    for block in range(1, depth + 1):
+        patches = patches // 4 if block in conv_after else patches
+        keep.append(patches)
+    return keep
+
+
 def count(shape: ViTShape, keep: Sequence[int] | None = None, method: str = "wkmedoids",
-          placement: str = "attn", iterations: int = DEFAULT_ITERATIONS) -> Breakdown:
+          placement: str = "attn", iterations: int = DEFAULT_ITERATIONS,
+          conv_after: Collection[int] = ()) -> Breakdown:
     """GFLOPs of ``shape`` with ``keep[i]`` patch tokens left after block i (None: none
-    pooled). Prefix tokens are never pooled."""
-    keep = [shape.patches] * shape.depth if keep is None else list(keep)
+    pooled, or quartered at each of ``conv_after``). Prefix tokens are never pooled."""
+    if conv_after and placement != "block":
+        raise ValueError("a convolution runs after its block: conv_after needs "
+                         "placement='block'")
+    keep = _conv_keep(shape.patches, shape.depth, conv_after) if keep is None else list(keep)
     if len(keep) != shape.depth:
         raise ValueError(f"keep has {len(keep)} entries for {shape.depth} blocks")
-    sums = dict.fromkeys(("attention", "qkv", "o", "mlp", "clustering"), 0.0)
+    sums = dict.fromkeys(("attention", "qkv", "o", "mlp", "clustering", "conv"), 0.0)
     width, patches = shape.width, shape.patches
-    for k in keep:
+    for block, k in enumerate(keep, start=1):
         after = min(patches, k)
         n, m = patches + shape.prefix, after + shape.prefix
         sums["attention"] += 2 * n * n * width + n * n * shape.heads
         sums["qkv"] += 3 * n * width * width
         sums["o"] += n * width * width
         sums["mlp"] += 2 * shape.mlp_ratio * (m if placement == "attn" else n) * width**2
-        sums["clustering"] += clustering_flops(method, patches, after, width, iterations)
+        if block in conv_after:  # the convolution reduces here, not a clustering
+            sums["conv"] += conv_flops(patches, width)
+        else:
+            sums["clustering"] += clustering_flops(method, patches, after, width, iterations)
         patches = after
     embed = shape.patches * shape.patch_size**2 * shape.channels * width
     giga = 1e-9
     return Breakdown(sums["attention"] * giga, sums["qkv"] * giga, sums["o"] * giga,
                      sums["mlp"] * giga, (embed + width * shape.classes) * giga,
-                     sums["clustering"] * giga)
+                     sums["clustering"] * giga, sums["conv"] * giga)
 
 
 def shape_of(name: str, image_size: int | None = None) -> ViTShape:
@@ -161,6 +194,15 @@ def parse_keep(text: str) -> list[int]:
                                          f"got {text!r}") from error
 
 
+def parse_blocks(text: str) -> tuple[int, ...]:
+    """``--conv-after``: 1-based block numbers separated by commas."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--conv-after must be block numbers separated "
+                                         f"by commas, got {text!r}") from error
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m reference_models.flops",
                                      description=__doc__.split("\n\n")[0],
@@ -175,19 +217,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="pooling between attention and MLP, or after the block")
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
                         help="clustering iterations counted per pooling step")
+    parser.add_argument("--conv-after", type=parse_blocks, default=(),
+                        help="convolution downsampling (Appendix D) after these blocks, "
+                             "1-based, comma-separated; implies --placement block")
     parser.add_argument("--json", action="store_true",
-                        help="print the Breakdown's fields and total as JSON")
+                        help="print the Breakdown's fields and total as JSON "
+                             "(conv_downsampling only with --conv-after)")
     args = parser.parse_args(argv)
     if args.model is None:
         print(table1())
         return 0
     try:
+        placement = "block" if args.conv_after else args.placement
         result = count(shape_of(args.model, args.img_size), args.keep, args.method,
-                       args.placement, args.iterations)
+                       placement, args.iterations, conv_after=args.conv_after)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
     if args.json:
-        print(json.dumps({**asdict(result), "total": result.total}))
+        record = asdict(result)
+        if not args.conv_after:  # the printed parts stay Table 1's and the clustering
+            del record["conv_downsampling"]
+        print(json.dumps({**record, "total": result.total}))
+    elif args.conv_after:
+        print(f"{result.total:.2f} GFLOPs ({result.conv_downsampling:.3f} of them the "
+              "downsampling convolutions)")
     else:
         print(f"{result.total:.2f} GFLOPs (+{result.clustering:.2f} {args.method})")
     return 0

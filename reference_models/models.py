@@ -12,8 +12,9 @@ Registered here (``timm.create_model`` knows them once this module is imported):
 
 DeiT-Ti/S/B are timm's own ``deit_{tiny,small,base}_patch16_224``.
 
-Downsampling never has a second implementation: every ``--downsample`` choice is a method of
-:func:`tokenpool_ops.timm.patch_timm`.
+Pooling never has a second implementation: every ``--downsample`` choice but ``conv`` is a
+method of :func:`tokenpool_ops.timm.patch_timm`; ``conv`` is the paper's convolution baseline
+(Appendix D, :mod:`reference_models.conv`), a learned layer rather than a pooling.
 """
 
 from __future__ import annotations
@@ -30,16 +31,19 @@ from torch import nn
 
 from tokenpool_ops.timm import patch_timm
 
+from .conv import add_conv_downsampling, conv_after, parse_conv_depths
 from .errors import ConfigError
 from .schedules import PAPER_SCHEDULES
 
 __all__ = [
+    "DEFAULT_KEEP",
     "DOWNSAMPLERS",
     "DOWNSAMPLE_PREFIX",
     "KEEP_PRESETS",
     "TOKENPOOL_METHODS",
     "apply_downsample",
     "build_model",
+    "flop_options",
     "pool_method",
     "resolve_keep",
     "set_pool_seed",
@@ -50,15 +54,19 @@ __all__ = [
 DOWNSAMPLE_PREFIX = "token_downsample."
 # The pooling methods of --downsample tokenpool; the other choices are fixed methods.
 TOKENPOOL_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
-# --downsample choice -> patch_timm method (None: no patching; "tokenpool": --method).
-# A later issue adds "conv", which is no patch_timm method, so the mapping stays open.
+# --downsample choice -> patch_timm method (None: no patching; "tokenpool": --method;
+# "conv": no patch_timm method but the convolutions of reference_models/conv.py).
 DOWNSAMPLERS: dict[str, str | None] = {
     "none": None,
     "tokenpool": "tokenpool",
     "powerbert": "topk",
     "random": "random",
     "importance": "importance",
+    "conv": "conv",
 }
+# The trainer's --keep default; --downsample conv refuses any other (its convolutions set
+# the token counts).
+DEFAULT_KEEP = "linear"
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -228,12 +236,14 @@ def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
 
 def apply_downsample(model: VisionTransformer, downsample: str, method: str | None,
                      keep: str, *, seed: int = 0, compiled: bool = False,
-                     carry: bool = True) -> list[int] | None:
+                     carry: bool = True, conv_depths: str | None = None) -> list[int] | None:
     """Patch the model's blocks with ``patch_timm``; return the keep schedule (None: none).
 
     ``compiled`` selects the pooling options the ``tokenpool_ops`` README gives for
     ``torch.compile`` (no value read on the host, a fixed number of iterations).
-    ``carry`` is ``patch_timm``'s ``prop_attn`` (Appendix E).
+    ``carry`` is ``patch_timm``'s ``prop_attn`` (Appendix E). ``downsample="conv"`` adds
+    convolutions after the blocks ``conv_depths`` names (``"1,3"``, 1-based) instead, and
+    ``keep`` must be :data:`DEFAULT_KEEP`: the convolutions set the token counts.
     """
     if downsample not in DOWNSAMPLERS:
         raise ConfigError(f"unknown --downsample {downsample!r}; choose from "
@@ -242,6 +252,14 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
     if fixed != "tokenpool" and method is not None:
         raise ConfigError(f"--method applies to --downsample tokenpool only (--downsample "
                           f"{downsample} {'pools nothing' if fixed is None else 'uses ' + fixed})")
+    if fixed != "conv" and conv_depths is not None:
+        raise ConfigError("--conv-depths applies to --downsample conv only")
+    if fixed == "conv":
+        if keep != DEFAULT_KEEP:
+            raise ConfigError(f"--keep {keep} does not apply to --downsample conv: each "
+                              "convolution quarters the patch tokens; --conv-depths says where")
+        # No --conv-depths parses to no blocks, which conv_plan refuses with its own line.
+        return add_conv_downsampling(model, parse_conv_depths(conv_depths or ""))
     if fixed is None:
         return None
     if fixed == "tokenpool":
@@ -258,6 +276,16 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
     patch_timm(model, schedule, method=method,  # type: ignore[arg-type]
                prop_attn=carry, **options)
     return schedule
+
+
+def flop_options(model: nn.Module) -> dict[str, Any]:
+    """Keyword arguments of :func:`reference_models.flops.count` for how ``model``
+    downsamples: its pooling method, and for convolutions the blocks they follow (the
+    convolution runs after the block, so ``placement="block"``)."""
+    after = conv_after(model)
+    if not after:
+        return {"method": pool_method(model)}
+    return {"method": pool_method(model), "placement": "block", "conv_after": after}
 
 
 def pool_method(model: nn.Module) -> str:

@@ -44,13 +44,14 @@ from .errors import ConfigError
 from .flops import ViTShape
 from .flops import count as count_flops
 from .models import (
+    DEFAULT_KEEP,
     DOWNSAMPLE_PREFIX,
     DOWNSAMPLERS,
     KEEP_PRESETS,
     TOKENPOOL_METHODS,
     apply_downsample,
     build_model,
-    pool_method,
+    flop_options,
 )
 
 __all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "main", "run"]
@@ -125,15 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("token downsampling (through tokenpool_ops.timm.patch_timm)")
     g.add_argument("--downsample", default="none", choices=list(DOWNSAMPLERS),
                    help="none; tokenpool (clustering, --method); powerbert (top-k "
-                        "significance scores); random; importance (sampled by score)")
+                        "significance scores); random; importance (sampled by score); conv "
+                        "(2x2 stride-2 convolutions after the --conv-depths blocks, the "
+                        "paper's Appendix D baseline; not through patch_timm)")
     g.add_argument("--method", default=None, choices=TOKENPOOL_METHODS,
                    help="Token Pooling method (default wkmedoids; --downsample tokenpool only)")
-    g.add_argument("--keep", default="linear",
+    g.add_argument("--keep", default=DEFAULT_KEEP,
                    help="patch tokens left after each block: a preset "
                         f"({', '.join(KEEP_PRESETS)}), a schedule of the paper's Tables 3-5 "
                         "(deits-, deite318-, deite252-level0 to level7, for 12 blocks of 196 "
                         "patches), one count for all blocks, or one count per block, "
-                        "comma-separated")
+                        "comma-separated; not with --downsample conv")
+    g.add_argument("--conv-depths", default=None, metavar="BLOCKS",
+                   help="with --downsample conv: the blocks after which a 2x2 stride-2 "
+                        "convolution quarters the patch tokens, 1-based, strictly "
+                        "increasing, comma-separated (1,3: after blocks 1 and 3; each "
+                        "needs an even grid side)")
     g.add_argument("--carry", action=argparse.BooleanOptionalAction, default=True,
                    help="carry each pooled token's size into later blocks' attention "
                         "(log size added to the logits; Appendix E); --no-carry attends a "
@@ -415,11 +423,11 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
     model.reset_classifier(args.num_classes)
     args.keep_schedule = apply_downsample(model, args.downsample, args.method, args.keep,
                                           seed=args.seed, compiled=args.compile,
-                                          carry=args.carry)
+                                          carry=args.carry, conv_depths=args.conv_depths)
     if args.finetune is not None:
         _load_finetune(args.finetune, model)
     # The project's FLOP counter (the paper's counting); clustering is logged apart.
-    flop_count = count_flops(ViTShape.of(model), args.keep_schedule, method=pool_method(model))
+    flop_count = count_flops(ViTShape.of(model), args.keep_schedule, **flop_options(model))
     args.gflops, args.gflops_clustering = flop_count.total, flop_count.clustering
     model.to(device)
     criterion, mixup = _criterion(args)
