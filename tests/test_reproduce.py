@@ -1,0 +1,102 @@
+"""``python -m reference_models.reproduce``: the whole pipeline on its smoke budget.
+
+The smoke run trains on 128 images for one epoch, so its accuracies mean nothing; this file
+checks that every stage runs, every file is written and parses, a second run reuses every
+run, and the ranking arithmetic on numbers worked out by hand.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="the reproduction needs PyTorch")
+pytest.importorskip("timm", reason="the reproduction needs timm")
+pytest.importorskip("sklearn", reason="the reproduction trains on scikit-learn's digits")
+pytest.importorskip("matplotlib", reason="the reproduction draws accuracy_vs_gflops.png")
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository, not installed
+    sys.path.insert(0, str(ROOT))
+
+from reference_models import reproduce  # noqa: E402
+
+
+def _reproduce(out: Path) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "reference_models.reproduce", "--smoke",
+                           "--jobs", "2", "--output", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Path) -> None:
+    from PIL import Image
+
+    out = tmp_path / "smoke"
+    first = _reproduce(out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    plan = reproduce.SMOKE
+    budgets = [b["name"] for b in results["budgets"]]
+    assert len(budgets) == len(plan.lams)
+    for budget in results["budgets"]:  # a searched schedule: monotone, within the patches
+        keep = budget["keep"]
+        assert len(keep) == 4 and all(0 <= k <= 64 for k in keep)
+        assert all(a >= b for a, b in itertools.pairwise(keep))
+    rows = {(r["budget"], r["method"]) for r in results["summary"]}
+    expected = {(b, m) for b in budgets for m in plan.methods}
+    expected |= {("conv" + d.replace(",", "-"), "conv") for d in plan.conv_depths}
+    expected |= {("full", "none")}
+    assert rows == expected
+    for row in results["summary"]:
+        assert 0.0 <= row["acc_mean"] <= 100.0 and row["seeds"] == len(plan.seeds)
+        assert row["gflops"] > 0 and row["images_per_s"] > 0
+        if row["budget"] in budgets:
+            assert row["no_finetune_carry"] is not None
+            assert row["no_finetune_no_carry"] is not None
+    # Pooling saves FLOPs against the plain model at every searched budget.
+    full = next(r["gflops"] for r in results["summary"] if r["method"] == "none")
+    assert all(r["gflops"] < full for r in results["summary"] if r["budget"] in budgets)
+    assert {r["method"] for r in results["ranking"]} == set(plan.methods)
+
+    markdown = (out / "results.md").read_text()
+    for method in plan.methods:
+        assert f"| {method} |" in markdown
+    for picture in ("accuracy_vs_gflops.png", "clusters.png"):
+        with Image.open(out / picture) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 200 and image.size[1] > 200
+
+    logs = sorted(out.glob("finetune/**/log.jsonl"))
+    stamps = [p.stat().st_mtime_ns for p in logs]
+    second = _reproduce(out)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in logs] == stamps  # nothing trained again
+    # Speed is measured afresh; the accuracies come from the runs, unchanged.
+    again = json.loads((out / "results.json").read_text())
+    assert [r["acc_per_seed"] for r in again["summary"]] == \
+        [r["acc_per_seed"] for r in results["summary"]]
+
+
+def test_ranking_orders_by_mean_and_measures_gaps_in_standard_errors() -> None:
+    rows = [
+        {"budget": "a", "method": "x", "acc_mean": 90.0, "acc_std": 2.0, "seeds": 2},
+        {"budget": "b", "method": "x", "acc_mean": 80.0, "acc_std": 4.0, "seeds": 2},
+        {"budget": "a", "method": "y", "acc_mean": 70.0, "acc_std": 0.0, "seeds": 2},
+        {"budget": "b", "method": "y", "acc_mean": 70.0, "acc_std": 0.0, "seeds": 2},
+        {"budget": "conv2", "method": "conv", "acc_mean": 99.0, "acc_std": 0.0, "seeds": 2},
+    ]
+    ranking = reproduce._ranking(rows, ["a", "b"])
+    assert [r["method"] for r in ranking] == ["x", "y"]  # conv is no searched budget
+    # x: mean 85, spread (2 + 4) / 2 = 3 over 4 runs: standard error 3 / 2 = 1.5.
+    assert ranking[0]["acc_mean"] == 85.0 and ranking[0]["standard_error"] == 1.5
+    # gap 15 over hypot(1.5, 0) = 1.5: 10 standard errors; the last has no next.
+    assert math.isclose(ranking[0]["margin_to_next"], 10.0)
+    assert ranking[1]["margin_to_next"] is None
