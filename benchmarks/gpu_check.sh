@@ -2,7 +2,8 @@
 # The prepared GPU check of issue #10, for a machine with a CUDA GPU (and no network):
 #   1. the CuPy and torch-cuda tests of the suite, and the GPU tests of the CUDA kernel;
 #   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py);
-#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11); the tables come last.
+#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11);
+#   4. the Eq. 5 score pass and SDPA backends (benchmarks/score_pass.py); the tables come last.
 # Installs nothing; about 6 minutes at most (each step has its own time limit).
 #
 # Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use)
@@ -60,8 +61,15 @@ model_table=$(timeout 60 "$python" benchmarks/timm_speedup.py --device cuda --dt
   --batch 256 --schedule level4 --methods wkmedoids --no-sync 2>/dev/null)
 model_status=$?
 
+echo "== Eq. 5 scores: materialised vs SDPA + score pass, SDPA backends with the bias (limit 40 s)"
+score_table=$(timeout 40 "$python" benchmarks/score_pass.py --device cuda --dtype bfloat16 \
+  --batch 256 --repeats 20 2>&1)
+score_status=$?
+
 echo
-echo "== summary: tests exit ${tests_status}, benchmark exit ${bench_status}, whole model exit ${model_status}"
+echo "== summary: tests exit ${tests_status}, benchmark exit ${bench_status}, whole model exit ${model_status}, scores exit ${score_status}"
 echo "$table"
 echo "$model_table"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$model_status" -eq 0 ]
+echo "$score_table"
+[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$model_status" -eq 0 ] \
+  && [ "$score_status" -eq 0 ]

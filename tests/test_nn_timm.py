@@ -319,3 +319,61 @@ def test_merge_sums_in_float32_under_autocast(fast_paths: bool) -> None:
         got = layer(x)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-4)
+
+
+def _materialised_scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None,
+                         scale: float) -> torch.Tensor:
+    """Eq. 5 the plain way, in float64: the whole attention matrix, summed over H and Nq."""
+    logits = (q.double() * scale) @ k.double().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.double()
+    return logits.softmax(dim=-1).sum(dim=(1, 2))
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 197])  # one chunk, its edges, several chunks
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_received_attention_equals_the_materialised_scores(n: int, with_bias: bool) -> None:
+    gen = torch.Generator().manual_seed(n)
+    q, k = (torch.randn(2, 3, n, 8, generator=gen) for _ in range(2))
+    bias = (torch.rand(2, 1, 1, n, generator=gen) * 3).log() if with_bias else None
+    got = tp_timm.received_attention(q, k, bias, 0.35)
+    assert got.dtype == torch.float32 and got.shape == (2, n)
+    torch.testing.assert_close(got.double(), _materialised_scores(q, k, bias, 0.35),
+                               rtol=1e-5, atol=1e-5)
+    # Every query's probabilities sum to 1: the scores of a problem sum to H x N.
+    torch.testing.assert_close(got.sum(dim=1), torch.full((2,), 3.0 * n), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch.Tensor,
+                                                  monkeypatch) -> None:
+    """Without autograd a block scores by received_attention; with it, by its attention."""
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids", prop_attn=prop_attn)
+    seen: list[torch.Tensor] = []
+    real = tp_timm.pool_with_grad
+
+    def spy(x, k, method, *, scores=None, sizes=None, **options):
+        seen.append(scores.detach().clone())
+        return real(x, k, method, scores=scores, sizes=sizes, **options)
+
+    monkeypatch.setattr(tp_timm, "pool_with_grad", spy)
+    with torch.no_grad():
+        inferred = model(images)
+    scored_without_grad, seen[:] = list(seen), []
+    trained = model(images.clone().requires_grad_(True))  # autograd: the materialising path
+    assert len(seen) == len(scored_without_grad) == 3
+    for got, want in zip(scored_without_grad, seen, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-4)
+
+
+def test_received_attention_under_bfloat16_autocast_within_rounding() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 6, 197, 64, generator=gen) for _ in range(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = tp_timm.received_attention(q.bfloat16(), k.bfloat16(), None, 64 ** -0.5)
+    want = _materialised_scores(q.bfloat16().float(), k.bfloat16().float(), None, 64 ** -0.5)
+    # bf16 logits (8 significant bits): each score within bf16's relative rounding, 2^-8;
+    # the sum over heads and queries averages the errors down (6e-4 measured).
+    torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=0)

@@ -10,9 +10,13 @@ Where pooling sits. With ``placement="attn"`` (the default) a block computes
 as PoWER-BERT and ToMe reduce tokens. ``placement="block"`` pools after the whole block.
 Prefix tokens (class, distillation, registers: ``model.num_prefix_tokens``) are never pooled.
 
-Significance scores (Eq. 5). A block whose method needs scores (w-methods, 'topk',
-'importance') and that actually reduces its tokens materialises its attention
-probabilities; every other block keeps ``F.scaled_dot_product_attention``. The score of a
+Significance scores (Eq. 5). Blocks compute their attention output with
+``F.scaled_dot_product_attention``. A block whose method needs scores (w-methods, 'topk',
+'importance') and that actually reduces its tokens adds, without autograd (inference), a
+second pass, :func:`received_attention`, that sums the attention probabilities a chunk of
+queries at a time, so no (B, H, N, N) matrix exists. Under autograd it materialises its
+attention probabilities instead: they serve the output, the scores (which stay
+differentiable: the w-methods' means depend on them) and the backward pass. The score of a
 patch token is the attention it receives from *every* query, the class and distillation
 queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
 
@@ -72,6 +76,28 @@ def _reset(state: TokenPoolState) -> None:
     state["source"] = None
 
 
+#: Queries per chunk of the score pass, at most: its float32 working set is (B, H, chunk, N).
+SCORE_CHUNK = 128
+
+
+def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Eq. 5 for every token, (B, N) float32, without the (B, H, N, N) attention matrix.
+
+    Recomputes the logits of at most ``SCORE_CHUNK`` queries at a time (equal chunks) in
+    the compute dtype, normalises them in float32 and sums them over heads and queries.
+    Differentiable, but meant for passes without autograd (see ``TokenPoolAttention``).
+    """
+    n = q.shape[-2]
+    chunk = -(-n // -(-n // SCORE_CHUNK))  # ceil(n / number of chunks): no tiny last chunk
+    total = torch.zeros(q.shape[0], k.shape[-2], dtype=torch.float32, device=q.device)
+    for start in range(0, n, chunk):
+        logits = (q[:, :, start:start + chunk] * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        total = total + logits.float().softmax(dim=-1).sum(dim=(1, 2))
+    return total
+
+
 class TokenPoolAttention(Attention):
     """timm ``Attention`` that adds log(size) to its logits and can return Eq. 5 scores.
 
@@ -101,7 +127,9 @@ class TokenPoolAttention(Attention):
             bias = torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
 
         scores = None
-        if self._tp_needs_scores:
+        if self._tp_needs_scores and torch.is_grad_enabled() and q.requires_grad:
+            # Training: one attention matrix serves the output, the scores and the backward
+            # pass (SDPA plus a checkpointed score pass measured 2x slower on the CPU).
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias.to(logits.dtype)
@@ -112,6 +140,8 @@ class TokenPoolAttention(Attention):
             x = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=None if bias is None else bias.to(q.dtype),
                 dropout_p=self.attn_drop.p if self.training else 0.0)
+            if self._tp_needs_scores:  # inference: no attention matrix at all
+                scores = received_attention(q, k, bias, self.scale)[:, state["num_prefix"]:]
 
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
