@@ -165,6 +165,12 @@ def _param_groups(model: nn.Module, retention: Retention,
                       "weight_decay": 0.0}]
 
 
+def _prepare(model: nn.Module, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``train.build``'s hook: soft extract in, the optimizer's parameter groups out."""
+    assert isinstance(model, VisionTransformer)  # train.build_model ensures it
+    return _param_groups(model, add_soft_extract(model), args)
+
+
 class RetentionPenalty(nn.Module):
     """The task loss plus ``lam / N * sum_l l * mass(l)`` (PoWER-BERT, see the docstring)."""
 
@@ -224,15 +230,8 @@ def _check(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     """Finetune with soft extract (the trainer's loop); write and return the schedule."""
     _check(args)
-    holder: list[Retention] = []
-
-    def prepare(model: nn.Module) -> list[dict[str, Any]]:
-        assert isinstance(model, VisionTransformer)  # train.build_model ensures it
-        holder.append(add_soft_extract(model))
-        return _param_groups(model, holder[0], args)
-
-    parts = train.build(args, dist, prepare)
-    retention = holder[0]
+    parts = train.build(args, dist, lambda model: _prepare(model, args))
+    retention = cast(Retention, parts.model.get_submodule("token_downsample.retention"))
     parts.criterion = RetentionPenalty(parts.criterion, retention, args.lam)
     parts.optimizer.register_step_post_hook(lambda *_: retention.clamp_())
     out = Path(args.output)

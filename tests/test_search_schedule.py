@@ -163,6 +163,10 @@ def test_soft_extract_block_placement_and_scores() -> None:
                                    rtol=1e-5, atol=1e-5)
     assert [k for k in model.state_dict() if k.startswith(models.DOWNSAMPLE_PREFIX)] == [
         "token_downsample.retention.weight"]
+    # The EMA's deep copy multiplies by its own retention, not the model's.
+    ema = copy.deepcopy(model)
+    assert ema.blocks[2]._se_retention is ema.token_downsample["retention"]
+    assert ema.blocks[2]._se_retention is not model.token_downsample["retention"]
 
 
 def _error_of(entry: Any, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
