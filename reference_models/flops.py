@@ -45,6 +45,7 @@ import argparse
 import json
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .schedules import PAPER_SCHEDULES
@@ -183,9 +184,17 @@ def table1() -> str:
 
 
 def parse_keep(text: str) -> list[int]:
-    """``--keep``: a paper schedule by name (``deits-level4``) or comma-separated counts."""
+    """``--keep``: a paper schedule by name (``deits-level4``), a schedule file
+    (``search_schedule``'s JSON) or comma-separated counts."""
     if text in PAPER_SCHEDULES:
         return list(PAPER_SCHEDULES[text])
+    if text.endswith(".json") or Path(text).is_file():
+        from .models import read_keep_file  # here: models imports timm, as shape_of does
+
+        try:
+            return read_keep_file(text)
+        except ValueError as error:  # ConfigError
+            raise argparse.ArgumentTypeError(str(error)) from None
     try:
         return [int(part) for part in text.split(",")]
     except ValueError as error:

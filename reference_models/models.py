@@ -20,7 +20,9 @@ method of :func:`tokenpool_ops.timm.patch_timm`; ``conv`` is the paper's convolu
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -45,6 +47,7 @@ __all__ = [
     "build_model",
     "flop_options",
     "pool_method",
+    "read_keep_file",
     "resolve_keep",
     "set_pool_seed",
 ]
@@ -198,8 +201,29 @@ KEEP_PRESETS: dict[str, Callable[[int, int], list[int]]] = {
 }
 
 
+def read_keep_file(path: str) -> list[int]:
+    """The ``"keep"`` list of a schedule file (``search_schedule`` writes them).
+
+    A missing or malformed file is a one-line :class:`ConfigError`; lengths and values are
+    the caller's to check.
+    """
+    try:
+        keep = json.loads(Path(path).read_text())["keep"]
+    except OSError as err:
+        raise ConfigError(f"--keep {path!r}: cannot read the schedule file "
+                          f"({err.strerror or type(err).__name__})") from None
+    except (ValueError, KeyError, TypeError):  # not JSON, not an object, no "keep"
+        keep = None
+    if not isinstance(keep, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) for k in keep):
+        raise ConfigError(f"--keep {path!r} is no schedule file: JSON with a \"keep\" list "
+                          "of integers")
+    return keep
+
+
 def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
-    """Turn ``--keep`` (a preset name, one count, or one count per block) into a schedule.
+    """Turn ``--keep`` into a schedule: a preset name, a paper schedule, a schedule file
+    (``search_schedule``'s JSON, its ``"keep"`` list), one count, or one count per block.
 
     Examples
     --------
@@ -219,13 +243,15 @@ def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
             raise ConfigError(f"--keep {text} is a schedule for 196 patches in 12 blocks; "
                               f"this model has {num_patches} patches in {depth} blocks")
         return list(schedule)
-    parts = [p for p in text.replace(",", " ").split() if p]
-    try:
-        counts = [int(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"--keep {keep!r} is neither a preset ({', '.join(KEEP_PRESETS)}, "
-                          "or a paper schedule such as deits-level4) nor a list of integers"
-                          ) from None
+    if text.endswith(".json") or Path(text).is_file():
+        counts = read_keep_file(text)
+    else:
+        try:
+            counts = [int(p) for p in text.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"--keep {keep!r} is neither a preset ({', '.join(KEEP_PRESETS)}"
+                              ", or a paper schedule such as deits-level4), nor a schedule "
+                              "file, nor a list of integers") from None
     if len(counts) == 1:
         counts = counts * depth
     if len(counts) != depth or any(c < 0 for c in counts):

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -407,8 +408,14 @@ class Parts:
     scaler: torch.amp.GradScaler
 
 
-def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
-    """Model (downsampled through patch_timm), data, loss, optimizer, schedule, EMA."""
+def build(args: argparse.Namespace, dist: DistInfo,
+          prepare: Callable[[nn.Module], list[dict[str, Any]] | None] | None = None) -> Parts:
+    """Model (downsampled through patch_timm), data, loss, optimizer, schedule, EMA.
+
+    ``prepare`` (``search_schedule``'s soft-extract layers) changes the model before it is
+    moved, optimised and wrapped, and may return the optimizer's parameter groups (None:
+    timm's weight-decay groups of the model), so that parameters it adds get their own.
+    """
     device = dist.device
     # One seed on every rank for the model (DDP also broadcasts rank 0's weights).
     _seed_all(args.seed)
@@ -426,6 +433,7 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
                                           carry=args.carry, conv_depths=args.conv_depths)
     if args.finetune is not None:
         _load_finetune(args.finetune, model)
+    param_groups = prepare(model) if prepare is not None else None
     # The project's FLOP counter (the paper's counting); clustering is logged apart.
     flop_count = count_flops(ViTShape.of(model), args.keep_schedule, **flop_options(model))
     args.gflops, args.gflops_clustering = flop_count.total, flop_count.clustering
@@ -444,7 +452,8 @@ def build(args: argparse.Namespace, dist: DistInfo) -> Parts:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds this rank's "
                           f"{len(sampler)} training images")
 
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, eps=args.opt_eps,
+    optimizer = create_optimizer_v2(model if param_groups is None else param_groups,
+                                    opt=args.opt, lr=args.lr, eps=args.opt_eps,
                                     weight_decay=args.weight_decay, momentum=args.momentum)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
