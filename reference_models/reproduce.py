@@ -125,7 +125,7 @@ def _execute(job: Job) -> Job:
     else:
         from .train import main as entry
     argv = [*job.argv, "--output", str(out)]
-    if job.kind != "eval":
+    if job.kind == "train":
         argv.append("--resume")  # continue an interrupted run (a fresh start otherwise)
     with open(out / "stdout.txt", "w") as log, redirect_stdout(log), redirect_stderr(log):
         try:
