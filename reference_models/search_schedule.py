@@ -208,11 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "--finetune), then write the keep schedule for --keep. Every trainer "
                      "flag applies; --downsample must stay none.")
     g = p.add_argument_group("schedule search (PoWER-BERT soft extract)")
-    g.add_argument("--lam", type=float, default=0.1,
-                   help="λ: weight of the retention penalty λ / N Σ_l l · mass(l)")
+    g.add_argument("--lam", type=float, default=0.03,
+                   help="λ: weight of the retention penalty λ / N Σ_l l · mass(l); larger "
+                        "keeps fewer tokens (README: a digits sweep)")
     g.add_argument("--retention-lr", type=float, default=1e-2,
-                   help="peak learning rate of the retention parameters (their own group, "
-                        "no weight decay, the same warm-up and cosine)")
+                   help="peak learning rate of the retention parameters (their own AdamW "
+                        "group, no weight decay, the same warm-up and cosine); chosen on "
+                        "digits (README)")
     g.add_argument("--schedule-out", default=None,
                    help="where the schedule JSON goes (default OUTPUT/schedule.json)")
     return p
