@@ -219,8 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="timm model name; without it, print Table 1")
     parser.add_argument("--img-size", type=int, default=None, help="input image size")
     parser.add_argument("--keep", type=parse_keep, default=None,
-                        help="patch tokens left after each block, comma-separated, or a "
-                             "paper schedule: deits-, deite318-, deite252-level0 to level7")
+                        help="patch tokens left after each block, comma-separated, a "
+                             "paper schedule (deits-, deite318-, deite252-level0 to level7), "
+                             "or a schedule file of reference_models.search_schedule")
     parser.add_argument("--method", default="wkmedoids", help="pooling method (its cost)")
     parser.add_argument("--placement", choices=("attn", "block"), default="attn",
                         help="pooling between attention and MLP, or after the block")

@@ -219,6 +219,36 @@ def test_each_downsampler_trains_a_step_and_evaluates(downsample: str,
     assert val["val_loss"] == pytest.approx(val["val_loss"])  # finite, not NaN
 
 
+def test_mixed_precision_step_with_grad_scaler_on_the_cpu() -> None:
+    """The CUDA AMP path's logic (autocast, scaled loss, unscale, clip, scaler step), on the
+    CPU: bf16 autocast and an enabled GradScaler, with Token Pooling in every block."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = models.build_model("deit_digits_tiny_patch1_8", 10)
+    models.apply_downsample(model, "tokenpool", "wkmedoids", "40,24,12,4")
+    x_train, y_train, _, _ = data.digits_split()
+    tf = data.build_transform(None, {"input_size": (3, 8, 8), "interpolation": "bicubic",
+                                     "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0},
+                              is_training=False)
+    loader = torch.utils.data.DataLoader(data.DigitsDataset(x_train[:48], y_train[:48], tf),
+                                         batch_size=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = type("NoSchedule", (), {"step_update": lambda self, n: None})()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats = engine.train_one_epoch(
+        model, torch.nn.CrossEntropyLoss(), loader, optimizer, scheduler,
+        device=torch.device("cpu"), num_updates=0, mixup=None, amp_dtype=torch.bfloat16,
+        scaler=scaler, clip_grad=1.0, ema=None, pool_seed=0)
+    assert stats["num_updates"] == 3 and np.isfinite(stats["train_loss"])
+    # The scaler ran (its scale is kept, or halved after an overflow) and the weights moved,
+    # in float32, finite: the unscaled, clipped gradients reached the optimizer.
+    assert 0 < scaler.get_scale() <= 2.0**10
+    for name, param in model.named_parameters():
+        assert param.dtype == torch.float32 and torch.isfinite(param).all(), name
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
 def test_randaugment_posterize_survives_zero_bits() -> None:
     # DeiT's rand-m9-mstd0.5-inc1 sometimes asks timm's posterize to keep 0 bits, which
     # Pillow 13 rejects; data.py maps it to the black image it always meant.
