@@ -8,7 +8,7 @@ The protocol of §5 and Appendix C, scaled to scikit-learn's digits and two CPU 
    *budget* (``OUTPUT/search/<budget>/schedule.json``).
 3. **Finetuning**: for every budget, each downsampler (Token Pooling with the four
    clustering methods, PoWER-BERT's top-k, random and importance selection) is finetuned
-   from the base with that schedule, for a few epochs and several seeds. Convolution
+   from the base with that schedule, for two epochs and five seeds. Convolution
    downsampling (Appendix D) has its own token counts and is finetuned at fixed depths; the
    base itself is finetuned the same way, so every model has the same training (step 4).
 4. **Insertion without finetuning** (Appendix E): every downsampler inserted into the base
@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import redirect_stderr, redirect_stdout
@@ -76,7 +77,7 @@ class Plan:
 # AdamW moves r by about its lr per step). On the digits base these penalties gave the
 # schedules [57, 34, 17, 0], [35, 7, 7, 0] and [5, 5, 3, 0] (of 64 patches).
 FULL = Plan(base_epochs=None, search_epochs=5, finetune_epochs=2, lams=(0.03, 0.3, 3.0),
-            seeds=(0, 1, 2), conv_depths=("3", "2", "1"))
+            seeds=(0, 1, 2, 3, 4), conv_depths=("3", "2", "1"))
 SMOKE = Plan(base_epochs=1, search_epochs=1, finetune_epochs=1, lams=(0.3,), seeds=(0,),
              conv_depths=("2",), train_limit=128)
 RETENTION_LR = "5e-2"
@@ -284,7 +285,7 @@ def _val_images(limit: int | None = None) -> tuple[Any, Any]:
 
 
 def _draw_clusters(model: Any, pixels: Any, digit: Any, path: Path, caption: str) -> None:
-    """One digit through every pooling block of ``model``, stacked in one PNG."""
+    """One digit through every pooling block of ``model`` (keep > 0), side by side."""
     from PIL import Image, ImageDraw
 
     from tokenpool_ops.visualize import cluster_map, draw_clusters
@@ -293,22 +294,26 @@ def _draw_clusters(model: Any, pixels: Any, digit: Any, path: Path, caption: str
     image = Image.fromarray(digit).convert("RGB").resize((8 * scale, 8 * scale),
                                                           Image.Resampling.NEAREST)
     keep = model._tokenpool["keep"]
-    rows = []
+    panels: list[Image.Image] = []
     for block in range(len(model.blocks)):
+        if keep[block] == 0:  # only the class token left: nothing to draw
+            break
         part = path.with_name(f".{path.stem}.block{block}.png")
         labels = cluster_map(model, pixels, block)
-        draw_clusters(image, labels, str(part), caption=f"block {block + 1}: keep "
-                      f"{keep[block]}, {count_clusters(labels)} clusters")
-        rows.append(Image.open(part).copy())
+        # Gray digits: each cluster in its own colour, the borders in red.
+        draw_clusters(image, labels, str(part), fill="palette", border="red",
+                      caption=f"after block {block + 1}: {count_clusters(labels)} clusters")
+        with Image.open(part) as drawn:
+            panels.append(drawn.copy())
         part.unlink()
-    width = max(row.width for row in rows)
-    title_height = 20
-    canvas = Image.new("RGB", (width, title_height + sum(r.height for r in rows)), "white")
+    title_height, gap = 20, 12
+    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, title_height + max(p.height for p in panels)), "white")
     ImageDraw.Draw(canvas).text((4, 4), caption, fill="black")
-    top = title_height
-    for row in rows:
-        canvas.paste(row, (0, top))
-        top += row.height
+    left = 0
+    for panel in panels:
+        canvas.paste(panel, (left, title_height))
+        left += panel.width + gap
     canvas.save(path, format="PNG")
 
 
@@ -423,6 +428,12 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: Marker and line of each method in the plot: curves that coincide stay distinguishable.
+STYLES = {"wkmedoids": ("o", "-"), "kmedoids": ("s", "-"), "wkmeans": ("^", "--"),
+          "kmeans": ("v", "--"), "powerbert": ("D", "-."), "importance": ("P", ":"),
+          "random": ("X", ":"), "conv": ("h", "-")}
+
+
 def _plot(results: dict[str, Any], path: Path) -> None:
     """accuracy_vs_gflops.png: finetuned (left) and inserted without finetuning (right)."""
     import matplotlib
@@ -439,12 +450,14 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                       key=lambda r: r["gflops"])
         if not mine:
             continue
+        style = STYLES.get(method, ("o", "-"))
         left.errorbar([r["gflops"] for r in mine], [r["acc_mean"] for r in mine],
-                      yerr=[r["acc_std"] for r in mine], marker="o", capsize=3, label=method)
+                      yerr=[r["acc_std"] for r in mine], marker=style[0], linestyle=style[1],
+                      capsize=3, label=method)
         inserted = [r for r in mine if r["no_finetune_carry"] is not None]
         if inserted:
             line = right.plot([r["gflops"] for r in inserted],
-                              [r["no_finetune_carry"] for r in inserted], marker="o",
+                              [r["no_finetune_carry"] for r in inserted], marker=style[0],
                               label=f"{method}, carry")[0]
             if method in ("wkmedoids", "kmedoids", "wkmeans", "kmeans"):
                 right.plot([r["gflops"] for r in inserted],
@@ -495,19 +508,24 @@ def _clusters_picture(out: Path, finetuned: list[Job], budgets: dict[str, list[i
     candidates = [j for j in finetuned if j.tags["method"] == "wkmedoids"]
     if not candidates:
         return
-    names = list(budgets)
-    job = next(j for j in candidates if j.tags["budget"] == names[len(names) // 2])
+    # The mildest searched budget: the most blocks with tokens left to draw.
+    mildest = max(budgets, key=lambda name: sum(budgets[name]))
+    job = next(j for j in candidates if j.tags["budget"] == mildest)
     model = _patched_model(Path(job.output), budgets[job.tags["budget"]], job.tags)
     pixels, digits = _val_images(1)
     _draw_clusters(model, pixels[:1], digits[0], out / "clusters.png",
-                   f"WK-Medoids, budget {job.tags['budget']}, finetuned "
-                   f"(seed {job.tags['seed']})")
+                   f"WK-Medoids finetuned at keep {budgets[mildest]} (budget {mildest}, "
+                   f"seed {job.tags['seed']}): clusters of the 64 patches of one validation "
+                   "digit")
 
 
 def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
     """Run (or reuse) every stage, then write the results into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan.json").write_text(json.dumps(asdict(plan), indent=1) + "\n")
+    # tqdm's default lock is a multiprocessing semaphore, which the spawn context's resource
+    # tracker reports as leaked at exit; the bars live in this process only.
+    tqdm.set_lock(threading.RLock())
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked threads
     with context.Pool(jobs) as pool:
         base_job = _base_job(out, plan)

@@ -72,13 +72,28 @@ def cluster_map(model: torch.nn.Module, pixels: torch.Tensor, block: int) -> np.
 CAPTION_HEIGHT = 18
 
 
+#: Distinct colours for ``fill="palette"`` (cluster i gets colour i modulo their number).
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
+                    (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
+                    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
+                    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)],
+                   dtype=np.float64)
+
+
 def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
-                  caption: str | None = None) -> int:
-    """Write ``path`` (PNG): the image with cluster borders, next to the mean-colour clusters,
+                  caption: str | None = None, fill: str = "mean",
+                  border: str = "white") -> int:
+    """Write ``path`` (PNG): the image with cluster borders, next to the filled clusters,
     and ``caption`` written in a strip underneath (so the picture says what it shows).
 
+    ``fill="mean"`` paints each cluster with its mean colour (the paper's Figure 1c);
+    ``fill="palette"`` gives each cluster a distinct colour, for gray images where the means
+    look alike. ``border`` is the colour of the lines between clusters.
     Returns the number of clusters drawn.
     """
+    if fill not in ("mean", "palette"):
+        raise ValueError(f"fill must be 'mean' or 'palette', got {fill!r}")
     rows, cols = labels.shape
     width, height = image.size
     cell_w, cell_h = width / cols, height / rows
@@ -90,9 +105,10 @@ def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
 
     clusters = np.unique(labels[labels >= 0])
     filled = np.zeros_like(pixels)
-    for c in clusters:
+    for i, c in enumerate(clusters):
         members = cell_ids == c
-        filled[members] = pixels[members].mean(axis=0)
+        filled[members] = (pixels[members].mean(axis=0) if fill == "mean"
+                           else PALETTE[i % len(PALETTE)])
 
     left = image.copy()
     draw = ImageDraw.Draw(left)
@@ -100,9 +116,9 @@ def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
         for c in range(cols):
             x0, y0 = c * cell_w, r * cell_h
             if c + 1 < cols and labels[r, c] != labels[r, c + 1]:
-                draw.line([(x0 + cell_w, y0), (x0 + cell_w, y0 + cell_h)], fill="white", width=2)
+                draw.line([(x0 + cell_w, y0), (x0 + cell_w, y0 + cell_h)], fill=border, width=2)
             if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
-                draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill="white", width=2)
+                draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill=border, width=2)
 
     strip = CAPTION_HEIGHT if caption else 0
     canvas = Image.new("RGB", (2 * width, height + strip), "white")
