@@ -347,7 +347,10 @@ def _summarise(finetuned: list[Job], inserted: list[Job], budgets: dict[str, lis
         mean, std = _mean_std([log["val_acc1"] for log in logs])
         rows.append({
             "budget": budget, "method": method, "keep": budgets.get(budget),
-            "gflops": logs[0]["gflops"], "gflops_clustering": logs[0]["gflops_clustering"],
+            # The counter's total leaves the clustering out (Table 1's convention); the
+            # comparison at equal cost counts it (the paper's Fig. 5b shifts K-Means right).
+            "gflops": logs[0]["gflops"] + logs[0]["gflops_clustering"],
+            "gflops_model": logs[0]["gflops"], "gflops_clustering": logs[0]["gflops_clustering"],
             "acc_mean": mean, "acc_std": std, "seeds": len(logs),
             "acc_per_seed": [log["val_acc1"] for log in logs],
             "no_finetune_carry": no_ft.get((budget, method, "carry")),
@@ -394,9 +397,10 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{results['base']['val_acc1']:.2f}% ({results['base']['gflops']:.4f} GFLOPs). "
              f"Seeds: {len(results['plan']['seeds'])}; finetuning "
              f"{results['plan']['finetune_epochs']} epoch(s) per model; accuracy is top-1 on "
-             "the 360 validation digits, mean ± standard deviation over seeds. GFLOPs count "
-             "the clustering too (its share in parentheses). images/s: inference, one "
-             "thread, batches of 120, this machine.", ""]
+             "the 360 validation digits, mean ± standard deviation over seeds. GFLOPs per "
+             "image from reference_models.flops: the model plus the clustering (its share in "
+             "parentheses). images/s: inference, one thread, batches of 120, this machine.",
+             ""]
     for budget in results["budgets"]:
         lines += [f"## Budget {budget['name']} (λ = {budget['lam']:g}): keep "
                   f"{budget['keep']}", "",
