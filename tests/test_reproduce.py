@@ -61,9 +61,13 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
         if row["budget"] in budgets:
             assert row["no_finetune_carry"] is not None
             assert row["no_finetune_no_carry"] is not None
-    # Pooling saves FLOPs against the plain model at every searched budget.
+    # The model's FLOPs shrink with the schedule; the clustering's own cost comes on top
+    # (after a one-epoch smoke search the schedule may save less than the clustering costs).
     full = next(r["gflops"] for r in results["summary"] if r["method"] == "none")
-    assert all(r["gflops"] < full for r in results["summary"] if r["budget"] in budgets)
+    for row in results["summary"]:
+        if row["budget"] in budgets:
+            assert min(row["keep"]) < 64 and row["gflops_model"] < full
+            assert row["gflops"] == row["gflops_model"] + row["gflops_clustering"]
     assert {r["method"] for r in results["ranking"]} == set(plan.methods)
 
     markdown = (out / "results.md").read_text()
