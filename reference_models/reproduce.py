@@ -237,7 +237,7 @@ def _read_budgets(jobs: list[Job]) -> dict[str, list[int]]:
 # Speed and pictures (in this process)
 
 
-def _patched_model(run: Path, keep: list[int] | None, tags: dict[str, Any]) -> Any:
+def _patched_model(run: Path) -> Any:
     """The finetuned model of ``run``, downsampled as it was trained, in eval mode."""
     import torch
 
@@ -245,8 +245,7 @@ def _patched_model(run: Path, keep: list[int] | None, tags: dict[str, Any]) -> A
 
     config = json.loads((run / "config.json").read_text())
     model = build_model(config["model"], config["num_classes"])
-    keep_text = ",".join(map(str, keep)) if keep is not None else config["keep"]
-    apply_downsample(model, config["downsample"], config["method"], keep_text,
+    apply_downsample(model, config["downsample"], config["method"], config["keep"],
                      seed=config["seed"], conv_depths=config.get("conv_depths"),
                      carry=config["carry"])
     state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
@@ -491,8 +490,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 # Entry points
 
 
-def _measure_speed(finetuned: list[Job], budgets: dict[str, list[int]],
-                   limit: int | None) -> dict[tuple[str, str], float]:
+def _measure_speed(finetuned: list[Job], limit: int | None) -> dict[tuple[str, str], float]:
     """Inference images/s of each (budget, method)'s first-seed model."""
     import torch
 
@@ -502,7 +500,7 @@ def _measure_speed(finetuned: list[Job], budgets: dict[str, list[int]],
     first_seed = min(job.tags["seed"] for job in finetuned)
     for job in tqdm([j for j in finetuned if j.tags["seed"] == first_seed], desc="speed",
                     unit="model", file=sys.stderr):
-        model = _patched_model(Path(job.output), budgets.get(job.tags["budget"]), job.tags)
+        model = _patched_model(Path(job.output))
         speed[(job.tags["budget"], job.tags["method"])] = _images_per_s(model, images)
     return speed
 
@@ -515,7 +513,7 @@ def _clusters_picture(out: Path, finetuned: list[Job], budgets: dict[str, list[i
     # The mildest searched budget: the most blocks with tokens left to draw.
     mildest = max(budgets, key=lambda name: sum(budgets[name]))
     job = next(j for j in candidates if j.tags["budget"] == mildest)
-    model = _patched_model(Path(job.output), budgets[job.tags["budget"]], job.tags)
+    model = _patched_model(Path(job.output))
     pixels, digits = _val_images(1)
     _draw_clusters(model, pixels[:1], digits[0], out / "clusters.png",
                    f"WK-Medoids finetuned at keep {budgets[mildest]} (budget {mildest}, "
@@ -542,7 +540,7 @@ def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
         _run_all(finetuned, pool, "3/4 finetuning")
         inserted = _insertion_jobs(out, plan, base, budgets)
         _run_all(inserted, pool, "4/4 insertion without finetuning")
-    speed = _measure_speed(finetuned, budgets, plan.train_limit)
+    speed = _measure_speed(finetuned, plan.train_limit)
     base_log = _last_log(Path(base_job.output))
     base_config = json.loads((Path(base_job.output) / "config.json").read_text())
     summary = _summarise(finetuned, inserted, budgets, speed)
