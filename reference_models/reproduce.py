@@ -162,11 +162,10 @@ def _run_all(jobs: list[Job], pool: Any, desc: str) -> None:
 
 def _base_job(out: Path, plan: Plan) -> Job:
     epochs = [] if plan.base_epochs is None else ["--epochs", str(plan.base_epochs)]
-    limit = [] if plan.train_limit is None else ["--train-limit", str(plan.train_limit)]
     from .train import PROFILES
 
     total = plan.base_epochs or int(PROFILES["digits"]["epochs"])
-    return Job("train", str(out / "base"), (*COMMON, *epochs, *limit), total)
+    return Job("train", str(out / "base"), (*COMMON, *epochs, *_limit(plan)), total)
 
 
 def _limit(plan: Plan) -> list[str]:
@@ -268,16 +267,15 @@ def _images_per_s(model: Any, images: Any, repeats: int = 3) -> float:
     return float(len(images) / best)
 
 
-def _val_images(limit: int | None = None) -> tuple[Any, Any]:
-    """The validation images as the eval transform gives them, and the raw uint8 digits."""
+def _val_images(model: Any, limit: int | None = None) -> tuple[Any, Any]:
+    """The validation images as ``model``'s eval transform gives them, and the raw digits."""
     import torch
+    from timm.data import resolve_data_config
 
     from . import data
 
     _, _, x_val, y_val = data.digits_split()
-    tf = data.build_transform(None, {"input_size": (3, 8, 8), "interpolation": "bicubic",
-                                     "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 1.0},
-                              is_training=False)
+    tf = data.build_transform(None, resolve_data_config(model=model), is_training=False)
     dataset = data.DigitsDataset(x_val, y_val, tf)
     count = len(dataset) if limit is None else limit
     return torch.stack([dataset[i][0] for i in range(count)]), x_val[:count]
@@ -495,12 +493,12 @@ def _measure_speed(finetuned: list[Job], limit: int | None) -> dict[tuple[str, s
     import torch
 
     torch.set_num_threads(1)
-    images, _ = _val_images(limit)
-    speed = {}
     first_seed = min(job.tags["seed"] for job in finetuned)
-    for job in tqdm([j for j in finetuned if j.tags["seed"] == first_seed], desc="speed",
-                    unit="model", file=sys.stderr):
-        model = _patched_model(Path(job.output))
+    runs = [(job, _patched_model(Path(job.output))) for job in finetuned
+            if job.tags["seed"] == first_seed]
+    images, _ = _val_images(runs[0][1], limit)  # every run has the base model's input
+    speed = {}
+    for job, model in tqdm(runs, desc="speed", unit="model", file=sys.stderr):
         speed[(job.tags["budget"], job.tags["method"])] = _images_per_s(model, images)
     return speed
 
@@ -514,7 +512,7 @@ def _clusters_picture(out: Path, finetuned: list[Job], budgets: dict[str, list[i
     mildest = max(budgets, key=lambda name: sum(budgets[name]))
     job = next(j for j in candidates if j.tags["budget"] == mildest)
     model = _patched_model(Path(job.output))
-    pixels, digits = _val_images(1)
+    pixels, digits = _val_images(model, 1)
     _draw_clusters(model, pixels[:1], digits[0], out / "clusters.png",
                    f"WK-Medoids finetuned at keep {budgets[mildest]} (budget {mildest}, "
                    f"seed {job.tags['seed']}): clusters of the 64 patches of one validation "

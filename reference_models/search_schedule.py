@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from tokenpool_ops import significance_scores
 
 from . import train
-from .distributed import DistInfo, cleanup, init_distributed
+from .distributed import DistInfo
 from .errors import ConfigError
 
 __all__ = ["Retention", "RetentionPenalty", "SoftExtractBlock", "add_soft_extract",
@@ -263,19 +263,7 @@ def _last_val_acc1(out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, search, return 0; bad input exits with status 2 and one message."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        dist = init_distributed(args.device)
-        args = train.resolve_defaults(args, dist)
-        if dist.device.type == "cpu":
-            torch.set_num_threads(args.threads)
-        run(args, dist)
-    except ConfigError as err:
-        parser.error(str(err))
-    finally:
-        cleanup()
-    return 0
+    return train.launch(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

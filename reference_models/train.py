@@ -55,7 +55,7 @@ from .models import (
     flop_options,
 )
 
-__all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "main", "run"]
+__all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "launch", "main", "run"]
 
 # Defaults that depend on the data. "deit" follows DeiT's main.py (ImageNet, DeiT-S); the
 # digits column trades DeiT's 300 ImageNet epochs for a run of a few CPU minutes, and
@@ -300,14 +300,20 @@ def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     return path
 
 
-def _load_checkpoint(path: Path, model: nn.Module, *, need_state: bool) -> dict[str, Any]:
-    """Load a checkpoint's weights into ``model``; ConfigError if it does not fit."""
+def _read_checkpoint(flag: str, path: Path) -> dict[str, Any]:
+    """A checkpoint of this trainer, read on the CPU; ConfigError naming ``flag`` if not."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a truncated or foreign file: any unpickling error
-        raise ConfigError(f"--resume {str(path)!r} is no readable checkpoint ({err})") from None
+        raise ConfigError(f"{flag} {str(path)!r} is no readable checkpoint ({err})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"--resume {str(path)!r} is no checkpoint of this trainer")
+        raise ConfigError(f"{flag} {str(path)!r} is no checkpoint of this trainer")
+    return ckpt
+
+
+def _load_checkpoint(path: Path, model: nn.Module, *, need_state: bool) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model``; ConfigError if it does not fit."""
+    ckpt = _read_checkpoint("--resume", path)
     if need_state and "optimizer" not in ckpt:
         raise ConfigError(f"--resume {str(path)!r} holds weights only (best.pt?); resume "
                           "training from checkpoint.pt, or add --eval")
@@ -329,22 +335,14 @@ def _load_finetune(path_text: str, model: nn.Module) -> None:
     path = Path(path_text)
     if not path.is_file():
         raise ConfigError(f"--finetune {path_text!r}: no such checkpoint file")
+    ckpt = _read_checkpoint("--finetune", path)
+    weights = {k: v for k, v in ckpt["model"].items() if not k.startswith(DOWNSAMPLE_PREFIX)}
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file: any unpickling error
-        raise ConfigError(f"--finetune {path_text!r} is no readable checkpoint ({err})"
-                          ) from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"--finetune {path_text!r} is no checkpoint of this trainer")
-    own = {k for k in ckpt["model"] if not k.startswith(DOWNSAMPLE_PREFIX)}
-    weights = {k: v for k, v in ckpt["model"].items() if k in own}
-    try:
-        missing, _ = model.load_state_dict(weights, strict=False)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"--finetune {path_text!r} does not fit --model: {first}") from None
     missing = [k for k in missing if not k.startswith(DOWNSAMPLE_PREFIX)]
-    unexpected = own - set(model.state_dict())
     if missing or unexpected:
         raise ConfigError(f"--finetune {path_text!r} does not fit --model: missing "
                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -601,21 +599,29 @@ def _set_cpu_threads(threads: int) -> None:
     numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse ``argv``, train, return 0; bad input exits with status 2 and one message."""
-    parser = build_parser()
+def launch(parser: argparse.ArgumentParser,
+           runner: Callable[[argparse.Namespace, DistInfo], object],
+           argv: list[str] | None = None) -> int:
+    """Parse ``argv``, join torchrun's process group, fill the defaults, set the CPU threads
+    and call ``runner``; bad input exits with status 2 and one message. Shared by the
+    trainer and the schedule search."""
     args = parser.parse_args(argv)
     try:
         dist = init_distributed(args.device)
         args = resolve_defaults(args, dist)
         if dist.device.type == "cpu":
             _set_cpu_threads(args.threads)
-        run(args, dist)
+        runner(args, dist)
     except ConfigError as err:
         parser.error(str(err))
     finally:
         cleanup()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv``, train, return 0; bad input exits with status 2 and one message."""
+    return launch(build_parser(), run, argv)
 
 
 if __name__ == "__main__":
