@@ -13,7 +13,8 @@ import numpy as np  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
 import tokenpool_ops.timm as tp_timm  # noqa: E402
-from tokenpool_ops.nn import TokenPooling  # noqa: E402
+from tokenpool_ops._pool import METHODS  # noqa: E402
+from tokenpool_ops.nn import TokenPooling, merge, plan, pool_with_grad  # noqa: E402
 from tokenpool_ops.timm import patch_timm, unpatch_timm  # noqa: E402
 
 SCHEDULE = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
@@ -49,6 +50,45 @@ def test_module_matches_pool_and_passes_gradients(method: str) -> None:
     torch.testing.assert_close(y, expected)
     y.square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def _plan_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 30, 8, generator=gen)
+    return x, torch.rand(2, 30, generator=gen), torch.randint(1, 4, (2, 30), generator=gen).float()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lean_plan_is_the_full_plan_without_objective(method: str) -> None:
+    x, scores, sizes = _plan_inputs()
+    full = plan(x, 7, method, scores=scores, sizes=sizes)
+    lean = plan(x, 7, method, scores=scores, sizes=sizes, lean=True)
+    assert lean.objective is None and full.objective is not None
+    selection = method in ("topk", "random", "importance")
+    kept = ["tokens", "sizes", "medoids"] + ([] if selection else ["assignment", "history"])
+    for name in kept:
+        want = getattr(full, name)
+        if want is None:  # K-Means has no medoids
+            assert getattr(lean, name) is None
+        else:
+            assert torch.equal(getattr(lean, name), want), name
+    if selection:  # their assignment is a pass over every token that merge does not need
+        assert lean.assignment is None and lean.history is None
+    live = x.clone().requires_grad_(True)
+    torch.testing.assert_close(merge(live, lean, method, scores=scores, sizes=sizes),
+                               merge(live, full, method, scores=scores, sizes=sizes),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_pool_with_grad_without_autograd_returns_the_merged_tokens(method: str) -> None:
+    x, scores, sizes = _plan_inputs()
+    with torch.no_grad():
+        planned, _ = pool_with_grad(x, 7, method, scores=scores, sizes=sizes, lean=True)
+    merged, _ = pool_with_grad(x.clone().requires_grad_(True), 7, method, scores=scores,
+                               sizes=sizes, lean=True)
+    assert merged.requires_grad and not planned.requires_grad
+    torch.testing.assert_close(planned, merged.detach(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -347,7 +387,9 @@ def test_received_attention_equals_the_materialised_scores(n: int, with_bias: bo
 @pytest.mark.parametrize("prop_attn", [False, True])
 def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch.Tensor,
                                                   monkeypatch) -> None:
-    """Without autograd a block scores by received_attention; with it, by its attention."""
+    """Without autograd a GPU block scores by received_attention (forced here on the CPU,
+    which materialises by default); with autograd, by its attention matrix."""
+    monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
     patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids", prop_attn=prop_attn)
     seen: list[torch.Tensor] = []
@@ -366,6 +408,25 @@ def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch
     for got, want in zip(scored_without_grad, seen, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("materialised", [("cpu",), ()])
+def test_inference_uses_the_score_pass_off_the_materialised_devices(
+        materialised: tuple[str, ...], images: torch.Tensor, monkeypatch) -> None:
+    calls: list[int] = []
+    real = tp_timm.received_attention
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", materialised)
+    monkeypatch.setattr(tp_timm, "received_attention", counted)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids")
+    with torch.no_grad():
+        model(images)
+    assert len(calls) == (0 if materialised else 3)  # the three blocks that pool
 
 
 def test_received_attention_under_bfloat16_autocast_within_rounding() -> None:

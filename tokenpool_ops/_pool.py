@@ -36,6 +36,11 @@ __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
 
 Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
 Init = Literal["topk", "random", "spread"] | Array | None
+#: What of a PoolResult a call computes (the rest is None): the tokens and their sizes
+#: ('tokens'); the plan that ``tokenpool_ops.nn.merge`` applies, i.e. no objective and, for
+#: the selection baselines, no assignment (each costs a pass over the tokens: 'plan'); or
+#: everything ('info').
+Detail = Literal["tokens", "plan", "info"]
 
 CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
 SELECTION_METHODS = ("topk", "random", "importance")
@@ -383,8 +388,9 @@ def pool(
     max_iter : int
         Most clustering iterations; stops early once no assignment changes in any problem.
     seed : int
-        Seed of 'random', 'importance' and ``init='random'``. Draws are made on the host
-        with NumPy, so every backend draws the same tokens.
+        Seed of 'random', 'importance' and ``init='random'``. Draws are made on ``x``'s
+        device from a counter-based hash of (seed, problem, token), so every backend draws
+        the same tokens.
     return_info : bool
         Return a :class:`PoolResult` instead of the tokens alone.
     check_values : bool
@@ -423,6 +429,20 @@ def pool(
     >>> pool(x, 2, "kmedoids").tolist()
     [[0.0, 0.5], [10.0, 1.0]]
     """
+    result = pool_result(x, k, method, "info" if return_info else "tokens", scores=scores,
+                         sizes=sizes, init=init, max_iter=max_iter, seed=seed,
+                         check_values=check_values, stop_early=stop_early,
+                         fast_paths=fast_paths)
+    return result if return_info else result.tokens
+
+
+def pool_result(
+    x: Array, k: int, method: Method, detail: Detail, *, scores: Array | None = None,
+    sizes: Array | None = None, init: Init = None, max_iter: int = DEFAULT_MAX_ITER,
+    seed: int = 0, check_values: bool = True, stop_early: bool = True,
+    fast_paths: bool = True,
+) -> PoolResult:
+    """:func:`pool` as a PoolResult holding the fields of ``detail`` (see ``Detail``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
@@ -431,8 +451,7 @@ def pool(
                                   scores=scores, sizes=sizes)
     s, given_sizes = batch.flat(scores), batch.flat(sizes)
     if k >= batch.x.shape[1]:
-        result = _identity(batch, x, given_sizes)
-        return result if return_info else result.tokens
+        return _identity(batch, x, given_sizes)
     if k == 0:
         result = _nothing_kept(batch)
     else:
@@ -442,12 +461,12 @@ def pool(
 
         def compute(b: Batch) -> PoolResult:
             return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
-                              stop_early, return_info)
+                              stop_early, detail)
 
-        result = _computed(batch, compute, check_values, None if return_info else ("tokens",),
+        result = _computed(batch, compute, check_values,
+                           ("tokens",) if detail == "tokens" else None,
                            scores=s, sizes=given_sizes)
-    result = _to_caller(batch, result)
-    return result if return_info else result.tokens
+    return _to_caller(batch, result)
 
 
 def _identity(batch: Batch, x: Array, given_sizes: Array | None) -> PoolResult:
@@ -480,28 +499,29 @@ def _choose(batch: Batch, method: str, scores: Array | None, k: int, seed: int) 
 
 def _pool_flat(batch: Batch, method: str, indices: Array, scores: Array | None,
                given_sizes: Array | None, max_iter: int, stop_early: bool,
-               return_info: bool) -> PoolResult:
+               detail: Detail) -> PoolResult:
     """Token Pooling of a flattened batch from its chosen tokens or starting centres
     ``indices`` (B, k); a PoolResult of (B, ...) arrays."""
     carried = _ones(batch) if given_sizes is None else given_sizes
     # Without scores every token is equally significant: the w-methods are unweighted.
     weights = scores * carried if scores is not None and method.startswith("w") else carried
     if method in SELECTION_METHODS:
-        return _select(batch, indices, carried, weights, return_info)
+        return _select(batch, indices, carried, weights, detail)
     # Cluster means fall back to the sizes where weights sum to zero; unit weights cannot.
     fallback = None if given_sizes is None and weights is carried else carried
     return _pool_by_clustering(batch, method, indices, weights, carried, fallback, max_iter,
-                               stop_early, return_info)
+                               stop_early, detail)
 
 
 def _select(batch: Batch, chosen: Array, carried: Array, weights: Array,
-            return_info: bool) -> PoolResult:
+            detail: Detail) -> PoolResult:
     """The baselines of §5: keep the ``chosen`` input tokens, in their original order."""
     xp, prims = batch.xp, batch.prims
     tokens = prims.gather_rows(xp, batch.x, chosen)
     sizes = take_along_axis(xp, carried, chosen, axis=-1)
-    if not return_info:
-        return PoolResult(tokens, None, sizes, None, None, None, 0)
+    if detail != "info":
+        medoids = chosen if detail == "plan" else None
+        return PoolResult(tokens, None, sizes, medoids, None, None, 0)
     centred = batch.centred()
     to_kept = prims.sq_distances(xp, centred, prims.gather_rows(xp, centred, chosen))
     labels, _ = assign_to_medoids(xp, to_kept, chosen)
@@ -511,7 +531,7 @@ def _select(batch: Batch, chosen: Array, carried: Array, weights: Array,
 
 def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
                         carried: Array, fallback: Array | None, max_iter: int,
-                        stop_early: bool, return_info: bool) -> PoolResult:
+                        stop_early: bool, detail: Detail) -> PoolResult:
     """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
     prims = batch.prims
     k = start.shape[1]
@@ -527,10 +547,10 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     empty = batch.mean if flat.centres is None else flat.centres + batch.mean
     tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
     sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
-    # The history is kept even without return_info: an overflow in the clustering shows
-    # there first (see _overflow).
+    # The history is kept in every detail: an overflow in the clustering shows there first
+    # (see _overflow).
     objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
-                 if return_info else None)
+                 if detail == "info" else None)
     return PoolResult(tokens, labels, sizes, flat.medoids, objective, flat.history,
                       flat.n_iter)
 

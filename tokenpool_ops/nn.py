@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._clustering import effective_weights, weighted_means
 from ._compat import array_namespace
-from ._pool import CLUSTERING_METHODS, DEFAULT_MAX_ITER, Init, Method, PoolResult, pool
+from ._pool import CLUSTERING_METHODS, DEFAULT_MAX_ITER, Init, Method, PoolResult, pool_result
 from .backends import primitives_for
 
 if TYPE_CHECKING:
@@ -60,16 +60,20 @@ def _detached(t: Tensor | None) -> Tensor | None:
 
 def plan(
     x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
-    sizes: Tensor | None = None, **options: Unpack[PoolOptions],
+    sizes: Tensor | None = None, lean: bool = False, **options: Unpack[PoolOptions],
 ) -> PoolResult:
     """Run :func:`tokenpool_ops.pool` on detached tensors, outside autograd and autocast.
 
     ``options`` are the keyword options of ``pool`` (``init``, ``max_iter``, ``seed``,
     ``check_values``, ``stop_early``, ``fast_paths``). Returns its :class:`PoolResult`.
+    ``lean=True`` computes only what :func:`merge` needs: ``objective`` and ``history`` are
+    then None for the selection baselines, and so is their ``assignment`` (the nearest kept
+    token of every token: a pass over all of them); the clustering methods keep their
+    assignment and history but have no ``objective``.
     """
     with torch.no_grad(), _autocast_off(x):
-        return pool(x.detach(), k, method, scores=_detached(scores), sizes=_detached(sizes),
-                    return_info=True, **options)
+        return pool_result(x.detach(), k, method, "plan" if lean else "info",
+                           scores=_detached(scores), sizes=_detached(sizes), **options)
 
 
 def merge(
@@ -113,12 +117,20 @@ def merge(
 
 def pool_with_grad(
     x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
-    sizes: Tensor | None = None, **options: Unpack[PoolOptions],
+    sizes: Tensor | None = None, lean: bool = False, **options: Unpack[PoolOptions],
 ) -> tuple[Tensor, PoolResult]:
-    """:func:`plan` then :func:`merge`: the pooled tokens (with gradients) and the plan."""
-    result = plan(x, k, method, scores=scores, sizes=sizes, **options)
+    """:func:`plan` then :func:`merge`: the pooled tokens (with gradients) and the plan
+    (``lean`` as in :func:`plan`). Where no gradient is wanted the plan's own tokens are
+    returned: merge would compute the same means again."""
+    result = plan(x, k, method, scores=scores, sizes=sizes, lean=lean, **options)
+    if not _wants_grad(x, scores, sizes):
+        return result.tokens, result
     fast_paths = options.get("fast_paths", True)
     return merge(x, result, method, scores=scores, sizes=sizes, fast_paths=fast_paths), result
+
+
+def _wants_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 class TokenPooling(nn.Module):
@@ -153,7 +165,8 @@ class TokenPooling(nn.Module):
     def forward(
         self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None
     ) -> Tensor:
-        return self.forward_with_info(x, scores, sizes)[0]
+        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes, lean=True,
+                              **self.options)[0]
 
     def extra_repr(self) -> str:
         return f"k={self.k}, method={self.method!r}"

@@ -14,9 +14,10 @@ Significance scores (Eq. 5). Blocks compute their attention output with
 ``F.scaled_dot_product_attention``. A block whose method needs scores (w-methods, 'topk',
 'importance') and that actually reduces its tokens adds, without autograd (inference), a
 second pass, :func:`received_attention`, that sums the attention probabilities a chunk of
-queries at a time, so no (B, H, N, N) matrix exists. Under autograd it materialises its
-attention probabilities instead: they serve the output, the scores (which stay
-differentiable: the w-methods' means depend on them) and the backward pass. The score of a
+queries at a time, so no (B, H, N, N) matrix exists. Under autograd, and on the devices of
+``MATERIALISED_DEVICES`` (the CPU), it materialises its attention probabilities instead: they
+serve the output, the scores (which stay differentiable: the w-methods' means depend on them)
+and the backward pass. The score of a
 patch token is the attention it receives from *every* query, the class and distillation
 queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
 
@@ -79,6 +80,12 @@ def _reset(state: TokenPoolState) -> None:
 #: Queries per chunk of the score pass, at most: its float32 working set is (B, H, chunk, N).
 SCORE_CHUNK = 128
 
+#: Device types on which a block that needs scores materialises its attention probabilities
+#: even without autograd: there one softmax serving the output and the scores beats SDPA plus
+#: the score pass (CPU, 2 threads, B=32, H=6, N=197, float32: 21 vs 32 ms per block,
+#: ``benchmarks/score_pass.py``). GPUs take SDPA's fused kernels and the score pass.
+MATERIALISED_DEVICES = ("cpu",)
+
 
 def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     """Eq. 5 for every token, (B, N) float32, without the (B, H, N, N) attention matrix.
@@ -127,9 +134,10 @@ class TokenPoolAttention(Attention):
             bias = torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
 
         scores = None
-        if self._tp_needs_scores and torch.is_grad_enabled() and q.requires_grad:
-            # Training: one attention matrix serves the output, the scores and the backward
-            # pass (SDPA plus a checkpointed score pass measured 2x slower on the CPU).
+        training = torch.is_grad_enabled() and q.requires_grad
+        if self._tp_needs_scores and (training or q.device.type in MATERIALISED_DEVICES):
+            # One attention matrix serves the output, the scores and the backward pass (SDPA
+            # plus a checkpointed score pass measured 2x slower in training on the CPU).
             logits = (q * self.scale) @ k.transpose(-2, -1)
             if bias is not None:
                 logits = logits + bias.to(logits.dtype)
@@ -178,8 +186,8 @@ class TokenPoolBlock(Block):
             # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
             sizes = sizes.to(scores.dtype)
             scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
-        tokens, result = pool_with_grad(patches, k, state["method"], scores=scores,
-                                        sizes=sizes, **state["options"])
+        tokens, result = pool_with_grad(patches, k, state["method"], scores=scores, sizes=sizes,
+                                        lean=not state["trace_source"], **state["options"])
         state["sizes"] = result.sizes.float()
         if state["trace_source"]:
             source = state["source"]
