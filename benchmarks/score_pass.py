@@ -2,11 +2,12 @@
 
 Issue #11 §3. A block that pools with significance scores used to materialise its
 (B, H, N, N) attention probabilities (float32 under autocast) for both its output and the
-scores. Without autograd, ``tokenpool_ops.timm`` now computes the output with
+scores. Without autograd on a GPU, ``tokenpool_ops.timm`` now computes the output with
 ``F.scaled_dot_product_attention`` and the scores with ``received_attention`` (chunks of at
-most ``SCORE_CHUNK`` queries); under autograd it still materialises (the forward + backward
-rows say why). This script times both at DeiT-S shapes and on CUDA reports the peak memory
-and which SDPA backends accept the call with and without the log-size bias of ``prop_attn``.
+most ``SCORE_CHUNK`` queries); under autograd, and on the CPU, it still materialises (the
+rows say why: ``MATERIALISED_DEVICES``). This script times both at DeiT-S shapes, names the
+SDPA kernel PyTorch dispatches to with and without the log-size bias of ``prop_attn`` (any
+device), and on CUDA reports the peak memory and which SDPA backends accept the call.
 
     python benchmarks/score_pass.py [--device cuda] [--dtype bfloat16] [--batch 64]
 """
@@ -113,6 +114,18 @@ def _backends(inputs: tuple[torch.Tensor, ...], scale: float) -> None:
                   f"{verdict}")
 
 
+def _dispatched(inputs: tuple[torch.Tensor, ...], scale: float) -> None:
+    """The SDPA kernel PyTorch picks by itself, with and without the bias (profiler names)."""
+    q, k, v, log_sizes = (t.detach() for t in inputs)
+    for bias in (None, log_sizes.to(q.dtype)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        kernels = sorted({event.key for event in prof.key_averages()
+                          if event.key.startswith("aten::_") and "attention" in event.key})
+        print(f"  {'bias' if bias is not None else 'no bias':8s} "
+              f"{', '.join(kernels) or 'no fused kernel (math path)'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
@@ -139,6 +152,8 @@ def main() -> None:
             peak = ("-" if peaks[0] is None else f"{peaks[0]:.0f} / {peaks[1]:.0f}")
             print(f"{'fwd+bwd' if backward else 'forward':10s} {'yes' if bias else 'no':8s} "
                   f"{t_old * 1e3:16.3f} {t_new * 1e3:15.3f} {t_old / t_new:8.2f}x {peak:>24s}")
+    print("SDPA kernel dispatched by default:")
+    _dispatched(_inputs(args, device, grad=False), scale)
     if device.type == "cuda":
         print("SDPA backends (forced one at a time):")
         _backends(_inputs(args, device, grad=False), scale)
