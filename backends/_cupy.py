@@ -89,10 +89,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (N up to about 225 in float32 on
-        Hopper, 200 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
-        every token's features fits in shared memory (N up to about 1750 on Hopper, 1250 on
-        Ampere); None beyond.
+        The N x N distances in shared memory where they fit (N up to 222 in float32 on
+        Hopper, 185 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
+        every token's features fits in shared memory (float32 N up to about 1500 on Hopper,
+        1100 on Ampere; float64 about 790 and 560); None beyond, and the generic code runs.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None

@@ -51,9 +51,14 @@ class Backend:
         from array_api_compat import array_namespace, device
 
         assert array_namespace(array) == self.xp
-        assert _with_index(device(array)) == _with_index(self.device)
+        assert same_device(device(array), self.device)
         assert tuple(array.shape) == tuple(shape)
         assert array.dtype == dtype
+
+
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two devices are one: torch.device("cuda") and cuda:0 are, on device 0."""
+    return _with_index(a) == _with_index(b)
 
 
 def _with_index(device: Any) -> Any:
@@ -140,3 +145,9 @@ def rng() -> np.random.Generator:
 def backend_named() -> Callable[[str], Backend]:
     """For tests that choose their backends themselves: ``backend_named("torch-cpu")``."""
     return load_backend
+
+
+@pytest.fixture(scope="session")
+def devices_match() -> Callable[[Any, Any], bool]:
+    """The device comparison of ``Backend.assert_like``, for its own test."""
+    return same_device

@@ -8,7 +8,9 @@ and ``pool``/``kmedoids`` must give what ``fast_paths=False`` gives:
 
 * exactly, on integer tokens of mean zero (every distance exact however it is computed, so
   the many exact ties must break the same way);
-* up to rounding on float tokens (labels and medoids identical in float64).
+* up to rounding on float tokens (labels and medoids identical in float64);
+* over N from 1 to 1024, every K, batches of B = 0, zero-weight clusters and duplicated
+  tokens; and shapes beyond the kernel's plan take the generic path, launching nothing.
 
 The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way;
 NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue asks it to; any
@@ -29,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenpool_ops.backends import _cupy
 
@@ -143,6 +145,14 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
 
 
 @contextlib.contextmanager
+def numpy_kmedoids_is(kmedoids: Any) -> Iterator[None]:
+    """NumPy's ``Primitives.kmedoids`` (the Numba kernel's entry) becomes ``kmedoids``."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "_compiled_paths", lambda name: {"kmedoids": kmedoids})
+        yield
+
+
+@contextlib.contextmanager
 def kernel_as_fast_path(host: HostKernels, scheme: str) -> Iterator[list[int]]:
     """NumPy's ``Primitives.kmedoids`` becomes the host kernel; yields the number of calls
     (so a test can see that the kernel ran)."""
@@ -153,8 +163,7 @@ def kernel_as_fast_path(host: HostKernels, scheme: str) -> Iterator[list[int]]:
         calls[0] += 1
         return host.run(x, mean, init, weights, max_iter, stop_early, scheme)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(backends, "_compiled_paths", lambda name: {"kmedoids": kmedoids})
+    with numpy_kmedoids_is(kmedoids):
         yield calls
 
 
@@ -178,7 +187,8 @@ def integer_weights(rng: np.random.Generator, batch: int, n: int) -> np.ndarray:
 
 
 def distinct_init(rng: np.random.Generator, batch: int, n: int, k: int) -> np.ndarray:
-    return np.stack([rng.permutation(n)[:k] for _ in range(batch)]).astype(np.int64)
+    rows = [rng.permutation(n)[:k] for _ in range(batch)]
+    return np.stack(rows).astype(np.int64) if rows else np.empty((0, k), dtype=np.int64)
 
 
 def assert_same_clustering(got: Any, want: Any, exact: bool) -> None:
@@ -227,6 +237,15 @@ def test_plan_chooses_a_scheme_or_declines():
         assert plan is not None and not plan.shared_matrix
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
         "tokenpool::kmedoids<tokenpool::Half, false>")
+    # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
+    # KMedoidsLayout::bytes(): N = 222, K = 1 needs (224*32 + 222*222 + 3*222 + 256) * 4
+    # + (2*222 + 1) * 4 = 231276 bytes with the matrix; N = 223 needs 233076. In the
+    # workspace, N = 1560 needs (1560*32 + 3*1560 + 256) * 4 + (2*1560 + 1) * 4 = 231908;
+    # N = 1561 (stride 1564) needs 232440.
+    assert _cupy.kmedoids_plan(222, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert not _cupy.kmedoids_plan(223, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert _cupy.kmedoids_plan(1560, 1, "float32", H100_SHARED_BYTES) is not None
+    assert _cupy.kmedoids_plan(1561, 1, "float32", H100_SHARED_BYTES) is None
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
@@ -339,6 +358,66 @@ def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, 
     assert calls[0] == 1
     assert_same_clustering(got, want, exact=True)
     np.testing.assert_array_equal(got.centres, want.centres)
+
+
+@settings(max_examples=12)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 1024), batch=st.integers(1, 2))
+@example(seed=1, n=1024, batch=2)  # the largest N of issue #10, matrix in the workspace
+@example(seed=2, n=223, batch=1)  # the first N whose float32 matrix leaves shared memory
+@example(seed=3, n=577, batch=0)  # no problem at all
+def test_pool_equals_generic_exactly_at_every_size(host, seed, n, batch):
+    # N over the kernel's range on an H100's plan, every K, tokens with many duplicates,
+    # weights in {0, 1, 2}, and a problem whose scores are all zero: every cluster has zero
+    # weight (the merge falls back to the sizes) and every medoid cost ties at 0.
+    rng = np.random.default_rng(seed)
+    # Any K, but mostly K < 64 (as in a ViT): large K leaves little for the loop to do.
+    k = int(rng.integers(1, (n if rng.random() < 0.3 else min(n, 64)) + 1))
+    dtype = (np.float64, np.float32)[seed % 2]
+    x = zero_mean_integer_tokens(rng, batch, n, int(rng.integers(1, 4)),
+                                 spread=int(rng.integers(1, 5))).astype(dtype)
+    scores = integer_weights(rng, batch, n).astype(dtype)
+    if batch and rng.random() < 0.5:
+        scores[0] = 0
+    kwargs = dict(scores=scores, init="random", seed=seed % 1000,
+                  max_iter=int(rng.integers(0, 9)), return_info=True)
+    want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **kwargs)
+    with kernel_as_fast_path(host, "plan") as calls:
+        got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
+    assert calls[0] == (1 if k < n else 0)  # k = n returns x itself (Algorithm 1, line 1)
+    assert_same_clustering(got, want, exact=True)
+    np.testing.assert_array_equal(got.sizes, want.sizes)
+    np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(("n", "dtype", "shared_limit", "launches"), [
+    (2048, np.float32, H100_SHARED_BYTES, 0),  # no chunk of every token's features fits
+    (300, np.float64, 48 * 1024, 0),  # beyond a block without the shared-memory opt-in
+    (300, np.float32, H100_SHARED_BYTES, 1),  # covered: the kernel runs
+])
+def test_shapes_beyond_the_kernel_take_the_generic_path(host, n, dtype, shared_limit,
+                                                        launches, rng):
+    # _cupy.fused_kmedoids (what run_kmedoids does on a GPU) declines with None, and pool
+    # then gives the generic results without launching anything.
+    launched = []
+
+    def launch(*args: Any) -> None:
+        launched.append(1)
+        host.launch(*args)
+
+    def kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
+                 weights: np.ndarray, max_iter: int, stop_early: bool) -> Any:
+        return _cupy.fused_kmedoids(np, launch, shared_limit, x, mean, init, weights,
+                                    max_iter, stop_early)
+
+    x = zero_mean_integer_tokens(rng, 1, n, 2, spread=3).astype(dtype)
+    kwargs = dict(scores=integer_weights(rng, 1, n).astype(dtype), max_iter=3,
+                  return_info=True)
+    want = tokenpool_ops.pool(x, 64, "wkmedoids", fast_paths=False, **kwargs)
+    with numpy_kmedoids_is(kmedoids):
+        got = tokenpool_ops.pool(x, 64, "wkmedoids", **kwargs)
+    assert len(launched) == launches
+    assert_same_clustering(got, want, exact=True)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -37,6 +37,20 @@ def test_output_keeps_library_device_dtype_and_batch_shape(backend, method, batc
         assert tuple(info.medoids.shape) == (*batch_shape, 4)
 
 
+def test_device_comparison_names_the_current_cuda_device(devices_match, monkeypatch):
+    # On a GPU, the torch-cuda fixture's device is torch.device("cuda") and results live on
+    # cuda:N; assert_like must call them equal (and only on device N). No GPU is needed:
+    # the current device is whatever torch.cuda.current_device says.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert devices_match(torch.device("cuda"), torch.device("cuda", 1))
+    assert devices_match(torch.device("cuda", 1), torch.device("cuda"))
+    assert not devices_match(torch.device("cuda"), torch.device("cuda", 0))
+    assert not devices_match(torch.device("cpu"), torch.device("cuda"))
+    assert devices_match(torch.device("cpu"), torch.device("cpu"))
+    assert devices_match("cpu", "cpu") and not devices_match("cpu", "device1")
+
+
 def test_worked_example_one_dimensional():
     """Tokens 0, 1, 10, 11, 12 in two clusters: {0, 1} and {10, 11, 12}, means 0.5 and 11."""
     x = np.array([[0.0], [1.0], [10.0], [11.0], [12.0]])

@@ -17,10 +17,10 @@
 // Distances are those of the centred tokens (x minus the problem's mean), each summed in
 // chunks of kFeatureChunk features, all N x N of them computed once per problem in register
 // tiles from features staged in shared memory (fill_matrix). The matrix lives
-// * in shared memory where it fits (SharedMatrix; N <= about 225 in float32 in the 227 KiB
-//   of Hopper, 200 on Ampere), so every later distance is a shared-memory read;
+// * in shared memory where it fits (SharedMatrix; N <= 222 in float32 in the 227 KiB of
+//   Hopper, 185 on Ampere), so every later distance is a shared-memory read;
 // * else in a global workspace (B, N, N), read through L2 with the same access patterns
-//   (N up to about 1250 on Ampere and 1750 on Hopper, where a chunk of every token's
+//   (float32 N up to about 1100 on Ampere and 1500 on Hopper, where a chunk of every token's
 //   features still fits in shared memory for the tiles; the glue declines larger N).
 // Both give the same bits: the code is the same but for where the matrix is.
 #if defined(__CUDACC__)

@@ -12,7 +12,9 @@ float32 tokens of M = 384 features, the device awaited inside each timed call, m
 * ``cupy kernel`` / ``cupy generic``: CuPy arrays, fast paths on / off;
 * ``ToMe``: the ToMe-style bipartite merge of ``benchmarks/compare_peers.py`` (r = N - k).
 
-A column that could not run (a library missing, or the kernel not used) says so.
+A column that could not run (a library or the GPU missing, or the kernel not used) says
+why. ToMe merges at most half the tokens in one step (r is capped at N // 2), so at
+K < N / 2 it keeps more tokens than K.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +53,38 @@ def _tome() -> Callable[..., Any] | None:
     return tome_merge
 
 
+def _libraries() -> tuple[Any, Any, str, str]:
+    """(cupy or None, torch or None, why the CuPy columns cannot run, why the torch ones
+    cannot); decided before any input is made, so that a machine without a GPU skips fast."""
+    try:
+        import cupy
+
+        cupy_missing = "" if cupy.cuda.runtime.getDeviceCount() > 0 else "no CUDA GPU"
+    except ImportError:
+        cupy, cupy_missing = None, "no CuPy"
+    except Exception as error:  # CuPy installed, but no driver or no device
+        cupy, cupy_missing = None, f"no CUDA GPU ({type(error).__name__})"
+    try:
+        import torch
+
+        torch_missing = "" if torch.cuda.is_available() else "no CUDA GPU"
+    except ImportError:
+        torch, torch_missing = None, "no torch"
+    return cupy, torch, cupy_missing, torch_missing
+
+
 def _calls(b: int, n: int, k: int) -> dict[str, Callable[[], object] | str]:
     """Each column's call on fresh device inputs, or why it cannot run."""
     from tokenpool_ops.backends import _cupy
 
+    cupy, torch, cupy_missing, torch_missing = _libraries()
+    calls: dict[str, Callable[[], object] | str] = {
+        column: torch_missing if column.startswith(("torch", "ToMe")) else cupy_missing
+        for column in COLUMNS}
+    if cupy_missing and torch_missing:
+        return calls
     x, scores = _inputs(b, n)
-    calls: dict[str, Callable[[], object] | str] = dict.fromkeys(COLUMNS, "unavailable")
-    try:
-        import cupy
-    except ImportError:
-        cupy = None
-    try:
-        import torch
-    except ImportError:
-        torch = None
-    if cupy is not None:
+    if not cupy_missing:
         xc, sc = cupy.asarray(x), cupy.asarray(scores)
         mean = xc.mean(axis=1, keepdims=True)
         init = cupy.argsort(-sc, axis=1)[:, :k]
@@ -73,7 +92,7 @@ def _calls(b: int, n: int, k: int) -> dict[str, Callable[[], object] | str]:
         calls["cupy kernel"] = lambda: tokenpool_ops.pool(xc, k, "wkmedoids", scores=sc)
         calls["cupy generic"] = lambda: tokenpool_ops.pool(xc, k, "wkmedoids", scores=sc,
                                                            fast_paths=False)
-    if torch is not None and torch.cuda.is_available():
+    if not torch_missing:
         xt, st = torch.as_tensor(x, device="cuda"), torch.as_tensor(scores, device="cuda")
         calls["torch kernel"] = lambda: tokenpool_ops.pool(xt, k, "wkmedoids", scores=st)
         calls["torch kernel nochk"] = lambda: tokenpool_ops.pool(
@@ -112,7 +131,7 @@ def _wait() -> None:
             module.cuda.Device().synchronize()
 
 
-def median_ms(call: Callable[[], object], repeat: int = 15, budget_s: float = 1.5) -> float:
+def median_ms(call: Callable[[], object], repeat: int = 15, budget_s: float = 1.0) -> float:
     """Median of up to ``repeat`` timed calls, fewer where a call is slow (the whole table
     must fit in the GPU check's time limit)."""
     for _ in range(2):  # compile, allocate, warm the caches
@@ -129,25 +148,28 @@ def median_ms(call: Callable[[], object], repeat: int = 15, budget_s: float = 1.
     return 1e3 * statistics.median(times)
 
 
-def table() -> str:
-    lines = ["| B | N | K | " + " | ".join(COLUMNS) + " | speed-up vs torch generic |",
-             "|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1)]
+def _row(b: int, n: int, k: int) -> str:
+    cells, timings = [], {}
+    for column, call in _calls(b, n, k).items():
+        if isinstance(call, str):
+            cells.append(call)
+            continue
+        if "kernel" in column and column != "kernel" and not _uses_kernel(call):
+            cells.append("kernel not used")
+            continue
+        timings[column] = median_ms(call)
+        cells.append(f"{timings[column]:.3f}")
+    speedup = ("" if "torch kernel" not in timings or "torch generic" not in timings
+               else f"{timings['torch generic'] / timings['torch kernel']:.1f}x")
+    return f"| {b} | {n} | {k} | " + " | ".join(cells) + f" | {speedup} |"
+
+
+def table() -> Iterator[str]:
+    """The table, one line at a time: a run cut short by a time limit keeps its rows."""
+    yield "| B | N | K | " + " | ".join(COLUMNS) + " | speed-up vs torch generic |"
+    yield "|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1)
     for b, n, k in CASES:
-        cells, timings = [], {}
-        for column, call in _calls(b, n, k).items():
-            if isinstance(call, str):
-                cells.append(call)
-                continue
-            if "kernel" in column and column != "kernel" and not _uses_kernel(call):
-                cells.append("kernel not used")
-                continue
-            timings[column] = median_ms(call)
-            cells.append(f"{timings[column]:.3f}")
-        speedup = ("" if "torch kernel" not in timings or "torch generic" not in timings
-                   else f"{timings['torch generic'] / timings['torch kernel']:.1f}x")
-        lines.append(f"| {b} | {n} | {k} | " + " | ".join(cells) + f" | {speedup} |")
-        print(lines[-1], file=sys.stderr, flush=True)  # progress
-    return "\n".join(lines)
+        yield _row(b, n, k)
 
 
 class PoolOnGpu:
@@ -173,4 +195,6 @@ class PoolOnGpu:
 
 if __name__ == "__main__":
     print(f"\nwkmedoids pool, float32, M = {FEATURES}, median ms (device awaited):\n")
-    print(table())
+    for line in table():
+        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)  # progress, where stdout is captured
