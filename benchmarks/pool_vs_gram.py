@@ -17,16 +17,21 @@ import numpy as np
 import tokenpool_ops
 
 
-def best_ms(call: Callable[[], object], repeat: int, sync: Callable[[], None]) -> float:
-    call()  # warm-up: allocations, thread pools, lazy imports
+def best_ms(calls: dict[str, Callable[[], object]], repeat: int,
+            sync: Callable[[], None]) -> dict[str, float]:
+    """Best milliseconds of each call. The calls take turns, one run each per round, so a
+    machine whose speed drifts (other jobs, clocks) slows them alike."""
+    for call in calls.values():
+        call()  # warm-up: allocations, thread pools, lazy imports
     sync()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * min(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
@@ -52,13 +57,13 @@ def main() -> None:
     except ImportError:
         print("torch is not installed: timing numpy only")
 
-    print(f"x: float32 {tuple(args.shape)}, k={args.k}, best of {args.repeat}")
+    print(f"x: float32 {tuple(args.shape)}, k={args.k}, best of {args.repeat}, in turn")
     print(f"{'backend':<11}{'pool wkmedoids ms':>19}{'x @ x.T ms':>12}{'ratio':>8}")
     for name, xa, sa, gram, sync in rows:
-        pool_ms = best_ms(lambda xa=xa, sa=sa: tokenpool_ops.pool(xa, args.k, "wkmedoids",
-                                                                  scores=sa),
-                          args.repeat, sync)
-        gram_ms = best_ms(lambda xa=xa, gram=gram: gram(xa), args.repeat, sync)
+        best = best_ms({"pool": lambda xa=xa, sa=sa: tokenpool_ops.pool(
+                            xa, args.k, "wkmedoids", scores=sa),
+                        "gram": lambda xa=xa, gram=gram: gram(xa)}, args.repeat, sync)
+        pool_ms, gram_ms = best["pool"], best["gram"]
         print(f"{name:<11}{pool_ms:>19.2f}{gram_ms:>12.2f}{pool_ms / gram_ms:>8.2f}")
 
 

@@ -70,17 +70,22 @@ def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
-def best_time(model: torch.nn.Module, x: torch.Tensor, repeats: int, dtype: str) -> float:
+def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
+               dtype: str) -> dict[str, float]:
+    """Best seconds of one forward pass per model. The models take turns, one pass each per
+    round, so a machine whose speed drifts (other jobs, clocks) slows them alike."""
+    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
-        model(x)  # warm-up: kernels compiled, caches filled
+        for model in models.values():
+            model(x)  # warm-up: kernels compiled, caches filled
         synchronise(x.device)
-        times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            model(x)
-            synchronise(x.device)
-            times.append(time.perf_counter() - start)
-    return min(times)
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(x)
+                synchronise(x.device)
+                times[name].append(time.perf_counter() - start)
+    return {name: min(seconds) for name, seconds in times.items()}
 
 
 def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -156,24 +161,27 @@ def main() -> None:
     keep = SCHEDULES[args.schedule]
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, 224, 224, device=device)
-    plain = timm.create_model(MODEL, pretrained=False).eval().to(device)
-    t_plain = best_time(plain, x, args.repeats, args.dtype)
-    f_plain = flops(plain, x[:1])
+    options = {"stop_early": False} if args.no_sync else {}
+    models = {"plain": timm.create_model(MODEL, pretrained=False).eval().to(device)}
+    for method in args.methods:
+        models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
+                                    keep, method=method, **options)
+    seconds = best_times(models, x, args.repeats, args.dtype)
+    f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {args.dtype}, batch {args.batch}, "
-          f"{MODEL} {args.schedule} {keep}")
+          f"{MODEL} {args.schedule} {keep}; best of {args.repeats}, models in turn")
     print(f"analytic FLOP ratio (Table 1 formula, pooling excluded): {analytic_ratio(keep):.3f}")
     print(f"{'model':<12} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
-    print(f"{'plain':<12} {t_plain * 1e3:>9.1f} {1.0:>9.2f} {1.0:>11.3f} {'':>14}")
-    options = {"stop_early": False} if args.no_sync else {}
-    for method in args.methods:
-        model = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device), keep,
-                           method=method, **options)
-        t_pooled = best_time(model, x, args.repeats, args.dtype)
+    for name, model in models.items():
+        speedup = seconds["plain"] / seconds[name]
+        if name == "plain":
+            print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {1.0:>11.3f}")
+            continue
         ratio = flops(model, x[:1]) / f_plain
         share = pooling_share(model, x, args.dtype)
-        print(f"{method:<12} {t_pooled * 1e3:>9.1f} {t_plain / t_pooled:>9.2f} {ratio:>11.3f} "
+        print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f} "
               f"{share:>13.1%}")
 
 
