@@ -83,21 +83,46 @@ def test_pool_reads_no_value_on_the_host(monkeypatch, method):
     torch.testing.assert_close(result.tokens, expected.tokens)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue #10, section 2, open: with the default checks pool reads the host 3 times "
-    "(x finite: _validation.check_finite_tokens; scores: _validation.check_token_values; "
-    "overflow: _overflow.without_overflow), plus n_iter with stop_early; one flag for all "
-    "needs _pool._prepare and _pool._computed to defer their checks"))
-def test_default_checks_read_the_host_at_most_once(monkeypatch):
-    # The generic path stands in for a GPU tensor's (see the module docstring); its
-    # stop_early reads once per iteration by design, so it is off here.
+CHECKED_CALLS = {
+    "pool wkmedoids": lambda x, s: tokenpool_ops.pool(x, 7, "wkmedoids", scores=s, sizes=s + 1,
+                                                      stop_early=False, fast_paths=False),
+    "pool topk": lambda x, s: tokenpool_ops.pool(x, 7, "topk", scores=s, fast_paths=False),
+    "pool k >= N": lambda x, s: tokenpool_ops.pool(x, 30, "wkmedoids", scores=s),
+    "kmeans": lambda x, s: tokenpool_ops.kmeans(x, 7, weights=s, stop_early=False,
+                                                fast_paths=False),
+    "kmedoids k = 0": lambda x, s: tokenpool_ops.kmedoids(x, 0, weights=s),
+}
+
+
+@pytest.mark.parametrize("call", CHECKED_CALLS)
+def test_default_checks_read_the_host_once(monkeypatch, call):
+    """Issue #10 section 2: every value check (x, scores, sizes, weights, the overflow check
+    of the result) is reduced into one flag, read once. The generic path stands in for a GPU
+    tensor's (see the module docstring); its stop_early reads once per iteration by
+    design, so it is off here."""
     gen = torch.Generator().manual_seed(0)
     x, scores = torch.randn(2, 30, 8, generator=gen), torch.rand(2, 30, generator=gen)
     reads: list[str] = []
     with host_reads_counted(monkeypatch, reads):
-        tokenpool_ops.pool(x, 7, "wkmedoids", scores=scores, stop_early=False,
-                           fast_paths=False)
-    assert len(reads) <= 1, reads
+        CHECKED_CALLS[call](x, scores)
+    assert reads == ["__int__"], reads
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    ("x", "x contains NaN"), ("scores", "scores must be finite"),
+    ("sizes", "sizes must be finite")])
+def test_deferred_checks_still_raise_their_own_errors(bad, message):
+    gen = torch.Generator().manual_seed(0)
+    args = {"x": torch.randn(2, 30, 8, generator=gen), "scores": torch.rand(2, 30, generator=gen),
+            "sizes": torch.ones(2, 30)}
+    args[bad] = args[bad].clone()
+    args[bad][1, 3] = float("nan") if bad == "x" else -1.0
+    x = args.pop("x")
+    before = {name: t.clone() for name, t in args.items()}
+    with pytest.raises(ValueError, match=message):
+        tokenpool_ops.pool(x, 7, "wkmedoids", **args)
+    for name, tensor in args.items():  # inputs untouched by the computation that ran first
+        assert torch.equal(tensor, before[name])
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -42,8 +42,7 @@ class Batch:
         if values is None:
             return None
         flat = self.xp.reshape(values, (self.x.shape[0], values.shape[-1]))
-        return flat if self.xp.isdtype(flat.dtype, "integral") else self.xp.astype(
-            flat, self.x.dtype)
+        return self.xp.astype(flat, self.x.dtype, copy=False)  # integer sizes too
 
     def flat_tokens(self, tokens: Array) -> Array:
         """Other tokens (..., K, M) of the same batch as (B, K, M), in the compute dtype."""

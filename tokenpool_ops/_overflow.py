@@ -25,6 +25,7 @@ import numpy as np
 
 from ._batching import Batch
 from ._compat import Array, Namespace
+from ._validation import Deferred, settle
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -61,17 +62,24 @@ def finite_problems(xp: Namespace, result: Any, exact: bool = True) -> Array | N
 
 def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: Result,
                      returned: tuple[str, ...] | None = None,
-                     values: dict[str, Array | None] | None = None) -> Result:
+                     values: dict[str, Array | None] | None = None,
+                     pending: list[Deferred] | None = None) -> Result:
     """``result`` of ``compute(batch)``, with its overflowed problems computed in float64.
 
-    An overflow anywhere is redone; one that float64 does not cure raises an OverflowError
-    if it is in a field of ``returned`` (all but ``history`` when None). The history may
-    keep +inf where an intermediate objective exceeds the dtype (its correctly rounded
-    value); ``values`` (scores, sizes) are named in the error message.
+    The ``pending`` checks of the input are read with the finite check of the result, in
+    one host synchronisation, and raise first. An overflow anywhere is redone; one that
+    float64 does not cure raises an OverflowError if it is in a field of ``returned`` (all
+    but ``history`` when None). The history may keep +inf where an intermediate objective
+    exceeds the dtype (its correctly rounded value); ``values`` (scores, sizes) are named in
+    the error message.
     """
     xp = batch.xp
     finite = finite_problems(xp, result, exact=False)
-    if bool(xp.all(finite)):
+    if finite is None:  # no floating result: nothing can overflow
+        settle(xp, pending or [])
+        return result
+    (no_overflow,) = settle(xp, pending or [], xp.all(finite))
+    if no_overflow:
         return result
     wide = batch.widened()
     wide_result = None if wide is None else compute(wide)

@@ -22,14 +22,17 @@ from ._overflow import without_overflow
 from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
+    Deferred,
     check_count,
-    check_finite_tokens,
     check_init_indices,
     check_is_array,
     check_same_device,
     check_token_values,
     check_tokens,
+    finite_tokens_deferred,
     namespace_of,
+    settle,
+    token_values_deferred,
 )
 
 __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
@@ -137,7 +140,7 @@ def _resolve_init(
     if init is None:
         init = "topk" if order_by is not None else "spread"
     if not isinstance(init, str):
-        return xp.astype(batch.flat(init), batch.index_dtype())
+        return xp.astype(xp.reshape(init, (n_problems, init.shape[-1])), batch.index_dtype())
     if init == "topk":
         if order_by is None:
             raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
@@ -151,9 +154,12 @@ def _resolve_init(
 def _prepare(
     x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
     **per_token: Array | None,
-) -> tuple[Batch, int, int]:
-    """Check the arguments shared by every entry point; return the flattened batch, k and
-    max_iter."""
+) -> tuple[Batch, int, int, list[Deferred]]:
+    """Check the arguments shared by every entry point; return the flattened batch, k,
+    max_iter and, with ``check_values``, the value checks of x and the per-token arrays,
+    still on the device: :func:`_computed` reads them with its overflow check, in one host
+    synchronisation (a bad value cannot crash the computation before; see _overflow).
+    An ``init`` array is checked here, before it can index anything."""
     check_is_array(x, "x")
     for name, values in per_token.items():
         if values is not None:
@@ -165,18 +171,21 @@ def _prepare(
     xp = namespace_of(x=x, init=init_array, **per_token)
     check_tokens(xp, x, check_values=False)
     batch = flatten(xp, x, fast_paths)
-    if check_values:  # from the means, which the batch computes anyway
-        check_finite_tokens(xp, batch.x, batch.mean)
     check_same_device(xp, "x", x=x, init=init_array, **per_token)
     k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
     for name, values in per_token.items():
-        check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values)
+        check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values=False)
+    pending = []
+    if check_values:  # x from the means, which the batch computes anyway
+        pending.append(finite_tokens_deferred(xp, batch.x, batch.mean))
+        pending += [token_values_deferred(xp, values, name)
+                    for name, values in per_token.items() if values is not None]
     if isinstance(init, str) and init not in INITS:
         raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                          f"got {init!r}")
     if init_array is not None:
         check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k, check_values)
-    return batch, k, max_iter
+    return batch, k, max_iter, pending
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,18 +197,20 @@ def _cluster(
     init: Init, max_iter: int, seed: int, check_values: bool, stop_early: bool,
     fast_paths: bool,
 ) -> Clustering:
-    batch, k, max_iter = _prepare(x, k, max_iter, init, check_values, fast_paths,
-                                  weights=weights)
+    batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
+                                           weights=weights)
     k = min(k, batch.x.shape[1])
     given = batch.flat(weights)
     start = _resolve_init(batch, init, given, k, seed, "weights")
     if k == 0:
+        settle(batch.xp, pending)
         return _to_caller(batch, _empty_clustering(batch))
 
     def compute(b: Batch) -> Clustering:
         return _clustering(b, algorithm, start, b.flat(given), max_iter, stop_early)
 
-    return _to_caller(batch, _computed(batch, compute, check_values, weights=given))
+    return _to_caller(batch, _computed(batch, compute, pending if check_values else None,
+                                       weights=given))
 
 
 def _clustering(batch: Batch, algorithm: str, start: Array, given: Array | None,
@@ -219,15 +230,16 @@ def _clustering(batch: Batch, algorithm: str, start: Array, given: Array | None,
                       flat.history, flat.n_iter)
 
 
-def _computed(batch: Batch, compute: Callable[[Batch], R], check_values: bool,
+def _computed(batch: Batch, compute: Callable[[Batch], R], pending: list[Deferred] | None,
               returned: tuple[str, ...] | None = None, **values: Array | None) -> R:
-    """``compute(batch)``; with ``check_values``, overflowed problems redone in float64
+    """``compute(batch)``; with the ``pending`` value checks (None: values unchecked) read
+    together with the finite check of the result, and overflowed problems redone in float64
     (see _overflow: finite input gives finite output). ``returned``: the fields the caller
     sees (all when None); ``values``: the per-token inputs, named in an OverflowError."""
-    if not check_values:
+    if pending is None:
         return compute(batch)
     with no_overflow_warnings(batch.xp):
-        return without_overflow(batch, compute, compute(batch), returned, values)
+        return without_overflow(batch, compute, compute(batch), returned, values, pending)
 
 
 def _to_caller(batch: Batch, result: R) -> R:
@@ -290,11 +302,14 @@ def kmeans(
     check_values : bool
         Check array values: NaN or infinity in ``x``, negative or non-finite ``weights``,
         ``init`` indices out of range or repeated, and overflow in the results (then redone
-        in float64). Each check synchronises the device; False skips them (shapes, dtypes,
-        libraries and devices are always checked).
+        in float64). All are read in one device synchronisation after the computation,
+        which bad values cannot crash; an ``init`` array, which indexes, is checked before
+        (one more). False skips them (shapes, dtypes, libraries and devices are always
+        checked).
     stop_early : bool
-        Stop once no assignment changed in any problem (a device synchronisation per
-        iteration). False runs exactly ``max_iter`` iterations and reads no array value on
+        Stop once no assignment changed in any problem: a device synchronisation per
+        iteration, or one read of the iteration count where a fused kernel (CUDA) decides
+        per problem. False runs exactly ``max_iter`` iterations and reads no array value on
         the host, for ``torch.compile`` and CUDA graphs.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
@@ -396,11 +411,14 @@ def pool(
     check_values : bool
         Check array values: NaN or infinity in ``x``, negative or non-finite ``scores`` and
         ``sizes``, ``init`` indices out of range or repeated, and overflow in the results
-        (then redone in float64). Each check synchronises the device; False skips them
-        (shapes, dtypes, libraries and devices are always checked).
+        (then redone in float64). All are read in one device synchronisation after the
+        computation, which bad values cannot crash; an ``init`` array, which indexes, is
+        checked before (one more). False skips them (shapes, dtypes, libraries and devices
+        are always checked).
     stop_early : bool
-        Stop once no assignment changed in any problem (one device synchronisation per
-        iteration). False runs exactly ``max_iter`` iterations and reads no array value on
+        Stop once no assignment changed in any problem: a device synchronisation per
+        iteration, or one read of the iteration count where a fused kernel (CUDA) decides
+        per problem. False runs exactly ``max_iter`` iterations and reads no array value on
         the host, for ``torch.compile`` and CUDA graphs.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
@@ -447,9 +465,11 @@ def pool_result(
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
-    batch, k, max_iter = _prepare(x, k, max_iter, init, check_values, fast_paths,
-                                  scores=scores, sizes=sizes)
+    batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
+                                           scores=scores, sizes=sizes)
     s, given_sizes = batch.flat(scores), batch.flat(sizes)
+    if k >= batch.x.shape[1] or k == 0:
+        settle(batch.xp, pending)
     if k >= batch.x.shape[1]:
         return _identity(batch, x, given_sizes)
     if k == 0:
@@ -463,7 +483,7 @@ def pool_result(
             return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
                               stop_early, detail)
 
-        result = _computed(batch, compute, check_values,
+        result = _computed(batch, compute, pending if check_values else None,
                            ("tokens",) if detail == "tokens" else None,
                            scores=s, sizes=given_sizes)
     return _to_caller(batch, result)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from ._compat import Array, Namespace, array_namespace, backend_name, device, is_array_api_obj
@@ -53,6 +55,53 @@ def check_finite_tokens(xp: Namespace, x: Array, mean: Array, name: str = "x") -
         raise _non_finite(name)
 
 
+@dataclass(frozen=True)
+class Deferred:
+    """A value check whose verdict stays on the device until :func:`settle` reads it together
+    with the others: one host synchronisation for all of them.
+
+    ``passed`` is a 0-d boolean array. ``confirm`` is the check done on the host: it raises
+    the check's error, or returns where the input is fine after all (a non-finite mean can
+    be the overflowing sum of finite tokens).
+    """
+
+    passed: Array
+    confirm: Callable[[], None]
+
+
+def finite_tokens_deferred(xp: Namespace, x: Array, mean: Array, name: str = "x") -> Deferred:
+    """:func:`check_finite_tokens`, deferred: the verdict of the means alone."""
+    return Deferred(xp.all(xp.isfinite(mean)), lambda: check_finite_tokens(xp, x, mean, name))
+
+
+def token_values_deferred(xp: Namespace, values: Array, name: str) -> Deferred:
+    """Per-token values (of a checked shape and dtype) finite and non-negative, deferred."""
+    valid = values >= 0  # False for NaN too
+    if xp.isdtype(values.dtype, "real floating"):
+        valid = valid & xp.isfinite(values)
+
+    def confirm() -> None:
+        raise ValueError(f"{name} must be finite and non-negative; it contains a negative, "
+                         "NaN or infinite value")
+
+    return Deferred(xp.all(valid), confirm)
+
+
+def settle(xp: Namespace, checks: Sequence[Deferred], *flags: Array) -> list[bool]:
+    """Read the verdicts of ``checks`` and the 0-d boolean ``flags`` in one host read (a
+    bitmask), raise the error of the first failed check, and return the ``flags``."""
+    verdicts = [check.passed for check in checks] + list(flags)
+    if not verdicts:
+        return []
+    mask = sum(xp.astype(v, xp.int32) * (1 << i) for i, v in enumerate(verdicts))
+    bits = int(mask)  # the one synchronisation
+    read = [bool(bits >> i & 1) for i in range(len(verdicts))]
+    for check, passed in zip(checks, read, strict=False):
+        if not passed:
+            check.confirm()
+    return read[len(checks):]
+
+
 def _non_finite(name: str) -> ValueError:
     return ValueError(f"{name} contains NaN or infinity (check_values=False skips this check)")
 
@@ -78,14 +127,8 @@ def check_token_values(
     if tuple(values.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "
                          f"axis), got {tuple(values.shape)}")
-    if not check_values:
-        return
-    valid = values >= 0  # False for NaN too
-    if xp.isdtype(values.dtype, "real floating"):
-        valid = valid & xp.isfinite(values)
-    if not bool(xp.all(valid)):
-        raise ValueError(f"{name} must be finite and non-negative; it contains a negative, "
-                         "NaN or infinite value")
+    if check_values:
+        settle(xp, [token_values_deferred(xp, values, name)])
 
 
 def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...], n: int,
