@@ -235,6 +235,18 @@ def test_negative_integer_sizes_are_a_value_error(backend):
         tp.pool(backend.asarray(tokens()), K, "kmeans", sizes=backend.asarray(sizes))
 
 
+def test_integer_sizes_pool_as_their_float_values(backend):
+    """Integer sizes were accepted but reached the arithmetic uncast (array-api-strict
+    refused int64 * float64); the clustering runs before the value checks are read."""
+    sizes = np.arange(1, N + 1, dtype=np.int64) % 3 + 1
+    x = backend.asarray(tokens())
+    got = tp.pool(x, K, "kmeans", sizes=backend.asarray(sizes), return_info=True)
+    want = tp.pool(x, K, "kmeans", sizes=backend.asarray(sizes.astype(np.float64)),
+                   return_info=True)
+    np.testing.assert_array_equal(backend.to_numpy(got.tokens), backend.to_numpy(want.tokens))
+    np.testing.assert_array_equal(backend.to_numpy(got.sizes), backend.to_numpy(want.sizes))
+
+
 @pytest.mark.parametrize("bad", [-1.0, np.nan], ids=["negative", "nan"])
 @pytest.mark.parametrize("op", ["kmeans", "kmedoids"])
 def test_bad_weights_are_a_value_error(backend, op, bad):
