@@ -308,9 +308,10 @@ def kmeans(
         checked).
     stop_early : bool
         Stop once no assignment changed in any problem: a device synchronisation per
-        iteration, or one read of the iteration count where a fused kernel (CUDA) decides
-        per problem. False runs exactly ``max_iter`` iterations and reads no array value on
-        the host, for ``torch.compile`` and CUDA graphs.
+        iteration, or one read of the iteration count where a fused kernel (Numba, CUDA)
+        decides per problem. False runs exactly ``max_iter`` iterations and reads no array
+        value on the host, for ``torch.compile`` and CUDA graphs; a fused kernel stops
+        each problem at its fixed point either way, so there False costs no iterations.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
@@ -417,9 +418,10 @@ def pool(
         are always checked).
     stop_early : bool
         Stop once no assignment changed in any problem: a device synchronisation per
-        iteration, or one read of the iteration count where a fused kernel (CUDA) decides
-        per problem. False runs exactly ``max_iter`` iterations and reads no array value on
-        the host, for ``torch.compile`` and CUDA graphs.
+        iteration, or one read of the iteration count where a fused kernel (Numba, CUDA)
+        decides per problem. False runs exactly ``max_iter`` iterations and reads no array
+        value on the host, for ``torch.compile`` and CUDA graphs; a fused kernel stops
+        each problem at its fixed point either way, so there False costs no iterations.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
