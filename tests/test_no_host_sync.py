@@ -14,6 +14,7 @@ host memory by design). Two proofs:
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 import pytest
 
@@ -23,6 +24,7 @@ timm = pytest.importorskip("timm", reason="the patched-model checks need timm")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
+import tokenpool_ops._batching as batching  # noqa: E402
 from tokenpool_ops.timm import patch_timm  # noqa: E402
 
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
@@ -106,6 +108,38 @@ def test_default_checks_read_the_host_once(monkeypatch, call):
     with host_reads_counted(monkeypatch, reads):
         CHECKED_CALLS[call](x, scores)
     assert reads == ["__int__"], reads
+
+
+@pytest.mark.parametrize("check_values", [True, False])
+def test_a_fused_kernels_iteration_count_is_read_with_the_checks(monkeypatch, check_values):
+    """A fused kernel (the CUDA one) leaves its iteration count on the device and writes
+    max_iter + 1 history entries. The count is read in the one host read of the value
+    checks (alone without them) and the history is cut to it. Stand-in kernel on torch CPU:
+    the generic loop's own results, its count as a 0-d tensor, its history padded."""
+    gen = torch.Generator().manual_seed(0)
+    x, scores = torch.randn(2, 30, 8, generator=gen), torch.rand(2, 30, generator=gen)
+    want = tokenpool_ops.pool(x, 7, "wkmedoids", scores=scores, return_info=True,
+                              fast_paths=False)
+    assert 0 < want.n_iter < 9, want.n_iter  # converged early: the padding is visible
+    padded = torch.cat([want.history,
+                        want.history[:, -1:].expand(-1, 10 - want.n_iter)], dim=1)
+
+    def fused(xp, x, mean, init, weights, max_iter, stop_early):
+        assert max_iter == 10
+        return (want.assignment.clone(), want.medoids.clone(), padded.clone(),
+                torch.tensor(want.n_iter))
+
+    generic = batching.primitives_for
+    monkeypatch.setattr(batching, "primitives_for",
+                        lambda xp, fast_paths=True: replace(generic(xp, False), kmedoids=fused))
+    reads: list[str] = []
+    with host_reads_counted(monkeypatch, reads):
+        got = tokenpool_ops.pool(x, 7, "wkmedoids", scores=scores, return_info=True,
+                                 check_values=check_values)
+    assert reads == ["__int__"], reads
+    assert isinstance(got.n_iter, int) and got.n_iter == want.n_iter
+    torch.testing.assert_close(got.history, want.history, rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("bad", "message"), [

@@ -32,7 +32,9 @@ class FlatClustering:
     assignment: Array  # (B, N) cluster of each token
     medoids: Array | None  # (B, K) token index of each medoid, K-Medoids only
     history: Array  # (B, T + 1) objective of the centres after each iteration
-    n_iter: int
+    #: T; or, from a fused kernel, a 0-d device array left unread, with a history of
+    #: max_iter + 1 entries: _pool reads it with its value checks (see _overflow).
+    n_iter: int | Array
 
 
 def weighted_objective(xp: Namespace, weights: Array, nearest_sq_dist: Array) -> Array:

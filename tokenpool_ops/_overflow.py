@@ -25,7 +25,7 @@ import numpy as np
 
 from ._batching import Batch
 from ._compat import Array, Namespace
-from ._validation import Deferred, settle
+from ._validation import Deferred, settle_counting
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -75,14 +75,13 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     """
     xp = batch.xp
     finite = finite_problems(xp, result, exact=False)
-    if finite is None:  # no floating result: nothing can overflow
-        settle(xp, pending or [])
-        return result
-    (no_overflow,) = settle(xp, pending or [], xp.all(finite))
-    if no_overflow:
+    flags = [] if finite is None else [xp.all(finite)]  # None: no floating result
+    verdicts, n_iter = settle_counting(xp, pending or [], flags, unread_iterations(result))
+    result = with_iterations(result, n_iter)
+    if all(verdicts):
         return result
     wide = batch.widened()
-    wide_result = None if wide is None else compute(wide)
+    wide_result = None if wide is None else read_iterations(compute(wide))
     if wide_result is not None:
         redone = _cast_floats(xp, wide_result, batch.x.dtype)
         result = _where_problems(xp, finite, result, redone)
@@ -92,6 +91,28 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     if finite is None or bool(xp.all(finite)):
         return result
     raise _overflow_error(batch, seen, finite, wide_result, values)
+
+
+def unread_iterations(result: Any) -> Array | None:
+    """The iteration count a fused kernel left on the device (a 0-d array), else None."""
+    n_iter = getattr(result, "n_iter", 0)
+    return None if isinstance(n_iter, int) else n_iter
+
+
+def with_iterations(result: Result, n_iter: int | None) -> Result:
+    """``result`` with its unread iteration count replaced by ``n_iter`` (read elsewhere)
+    and its history cut to n_iter + 1 entries (the kernel wrote max_iter + 1, converged
+    problems repeating their final value); unchanged when ``n_iter`` is None."""
+    if n_iter is None:
+        return result
+    history = result.history  # type: ignore[attr-defined]
+    return replace(result, n_iter=n_iter, history=history[:, : n_iter + 1])
+
+
+def read_iterations(result: Result) -> Result:
+    """``result`` with an unread iteration count read (one host read) and applied."""
+    count = unread_iterations(result)
+    return result if count is None else with_iterations(result, int(count))
 
 
 def _cast_floats(xp: Namespace, result: Result, dtype: Any) -> Result:

@@ -18,7 +18,7 @@ from ._clustering import (
     weighted_objective,
 )
 from ._compat import Array, device, is_array_api_obj, take_along_axis
-from ._overflow import without_overflow
+from ._overflow import read_iterations, without_overflow
 from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
 from ._validation import (
@@ -237,7 +237,7 @@ def _computed(batch: Batch, compute: Callable[[Batch], R], pending: list[Deferre
     (see _overflow: finite input gives finite output). ``returned``: the fields the caller
     sees (all when None); ``values``: the per-token inputs, named in an OverflowError."""
     if pending is None:
-        return compute(batch)
+        return read_iterations(compute(batch))
     with no_overflow_warnings(batch.xp):
         return without_overflow(batch, compute, compute(batch), returned, values, pending)
 

@@ -88,18 +88,28 @@ def token_values_deferred(xp: Namespace, values: Array, name: str) -> Deferred:
 
 
 def settle(xp: Namespace, checks: Sequence[Deferred], *flags: Array) -> list[bool]:
-    """Read the verdicts of ``checks`` and the 0-d boolean ``flags`` in one host read (a
-    bitmask), raise the error of the first failed check, and return the ``flags``."""
+    """Read the verdicts of ``checks`` and the 0-d boolean ``flags`` in one host read, raise
+    the error of the first failed check, and return the ``flags``."""
+    return settle_counting(xp, checks, flags)[0]
+
+
+def settle_counting(xp: Namespace, checks: Sequence[Deferred], flags: Sequence[Array],
+                    count: Array | None = None) -> tuple[list[bool], int | None]:
+    """:func:`settle`, also reading a non-negative 0-d integer ``count`` in the same read
+    (packed above the verdict bits): the flags and the count (None without one)."""
     verdicts = [check.passed for check in checks] + list(flags)
-    if not verdicts:
-        return []
-    mask = sum(xp.astype(v, xp.int32) * (1 << i) for i, v in enumerate(verdicts))
+    if not verdicts and count is None:
+        return [], None
+    dtype = xp.int32 if count is None else xp.int64  # int64: JAX without x64 has no counts
+    mask = sum(xp.astype(v, dtype) * (1 << i) for i, v in enumerate(verdicts))
+    if count is not None:
+        mask = mask + xp.astype(count, dtype) * (1 << len(verdicts))
     bits = int(mask)  # the one synchronisation
     read = [bool(bits >> i & 1) for i in range(len(verdicts))]
     for check, passed in zip(checks, read, strict=False):
         if not passed:
             check.confirm()
-    return read[len(checks):]
+    return read[len(checks):], (None if count is None else bits >> len(verdicts))
 
 
 def _non_finite(name: str) -> ValueError:
