@@ -12,10 +12,14 @@ and ``pool``/``kmedoids`` must give what ``fast_paths=False`` gives:
 * over N from 1 to 1024, every K, batches of B = 0, zero-weight clusters and duplicated
   tokens; and shapes beyond the kernel's plan take the generic path, launching nothing.
 
-The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way;
-NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue asks it to; any
-input, NaN and overflow included, leaves labels and medoids in range. The tests at the end
-need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason, elsewhere.
+The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way.
+PyTorch tensors reach both kernels through backends._torch's CUDA branches and _cupy's torch
+entries; on the CPU, CPU tensors stand in for CUDA ones (NumPy views of their memory for
+CuPy's), so the routing, the gradient rule and "every buffer is PyTorch's" are checked with
+the host build. NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue
+asks it to; any input, NaN and overflow included, leaves labels and medoids in range. The
+tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
+elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -305,9 +310,18 @@ def test_dispatch_offers_the_kernel_to_cupy_and_declines_off_cuda():
     assert backends._fast_paths("cupy")["kmedoids"] is _cupy.kmedoids
     assert backends._fast_paths("cupy")["weighted_means"] is _cupy.weighted_means
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    x = torch.zeros(2, 5, 3)
-    assert _cupy.torch_kmedoids(x, x.mean(1, keepdim=True), torch.zeros(2, 2, dtype=torch.int64),
-                                torch.ones(2, 5), 3, True) is None
+    from tokenpool_ops.backends import _torch
+
+    for device in ("cpu", "meta"):
+        x = torch.zeros(2, 5, 3, device=device)
+        labels = torch.zeros(2, 5, dtype=torch.int64, device=device)
+        weights = torch.ones(2, 5, device=device)
+        empty = x.mean(1, keepdim=True)
+        assert _cupy.torch_cupy(x) is None
+        assert _cupy.torch_kmedoids(x, empty, labels[:, :2], weights, 3, True) is None
+        assert _cupy.torch_weighted_means(x, labels, 2, weights, empty) is None
+        assert not _torch._on_cuda(x)
+        assert _torch.cuda_weighted_means(x, labels, 2, weights, empty) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +561,158 @@ def test_weighted_means_by_merge_equal_generic(host, seed, n, m, data):
     want = Primitives(xp).weighted_means(xp, values, labels, k, weights, empty)
     assert bool(launched) == (empty.shape[1] == 1)
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch tensors through _cupy's torch entries, with the host build (CPU tensors stand in for
+# CUDA ones, NumPy views of their memory for CuPy's)
+
+
+class TorchOnHost:
+    """_cupy's torch entries run by the host build: launches counted, and each launch checks
+    that every array it is given lies in the memory of a tensor the entry converted (that
+    is, PyTorch's allocator gave every input, output and workspace; CuPy's pool none)."""
+
+    def __init__(self, host: HostKernels) -> None:
+        self.host = host
+        self.tensors: list[Any] = []  # every tensor the entries hand to the kernel side
+        self.launches = {"kmedoids": 0, "merge": 0}
+
+    def to_array(self, tensor: Any) -> np.ndarray:
+        self.tensors.append(tensor)
+        return tensor.numpy()
+
+    def assert_torch_memory(self, args: Any) -> None:
+        starts = {tensor.data_ptr() for tensor in self.tensors}
+        for field in dataclasses.fields(args):
+            array = getattr(args, field.name)
+            if isinstance(array, np.ndarray) and array.size:  # (0,) placeholders: unread
+                assert array.ctypes.data in starts, f"{field.name}: not a PyTorch buffer"
+
+    def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
+               max_iter: int) -> None:
+        self.launches["kmedoids"] += 1
+        self.assert_torch_memory(args)
+        self.host.launch(args, plan, max_iter)
+
+    def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
+        self.launches["merge"] += 1
+        self.assert_torch_memory(args)
+        self.host.launch_merge(args, with_objective)
+
+    def kmedoids(self, *args: Any) -> Any:
+        """``_cupy.torch_kmedoids`` past its device test."""
+        import torch
+
+        run = functools.partial(_cupy.fused_kmedoids, np, self.launch, H100_SHARED_BYTES)
+        return _cupy.kmedoids_for_torch(run, self.to_array, torch.from_numpy, *args)
+
+    def weighted_means(self, *args: Any) -> Any:
+        """``_cupy.torch_weighted_means`` past its device test."""
+        import torch
+
+        merge = functools.partial(_cupy.fused_merge, np, self.launch_merge, H100_SHARED_BYTES)
+        return _cupy.means_for_torch(merge, self.to_array, torch.from_numpy, *args)
+
+
+@contextlib.contextmanager
+def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHost]:
+    """backends._torch treats CPU tensors as CUDA ones, and _cupy's torch entries run the
+    host build: the dispatch of PyTorch's compiled paths is exercised as on a GPU."""
+    pytest.importorskip("numba", reason="numba is not installed: PyTorch's compiled paths off")
+    from tokenpool_ops.backends import _torch
+
+    on_host = TorchOnHost(host)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch, "_on_cuda", lambda tensor: True)
+        patch.setattr(_cupy, "torch_kmedoids", on_host.kmedoids)
+        patch.setattr(_cupy, "torch_weighted_means", on_host.weighted_means)
+        yield on_host
+
+
+#: Float dtypes of the torch entries, with the tolerance of their means against the generic
+#: code (which sums float16 in float16; the kernel in float32).
+TORCH_TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3}
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), m=st.integers(1, 40),
+       data=st.data())
+def test_torch_weighted_means_by_merge_equal_generic_in_torch_memory(host, seed, n, m, data):
+    # The torch entry of the merge kernel: where `empty` is one row per problem, the means
+    # of the generic PyTorch code, in its dtype, from buffers PyTorch allocated; else None.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    dtype_name = data.draw(st.sampled_from(sorted(TORCH_TOLERANCES)), label="dtype")
+    dtype = getattr(torch, dtype_name)
+    values = torch.as_tensor(rng.normal(size=(3, n, m)), dtype=dtype)
+    labels = torch.as_tensor(rng.integers(0, k, size=(3, n)))
+    weights = torch.as_tensor(integer_weights(rng, 3, n), dtype=dtype)
+    rows = data.draw(st.sampled_from([1, k]), label="rows")
+    empty = torch.as_tensor(rng.normal(size=(3, rows, m)), dtype=dtype)
+    on_host = TorchOnHost(host)
+    got = on_host.weighted_means(values, labels, k, weights, empty)
+    want = Primitives(xp).weighted_means(xp, values, labels, k, weights, empty)
+    if rows != 1:
+        assert got is None and on_host.launches["merge"] == 0
+        return
+    assert on_host.launches["merge"] == 1 and got.dtype == want.dtype
+    tolerance = TORCH_TOLERANCES[dtype_name]
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 48), m=st.integers(1, 4),
+       data=st.data())
+def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, data):
+    # pool on PyTorch tensors routed as CUDA tensors are: both kernels launch, on PyTorch's
+    # buffers only, and give the generic results (exactly: integer tokens of mean zero).
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n - 1), label="k")
+    x = torch.as_tensor(zero_mean_integer_tokens(rng, 2, n, m, spread=3))
+    scores = torch.as_tensor(integer_weights(rng, 2, n))
+    options = dict(scores=scores, return_info=True, init="random", seed=seed)
+    want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **options)
+    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+        got = tokenpool_ops.pool(x, k, "wkmedoids", **options)
+    assert on_host.launches == {"kmedoids": 1, "merge": 1}
+    for field in ("assignment", "medoids", "sizes"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
+def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
+    # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
+    # code, and their gradient is the generic one; all others take the kernel.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    values = torch.tensor(rng.normal(size=(2, 12, 5)),
+                          requires_grad=grad != "no_tensor_requires_grad")
+    labels = torch.as_tensor(rng.integers(0, 4, size=(2, 12)))
+    weights = torch.as_tensor(rng.random((2, 12)))
+    empty = torch.zeros(2, 1, 5, dtype=torch.float64)
+    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+        from tokenpool_ops.backends import _torch
+
+        means = _torch.compiled_paths()["weighted_means"]
+        with torch.no_grad() if grad == "no_grad" else contextlib.nullcontext():
+            got = means(xp, values, labels, 4, weights, empty)
+    want = Primitives(xp).weighted_means(xp, values, labels, 4, weights, empty)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert on_host.launches["merge"] == (0 if grad == "requires_grad" else 1)
+    if grad == "requires_grad":
+        (got_grad,) = torch.autograd.grad(got.square().sum(), values)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), values)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
