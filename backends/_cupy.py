@@ -506,8 +506,10 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, int] | None],
     accumulator = _torch_accumulator(x)
     inputs = (x.detach().contiguous(), mean.detach().to(accumulator).contiguous(),
               init.long().contiguous(), weights.detach().to(accumulator).contiguous())
+    # Positional, as every argument of a launch path: wrappers that count its calls
+    # (benchmarks/bench_cuda.py, the GPU tests) pass positional arguments on.
     result = run(*map(to_array, inputs), max_iter, stop_early,
-                 allocate=torch_allocator(x.device, to_array))
+                 torch_allocator(x.device, to_array))
     if result is None:
         return None
     labels, medoids, history, n_iter = result
@@ -552,7 +554,7 @@ def means_for_torch(merge: Callable[..., tuple[Any, Any, Any | None] | None],
     x, mean, token_labels = map(to_array, inputs)
     token_weights = to_array(per_token)
     merged = merge(x, mean, token_labels, k, token_weights, None, token_weights, False,
-                   allocate=torch_allocator(values.device, to_array))
+                   torch_allocator(values.device, to_array))  # positional: see above
     if merged is None:
         return None
     # The generic means come in the promoted dtype of their inputs; the kernel's in the

@@ -686,6 +686,25 @@ def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, d
     torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
+def test_torch_kmedoids_entry_converts_in_torch_and_equals_the_numpy_entry(host, dtype_name,
+                                                                            rng):
+    # Tokens and a mean in their own dtype, int32 medoids: PyTorch converts them (to the
+    # accumulator dtype, int64), so the glue copies nothing; results as _cupy's NumPy entry.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = rng.normal(size=(3, 40, 6)).astype(dtype_name)
+    mean = x.mean(axis=1, keepdims=True)
+    init = distinct_init(rng, 3, 40, 7).astype(np.int32)
+    weights = rng.random((3, 40)).astype(dtype_name)
+    on_host = TorchOnHost(host)
+    got = on_host.kmedoids(*map(torch.as_tensor, (x, mean, init, weights)), 6, True)
+    want = host.run(x, mean, init, weights, 6, True)
+    assert on_host.launches["kmedoids"] == 1
+    for got_array, want_array in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(got_array.numpy(), want_array)
+    assert got[3] == want[3]
+
+
 @pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
 def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
     # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
@@ -819,6 +838,101 @@ def test_gpu_float32_on_torch_stream_without_checks():
     agree = (got.assignment == want.assignment).float().mean().item()
     assert agree > 0.99  # float32: a rare near tie may break the other way
     torch.testing.assert_close(got.objective, want.objective, rtol=1e-4, atol=1e-4)
+
+
+def _counting(patch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Calls of ``_cupy.<name>`` (the kernel's launch path) from now on."""
+    calls: list[int] = []
+    plain = getattr(_cupy, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    patch.setattr(_cupy, name, counted)
+    return calls
+
+
+def _integer_problem(torch: Any, seed: int) -> tuple[Any, Any]:
+    """float32 CUDA tokens whose distances and weighted costs are exact (integer tokens of
+    mean zero, integer scores), so that the kernel's clustering is the generic one and only
+    the means' rounding differs."""
+    rng = np.random.default_rng(seed)
+    x = zero_mean_integer_tokens(rng, 4, 197, 16, spread=8)
+    scores = integer_weights(rng, 4, 197)
+    return (torch.as_tensor(x, dtype=torch.float32, device="cuda"),
+            torch.as_tensor(scores, dtype=torch.float32, device="cuda"))
+
+
+def test_gpu_torch_merge_kernel_equals_generic():
+    # PyTorch CUDA tensors: pool's means come from the merge kernel (no one-hot), equal to
+    # the generic path's within float32 rounding.
+    _, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    x, scores = _integer_problem(torch, 11)
+    options = dict(scores=scores, return_info=True, init="random", seed=3)
+    with pytest.MonkeyPatch.context() as patch:
+        merges = _counting(patch, "run_merge")
+        got = tokenpool_ops.pool(x, 49, "wkmedoids", **options)
+    want = tokenpool_ops.pool(x, 49, "wkmedoids", fast_paths=False, **options)
+    assert merges, "the merge kernel did not run"
+    assert got.tokens.dtype == torch.float32 and got.tokens.device == x.device
+    for field in ("assignment", "medoids", "sizes"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_torch_means_with_gradients_keep_the_torch_path():
+    _, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    import array_api_compat.torch as xp
+    from tokenpool_ops.backends import _torch
+
+    x, scores = _integer_problem(torch, 12)
+    values = x.clone().requires_grad_()
+    labels = torch.arange(197, device="cuda").remainder(5).expand(4, -1)
+    empty = x.mean(1, keepdim=True)
+    means = _torch.compiled_paths()["weighted_means"]
+    with pytest.MonkeyPatch.context() as patch:
+        merges = _counting(patch, "run_merge")
+        with_grad = means(xp, values, labels, 5, scores, empty)
+        assert not merges and with_grad.requires_grad
+        with torch.no_grad():
+            without = means(xp, values, labels, 5, scores, empty)
+        assert merges, "the merge kernel did not run without gradients"
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph():
+    # Every buffer of both launches is PyTorch's (CuPy's allocator refuses any request), so
+    # a CUDA graph captures pool and replays it on new tokens as eager PyTorch computes them.
+    cupy, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    x, scores = _integer_problem(torch, 13)
+    # The default start (the top scores): no random draw inside the capture.
+    options = dict(scores=scores, check_values=False, stop_early=False)
+
+    def refuse(size: int) -> Any:
+        raise AssertionError(f"CuPy's allocator asked for {size} bytes")
+
+    static = x.clone()
+    with pytest.MonkeyPatch.context() as patch:
+        launches = _counting(patch, "run_kmedoids"), _counting(patch, "run_merge")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), cupy.cuda.using_allocator(refuse):
+            for _ in range(2):  # warm-up on a side stream, as capture requires (compiles)
+                tokenpool_ops.pool(static, 49, "wkmedoids", **options)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), cupy.cuda.using_allocator(refuse):
+            captured = tokenpool_ops.pool(static, 49, "wkmedoids", **options)
+    assert all(len(calls) == 3 for calls in launches), launches
+    fresh = x.flip(1)  # other tokens: the same integers in another order
+    eager = tokenpool_ops.pool(fresh, 49, "wkmedoids", **options)
+    static.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
 
 
 def test_kernel_sources_ship_with_the_package():
