@@ -5,7 +5,9 @@ problem, with the tie rules of the generic code (see the kernel source). It serv
 arrays (``FAST_PATHS``) and PyTorch CUDA tensors (through DLPack, zero-copy, on PyTorch's
 current stream; see ``backends._torch``). Shapes the kernel does not cover return None, and
 the generic code runs: see :func:`kmedoids_plan`. A second kernel merges the clusters
-(Algorithm 1, line 6); CuPy uses its weighted means (:func:`means_by_merge`).
+(Algorithm 1, line 6); CuPy arrays and PyTorch CUDA tensors that need no gradient use its
+weighted means (:func:`means_by_merge`, :func:`torch_weighted_means`). For PyTorch, every
+buffer a launch touches comes from PyTorch's allocator (:func:`torch_allocator`).
 
 Everything with logic in it (the plan, the layout arithmetic, the argument preparation and
 the result post-processing) is plain Python or works on NumPy as well as CuPy, so that the
@@ -15,8 +17,9 @@ tests run it on the CPU against the host build of the same CUDA source
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +108,13 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     return None
 
 
+#: Allocates an output or workspace the kernel writes in full: ``allocate(shape, dtype)``,
+#: uninitialised. None means ``np_like.empty`` (CuPy's memory pool on a GPU); the PyTorch
+#: entries pass PyTorch's allocator (:func:`torch_allocator`), so that a CUDA graph captured
+#: by PyTorch owns every buffer the launch touches.
+Allocator = Callable[[tuple[int, ...], Any], Any]
+
+
 @dataclass(frozen=True)
 class KernelArguments:
     """Arrays in the layout the kernel reads, and the arrays it writes."""
@@ -121,23 +131,26 @@ class KernelArguments:
 
 
 def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
-                     plan: KMedoidsPlan) -> KernelArguments:
+                     plan: KMedoidsPlan, allocate: Allocator | None = None) -> KernelArguments:
     """Inputs made contiguous in the kernel's dtypes (copies only where needed) and the
-    outputs allocated. ``np_like`` is ``cupy`` on the GPU or ``numpy`` in the tests."""
+    outputs allocated by ``allocate``. ``np_like`` is ``cupy`` on the GPU or ``numpy`` in
+    the tests."""
     n_problems, n, m = x.shape
     k = init.shape[-1]
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
+    new = allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
     workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, n)
     return KernelArguments(
         x=np_like.ascontiguousarray(x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         init=np_like.ascontiguousarray(init, dtype=np_like.int64),
         weights=np_like.ascontiguousarray(weights, dtype=accumulator),
-        workspace=np_like.empty(workspace_shape, dtype=accumulator),
-        labels=np_like.empty((n_problems, n), dtype=np_like.int64),
-        medoids=np_like.empty((n_problems, k), dtype=np_like.int64),
-        history=np_like.empty((n_problems, max_iter + 1), dtype=accumulator),
-        iterations=np_like.zeros(n_problems, dtype=np_like.int32),
+        workspace=new(workspace_shape, accumulator),
+        labels=new((n_problems, n), np_like.dtype(np_like.int64)),
+        medoids=new((n_problems, k), np_like.dtype(np_like.int64)),
+        history=new((n_problems, max_iter + 1), accumulator),
+        # Uninitialised: every block writes its problem's count (and B = 0 launches none).
+        iterations=new((n_problems,), np_like.dtype(np_like.int32)),
     )
 
 
@@ -202,9 +215,11 @@ class MergeArguments:
 
 
 def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weights: Any,
-                    fallback: Any | None, carried: Any, with_objective: bool) -> MergeArguments:
+                    fallback: Any | None, carried: Any, with_objective: bool,
+                    allocate: Allocator | None = None) -> MergeArguments:
     n_problems, n, m = x.shape
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
+    new = allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
 
     def per_token(values: Any) -> Any:
         return np_like.ascontiguousarray(values, dtype=accumulator)
@@ -214,15 +229,13 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         labels=np_like.ascontiguousarray(labels, dtype=np_like.int64),
         weights=per_token(weights),
-        fallback=(np_like.empty((0,), dtype=accumulator) if fallback is None
-                  else per_token(fallback)),
+        fallback=new((0,), accumulator) if fallback is None else per_token(fallback),
         has_fallback=fallback is not None,
         carried=per_token(carried),
-        workspace=np_like.empty((n_problems, k, n) if with_objective else (0,),
-                                dtype=accumulator),
-        tokens=np_like.empty((n_problems, k, m), dtype=accumulator),
-        sizes=np_like.empty((n_problems, k), dtype=accumulator),
-        objective=np_like.empty((n_problems,), dtype=accumulator),
+        workspace=new((n_problems, k, n) if with_objective else (0,), accumulator),
+        tokens=new((n_problems, k, m), accumulator),
+        sizes=new((n_problems, k), accumulator),
+        objective=new((n_problems,), accumulator),
     )
 
 
@@ -290,8 +303,8 @@ MergeLauncher = Callable[["MergeArguments", bool], None]
 
 
 def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, x: Any,
-                   mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
-                   ) -> tuple[Any, Any, Any, int] | None:
+                   mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
+                   allocate: Allocator | None = None) -> tuple[Any, Any, Any, int] | None:
     """:func:`run_kmedoids` for any array module and launcher (the tests run it with NumPy
     and the host build of the kernel)."""
     if x.ndim != 3:
@@ -299,14 +312,14 @@ def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int
     plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name, max_shared_bytes)
     if plan is None:
         return None
-    args = kernel_arguments(np_like, x, mean, init, weights, max_iter, plan)
+    args = kernel_arguments(np_like, x, mean, init, weights, max_iter, plan, allocate)
     if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
         launch(args, plan, max_iter)
     return kernel_results(args, max_iter, stop_early)
 
 
-def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool
-                 ) -> tuple[Any, Any, Any, int] | None:
+def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
+                 allocate: Allocator | None = None) -> tuple[Any, Any, Any, int] | None:
     """(Weighted) K-Medoids (Eq. 16-17, weights inside) of CuPy arrays in one launch.
 
     Parameters
@@ -324,6 +337,8 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
     stop_early : bool
         As in ``_clustering.run_kmedoids``: the iterations reported are the most any problem
         needed (one read of a device value); False reports ``max_iter`` and reads nothing.
+    allocate : Allocator, optional
+        Where the outputs and the workspace come from; CuPy's memory pool by default.
 
     Returns
     -------
@@ -335,18 +350,19 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
     import cupy
 
     return fused_kmedoids(cupy, _launch, _max_shared_bytes(x.device.id), x, mean, init,
-                          weights, max_iter, stop_early)
+                          weights, max_iter, stop_early, allocate)
 
 
 def fused_merge(np_like: Any, launch: MergeLauncher, max_shared_bytes: int, x: Any, mean: Any,
                 labels: Any, k: int, weights: Any, fallback: Any | None, carried: Any,
-                with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+                with_objective: bool, allocate: Allocator | None = None
+                ) -> tuple[Any, Any, Any | None] | None:
     """:func:`run_merge` for any array module and launcher (see :func:`fused_kmedoids`)."""
     n_problems, n, m = x.shape
     if not merge_applies(n, k, m, x.dtype.name, max_shared_bytes, with_objective):
         return None
     args = merge_arguments(np_like, x, mean, labels, k, weights, fallback, carried,
-                           with_objective)
+                           with_objective, allocate)
     if n_problems > 0:
         launch(args, with_objective)
     return args.tokens, args.sizes, args.objective if with_objective else None
@@ -370,16 +386,18 @@ def _launch_merge(args: MergeArguments, with_objective: bool) -> None:
 
 
 def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
-              carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+              carried: Any, with_objective: bool, allocate: Allocator | None = None
+              ) -> tuple[Any, Any, Any | None] | None:
     """Algorithm 1, line 6 on CuPy arrays: pooled tokens (B, K, M), their sizes (B, K) and,
     ``with_objective``, Eq. 13 of the pooled tokens (B,); None where the kernel does not
     apply. Arguments as in ``_pool._pool_by_clustering`` (``fallback`` None: the weights are
-    all positive); results in the accumulator dtype. Not yet a ``Primitives`` entry.
+    all positive); results in the accumulator dtype, allocated by ``allocate`` (CuPy's
+    pool by default). Not yet a ``Primitives`` entry.
     """
     import cupy
 
     return fused_merge(cupy, _launch_merge, _max_shared_bytes(x.device.id), x, mean, labels,
-                       k, weights, fallback, carried, with_objective)
+                       k, weights, fallback, carried, with_objective, allocate)
 
 
 def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
@@ -422,16 +440,10 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids,
 TORCH_DTYPES = ("float16", "float32", "float64")
 
 
-def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
-                   stop_early: bool) -> tuple[Any, Any, Any, int] | None:
-    """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
-
-    None (the PyTorch code runs) without CuPy, off CUDA, inside ``torch.compile``, for other
-    dtypes and for shapes the kernel does not cover. The kernel runs on PyTorch's current
-    stream, so it is ordered with the surrounding PyTorch work without a synchronisation.
-    Nothing here needs gradients: labels and medoids have none, and the merge that follows
-    stays in PyTorch.
-    """
+def torch_cupy(x: Any) -> Any | None:
+    """The ``cupy`` module where the kernels may take PyTorch tensor ``x``; else None (the
+    PyTorch code runs): without CuPy, off CUDA, inside ``torch.compile`` (which cannot trace
+    a CuPy launch) and for dtypes outside ``TORCH_DTYPES``."""
     import torch
 
     if (x.device.type != "cuda" or torch.compiler.is_compiling()
@@ -441,14 +453,130 @@ def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
         import cupy
     except ImportError:
         return None
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    with torch.no_grad(), cupy.cuda.Device(x.device.index), cupy.cuda.ExternalStream(stream):
-        x_gpu, mean_gpu, init_gpu, weights_gpu = (cupy.from_dlpack(t.detach())
-                                                  for t in (x, mean, init, weights))
-        result = run_kmedoids(x_gpu, mean_gpu, init_gpu, weights_gpu, max_iter, stop_early)
-        if result is None:
-            return None
-        labels, medoids, history, n_iter = result
-        # Still inside the stream context: CuPy's stream is PyTorch's, nothing to wait for.
-        return (torch.from_dlpack(labels), torch.from_dlpack(medoids),
-                torch.from_dlpack(history), n_iter)
+    return cupy
+
+
+@contextlib.contextmanager
+def _on_torch_stream(cupy: Any, device: Any) -> Iterator[None]:
+    """CuPy launches on PyTorch's current stream of ``device``, so they are ordered with the
+    surrounding PyTorch work without a synchronisation."""
+    import torch
+
+    stream = torch.cuda.current_stream(device).cuda_stream
+    with torch.no_grad(), cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream):
+        yield
+
+
+def torch_allocator(device: Any, to_array: Callable[[Any], Any]) -> Allocator:
+    """An :data:`Allocator` from PyTorch's allocator on ``device``: each buffer is a torch
+    tensor seen through ``to_array`` (``cupy.from_dlpack``; ``Tensor.numpy`` in the tests).
+
+    Inside a CUDA graph capture PyTorch draws these from the graph's private pool and keeps
+    them for its replays; CuPy's own pool knows nothing of the graph.
+    """
+    import numpy as np
+    import torch
+
+    def allocate(shape: tuple[int, ...], dtype: Any) -> Any:
+        torch_dtype = getattr(torch, np.dtype(dtype).name)
+        return to_array(torch.empty(shape, dtype=torch_dtype, device=device))
+
+    return allocate
+
+
+def _torch_accumulator(x: Any) -> Any:
+    import torch
+
+    return getattr(torch, ACCUMULATOR[str(x.dtype).removeprefix("torch.")])
+
+
+def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, int] | None],
+                       to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
+                       x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+                       stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+    """:func:`torch_kmedoids` with the launch (``run``: :func:`run_kmedoids`, or the host
+    build in the tests) and the array exchange given.
+
+    PyTorch puts the inputs in the kernel's layout and dtypes (a no-op where they already
+    are), so the glue copies nothing, and :func:`torch_allocator` gives the outputs: every
+    buffer the launch touches comes from PyTorch's allocator.
+    """
+    if x.ndim != 3:
+        return None
+    accumulator = _torch_accumulator(x)
+    inputs = (x.detach().contiguous(), mean.detach().to(accumulator).contiguous(),
+              init.long().contiguous(), weights.detach().to(accumulator).contiguous())
+    # Positional, as every argument of a launch path: wrappers that count its calls
+    # (benchmarks/bench_cuda.py, the GPU tests) pass positional arguments on.
+    result = run(*map(to_array, inputs), max_iter, stop_early,
+                 torch_allocator(x.device, to_array))
+    if result is None:
+        return None
+    labels, medoids, history, n_iter = result
+    return from_array(labels), from_array(medoids), from_array(history), n_iter
+
+
+def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+                   stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+    """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
+
+    None (the PyTorch code runs) where :func:`torch_cupy` declines and for shapes the
+    kernel does not cover. Zero-copy through DLPack, on PyTorch's current stream, outputs
+    from PyTorch's allocator (see :func:`kmedoids_for_torch`). Nothing here needs
+    gradients: labels and medoids have none, and the merge that follows stays in PyTorch.
+    """
+    import torch
+
+    cupy = torch_cupy(x)
+    if cupy is None:
+        return None
+    with _on_torch_stream(cupy, x.device):
+        return kmedoids_for_torch(run_kmedoids, cupy.from_dlpack, torch.from_dlpack, x, mean,
+                                  init, weights, max_iter, stop_early)
+
+
+def means_for_torch(merge: Callable[..., tuple[Any, Any, Any | None] | None],
+                    to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
+                    values: Any, labels: Any, k: int, weights: Any, empty: Any) -> Any | None:
+    """:func:`torch_weighted_means` with the launch (``merge``: :func:`run_merge`, or the
+    host build in the tests) and the array exchange given; inputs and outputs as in
+    :func:`kmedoids_for_torch`. None where :func:`means_by_merge` would take the generic
+    code (``empty`` not one row per problem) or the kernel declines.
+    """
+    import torch
+
+    if values.ndim != 3 or empty.ndim != 3 or empty.shape[1] != 1:
+        return None
+    accumulator = _torch_accumulator(values)
+    per_token = weights.detach().to(accumulator).contiguous()
+    inputs = (values.detach().contiguous(), empty.detach().to(accumulator).contiguous(),
+              labels.long().contiguous())
+    x, mean, token_labels = map(to_array, inputs)
+    token_weights = to_array(per_token)
+    merged = merge(x, mean, token_labels, k, token_weights, None, token_weights, False,
+                   torch_allocator(values.device, to_array))  # positional: see above
+    if merged is None:
+        return None
+    # The generic means come in the promoted dtype of their inputs; the kernel's in the
+    # accumulator dtype (float32 for float16 tokens).
+    dtype = torch.promote_types(torch.promote_types(values.dtype, weights.dtype), empty.dtype)
+    return from_array(merged[0]).to(dtype)
+
+
+def torch_weighted_means(values: Any, labels: Any, k: int, weights: Any, empty: Any
+                         ) -> Any | None:
+    """:func:`weighted_means` (the merge kernel) for PyTorch CUDA tensors; a torch tensor on
+    the same device back, or None (the PyTorch code runs) where :func:`torch_cupy` or
+    :func:`means_for_torch` declines.
+
+    Detached: the caller keeps the differentiable PyTorch path for tensors that need
+    gradients (``tokenpool_ops.nn.merge``).
+    """
+    import torch
+
+    cupy = torch_cupy(values)
+    if cupy is None:
+        return None
+    with _on_torch_stream(cupy, values.device):
+        return means_for_torch(run_merge, cupy.from_dlpack, torch.from_dlpack, values, labels,
+                               k, weights, empty)

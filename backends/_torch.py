@@ -125,6 +125,26 @@ def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _on_cuda(tensor: torch.Tensor) -> bool:
+    # The one test of the CUDA branches: the CPU tests substitute it to route CPU tensors
+    # through them, into the host build of the kernels.
+    return tensor.device.type == "cuda"
+
+
+def cuda_weighted_means(values: torch.Tensor, labels: torch.Tensor, k: int,
+                        weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor | None:
+    """The merge kernel's weighted means for CUDA tensors (``_cupy.torch_weighted_means``):
+    O(N M) per problem, no (B, K, N) one-hot. None (the PyTorch code runs) off CUDA, where
+    the kernel declines, and where the means need gradients: the kernel has no backward,
+    and ``tokenpool_ops.nn.merge`` differentiates through the PyTorch code.
+    """
+    if not _on_cuda(values) or _needs_grad(values, weights, empty):
+        return None
+    from . import _cupy
+
+    return _cupy.torch_weighted_means(values, labels, k, weights, empty)
+
+
 #: Bytes of centred tokens per block in the medoid Gram product (see backends._numpy).
 BLOCK_BYTES = 2 << 20
 
@@ -139,14 +159,16 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
 
     Parallel kernels: PyTorch's OpenMP threads go idle quickly after each operation, so
     Numba's threads can have the cores. Tensors elsewhere than on the CPU, inside
-    torch.compile, or whose means need gradients take the PyTorch code instead.
+    torch.compile, or whose means need gradients take the PyTorch code instead; CUDA tensors
+    take the CUDA kernels of ``backends._cupy`` where CuPy is installed (K-Medoids, and the
+    weighted means where no gradient is needed), else the PyTorch code.
     """
     from . import _numba
 
     def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                  weights: torch.Tensor, max_iter: int, stop_early: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-        if x.device.type == "cuda":  # the CUDA kernel, where CuPy is installed
+        if _on_cuda(x):  # the CUDA kernel, where CuPy is installed
             from . import _cupy
 
             return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)
@@ -178,6 +200,9 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
 
     def compiled_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
                                 weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+        fused = cuda_weighted_means(values, labels, k, weights, empty)
+        if fused is not None:
+            return fused
         if not _on_host(values, labels, weights, empty) or _needs_grad(values, weights, empty):
             return weighted_means(xp, values, labels, k, weights, empty)
         return torch.from_numpy(_numba.weighted_means(

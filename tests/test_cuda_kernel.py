@@ -12,10 +12,14 @@ and ``pool``/``kmedoids`` must give what ``fast_paths=False`` gives:
 * over N from 1 to 1024, every K, batches of B = 0, zero-weight clusters and duplicated
   tokens; and shapes beyond the kernel's plan take the generic path, launching nothing.
 
-The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way;
-NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue asks it to; any
-input, NaN and overflow included, leaves labels and medoids in range. The tests at the end
-need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason, elsewhere.
+The merge kernel (Algorithm 1, line 6) is compared with the generic merge the same way.
+PyTorch tensors reach both kernels through backends._torch's CUDA branches and _cupy's torch
+entries; on the CPU, CPU tensors stand in for CUDA ones (NumPy views of their memory for
+CuPy's), so the routing, the gradient rule and "every buffer is PyTorch's" are checked with
+the host build. NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue
+asks it to; any input, NaN and overflow included, leaves labels and medoids in range. The
+tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
+elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -305,9 +310,18 @@ def test_dispatch_offers_the_kernel_to_cupy_and_declines_off_cuda():
     assert backends._fast_paths("cupy")["kmedoids"] is _cupy.kmedoids
     assert backends._fast_paths("cupy")["weighted_means"] is _cupy.weighted_means
     torch = pytest.importorskip("torch", reason="torch is not installed")
-    x = torch.zeros(2, 5, 3)
-    assert _cupy.torch_kmedoids(x, x.mean(1, keepdim=True), torch.zeros(2, 2, dtype=torch.int64),
-                                torch.ones(2, 5), 3, True) is None
+    from tokenpool_ops.backends import _torch
+
+    for device in ("cpu", "meta"):
+        x = torch.zeros(2, 5, 3, device=device)
+        labels = torch.zeros(2, 5, dtype=torch.int64, device=device)
+        weights = torch.ones(2, 5, device=device)
+        empty = x.mean(1, keepdim=True)
+        assert _cupy.torch_cupy(x) is None
+        assert _cupy.torch_kmedoids(x, empty, labels[:, :2], weights, 3, True) is None
+        assert _cupy.torch_weighted_means(x, labels, 2, weights, empty) is None
+        assert not _torch._on_cuda(x)
+        assert _torch.cuda_weighted_means(x, labels, 2, weights, empty) is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +564,177 @@ def test_weighted_means_by_merge_equal_generic(host, seed, n, m, data):
 
 
 # ---------------------------------------------------------------------------------------------
+# PyTorch tensors through _cupy's torch entries, with the host build (CPU tensors stand in for
+# CUDA ones, NumPy views of their memory for CuPy's)
+
+
+class TorchOnHost:
+    """_cupy's torch entries run by the host build: launches counted, and each launch checks
+    that every array it is given lies in the memory of a tensor the entry converted (that
+    is, PyTorch's allocator gave every input, output and workspace; CuPy's pool none)."""
+
+    def __init__(self, host: HostKernels) -> None:
+        self.host = host
+        self.tensors: list[Any] = []  # every tensor the entries hand to the kernel side
+        self.launches = {"kmedoids": 0, "merge": 0}
+
+    def to_array(self, tensor: Any) -> np.ndarray:
+        self.tensors.append(tensor)
+        return tensor.numpy()
+
+    def assert_torch_memory(self, args: Any) -> None:
+        starts = {tensor.data_ptr() for tensor in self.tensors}
+        for field in dataclasses.fields(args):
+            array = getattr(args, field.name)
+            if isinstance(array, np.ndarray) and array.size:  # (0,) placeholders: unread
+                assert array.ctypes.data in starts, f"{field.name}: not a PyTorch buffer"
+
+    def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
+               max_iter: int) -> None:
+        self.launches["kmedoids"] += 1
+        self.assert_torch_memory(args)
+        self.host.launch(args, plan, max_iter)
+
+    def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
+        self.launches["merge"] += 1
+        self.assert_torch_memory(args)
+        self.host.launch_merge(args, with_objective)
+
+    def kmedoids(self, *args: Any) -> Any:
+        """``_cupy.torch_kmedoids`` past its device test."""
+        import torch
+
+        run = functools.partial(_cupy.fused_kmedoids, np, self.launch, H100_SHARED_BYTES)
+        return _cupy.kmedoids_for_torch(run, self.to_array, torch.from_numpy, *args)
+
+    def weighted_means(self, *args: Any) -> Any:
+        """``_cupy.torch_weighted_means`` past its device test."""
+        import torch
+
+        merge = functools.partial(_cupy.fused_merge, np, self.launch_merge, H100_SHARED_BYTES)
+        return _cupy.means_for_torch(merge, self.to_array, torch.from_numpy, *args)
+
+
+@contextlib.contextmanager
+def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHost]:
+    """backends._torch treats CPU tensors as CUDA ones, and _cupy's torch entries run the
+    host build: the dispatch of PyTorch's compiled paths is exercised as on a GPU."""
+    pytest.importorskip("numba", reason="numba is not installed: PyTorch's compiled paths off")
+    from tokenpool_ops.backends import _torch
+
+    on_host = TorchOnHost(host)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch, "_on_cuda", lambda tensor: True)
+        patch.setattr(_cupy, "torch_kmedoids", on_host.kmedoids)
+        patch.setattr(_cupy, "torch_weighted_means", on_host.weighted_means)
+        yield on_host
+
+
+#: Float dtypes of the torch entries, with the tolerance of their means against the generic
+#: code (which sums float16 in float16; the kernel in float32).
+TORCH_TOLERANCES = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3}
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 50), m=st.integers(1, 40),
+       data=st.data())
+def test_torch_weighted_means_by_merge_equal_generic_in_torch_memory(host, seed, n, m, data):
+    # The torch entry of the merge kernel: where `empty` is one row per problem, the means
+    # of the generic PyTorch code, in its dtype, from buffers PyTorch allocated; else None.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n), label="k")
+    dtype_name = data.draw(st.sampled_from(sorted(TORCH_TOLERANCES)), label="dtype")
+    dtype = getattr(torch, dtype_name)
+    values = torch.as_tensor(rng.normal(size=(3, n, m)), dtype=dtype)
+    labels = torch.as_tensor(rng.integers(0, k, size=(3, n)))
+    weights = torch.as_tensor(integer_weights(rng, 3, n), dtype=dtype)
+    rows = data.draw(st.sampled_from([1, k]), label="rows")
+    empty = torch.as_tensor(rng.normal(size=(3, rows, m)), dtype=dtype)
+    on_host = TorchOnHost(host)
+    got = on_host.weighted_means(values, labels, k, weights, empty)
+    want = Primitives(xp).weighted_means(xp, values, labels, k, weights, empty)
+    if rows != 1:
+        assert got is None and on_host.launches["merge"] == 0
+        return
+    assert on_host.launches["merge"] == 1 and got.dtype == want.dtype
+    tolerance = TORCH_TOLERANCES[dtype_name]
+    torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
+
+
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 48), m=st.integers(1, 4),
+       data=st.data())
+def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, data):
+    # pool on PyTorch tensors routed as CUDA tensors are: both kernels launch, on PyTorch's
+    # buffers only, and give the generic results (exactly: integer tokens of mean zero).
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    rng = np.random.default_rng(seed)
+    k = data.draw(st.integers(1, n - 1), label="k")
+    x = torch.as_tensor(zero_mean_integer_tokens(rng, 2, n, m, spread=3))
+    scores = torch.as_tensor(integer_weights(rng, 2, n))
+    options = dict(scores=scores, return_info=True, init="random", seed=seed)
+    want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **options)
+    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+        got = tokenpool_ops.pool(x, k, "wkmedoids", **options)
+    assert on_host.launches == {"kmedoids": 1, "merge": 1}
+    for field in ("assignment", "medoids", "sizes"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])
+def test_torch_kmedoids_entry_converts_in_torch_and_equals_the_numpy_entry(host, dtype_name,
+                                                                            rng):
+    # Tokens and a mean in their own dtype, int32 medoids: PyTorch converts them (to the
+    # accumulator dtype, int64), so the glue copies nothing; results as _cupy's NumPy entry.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = rng.normal(size=(3, 40, 6)).astype(dtype_name)
+    mean = x.mean(axis=1, keepdims=True)
+    init = distinct_init(rng, 3, 40, 7).astype(np.int32)
+    weights = rng.random((3, 40)).astype(dtype_name)
+    on_host = TorchOnHost(host)
+    got = on_host.kmedoids(*map(torch.as_tensor, (x, mean, init, weights)), 6, True)
+    want = host.run(x, mean, init, weights, 6, True)
+    assert on_host.launches["kmedoids"] == 1
+    for got_array, want_array in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(got_array.numpy(), want_array)
+    assert got[3] == want[3]
+
+
+@pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
+def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
+    # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
+    # code, and their gradient is the generic one; all others take the kernel.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    values = torch.tensor(rng.normal(size=(2, 12, 5)),
+                          requires_grad=grad != "no_tensor_requires_grad")
+    labels = torch.as_tensor(rng.integers(0, 4, size=(2, 12)))
+    weights = torch.as_tensor(rng.random((2, 12)))
+    empty = torch.zeros(2, 1, 5, dtype=torch.float64)
+    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+        from tokenpool_ops.backends import _torch
+
+        means = _torch.compiled_paths()["weighted_means"]
+        with torch.no_grad() if grad == "no_grad" else contextlib.nullcontext():
+            got = means(xp, values, labels, 4, weights, empty)
+    want = Primitives(xp).weighted_means(xp, values, labels, 4, weights, empty)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert on_host.launches["merge"] == (0 if grad == "requires_grad" else 1)
+    if grad == "requires_grad":
+        (got_grad,) = torch.autograd.grad(got.square().sum(), values)
+        (want_grad,) = torch.autograd.grad(want.square().sum(), values)
+        torch.testing.assert_close(got_grad, want_grad, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
 # Any input: labels and medoids in range, no crash, no hang (issue #9's invariants)
 
 
@@ -653,6 +838,101 @@ def test_gpu_float32_on_torch_stream_without_checks():
     agree = (got.assignment == want.assignment).float().mean().item()
     assert agree > 0.99  # float32: a rare near tie may break the other way
     torch.testing.assert_close(got.objective, want.objective, rtol=1e-4, atol=1e-4)
+
+
+def _counting(patch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Calls of ``_cupy.<name>`` (the kernel's launch path) from now on."""
+    calls: list[int] = []
+    plain = getattr(_cupy, name)
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return plain(*args, **kwargs)
+
+    patch.setattr(_cupy, name, counted)
+    return calls
+
+
+def _integer_problem(torch: Any, seed: int) -> tuple[Any, Any]:
+    """float32 CUDA tokens whose distances and weighted costs are exact (integer tokens of
+    mean zero, integer scores), so that the kernel's clustering is the generic one and only
+    the means' rounding differs."""
+    rng = np.random.default_rng(seed)
+    x = zero_mean_integer_tokens(rng, 4, 197, 16, spread=8)
+    scores = integer_weights(rng, 4, 197)
+    return (torch.as_tensor(x, dtype=torch.float32, device="cuda"),
+            torch.as_tensor(scores, dtype=torch.float32, device="cuda"))
+
+
+def test_gpu_torch_merge_kernel_equals_generic():
+    # PyTorch CUDA tensors: pool's means come from the merge kernel (no one-hot), equal to
+    # the generic path's within float32 rounding.
+    _, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    x, scores = _integer_problem(torch, 11)
+    options = dict(scores=scores, return_info=True, init="random", seed=3)
+    with pytest.MonkeyPatch.context() as patch:
+        merges = _counting(patch, "run_merge")
+        got = tokenpool_ops.pool(x, 49, "wkmedoids", **options)
+    want = tokenpool_ops.pool(x, 49, "wkmedoids", fast_paths=False, **options)
+    assert merges, "the merge kernel did not run"
+    assert got.tokens.dtype == torch.float32 and got.tokens.device == x.device
+    for field in ("assignment", "medoids", "sizes"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_torch_means_with_gradients_keep_the_torch_path():
+    _, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    import array_api_compat.torch as xp
+    from tokenpool_ops.backends import _torch
+
+    x, scores = _integer_problem(torch, 12)
+    values = x.clone().requires_grad_()
+    labels = torch.arange(197, device="cuda").remainder(5).expand(4, -1)
+    empty = x.mean(1, keepdim=True)
+    means = _torch.compiled_paths()["weighted_means"]
+    with pytest.MonkeyPatch.context() as patch:
+        merges = _counting(patch, "run_merge")
+        with_grad = means(xp, values, labels, 5, scores, empty)
+        assert not merges and with_grad.requires_grad
+        with torch.no_grad():
+            without = means(xp, values, labels, 5, scores, empty)
+        assert merges, "the merge kernel did not run without gradients"
+    torch.testing.assert_close(without, with_grad.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph():
+    # Every buffer of both launches is PyTorch's (CuPy's allocator refuses any request), so
+    # a CUDA graph captures pool and replays it on new tokens as eager PyTorch computes them.
+    cupy, torch = _gpu_libraries()
+    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
+    x, scores = _integer_problem(torch, 13)
+    # The default start (the top scores): no random draw inside the capture.
+    options = dict(scores=scores, check_values=False, stop_early=False)
+
+    def refuse(size: int) -> Any:
+        raise AssertionError(f"CuPy's allocator asked for {size} bytes")
+
+    static = x.clone()
+    with pytest.MonkeyPatch.context() as patch:
+        launches = _counting(patch, "run_kmedoids"), _counting(patch, "run_merge")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), cupy.cuda.using_allocator(refuse):
+            for _ in range(2):  # warm-up on a side stream, as capture requires (compiles)
+                tokenpool_ops.pool(static, 49, "wkmedoids", **options)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), cupy.cuda.using_allocator(refuse):
+            captured = tokenpool_ops.pool(static, 49, "wkmedoids", **options)
+    assert all(len(calls) == 3 for calls in launches), launches
+    fresh = x.flip(1)  # other tokens: the same integers in another order
+    eager = tokenpool_ops.pool(fresh, 49, "wkmedoids", **options)
+    static.copy_(fresh)
+    graph.replay()
+    torch.testing.assert_close(captured, eager)
 
 
 def test_kernel_sources_ship_with_the_package():
