@@ -155,19 +155,23 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
 
 
 def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
-                   ) -> tuple[Any, Any, Any, int]:
+                   ) -> tuple[Any, Any, Any, Any]:
     """``(labels, medoids, history, n_iter)`` as ``_clustering.run_kmedoids`` returns them.
 
     Each problem stopped at its own fixed point and repeated its last objective, so the
-    iterations the generic loop runs are the most any problem needed: one read of a device
-    value with ``stop_early``; none without it (``max_iter`` iterations, as the generic loop).
+    iterations the generic loop runs are the most any problem needed. With ``stop_early``
+    that count stays on the device (a 0-d array) beside the whole history: the core reads
+    it with its value checks, in their one host read, and cuts the history (see
+    ``tokenpool_ops._overflow``). Without it the loop runs ``max_iter`` iterations, as the
+    generic loop does.
     """
     if not stop_early:
-        n_iter = max_iter
+        n_iter: Any = max_iter
     elif args.iterations.shape[0] == 0:
         n_iter = min(1, max_iter)  # the generic loop stops after one (empty) iteration
     else:
-        n_iter = int(args.iterations.max())
+        count = args.iterations.max(keepdims=True).reshape(())  # 0-d: NumPy too (host twin)
+        return args.labels, args.medoids, args.history, count
     return args.labels, args.medoids, args.history[:, : n_iter + 1], n_iter
 
 
@@ -304,7 +308,7 @@ MergeLauncher = Callable[["MergeArguments", bool], None]
 
 def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, x: Any,
                    mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
-                   allocate: Allocator | None = None) -> tuple[Any, Any, Any, int] | None:
+                   allocate: Allocator | None = None) -> tuple[Any, Any, Any, Any] | None:
     """:func:`run_kmedoids` for any array module and launcher (the tests run it with NumPy
     and the host build of the kernel)."""
     if x.ndim != 3:
@@ -319,7 +323,7 @@ def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int
 
 
 def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
-                 allocate: Allocator | None = None) -> tuple[Any, Any, Any, int] | None:
+                 allocate: Allocator | None = None) -> tuple[Any, Any, Any, Any] | None:
     """(Weighted) K-Medoids (Eq. 16-17, weights inside) of CuPy arrays in one launch.
 
     Parameters
@@ -401,7 +405,7 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
 
 
 def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
-             stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+             stop_early: bool) -> tuple[Any, Any, Any, Any] | None:
     """The ``Primitives.kmedoids`` entry for CuPy arrays (see :func:`run_kmedoids`)."""
     return run_kmedoids(x, mean, init, weights, max_iter, stop_early)
 
@@ -490,10 +494,10 @@ def _torch_accumulator(x: Any) -> Any:
     return getattr(torch, ACCUMULATOR[str(x.dtype).removeprefix("torch.")])
 
 
-def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, int] | None],
+def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
                        to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
                        x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
-                       stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+                       stop_early: bool) -> tuple[Any, Any, Any, Any] | None:
     """:func:`torch_kmedoids` with the launch (``run``: :func:`run_kmedoids`, or the host
     build in the tests) and the array exchange given.
 
@@ -513,11 +517,12 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, int] | None],
     if result is None:
         return None
     labels, medoids, history, n_iter = result
-    return from_array(labels), from_array(medoids), from_array(history), n_iter
+    count = n_iter if isinstance(n_iter, int) else from_array(n_iter)  # unread (see above)
+    return from_array(labels), from_array(medoids), from_array(history), count
 
 
 def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
-                   stop_early: bool) -> tuple[Any, Any, Any, int] | None:
+                   stop_early: bool) -> tuple[Any, Any, Any, Any] | None:
     """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
 
     None (the PyTorch code runs) where :func:`torch_cupy` declines and for shapes the
