@@ -396,7 +396,7 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
     ``with_objective``, Eq. 13 of the pooled tokens (B,); None where the kernel does not
     apply. Arguments as in ``_pool._pool_by_clustering`` (``fallback`` None: the weights are
     all positive); results in the accumulator dtype, allocated by ``allocate`` (CuPy's
-    pool by default). Not yet a ``Primitives`` entry.
+    pool by default).
     """
     import cupy
 
@@ -432,8 +432,15 @@ def weighted_means(xp: Any, values: Any, labels: Any, k: int, weights: Any, empt
     return means_by_merge(run_merge, xp, values, labels, k, weights, empty)
 
 
+def merge(xp: Any, x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
+          carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+    """The ``Primitives.merge`` entry for CuPy arrays (see :func:`run_merge`)."""
+    return run_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
+
+
 FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids,
-                                             "weighted_means": weighted_means}
+                                             "weighted_means": weighted_means,
+                                             "merge": merge}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -585,3 +592,44 @@ def torch_weighted_means(values: Any, labels: Any, k: int, weights: Any, empty: 
     with _on_torch_stream(cupy, values.device):
         return means_for_torch(run_merge, cupy.from_dlpack, torch.from_dlpack, values, labels,
                                k, weights, empty)
+
+
+def merge_for_torch(run: Callable[..., tuple[Any, Any, Any | None] | None],
+                    to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
+                    x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
+                    carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+    """:func:`torch_merge` with the launch (``run``: :func:`run_merge`, or the host build in
+    the tests) and the array exchange given; inputs and outputs as in
+    :func:`kmedoids_for_torch`. Results in the accumulator dtype, which is the core's
+    compute dtype."""
+    if x.ndim != 3:
+        return None
+    accumulator = _torch_accumulator(x)
+
+    def per_token(values: Any) -> Any:
+        return to_array(values.detach().to(accumulator).contiguous())
+
+    merged = run(to_array(x.detach().contiguous()), per_token(mean), to_array(
+        labels.long().contiguous()), k, per_token(weights),
+        None if fallback is None else per_token(fallback), per_token(carried), with_objective,
+        torch_allocator(x.device, to_array))  # positional: see kmedoids_for_torch
+    if merged is None:
+        return None
+    tokens, sizes, objective = merged
+    return (from_array(tokens), from_array(sizes),
+            None if objective is None else from_array(objective))
+
+
+def torch_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
+                carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
+    """:func:`run_merge` for PyTorch CUDA tensors (``Primitives.merge``); torch tensors on the
+    same device back, or None (the PyTorch code runs) where :func:`torch_cupy` or the
+    kernel declines. Detached, like :func:`torch_weighted_means`."""
+    import torch
+
+    cupy = torch_cupy(x)
+    if cupy is None:
+        return None
+    with _on_torch_stream(cupy, x.device):
+        return merge_for_torch(run_merge, cupy.from_dlpack, torch.from_dlpack, x, mean, labels,
+                               k, weights, fallback, carried, with_objective)

@@ -208,6 +208,17 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         return torch.from_numpy(_numba.weighted_means(
             values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
 
-    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means}
+    def merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor, k: int,
+              weights: torch.Tensor, fallback: torch.Tensor | None, carried: torch.Tensor,
+              with_objective: bool) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
+        if not _on_cuda(x) or _needs_grad(*given):
+            return None  # on the host the Numba means and the PyTorch sums are as lean
+        from . import _cupy
+
+        return _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
+
+    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
+            "merge": merge}
 
 

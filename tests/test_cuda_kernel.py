@@ -577,6 +577,7 @@ class TorchOnHost:
         self.host = host
         self.tensors: list[Any] = []  # every tensor the entries hand to the kernel side
         self.launches = {"kmedoids": 0, "merge": 0}
+        self.merged_objective: list[bool] = []  # with_objective of each merge launch
 
     def to_array(self, tensor: Any) -> np.ndarray:
         self.tensors.append(tensor)
@@ -597,6 +598,7 @@ class TorchOnHost:
 
     def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
         self.launches["merge"] += 1
+        self.merged_objective.append(with_objective)
         self.assert_torch_memory(args)
         self.host.launch_merge(args, with_objective)
 
@@ -614,6 +616,13 @@ class TorchOnHost:
         merge = functools.partial(_cupy.fused_merge, np, self.launch_merge, H100_SHARED_BYTES)
         return _cupy.means_for_torch(merge, self.to_array, torch.from_numpy, *args)
 
+    def merge(self, *args: Any) -> Any:
+        """``_cupy.torch_merge`` past its device test."""
+        import torch
+
+        run = functools.partial(_cupy.fused_merge, np, self.launch_merge, H100_SHARED_BYTES)
+        return _cupy.merge_for_torch(run, self.to_array, torch.from_numpy, *args)
+
 
 @contextlib.contextmanager
 def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHost]:
@@ -627,6 +636,7 @@ def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHos
         patch.setattr(_torch, "_on_cuda", lambda tensor: True)
         patch.setattr(_cupy, "torch_kmedoids", on_host.kmedoids)
         patch.setattr(_cupy, "torch_weighted_means", on_host.weighted_means)
+        patch.setattr(_cupy, "torch_merge", on_host.merge)
         yield on_host
 
 
@@ -684,6 +694,30 @@ def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, d
         torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
     torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_plan_through_the_cuda_branches_merges_in_one_launch(host, lean):
+    # What a patched model's block asks for (tokenpool_ops.nn.plan): one K-Medoids launch and
+    # one merge launch, the objective computed only where the plan is not lean.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    from tokenpool_ops.nn import plan
+
+    rng = np.random.default_rng(7)
+    x = torch.as_tensor(zero_mean_integer_tokens(rng, 3, 24, 4, spread=3))
+    scores = torch.as_tensor(integer_weights(rng, 3, 24))
+    want = plan(x, 6, "wkmedoids", scores=scores, sizes=scores + 1, fast_paths=False)
+    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+        got = plan(x, 6, "wkmedoids", scores=scores, sizes=scores + 1, lean=lean)
+    assert on_host.launches == {"kmedoids": 1, "merge": 1}
+    assert on_host.merged_objective == [not lean]
+    for field in ("assignment", "medoids", "sizes"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=0)
+    torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-12, atol=1e-12)
+    if lean:
+        assert got.objective is None
+    else:
+        torch.testing.assert_close(got.objective, want.objective, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype_name", ["float16", "float32", "float64"])

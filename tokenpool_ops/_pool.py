@@ -563,16 +563,23 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     else:
         flat = cluster_medoids(prims, batch.x, batch.mean, start, weights, max_iter, stop_early)
     labels = flat.assignment
-    token_weights = effective_weights(prims, labels, k, weights, fallback)
-    # Means of the original (not centred) tokens, so that they are the members' exact means.
-    # Only K-Means clusters can be empty (a medoid always belongs to its own cluster).
-    empty = batch.mean if flat.centres is None else flat.centres + batch.mean
-    tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
-    sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
-    # The history is kept in every detail: an overflow in the clustering shows there first
-    # (see _overflow).
-    objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
-                 if detail == "info" else None)
+    with_objective = detail == "info"
+    fused = (prims.merge(batch.xp, batch.x, batch.mean, labels, k, weights, fallback, carried,
+                         with_objective)
+             if prims.merge is not None and flat.centres is None else None)
+    if fused is not None:  # one launch for the means, sizes and objective (CUDA)
+        tokens, sizes, objective = fused
+    else:
+        token_weights = effective_weights(prims, labels, k, weights, fallback)
+        # Means of the original (not centred) tokens, so that they are the members' exact
+        # means. Only K-Means clusters can be empty (a medoid belongs to its own cluster).
+        empty = batch.mean if flat.centres is None else flat.centres + batch.mean
+        tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
+        sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
+        # The history is kept in every detail: an overflow in the clustering shows there
+        # first (see _overflow).
+        objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
+                     if with_objective else None)
     return PoolResult(tokens, labels, sizes, flat.medoids, objective, flat.history,
                       flat.n_iter)
 
