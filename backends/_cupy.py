@@ -115,6 +115,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
 Allocator = Callable[[tuple[int, ...], Any], Any]
 
 
+def _allocator(np_like: Any, allocate: Allocator | None) -> Allocator:
+    return allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
+
+
 @dataclass(frozen=True)
 class KernelArguments:
     """Arrays in the layout the kernel reads, and the arrays it writes."""
@@ -138,7 +142,7 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
     n_problems, n, m = x.shape
     k = init.shape[-1]
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
-    new = allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
+    new = _allocator(np_like, allocate)
     workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, n)
     return KernelArguments(
         x=np_like.ascontiguousarray(x),
@@ -165,13 +169,12 @@ def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
     ``tokenpool_ops._overflow``). Without it the loop runs ``max_iter`` iterations, as the
     generic loop does.
     """
-    if not stop_early:
-        n_iter: Any = max_iter
-    elif args.iterations.shape[0] == 0:
-        n_iter = min(1, max_iter)  # the generic loop stops after one (empty) iteration
-    else:
+    if stop_early and args.iterations.shape[0] > 0:
         count = args.iterations.max(keepdims=True).reshape(())  # 0-d: NumPy too (host twin)
         return args.labels, args.medoids, args.history, count
+    # Without stop_early, max_iter; with no problem, the generic loop stops after one
+    # (empty) iteration.
+    n_iter = min(1, max_iter) if stop_early else max_iter
     return args.labels, args.medoids, args.history[:, : n_iter + 1], n_iter
 
 
@@ -223,7 +226,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
                     allocate: Allocator | None = None) -> MergeArguments:
     n_problems, n, m = x.shape
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
-    new = allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
+    new = _allocator(np_like, allocate)
 
     def per_token(values: Any) -> Any:
         return np_like.ascontiguousarray(values, dtype=accumulator)
@@ -340,7 +343,8 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
         Most iterations; each problem stops at its own fixed point.
     stop_early : bool
         As in ``_clustering.run_kmedoids``: the iterations reported are the most any problem
-        needed (one read of a device value); False reports ``max_iter`` and reads nothing.
+        needed, left on the device for the caller to read (see :func:`kernel_results`);
+        False reports ``max_iter``.
     allocate : Allocator, optional
         Where the outputs and the workspace come from; CuPy's memory pool by default.
 
@@ -528,6 +532,19 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
     return from_array(labels), from_array(medoids), from_array(history), count
 
 
+def _torch_entry(for_torch: Callable[..., Any], run: Callable[..., Any], x: Any,
+                 *args: Any) -> Any | None:
+    """``for_torch(run, cupy.from_dlpack, torch.from_dlpack, x, *args)`` on PyTorch's
+    current stream of ``x``'s device; None where :func:`torch_cupy` declines."""
+    import torch
+
+    cupy = torch_cupy(x)
+    if cupy is None:
+        return None
+    with _on_torch_stream(cupy, x.device):
+        return for_torch(run, cupy.from_dlpack, torch.from_dlpack, x, *args)
+
+
 def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
                    stop_early: bool) -> tuple[Any, Any, Any, Any] | None:
     """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
@@ -537,61 +554,8 @@ def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
     from PyTorch's allocator (see :func:`kmedoids_for_torch`). Nothing here needs
     gradients: labels and medoids have none, and the merge that follows stays in PyTorch.
     """
-    import torch
-
-    cupy = torch_cupy(x)
-    if cupy is None:
-        return None
-    with _on_torch_stream(cupy, x.device):
-        return kmedoids_for_torch(run_kmedoids, cupy.from_dlpack, torch.from_dlpack, x, mean,
-                                  init, weights, max_iter, stop_early)
-
-
-def means_for_torch(merge: Callable[..., tuple[Any, Any, Any | None] | None],
-                    to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
-                    values: Any, labels: Any, k: int, weights: Any, empty: Any) -> Any | None:
-    """:func:`torch_weighted_means` with the launch (``merge``: :func:`run_merge`, or the
-    host build in the tests) and the array exchange given; inputs and outputs as in
-    :func:`kmedoids_for_torch`. None where :func:`means_by_merge` would take the generic
-    code (``empty`` not one row per problem) or the kernel declines.
-    """
-    import torch
-
-    if values.ndim != 3 or empty.ndim != 3 or empty.shape[1] != 1:
-        return None
-    accumulator = _torch_accumulator(values)
-    per_token = weights.detach().to(accumulator).contiguous()
-    inputs = (values.detach().contiguous(), empty.detach().to(accumulator).contiguous(),
-              labels.long().contiguous())
-    x, mean, token_labels = map(to_array, inputs)
-    token_weights = to_array(per_token)
-    merged = merge(x, mean, token_labels, k, token_weights, None, token_weights, False,
-                   torch_allocator(values.device, to_array))  # positional: see above
-    if merged is None:
-        return None
-    # The generic means come in the promoted dtype of their inputs; the kernel's in the
-    # accumulator dtype (float32 for float16 tokens).
-    dtype = torch.promote_types(torch.promote_types(values.dtype, weights.dtype), empty.dtype)
-    return from_array(merged[0]).to(dtype)
-
-
-def torch_weighted_means(values: Any, labels: Any, k: int, weights: Any, empty: Any
-                         ) -> Any | None:
-    """:func:`weighted_means` (the merge kernel) for PyTorch CUDA tensors; a torch tensor on
-    the same device back, or None (the PyTorch code runs) where :func:`torch_cupy` or
-    :func:`means_for_torch` declines.
-
-    Detached: the caller keeps the differentiable PyTorch path for tensors that need
-    gradients (``tokenpool_ops.nn.merge``).
-    """
-    import torch
-
-    cupy = torch_cupy(values)
-    if cupy is None:
-        return None
-    with _on_torch_stream(cupy, values.device):
-        return means_for_torch(run_merge, cupy.from_dlpack, torch.from_dlpack, values, labels,
-                               k, weights, empty)
+    return _torch_entry(kmedoids_for_torch, run_kmedoids, x, mean, init, weights, max_iter,
+                        stop_early)
 
 
 def merge_for_torch(run: Callable[..., tuple[Any, Any, Any | None] | None],
@@ -620,16 +584,44 @@ def merge_for_torch(run: Callable[..., tuple[Any, Any, Any | None] | None],
             None if objective is None else from_array(objective))
 
 
+def means_for_torch(merge: Callable[..., tuple[Any, Any, Any | None] | None],
+                    to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
+                    values: Any, labels: Any, k: int, weights: Any, empty: Any) -> Any | None:
+    """:func:`torch_weighted_means` with the launch (``merge``: :func:`run_merge`, or the
+    host build in the tests) and the array exchange given: :func:`merge_for_torch` with the
+    weights as sizes and no objective. None where :func:`means_by_merge` would take the
+    generic code (``empty`` not one row per problem) or the kernel declines.
+    """
+    import torch
+
+    if empty.ndim != 3 or empty.shape[1] != 1:
+        return None
+    merged = merge_for_torch(merge, to_array, from_array, values, empty, labels, k, weights,
+                             None, weights, False)
+    if merged is None:
+        return None
+    # The generic means come in the promoted dtype of their inputs; the kernel's in the
+    # accumulator dtype (float32 for float16 tokens).
+    dtype = torch.promote_types(torch.promote_types(values.dtype, weights.dtype), empty.dtype)
+    return merged[0].to(dtype)
+
+
+def torch_weighted_means(values: Any, labels: Any, k: int, weights: Any, empty: Any
+                         ) -> Any | None:
+    """:func:`weighted_means` (the merge kernel) for PyTorch CUDA tensors; a torch tensor on
+    the same device back, or None (the PyTorch code runs) where :func:`torch_cupy` or
+    :func:`means_for_torch` declines.
+
+    Detached: the caller keeps the differentiable PyTorch path for tensors that need
+    gradients (``tokenpool_ops.nn.merge``).
+    """
+    return _torch_entry(means_for_torch, run_merge, values, labels, k, weights, empty)
+
+
 def torch_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
                 carried: Any, with_objective: bool) -> tuple[Any, Any, Any | None] | None:
     """:func:`run_merge` for PyTorch CUDA tensors (``Primitives.merge``); torch tensors on the
     same device back, or None (the PyTorch code runs) where :func:`torch_cupy` or the
     kernel declines. Detached, like :func:`torch_weighted_means`."""
-    import torch
-
-    cupy = torch_cupy(x)
-    if cupy is None:
-        return None
-    with _on_torch_stream(cupy, x.device):
-        return merge_for_torch(run_merge, cupy.from_dlpack, torch.from_dlpack, x, mean, labels,
-                               k, weights, fallback, carried, with_objective)
+    return _torch_entry(merge_for_torch, run_merge, x, mean, labels, k, weights, fallback,
+                        carried, with_objective)

@@ -95,7 +95,7 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
 
 def unread_iterations(result: Any) -> Array | None:
     """The iteration count a fused kernel left on the device (a 0-d array), else None."""
-    n_iter = getattr(result, "n_iter", 0)
+    n_iter = result.n_iter
     return None if isinstance(n_iter, int) else n_iter
 
 

@@ -154,11 +154,11 @@ def _resolve_init(
 def _prepare(
     x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
     **per_token: Array | None,
-) -> tuple[Batch, int, int, list[Deferred]]:
+) -> tuple[Batch, int, int, list[Deferred] | None]:
     """Check the arguments shared by every entry point; return the flattened batch, k,
-    max_iter and, with ``check_values``, the value checks of x and the per-token arrays,
-    still on the device: :func:`_computed` reads them with its overflow check, in one host
-    synchronisation (a bad value cannot crash the computation before; see _overflow).
+    max_iter and the value checks of x and the per-token arrays, still on the device (None
+    without ``check_values``): :func:`_computed` reads them with its overflow check, in one
+    host synchronisation (a bad value cannot crash the computation before; see _overflow).
     An ``init`` array is checked here, before it can index anything."""
     check_is_array(x, "x")
     for name, values in per_token.items():
@@ -175,9 +175,9 @@ def _prepare(
     k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
     for name, values in per_token.items():
         check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values=False)
-    pending = []
+    pending = None
     if check_values:  # x from the means, which the batch computes anyway
-        pending.append(finite_tokens_deferred(xp, batch.x, batch.mean))
+        pending = [finite_tokens_deferred(xp, batch.x, batch.mean)]
         pending += [token_values_deferred(xp, values, name)
                     for name, values in per_token.items() if values is not None]
     if isinstance(init, str) and init not in INITS:
@@ -209,8 +209,7 @@ def _cluster(
     def compute(b: Batch) -> Clustering:
         return _clustering(b, algorithm, start, b.flat(given), max_iter, stop_early)
 
-    return _to_caller(batch, _computed(batch, compute, pending if check_values else None,
-                                       weights=given))
+    return _to_caller(batch, _computed(batch, compute, pending, weights=given))
 
 
 def _clustering(batch: Batch, algorithm: str, start: Array, given: Array | None,
@@ -470,11 +469,11 @@ def pool_result(
     batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
                                            scores=scores, sizes=sizes)
     s, given_sizes = batch.flat(scores), batch.flat(sizes)
-    if k >= batch.x.shape[1] or k == 0:
-        settle(batch.xp, pending)
     if k >= batch.x.shape[1]:
+        settle(batch.xp, pending)
         return _identity(batch, x, given_sizes)
     if k == 0:
+        settle(batch.xp, pending)
         result = _nothing_kept(batch)
     else:
         with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
@@ -485,8 +484,7 @@ def pool_result(
             return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
                               stop_early, detail)
 
-        result = _computed(batch, compute, pending if check_values else None,
-                           ("tokens",) if detail == "tokens" else None,
+        result = _computed(batch, compute, pending, ("tokens",) if detail == "tokens" else None,
                            scores=s, sizes=given_sizes)
     return _to_caller(batch, result)
 

@@ -87,16 +87,17 @@ def token_values_deferred(xp: Namespace, values: Array, name: str) -> Deferred:
     return Deferred(xp.all(valid), confirm)
 
 
-def settle(xp: Namespace, checks: Sequence[Deferred], *flags: Array) -> list[bool]:
-    """Read the verdicts of ``checks`` and the 0-d boolean ``flags`` in one host read, raise
-    the error of the first failed check, and return the ``flags``."""
-    return settle_counting(xp, checks, flags)[0]
+def settle(xp: Namespace, checks: Sequence[Deferred] | None) -> None:
+    """Read the verdicts of ``checks`` in one host read and raise the error of the first
+    that failed (None or none: nothing to read)."""
+    settle_counting(xp, checks or [], [])
 
 
 def settle_counting(xp: Namespace, checks: Sequence[Deferred], flags: Sequence[Array],
                     count: Array | None = None) -> tuple[list[bool], int | None]:
-    """:func:`settle`, also reading a non-negative 0-d integer ``count`` in the same read
-    (packed above the verdict bits): the flags and the count (None without one)."""
+    """:func:`settle`, also reading the 0-d boolean ``flags`` and a non-negative 0-d integer
+    ``count`` in the same read (packed above the verdict bits): the flags and the count
+    (None without one)."""
     verdicts = [check.passed for check in checks] + list(flags)
     if not verdicts and count is None:
         return [], None
