@@ -7,6 +7,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="TokenPooling and the timm patch need PyTorch")
 timm = pytest.importorskip("timm", reason="the timm patch needs timm (pip install timm)")
 
+import copy  # noqa: E402
 import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -438,3 +439,66 @@ def test_received_attention_under_bfloat16_autocast_within_rounding() -> None:
     # bf16 logits (8 significant bits): each score within bf16's relative rounding, 2^-8;
     # the sum over heads and queries averages the errors down (6e-4 measured).
     torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules that empty a block before the last
+
+
+EMPTYING_SCHEDULES = {"zero_everywhere": [0, 0, 0], "empty_at_two": [6, 0, 0],
+                      "empty_at_three": [10, 6, 0]}
+
+
+@pytest.fixture(scope="module")
+def tiny_vit() -> torch.nn.Module:
+    """A 3-block DeiT on 64x64 images: 16 patch tokens plus the class token."""
+    torch.manual_seed(0)
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=64, depth=3,
+                             num_classes=5).eval()
+
+
+def _head_from_prefix(model: torch.nn.Module, x: torch.Tensor, first_block: int) -> torch.Tensor:
+    """The unpatched model's blocks ``first_block:`` and head on prefix-only tokens ``x``."""
+    for block in model.blocks[first_block:]:
+        x = block(x)
+    return model.forward_head(model.norm(x))
+
+
+@pytest.mark.parametrize("mode", ["eval_materialised", "eval_sdpa", "train"])
+@pytest.mark.parametrize("placement", ["attn", "block"])
+@pytest.mark.parametrize("schedule", EMPTYING_SCHEDULES)
+@pytest.mark.parametrize("method", METHODS)
+def test_blocks_after_an_emptied_block_see_the_prefix_alone(
+        method: str, schedule: str, placement: str, mode: str, tiny_vit, monkeypatch) -> None:
+    """A block that keeps no patch token leaves the prefix alone to the blocks after it.
+
+    Those blocks must compute exactly what the unpatched blocks compute on the prefix tokens
+    (log(size) adds nothing to a prefix token: it stands for itself), in every mode.
+    """
+    keep = EMPTYING_SCHEDULES[schedule]
+    reference, model = tiny_vit, copy.deepcopy(tiny_vit)
+    if mode == "eval_sdpa":
+        monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
+    patch_timm(model, keep, method=method, placement=placement, trace_source=True)
+    model.train(mode == "train")
+    model.drop_rate = 0.0  # keeps dropout out of the comparison (the DeiT has none anyway)
+    emptied = keep.index(0)
+    prefix_in: list[torch.Tensor] = []
+    if emptied + 1 < len(keep):
+        model.blocks[emptied + 1].register_forward_pre_hook(
+            lambda m, args: prefix_in.append(args[0].detach()))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.set_grad_enabled(mode == "train"):
+        logits = model(images.requires_grad_(mode == "train"))
+    assert logits.shape == (2, 5) and torch.isfinite(logits).all()
+    assert model._tokenpool["sizes"].shape == (2, 0)
+    assert (model._tokenpool["source"] == -1).all()
+    if prefix_in:
+        assert prefix_in[0].shape == (2, 1, 192)  # the class token alone
+        with torch.no_grad():
+            expected = _head_from_prefix(reference, prefix_in[0], emptied + 1)
+        torch.testing.assert_close(logits.detach(), expected, rtol=1e-5, atol=1e-5)
+    if mode == "train":
+        logits.logsumexp(-1).sum().backward()
+        assert images.grad is not None and torch.isfinite(images.grad).all()
+        assert images.grad.abs().sum() > 0

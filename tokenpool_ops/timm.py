@@ -130,7 +130,9 @@ class TokenPoolAttention(Attention):
 
         bias = None
         if state["prop_attn"] and state["sizes"] is not None:
-            prefix = torch.ones_like(state["sizes"][:, :state["num_prefix"]])
+            # Prefix tokens stand for themselves. Their ones are made, not sliced from the
+            # sizes: once a block has pooled to no patch token, the sizes are (B, 0).
+            prefix = state["sizes"].new_ones(B, state["num_prefix"])
             bias = torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
 
         scores = None
