@@ -77,6 +77,45 @@ def test_importance_draws_in_proportion_to_the_scores_chi_square(seed):
     assert chi_square(counts[:4], expected) < CHI2_999[3]
 
 
+def expected_importance_draw(seed: int, scores: np.ndarray, k: int) -> list[list[int]]:
+    """The documented draw written out: positive scores race by -log(u) / score (smallest
+    first), then zero scores by u (largest first); equal keys go to the lower index."""
+    draws = []
+    for b, row in enumerate(scores):
+        u = [expected_uniform(seed, b, i) for i in range(len(row))]
+        positive = sorted((-np.log(u[i]) / row[i], i) for i in range(len(row)) if row[i] > 0)
+        zero = sorted((-u[i], i) for i in range(len(row)) if row[i] == 0)
+        draws.append(sorted(i for _, i in (positive + zero)[:k]))
+    return draws
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_importance_with_zero_scores_draws_uniformly_among_them_on_every_backend(backend, seed):
+    """All-zero scores express no preference: the draw is 'random''s. With fewer positive
+    scores than k, every positive token is taken and the rest come uniformly from the zeros."""
+    rng = np.random.default_rng(seed)
+    scores = np.zeros((4, 9))
+    scores[2, [1, 6]] = [0.5, 2.0]  # two positive scores, k = 4
+    scores[3] = rng.exponential(size=9)
+    x = backend.asarray(rng.normal(size=(4, 9, 2)))
+    drawn = tokenpool_ops.pool(x, 4, "importance", scores=backend.asarray(scores), seed=seed,
+                               return_info=True).medoids
+    got = backend.to_numpy(drawn).tolist()
+    assert got == expected_importance_draw(seed, scores, 4)
+    assert {1, 6} <= set(got[2])
+    uniform = tokenpool_ops.pool(x, 4, "random", seed=seed, return_info=True).medoids
+    assert got[:2] == backend.to_numpy(uniform).tolist()[:2]
+
+
+def test_importance_with_all_zero_scores_is_uniform_chi_square():
+    problems, n = 16000, 8
+    x = np.zeros((problems, n, 1))
+    chosen = tokenpool_ops.pool(x, 1, "importance", scores=np.zeros((problems, n)), seed=3,
+                                return_info=True).medoids[:, 0]
+    counts = np.bincount(chosen, minlength=n)
+    assert chi_square(counts, np.full(n, problems / n)) < CHI2_999[7]
+
+
 def test_draw_happens_on_the_device_without_host_arrays():
     """On PyTorch's meta device no value exists at all: a draw made on the host and copied
     over would fail or leave the meta device; the counter-based draw is pure tensor code."""

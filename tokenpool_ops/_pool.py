@@ -384,7 +384,9 @@ def pool(
         ``'kmeans'``, ``'kmedoids'``, ``'wkmeans'``, ``'wkmedoids'`` (clustering; output is
         the weighted mean of each cluster, Algorithm 1 line 6), or the baselines of §5:
         ``'topk'`` (PoWER-BERT: the k highest scores), ``'random'`` (uniform draw) and
-        ``'importance'`` (draw proportional to the scores). Baselines keep the chosen tokens,
+        ``'importance'`` (draw proportional to the scores; tokens of score zero are drawn
+        only when fewer than k scores are positive, then uniformly, so a problem whose
+        scores are all zero draws the tokens of 'random'). Baselines keep the chosen tokens,
         in their original order.
     scores : array (..., N), optional
         Significance scores (Eq. 5, see :func:`significance_scores`), non-negative. Weights

@@ -6,7 +6,7 @@ Ties are broken towards the lower token index.
 
 from __future__ import annotations
 
-from ._compat import Array, Namespace, constant, device, index_dtype
+from ._compat import Array, Namespace, constant, device, index_dtype, take_along_axis
 from ._random import uniforms
 
 
@@ -32,16 +32,23 @@ def draw_without_replacement(
 
     Exponential race: token i gets key E_i / w_i with E_i = -log U_i ~ Exp(1); the k smallest
     keys are a draw without replacement proportional to w (Efraimidis and Spirakis, 2006),
-    and without weights the k largest U_i are a uniform draw. Tokens of zero weight are taken
-    only when fewer than k tokens have positive weight. The uniforms come from a counter-based
-    hash of (seed, problem, token) computed on ``like``'s device (see :mod:`._random`), so
-    every backend draws the same tokens; a problem's draw depends on its position in the
-    batch. Equal keys go to the lower index.
+    and without weights the k largest U_i are a uniform draw. Tokens of zero weight have no
+    preference among them: they are taken only when fewer than k tokens have positive weight,
+    and then uniformly (by the largest U_i, as an unweighted draw), so a problem whose weights
+    are all zero draws exactly the tokens of an unweighted draw. The uniforms come from a
+    counter-based hash of (seed, problem, token) computed on ``like``'s device (see
+    :mod:`._random`), so every backend draws the same tokens; a problem's draw depends on its
+    position in the batch. Equal keys go to the lower index.
     """
     u = uniforms(xp, seed, (like.shape[0], like.shape[1]), like)
     if weights is None:
         return top_k(xp, u, k)
     positive = weights > 0
     safe = xp.where(positive, weights, constant(xp, 1.0, weights))
-    keys = xp.where(positive, xp.log(u) / safe, constant(xp, -float("inf"), weights))
-    return top_k(xp, keys, k)
+    # The k smallest race keys E_i / w_i win; zero-weight tokens race by U_i (largest first).
+    race = xp.where(positive, -xp.log(u) / safe, -u)
+    by_race = xp.argsort(race, axis=-1, stable=True)
+    # Then positive weights first, keeping the race order inside each group (stable).
+    zero_weight = xp.astype(take_along_axis(xp, ~positive, by_race, axis=-1), xp.int8)
+    order = take_along_axis(xp, by_race, xp.argsort(zero_weight, axis=-1, stable=True), axis=-1)
+    return xp.sort(order[:, :k], axis=-1)
