@@ -1,23 +1,38 @@
-"""The README's usage examples run as written."""
+"""The README's usage examples run as written and print what the README quotes.
+
+Each ```pycon block is a doctest session of its own: a change that moves a quoted output
+(an iteration count, an objective, a shape) fails here.
+"""
 
 from __future__ import annotations
 
+import doctest
 import re
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+BLOCKS = re.findall(r"^```pycon\n(.*?)^```", README.read_text(), re.S | re.M)
+FLAGS = doctest.NORMALIZE_WHITESPACE | doctest.ELLIPSIS
 
 
 def test_readme_has_examples():
-    assert len(BLOCKS) >= 2
+    assert len(BLOCKS) >= 3
+    assert not re.search(r"^```python", README.read_text(), re.M), \
+        "write README examples as ```pycon doctest sessions, so their output is checked"
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_example_runs(index):
+def test_readme_example_prints_what_it_quotes(index):
+    block = BLOCKS[index]
     for module in ("torch", "timm"):
-        if f"import {module}" in BLOCKS[index]:
+        if f"import {module}" in block:
             pytest.importorskip(module, reason=f"the example needs {module}")
-    exec(compile(BLOCKS[index], f"README.md example {index}", "exec"), {})
+    test = doctest.DocTestParser().get_doctest(block, {}, f"README.md example {index}",
+                                               str(README), 0)
+    runner = doctest.DocTestRunner(optionflags=FLAGS)
+    output: list[str] = []
+    runner.run(test, out=output.append)
+    assert runner.failures == 0, "".join(output)
+    assert runner.tries > 0
