@@ -33,6 +33,7 @@ __all__ = [
     "is_jax_namespace",
     "is_numpy_namespace",
     "is_torch_namespace",
+    "is_traced",
     "take_along_axis",
 ]
 
@@ -64,6 +65,19 @@ def array_namespace(*arrays: Array) -> Namespace:
 def is_array_api_obj(x: object) -> bool:
     """Whether ``x`` is an array of a library array-api-compat supports."""
     return _is_tensor(x) or array_api_compat.is_array_api_obj(x)
+
+
+def is_traced(*arrays: Array) -> bool:
+    """Whether any of ``arrays`` is being traced rather than computed: a JAX tracer (under
+    ``jit``, ``vmap``, ``grad``) or a tensor under ``torch.compile`` / ``torch.export``.
+    Traced values cannot be read on the host. None entries are ignored."""
+    jax_core = sys.modules.get("jax.core")  # never imports JAX for other libraries' arrays
+    tracer = getattr(jax_core, "Tracer", None)
+    if tracer is not None and any(isinstance(a, tracer) for a in arrays):
+        return True
+    torch = sys.modules.get("torch")
+    return (torch is not None and any(_is_tensor(a) for a in arrays)
+            and bool(torch.compiler.is_compiling()))
 
 
 def device(x: Array) -> Any:

@@ -17,7 +17,7 @@ from ._clustering import (
     weighted_means,
     weighted_objective,
 )
-from ._compat import Array, device, is_array_api_obj, take_along_axis
+from ._compat import Array, device, is_array_api_obj, is_traced, take_along_axis
 from ._overflow import read_iterations, without_overflow
 from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
@@ -151,6 +151,17 @@ def _resolve_init(
     return spread(xp, n_problems, n, k, batch.x)
 
 
+def _host_reads(check_values: bool, stop_early: bool, *arrays: Array | None
+                ) -> tuple[bool, bool]:
+    """``check_values`` and ``stop_early`` as the call can honour them: under a tracer
+    (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``, ``torch.export``) no value can be
+    read on the host, so the values go unchecked and the clustering runs its ``max_iter``
+    iterations (a fused kernel still stops each problem at its fixed point)."""
+    if is_traced(*arrays):
+        return False, False
+    return check_values, stop_early
+
+
 def _prepare(
     x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
     **per_token: Array | None,
@@ -197,6 +208,7 @@ def _cluster(
     init: Init, max_iter: int, seed: int, check_values: bool, stop_early: bool,
     fast_paths: bool,
 ) -> Clustering:
+    check_values, stop_early = _host_reads(check_values, stop_early, x, weights)
     batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
                                            weights=weights)
     k = min(k, batch.x.shape[1])
@@ -311,6 +323,9 @@ def kmeans(
         decides per problem. False runs exactly ``max_iter`` iterations and reads no array
         value on the host, for ``torch.compile`` and CUDA graphs; a fused kernel stops
         each problem at its fixed point either way, so there False costs no iterations.
+        Under a tracer (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``,
+        ``torch.export``) nothing can be read on the host: ``stop_early`` and
+        ``check_values`` are then False whatever they say.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
@@ -423,6 +438,9 @@ def pool(
         decides per problem. False runs exactly ``max_iter`` iterations and reads no array
         value on the host, for ``torch.compile`` and CUDA graphs; a fused kernel stops
         each problem at its fixed point either way, so there False costs no iterations.
+        Under a tracer (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``,
+        ``torch.export``) nothing can be read on the host: ``stop_early`` and
+        ``check_values`` are then False whatever they say.
     fast_paths : bool
         Use the backend's fast primitives; False forces the generic array-API code.
 
@@ -468,6 +486,7 @@ def pool_result(
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
+    check_values, stop_early = _host_reads(check_values, stop_early, x, scores, sizes)
     batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
                                            scores=scores, sizes=sizes)
     s, given_sizes = batch.flat(scores), batch.flat(sizes)
@@ -614,6 +633,6 @@ def unpool(tokens: Array, assignment: Array) -> Array:
         raise ValueError(f"assignment must have shape (..., N) with the batch shape "
                          f"{tuple(tokens.shape[:-2])} of tokens, got {tuple(assignment.shape)}")
     k = tokens.shape[-2]
-    if not bool(xp.all((assignment >= 0) & (assignment < k))):
+    if not is_traced(assignment) and not bool(xp.all((assignment >= 0) & (assignment < k))):
         raise ValueError(f"assignment must hold indices in [0, {k}) (K = {k})")
     return take_along_axis(xp, tokens, assignment[..., None], axis=-2)
