@@ -142,8 +142,11 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     if compiler is None:
         pytest.skip("g++ not found: the host build of the CUDA kernel cannot be compiled")
     library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
-    command = [compiler, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-               "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o", str(library)]
+    # No implicit multiply-add: the GPU build has none either (-fmad=false, see
+    # _cupy.FLOAT_MODEL), so both round every operation the same way.
+    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+               "-shared", "-fPIC", "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
+               str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
     return HostKernels(ctypes.CDLL(str(library)))
@@ -278,8 +281,53 @@ def _nvrtc() -> ctypes.CDLL:
     pytest.skip("NVRTC not found: the CuPy module's compilation is untested")
 
 
-def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
-    # What _cupy._module hands to cupy.RawModule: the source, its options, every name.
+def _nvrtc_ptx(nvrtc: ctypes.CDLL, name: str, options: tuple[str, ...]) -> tuple[str, str]:
+    """(PTX, lowered name) of instantiation ``name`` of kmedoids.cu, compiled alone as
+    ``_cupy._nvrtc`` compiles it (CuPy adds --device-as-default-execution-space and the
+    architecture)."""
+    program = ctypes.c_void_p()
+    source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_bytes()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"kmedoids.cu", 0, None,
+                                    None) == 0
+    assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
+    encoded = [o.encode() for o in (*options, "--device-as-default-execution-space",
+                                    "-arch=compute_80")]
+    compiled = nvrtc.nvrtcCompileProgram(program, len(encoded),
+                                         (ctypes.c_char_p * len(encoded))(*encoded))
+    log_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+    log = ctypes.create_string_buffer(log_size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert compiled == 0, log.value.decode()
+    lowered = ctypes.c_char_p()
+    assert nvrtc.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0, name
+    lowered_name = (lowered.value or b"").decode()  # the program owns it: read it now
+    ptx_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(ptx_size))
+    ptx = ctypes.create_string_buffer(ptx_size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return ptx.value.decode(), lowered_name
+
+
+@pytest.mark.parametrize("name", ["tokenpool::kmedoids<float, true>", "tokenpool::merge<float>"])
+def test_nvrtc_compiles_one_instantiation_without_flush_to_zero(name):
+    # With the glue's options, NVRTC compiles just the instantiation named, and its PTX keeps
+    # subnormals and IEEE division and square root (the host build's arithmetic). CuPy's
+    # RawModule appends -ftz=true, which would flush them: that PTX is not the same.
+    nvrtc = _nvrtc()
+    ptx, lowered = _nvrtc_ptx(nvrtc, name, _cupy.compile_options())
+    assert lowered.startswith("_ZN9tokenpool") and ptx.count(".entry") == 1
+    assert f".entry {lowered}(" in ptx
+    for approximation in (".ftz", ".approx", "div.full"):
+        assert approximation not in ptx, approximation
+    assert "div.rn.f32" in ptx or "sqrt.rn.f32" in ptx  # IEEE forms, present in both kernels
+    flushed, _ = _nvrtc_ptx(nvrtc, name, (*_cupy.compile_options(), "-ftz=true"))
+    assert ".ftz" in flushed
+
+
+def test_every_instantiation_the_glue_names_compiles():
+    # One NVRTC program with every name: each lowers to a kernel of the source.
     nvrtc = _nvrtc()
     program = ctypes.c_void_p()
     source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_bytes()
@@ -291,11 +339,7 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
     options = [option.encode() for option in (*_cupy.compile_options(), "-arch=compute_80")]
     compiled = nvrtc.nvrtcCompileProgram(program, len(options),
                                          (ctypes.c_char_p * len(options))(*options))
-    log_size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
-    log = ctypes.create_string_buffer(log_size.value)
-    nvrtc.nvrtcGetProgramLog(program, log)
-    assert compiled == 0, log.value.decode()
+    assert compiled == 0
     for name in names:
         lowered = ctypes.c_char_p()
         assert nvrtc.nvrtcGetLoweredName(program, name, ctypes.byref(lowered)) == 0, name
@@ -739,6 +783,33 @@ def test_torch_kmedoids_entry_converts_in_torch_and_equals_the_numpy_entry(host,
     assert got[3] == want[3]
 
 
+class _Unreducible(np.ndarray):
+    """How a PyTorch buffer looks to CuPy, in the tests: a reduction over it would allocate
+    its result from CuPy's memory pool, which the torch entries must not use."""
+
+    def max(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("reduced outside PyTorch: CuPy's pool would hold the result")
+
+
+def test_torch_iteration_count_stays_in_a_torch_buffer(host, rng):
+    # With stop_early, the most iterations any problem ran is reduced by PyTorch from the
+    # kernel's per-problem counts (in a PyTorch buffer), not by the array library.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = rng.normal(size=(3, 40, 6))
+    mean = x.mean(axis=1, keepdims=True)
+    init = distinct_init(rng, 3, 40, 7)
+    weights = rng.random((3, 40))
+    on_host = TorchOnHost(host)
+    plain = on_host.to_array
+    on_host.to_array = lambda tensor: plain(tensor).view(_Unreducible)  # type: ignore[method-assign]
+    got = on_host.kmedoids(*map(torch.as_tensor, (x, mean, init, weights)), 6, True)
+    want = host.run(x, mean, init, weights, 6, True)
+    assert isinstance(got[3], torch.Tensor) and got[3].shape == ()
+    assert int(got[3]) == int(want[3]) and 1 <= int(got[3]) <= 6
+    for got_array, want_array in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(got_array.numpy(), want_array)
+
+
 @pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
 def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
     # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
@@ -970,6 +1041,26 @@ def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph
     static.copy_(fresh)
     graph.replay()
     torch.testing.assert_close(captured, eager)
+
+
+def test_gpu_torch_pool_with_stop_early_allocates_nothing_from_cupy():
+    # The default options: stop_early and the value checks. The iteration count is reduced
+    # by PyTorch, so CuPy's allocator is asked for nothing here either.
+    cupy, torch = _gpu_libraries()
+    x, scores = _integer_problem(torch, 14)
+
+    def refuse(size: int) -> Any:
+        raise AssertionError(f"CuPy's allocator asked for {size} bytes")
+
+    with pytest.MonkeyPatch.context() as patch:
+        launches = _counting(patch, "run_kmedoids")
+        with cupy.cuda.using_allocator(refuse):
+            got = tokenpool_ops.pool(x, 49, "wkmedoids", scores=scores, return_info=True)
+    want = tokenpool_ops.pool(x, 49, "wkmedoids", scores=scores, return_info=True,
+                              fast_paths=False)
+    assert launches, "the kernel did not run"
+    assert got.n_iter == want.n_iter
+    torch.testing.assert_close(got.assignment, want.assignment, rtol=0, atol=0)
 
 
 def test_kernel_sources_ship_with_the_package():
