@@ -671,8 +671,7 @@ class TorchOnHost:
 @contextlib.contextmanager
 def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHost]:
     """backends._torch treats CPU tensors as CUDA ones, and _cupy's torch entries run the
-    host build: the dispatch of PyTorch's compiled paths is exercised as on a GPU."""
-    pytest.importorskip("numba", reason="numba is not installed: PyTorch's compiled paths off")
+    host build: the dispatch of PyTorch's fast paths is exercised as on a GPU."""
     from tokenpool_ops.backends import _torch
 
     on_host = TorchOnHost(host)
@@ -723,15 +722,20 @@ def test_torch_weighted_means_by_merge_equal_generic_in_torch_memory(host, seed,
        data=st.data())
 def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, data):
     # pool on PyTorch tensors routed as CUDA tensors are: both kernels launch, on PyTorch's
-    # buffers only, and give the generic results (exactly: integer tokens of mean zero).
+    # buffers only, and give the generic results (exactly: integer tokens of mean zero);
+    # with Numba or without it (the CUDA route must not depend on the CPU compiler).
     torch = pytest.importorskip("torch", reason="torch is not installed")
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n - 1), label="k")
+    with_numba = data.draw(st.booleans(), label="with_numba")
+    if with_numba and not backends.numba_available():
+        with_numba = False  # the case without Numba still runs
     x = torch.as_tensor(zero_mean_integer_tokens(rng, 2, n, m, spread=3))
     scores = torch.as_tensor(integer_weights(rng, 2, n))
     options = dict(scores=scores, return_info=True, init="random", seed=seed)
     want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **options)
-    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+    with cpu_tensors_take_the_cuda_branches(host) as on_host, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "numba_available", lambda: with_numba)
         got = tokenpool_ops.pool(x, k, "wkmedoids", **options)
     assert on_host.launches == {"kmedoids": 1, "merge": 1}
     for field in ("assignment", "medoids", "sizes"):
@@ -810,11 +814,15 @@ def test_torch_iteration_count_stays_in_a_torch_buffer(host, rng):
         np.testing.assert_array_equal(got_array.numpy(), want_array)
 
 
+@pytest.mark.parametrize("with_numba", [True, False])
 @pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
-def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
+def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, with_numba, rng):
     # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
-    # code, and their gradient is the generic one; all others take the kernel.
+    # code, and their gradient is the generic one; all others take the kernel, through
+    # PyTorch's fast paths with the Numba kernels or without them.
     torch = pytest.importorskip("torch", reason="torch is not installed")
+    if with_numba and not backends.numba_available():
+        pytest.skip("numba is not installed: the route with it cannot be taken")
     import array_api_compat.torch as xp
 
     from tokenpool_ops._primitives import Primitives
@@ -824,10 +832,9 @@ def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
     labels = torch.as_tensor(rng.integers(0, 4, size=(2, 12)))
     weights = torch.as_tensor(rng.random((2, 12)))
     empty = torch.zeros(2, 1, 5, dtype=torch.float64)
-    with cpu_tensors_take_the_cuda_branches(host) as on_host:
-        from tokenpool_ops.backends import _torch
-
-        means = _torch.compiled_paths()["weighted_means"]
+    with cpu_tensors_take_the_cuda_branches(host) as on_host, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "numba_available", lambda: with_numba)
+        means = backends.primitives_for(xp).weighted_means
         with torch.no_grad() if grad == "no_grad" else contextlib.nullcontext():
             got = means(xp, values, labels, 4, weights, empty)
     want = Primitives(xp).weighted_means(xp, values, labels, 4, weights, empty)
@@ -901,8 +908,6 @@ def _gpu_libraries() -> tuple[Any, Any]:
 @pytest.mark.parametrize("library", ["cupy", "torch"])
 def test_gpu_kernel_equals_generic(library, n, k, rng):
     cupy, torch = _gpu_libraries()
-    if library == "torch":  # the kernel is offered in _torch.compiled_paths, behind Numba
-        pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernel off")
     x = rng.normal(size=(4, n, 16))
     scores = rng.exponential(size=(4, n))
     as_gpu = cupy.asarray if library == "cupy" else (lambda a: torch.as_tensor(a, device="cuda"))
@@ -931,7 +936,6 @@ def test_gpu_kernel_equals_generic(library, n, k, rng):
 
 def test_gpu_float32_on_torch_stream_without_checks():
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernel off")
     rng = np.random.default_rng(5)
     x = torch.as_tensor(rng.normal(size=(8, 197, 384)), dtype=torch.float32, device="cuda")
     scores = torch.as_tensor(rng.random((8, 197)), dtype=torch.float32, device="cuda")
@@ -976,7 +980,6 @@ def test_gpu_torch_merge_kernel_equals_generic():
     # PyTorch CUDA tensors: pool's means come from the merge kernel (no one-hot), equal to
     # the generic path's within float32 rounding.
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     x, scores = _integer_problem(torch, 11)
     options = dict(scores=scores, return_info=True, init="random", seed=3)
     with pytest.MonkeyPatch.context() as patch:
@@ -992,15 +995,13 @@ def test_gpu_torch_merge_kernel_equals_generic():
 
 def test_gpu_torch_means_with_gradients_keep_the_torch_path():
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     import array_api_compat.torch as xp
-    from tokenpool_ops.backends import _torch
 
     x, scores = _integer_problem(torch, 12)
     values = x.clone().requires_grad_()
     labels = torch.arange(197, device="cuda").remainder(5).expand(4, -1)
     empty = x.mean(1, keepdim=True)
-    means = _torch.compiled_paths()["weighted_means"]
+    means = backends.primitives_for(xp).weighted_means
     with pytest.MonkeyPatch.context() as patch:
         merges = _counting(patch, "run_merge")
         with_grad = means(xp, values, labels, 5, scores, empty)
@@ -1015,7 +1016,6 @@ def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph
     # Every buffer of both launches is PyTorch's (CuPy's allocator refuses any request), so
     # a CUDA graph captures pool and replays it on new tokens as eager PyTorch computes them.
     cupy, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     x, scores = _integer_problem(torch, 13)
     # The default start (the top scores): no random draw inside the capture.
     options = dict(scores=scores, check_values=False, stop_early=False)
