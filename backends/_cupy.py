@@ -230,6 +230,7 @@ def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int
 class MergeArguments:
     """The merge kernel's inputs, contiguous in its dtypes, and its outputs."""
 
+    kernel: str  # the instantiation that takes them (merge_name of x's element type)
     x: Any  # (B, N, M)
     mean: Any  # (B, M)
     labels: Any  # (B, N) int64
@@ -254,6 +255,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         return np_like.ascontiguousarray(values, dtype=accumulator)
 
     return MergeArguments(
+        kernel=merge_name(np_like.dtype(x.dtype).name),
         x=np_like.ascontiguousarray(x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         labels=np_like.ascontiguousarray(labels, dtype=np_like.int64),
@@ -564,7 +566,7 @@ def _launch_merge(device_id: int, args: MergeArguments, with_objective: bool) ->
 
     n_problems, n, m = args.x.shape
     k = args.tokens.shape[1]
-    _function(merge_name(args.x.dtype.name), device_id)(
+    _function(args.kernel, device_id)(
         (n_problems,), (BLOCK_THREADS,),
         (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
          np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),

@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import importlib.util
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -94,7 +95,7 @@ class HostKernels:
     def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
         """A ``_cupy.MergeLauncher`` on the host."""
         n_problems, n, m = args.x.shape
-        getattr(self.library, f"tp_merge_{args.x.dtype.name}")(
+        getattr(self.library, f"tp_merge_{_element_type(args.kernel)}")(
             args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
             args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
             n_problems, n, m, args.tokens.shape[1], int(args.has_fallback),
@@ -132,7 +133,7 @@ class HostKernels:
 
 def _element_type(kernel: str) -> str:
     """The dtype name of an instantiation's element type ("tokenpool::kmedoids<float, ...")."""
-    cxx_type = kernel.split("<", 1)[1].split(",")[0]
+    cxx_type = kernel.split("<", 1)[1].split(",")[0].rstrip(">")
     return next(name for name, cxx in _cupy.CXX_TYPES.items() if cxx == cxx_type)
 
 
@@ -887,6 +888,37 @@ def test_init_out_of_range_or_repeated_stays_in_bounds(host, seed, n, data):
                                      4, True, data.draw(st.sampled_from(["shared", "global"])))
     assert ((labels >= 0) & (labels < k)).all()
     assert ((medoids >= 0) & (medoids < n)).all()
+
+
+def test_gpu_checks_launch_of_each_instantiation_runs_on_the_host(host):
+    # benchmarks/gpu_kernels.py launch-each (what compute-sanitizer runs on a GPU) with the
+    # host build: every instantiation the glue names is launched once, with results in range.
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernels", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py")
+    assert spec is not None and spec.loader is not None
+    gpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_kernels)
+    results: list[Any] = []
+
+    def launch(args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan, max_iter: int) -> None:
+        host.launch(args, plan, max_iter)
+        results.append(args)
+
+    def launch_merge(args: _cupy.MergeArguments, with_objective: bool) -> None:
+        host.launch_merge(args, with_objective)
+        results.append(args)
+
+    names = list(gpu_kernels.launches(np, launch, launch_merge))
+    assert sorted(names) == sorted(_cupy.kernel_names())
+    _, n, _, k = gpu_kernels.SHAPE
+    for args in results:
+        if isinstance(args, _cupy.KernelArguments):
+            assert ((args.labels >= 0) & (args.labels < k)).all()
+            assert ((args.medoids >= 0) & (args.medoids < n)).all()
+        else:  # sizes: the weights of each cluster's members, all of them once
+            np.testing.assert_allclose(args.sizes.sum(axis=1), args.weights.sum(axis=1),
+                                       rtol=1e-5)
+            assert np.isfinite(args.tokens).all() and np.isfinite(args.objective).all()
 
 
 # ---------------------------------------------------------------------------------------------
