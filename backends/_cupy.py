@@ -427,7 +427,8 @@ def _max_shared_bytes(device_id: int) -> int:
 _SHARED_OPTIN_ATTRIBUTE = 97
 
 #: Loaded kernels by (instantiation, device id). A lock makes each load happen once, so the
-#: attributes are set once, before any launch, and never while another thread launches.
+#: attributes are set once, before the kernel is published here, and never while another
+#: thread launches it.
 _functions: dict[tuple[str, int], Any] = {}
 _functions_lock = threading.Lock()
 
@@ -435,10 +436,13 @@ _functions_lock = threading.Lock()
 def _function(instantiation: str, device_id: int) -> Any:
     """The ``cupy.cuda.Function`` of ``instantiation`` on device ``device_id``, loaded on
     first use (see :func:`_load`) and kept for the process."""
-    with _functions_lock:
-        function = _functions.get((instantiation, device_id))
-        if function is None:
-            function = _functions[instantiation, device_id] = _load(instantiation, device_id)
+    function = _functions.get((instantiation, device_id))  # loaded: no lock to take
+    if function is None:
+        with _functions_lock:
+            function = _functions.get((instantiation, device_id))
+            if function is None:
+                function = _load(instantiation, device_id)
+                _functions[instantiation, device_id] = function
     return function
 
 

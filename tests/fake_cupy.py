@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -64,6 +65,7 @@ class FakeModule:
         self.image = b""
 
     def load(self, image: bytes) -> None:
+        time.sleep(0.01)  # a driver takes its time: threads that race to load meet here
         self.cupy.loads.append((image, self.cupy.current_device()))
         self.image = image
 
