@@ -16,8 +16,9 @@ The merge kernel (Algorithm 1, line 6) is compared with the generic merge the sa
 PyTorch tensors reach both kernels through backends._torch's CUDA branches and _cupy's torch
 entries; on the CPU, CPU tensors stand in for CUDA ones (NumPy views of their memory for
 CuPy's), so the routing, the gradient rule and "every buffer is PyTorch's" are checked with
-the host build. NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue
-asks it to; any input, NaN and overflow included, leaves labels and medoids in range. The
+the host build. NVRTC, the compiler the glue calls through CuPy, compiles each instantiation
+alone with the glue's options, without flush-to-zero; any input, NaN and overflow included,
+leaves labels and medoids in range. The
 tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
 elsewhere.
 """
@@ -264,7 +265,7 @@ def test_plan_chooses_a_scheme_or_declines():
 
 
 def _nvrtc() -> ctypes.CDLL:
-    """NVRTC, the compiler behind cupy.RawModule: from the system or from the pip wheels
+    """NVRTC, the compiler the glue calls through CuPy: from the system or from the pip wheels
     that PyTorch and CuPy install (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib)."""
     import ctypes.util
     import site
