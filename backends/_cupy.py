@@ -69,13 +69,13 @@ def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, shared_matrix:
     """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
 
     A (kFeatureChunk, N rounded up to TILE) stage of centred features; with
-    ``shared_matrix`` the N x N distances; the weights, distances to the own medoid and
-    medoid costs (N each), a reduction scratch (BLOCK_THREADS); three int arrays (labels and
-    the medoid of each token: N; medoids: K).
+    ``shared_matrix`` the N x N distances; the weights and medoid costs (N each), a
+    reduction scratch (BLOCK_THREADS); three int arrays (labels and the medoid of each token:
+    N; medoids: K).
     """
     stride = -(-n // TILE) * TILE
     matrix = n * n if shared_matrix else 0
-    return ((stride * FEATURE_CHUNK + matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes
+    return ((stride * FEATURE_CHUNK + matrix + 2 * n + BLOCK_THREADS) * accumulator_bytes
             + (2 * n + k) * 4)
 
 
@@ -104,10 +104,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (N up to 222 in float32 on
-        Hopper, 185 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
-        every token's features fits in shared memory (float32 N up to about 1500 on Hopper,
-        1100 on Ampere; float64 about 790 and 560); None beyond, and the generic code runs.
+        The N x N distances in shared memory where they fit (N up to 223 in float32 on
+        Hopper, 186 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
+        every token's features fits in shared memory (float32 N up to about 1600 on Hopper,
+        1150 on Ampere; float64 about 820 and 590); None beyond, and the generic code runs.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None

@@ -17,10 +17,10 @@
 // Distances are those of the centred tokens (x minus the problem's mean), each summed in
 // chunks of kFeatureChunk features, all N x N of them computed once per problem in register
 // tiles from features staged in shared memory (fill_matrix). The matrix lives
-// * in shared memory where it fits (SharedMatrix; N <= 222 in float32 in the 227 KiB of
-//   Hopper, 185 on Ampere), so every later distance is a shared-memory read;
+// * in shared memory where it fits (SharedMatrix; N <= 223 in float32 in the 227 KiB of
+//   Hopper, 186 on Ampere), so every later distance is a shared-memory read;
 // * else in a global workspace (B, N, N), read through L2 with the same access patterns
-//   (float32 N up to about 1100 on Ampere and 1500 on Hopper, where a chunk of every token's
+//   (float32 N up to about 1150 on Ampere and 1600 on Hopper, where a chunk of every token's
 //   features still fits in shared memory for the tiles; the glue declines larger N).
 // Both give the same bits: the code is the same but for where the matrix is.
 #if defined(__CUDACC__)
@@ -44,7 +44,6 @@ struct Problem {
   // shared memory
   Acc* stage;     // (kFeatureChunk, stride) centred features
   Acc* weights;   // (N,)
-  Acc* nearest;   // (N,) distance to the own medoid
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
   Acc* scratch;   // (kBlockThreads,)
   int* labels;    // (N,)
@@ -73,8 +72,7 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   Acc* const after_stage = p.stage + layout.stage_count();
   p.matrix = SharedMatrix ? after_stage : workspace;
   p.weights = after_stage + layout.matrix_count();
-  p.nearest = p.weights + n;
-  p.cost = p.nearest + n;
+  p.cost = p.weights + n;
   p.scratch = p.cost + n;
   int* ints = reinterpret_cast<int*>(p.scratch + kBlockThreads);
   p.labels = ints;
@@ -158,8 +156,8 @@ __device__ void index_medoids(const Problem<T>& p) {
   __syncthreads();
 }
 
-// Eq. 16. Writes labels and nearest; returns the objective of Eq. 13 (sum_i w_i nearest_i)
-// and sets *changed when a label differs from the previous one.
+// Eq. 16. Writes labels; returns the objective of Eq. 13 (sum_i w_i d(i, own medoid)) and
+// sets *changed when a label differs from the previous one.
 template <typename T>
 __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* changed) {
   using Acc = typename Accumulator<T>::type;
@@ -182,7 +180,6 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
     }
     any_change |= label != p.labels[i];
     p.labels[i] = label;
-    p.nearest[i] = best;
     objective = multiply_add(p.weights[i], best, objective);
   }
   if (any_change) atomicOr(changed, 1);
