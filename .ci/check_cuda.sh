@@ -2,19 +2,27 @@
 # Compile check of the CUDA kernels (backends/cuda), for machines without a GPU.
 #
 # Every template instantiation the CuPy glue loads (backends/_cupy.py, kernel_name) is
-# compiled with nvcc for sm_80 and sm_90, warnings as errors, and ptxas prints its resource
-# report (registers, shared memory, spills). The float32, float16 and bfloat16 kernels must
-# not spill (ptxas -warn-spills is an error for them); the float64 kernels, which only the
-# tests use, may, and their spills are reported. The host build that the tests run
-# (host_build.cpp through host_emulation.h) is compiled too, warnings as errors.
+# compiled with nvcc for sm_80 and sm_90, with the glue's floating-point model, warnings as
+# errors, and ptxas prints its resource report (registers, shared memory, spills). The
+# float32, float16 and bfloat16 kernels must not spill (ptxas -warn-spills is an error for
+# them); the float64 kernels, which only the tests use, may, and their spills are reported.
+# The PTX of every kernel is then checked for what no test on the CPU can see:
+# * no flush-to-zero and no approximate division or square root (the host emulation, and
+#   so the tests, compute with subnormals and IEEE rounding);
+# * no ld.global.nc (non-coherent) load of a buffer the same kernel writes
+#   (.ci/ptx_coherence.py), and that check flags a kernel that does (.ci/coherence_canary.cu),
+#   so it cannot pass by looking at nothing.
+# The host build that the tests run (host_build.cpp through host_emulation.h) is compiled
+# too, warnings as errors.
 #
-# Usage: .ci/check_cuda.sh            (NVCC and CXX may name other compilers)
+# Usage: .ci/check_cuda.sh            (NVCC, CXX and PYTHON may name other programs)
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 source_dir="$root/backends/cuda"
 nvcc=${NVCC:-nvcc}
 cxx=${CXX:-g++}
+python=${PYTHON:-python3}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
@@ -54,28 +62,54 @@ report() {
     /error|warning/ { print }'
 }
 
-common=(-std=c++17 -c -I"$source_dir" -Werror all-warnings -Xcompiler -Wall,-Wextra)
+# The floating-point model the glue gives NVRTC (backends/_cupy.py, FLOAT_MODEL; a test
+# checks that both lists agree): subnormals kept, IEEE division and square root, and no
+# multiply-add contracted by the compiler (the kernels fuse explicitly, as the host does).
+float_model=(-ftz=false -prec-div=true -prec-sqrt=true -fmad=false)
+common=(-std=c++17 -I"$source_dir" "${float_model[@]}" -Werror all-warnings
+        -Xcompiler -Wall,-Wextra)
 status=0
 for arch in 80 90; do
   target=(-gencode "arch=compute_$arch,code=sm_$arch")
   echo "== sm_$arch: float32, float16, bfloat16 (no spill allowed)"
-  if ! "$nvcc" "${common[@]}" "${target[@]}" -Xptxas -v,-warn-spills,-warn-lmem-usage \
+  if ! "$nvcc" "${common[@]}" "${target[@]}" -c -Xptxas -v,-warn-spills,-warn-lmem-usage \
       "$work/float_kernels.cu" -o "$work/float_$arch.o" 2>"$work/float_$arch.log"; then
     status=1
   fi
   report "$work/float_$arch.log"
   echo "== sm_$arch: float64 (tests only; spills reported, allowed)"
-  if ! "$nvcc" "${common[@]}" "${target[@]}" -Xptxas -v \
+  if ! "$nvcc" "${common[@]}" "${target[@]}" -c -Xptxas -v \
       "$work/double_kernels.cu" -o "$work/double_$arch.o" 2>"$work/double_$arch.log"; then
     status=1
   fi
   report "$work/double_$arch.log"
+  for group in float double; do
+    "$nvcc" "${common[@]}" "${target[@]}" -ptx "$work/${group}_kernels.cu" \
+      -o "$work/${group}_$arch.ptx" || status=1
+  done
 done
+
+echo "== PTX: no flush-to-zero, no approximate division or square root"
+if grep -nE '\.ftz|\.approx|div\.full' "$work"/*.ptx; then
+  echo "check_cuda: the kernels above would not round as the host emulation does" >&2
+  status=1
+fi
+
+echo "== PTX: no kernel loads a buffer it writes through ld.global.nc"
+"$python" "$root/.ci/ptx_coherence.py" "$work"/*.ptx || status=1
+"$nvcc" -gencode arch=compute_90,code=sm_90 -ptx "$root/.ci/coherence_canary.cu" \
+  -o "$work/canary.ptx" || status=1
+if "$python" "$root/.ci/ptx_coherence.py" "$work/canary.ptx" >/dev/null; then
+  echo "check_cuda: the coherence check missed .ci/coherence_canary.cu: it is not live" >&2
+  status=1
+else
+  echo "  (and it flags .ci/coherence_canary.cu, which does)"
+fi
 
 echo "== host build (g++ -std=c++20, as tests/test_cuda_kernel.py compiles it)"
 if command -v "$cxx" >/dev/null; then
-  "$cxx" -std=c++20 -fsyntax-only -Wall -Wextra -Werror -pthread "$source_dir/host_build.cpp" \
-    || status=1
+  "$cxx" -std=c++20 -ffp-contract=off -fsyntax-only -Wall -Wextra -Werror -pthread \
+    "$source_dir/host_build.cpp" || status=1
 else
   echo "check_cuda: $cxx not found, host build not checked" >&2
   status=1
@@ -84,6 +118,7 @@ fi
 if [ "$status" -ne 0 ]; then
   echo "check_cuda: FAILED (errors above)" >&2
 else
-  echo "check_cuda: every instantiation compiles for sm_80 and sm_90; no spill in float32"
+  echo "check_cuda: every instantiation compiles for sm_80 and sm_90; no spill in float32;" \
+    "IEEE arithmetic without flush-to-zero; no non-coherent load of a written buffer"
 fi
 exit "$status"

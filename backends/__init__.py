@@ -22,6 +22,7 @@ __all__ = ["numba_available", "primitives_for"]
 
 def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     # Imported lazily: the numpy module needs nothing extra, the torch module needs torch.
+    # PyTorch's include the CUDA kernels for CUDA tensors (through CuPy): no Numba needed.
     if name == "numpy":
         from . import _numpy
 

@@ -9,16 +9,28 @@ the generic code runs: see :func:`kmedoids_plan`. A second kernel merges the clu
 weighted means (:func:`means_by_merge`, :func:`torch_weighted_means`). For PyTorch, every
 buffer a launch touches comes from PyTorch's allocator (:func:`torch_allocator`).
 
-Everything with logic in it (the plan, the layout arithmetic, the argument preparation and
-the result post-processing) is plain Python or works on NumPy as well as CuPy, so that the
-tests run it on the CPU against the host build of the same CUDA source
-(tests/test_cuda_kernel.py). Only :func:`_module` and :func:`_launch` need a GPU.
+Each instantiation a call needs is compiled on its first launch (NVRTC, with the
+floating-point model of :data:`FLOAT_MODEL`) and cached on disk across processes
+(:func:`cached_binary`, in :func:`cache_dir`), then loaded once per device and process
+(:func:`_function`); launches go to the arrays' device and its current stream.
+
+Everything with logic in it (the plan, the layout arithmetic, the argument preparation, the
+result post-processing and the disk cache) is plain Python or works on NumPy as well as
+CuPy, so that the tests run it on the CPU against the host build of the same CUDA source
+(tests/test_cuda_kernel.py) and with a stand-in for CuPy (tests/test_cuda_glue.py). Only
+:func:`_nvrtc`, :func:`_load` and the launches need CuPy and a GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +69,13 @@ def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, shared_matrix:
     """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
 
     A (kFeatureChunk, N rounded up to TILE) stage of centred features; with
-    ``shared_matrix`` the N x N distances; the weights, distances to the own medoid and
-    medoid costs (N each), a reduction scratch (BLOCK_THREADS); three int arrays (labels and
-    the medoid of each token: N; medoids: K).
+    ``shared_matrix`` the N x N distances; the weights and medoid costs (N each), a
+    reduction scratch (BLOCK_THREADS); three int arrays (labels and the medoid of each token:
+    N; medoids: K).
     """
     stride = -(-n // TILE) * TILE
     matrix = n * n if shared_matrix else 0
-    return ((stride * FEATURE_CHUNK + matrix + 3 * n + BLOCK_THREADS) * accumulator_bytes
+    return ((stride * FEATURE_CHUNK + matrix + 2 * n + BLOCK_THREADS) * accumulator_bytes
             + (2 * n + k) * 4)
 
 
@@ -92,10 +104,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (N up to 222 in float32 on
-        Hopper, 185 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
-        every token's features fits in shared memory (float32 N up to about 1500 on Hopper,
-        1100 on Ampere; float64 about 790 and 560); None beyond, and the generic code runs.
+        The N x N distances in shared memory where they fit (N up to 223 in float32 on
+        Hopper, 186 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
+        every token's features fits in shared memory (float32 N up to about 1600 on Hopper,
+        1150 on Ampere; float64 about 820 and 590); None beyond, and the generic code runs.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None
@@ -158,19 +170,29 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
     )
 
 
-def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool
-                   ) -> tuple[Any, Any, Any, Any]:
+#: The most iterations any problem ran, from the kernel's per-problem counts (B,): a 0-d
+#: array on the device. None means the counts' own ``max`` (CuPy's memory pool on a GPU);
+#: the PyTorch entries take it in PyTorch, so that its allocator holds the count too.
+Most = Callable[[Any], Any]
+
+
+def _array_max(counts: Any) -> Any:
+    return counts.max(keepdims=True).reshape(())  # 0-d: NumPy too (host twin)
+
+
+def kernel_results(args: KernelArguments, max_iter: int, stop_early: bool,
+                   most: Most | None = None) -> tuple[Any, Any, Any, Any]:
     """``(labels, medoids, history, n_iter)`` as ``_clustering.run_kmedoids`` returns them.
 
     Each problem stopped at its own fixed point and repeated its last objective, so the
     iterations the generic loop runs are the most any problem needed. With ``stop_early``
-    that count stays on the device (a 0-d array) beside the whole history: the core reads
-    it with its value checks, in their one host read, and cuts the history (see
-    ``tokenpool_ops._overflow``). Without it the loop runs ``max_iter`` iterations, as the
-    generic loop does.
+    that count stays on the device (a 0-d array from ``most``) beside the whole history:
+    the core reads it with its value checks, in their one host read, and cuts the history
+    (see ``tokenpool_ops._overflow``). Without it the loop runs ``max_iter`` iterations, as
+    the generic loop does.
     """
     if stop_early and args.iterations.shape[0] > 0:
-        count = args.iterations.max(keepdims=True).reshape(())  # 0-d: NumPy too (host twin)
+        count = (most or _array_max)(args.iterations)
         return args.labels, args.medoids, args.history, count
     # Without stop_early, max_iter; with no problem, the generic loop stops after one
     # (empty) iteration.
@@ -208,6 +230,7 @@ def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int
 class MergeArguments:
     """The merge kernel's inputs, contiguous in its dtypes, and its outputs."""
 
+    kernel: str  # the instantiation that takes them (merge_name of x's element type)
     x: Any  # (B, N, M)
     mean: Any  # (B, M)
     labels: Any  # (B, N) int64
@@ -232,6 +255,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         return np_like.ascontiguousarray(values, dtype=accumulator)
 
     return MergeArguments(
+        kernel=merge_name(np_like.dtype(x.dtype).name),
         x=np_like.ascontiguousarray(x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         labels=np_like.ascontiguousarray(labels, dtype=np_like.int64),
@@ -247,33 +271,145 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
 
 
 # ---------------------------------------------------------------------------------------------
-# CuPy only: compile once per process, launch on the current stream.
+# Compiling: one instantiation at a time, cached on disk across processes.
 
-
-def kernel_names() -> list[str]:
-    """Every instantiation the module compiles (its NVRTC name expressions)."""
-    return ([kernel_name(dtype, shared) for dtype in CXX_TYPES for shared in (True, False)]
-            + [merge_name(dtype) for dtype in CXX_TYPES])
+#: NVRTC's floating-point model for the kernels: subnormals kept (no flush-to-zero), IEEE
+#: division and square root, and no multiply-add contracted by the compiler. The kernels
+#: write every fused multiply-add out (multiply_add), and the host build that the tests run
+#: contracts nothing either (g++ -ffp-contract=off), so both round each operation alike and
+#: give the same bits. (CuPy's RawModule adds -ftz=true to every build, which flushes
+#: subnormal distances to zero: hence NVRTC directly. .ci/check_cuda.sh compiles with the
+#: same model and checks the PTX.)
+FLOAT_MODEL = ("-ftz=false", "-prec-div=true", "-prec-sqrt=true", "-fmad=false")
 
 
 def compile_options() -> tuple[str, ...]:
     """NVRTC options: the source includes only its own header (no CUDA header)."""
-    return ("-std=c++17", f"-I{KERNEL_DIR}")
+    return ("-std=c++17", f"-I{KERNEL_DIR}", *FLOAT_MODEL)
 
 
-@functools.cache
-def _module() -> Any:
-    """The kernel module with every instantiation, compiled on first use (NVRTC) and kept
-    for the process (CuPy also caches the binary on disk)."""
+def kernel_names() -> list[str]:
+    """Every instantiation the glue may launch (each is compiled on its first launch)."""
+    return ([kernel_name(dtype, shared) for dtype in CXX_TYPES for shared in (True, False)]
+            + [merge_name(dtype) for dtype in CXX_TYPES])
+
+
+@dataclass(frozen=True)
+class KernelBinary:
+    """One compiled instantiation: what the driver loads (a cubin, or PTX) and the
+    instantiation's lowered (mangled) name in it."""
+
+    image: bytes
+    lowered_name: str
+
+
+#: Compiles one instantiation for the current device: ``compile(source, options,
+#: name_expression)``. :func:`_nvrtc` on a GPU; stand-ins in the tests.
+Compiler = Callable[[str, tuple[str, ...], str], KernelBinary]
+
+#: Names the folder of compiled kernels, overriding the user cache folder.
+CACHE_DIR_VARIABLE = "TOKENPOOL_OPS_CACHE_DIR"
+#: Version of the cache entries' layout (part of the key).
+_CACHE_FORMAT = 1
+_ENTRY_MAGIC = b"tokenpool_ops compiled kernel\n"
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept: $TOKENPOOL_OPS_CACHE_DIR, else
+    tokenpool_ops/cuda in the user cache folder ($XDG_CACHE_HOME, by default ~/.cache)."""
+    if os.environ.get(CACHE_DIR_VARIABLE):
+        return Path(os.environ[CACHE_DIR_VARIABLE])
+    user_cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(user_cache) / "tokenpool_ops" / "cuda"
+
+
+def _source() -> str:
+    return (KERNEL_DIR / "kmedoids.cu").read_text()
+
+
+def cache_key(instantiation: str, arch: str, toolchain: str) -> str:
+    """Everything a binary depends on: the kernel source and the header it includes, the
+    instantiation, the device architecture, the options and the compiler (``toolchain``:
+    CuPy's and NVRTC's versions)."""
+    sources = hashlib.sha256()
+    for name in ("kmedoids.cu", "device_helpers.cuh"):
+        sources.update((KERNEL_DIR / name).read_bytes())
+    return json.dumps({"format": _CACHE_FORMAT, "instantiation": instantiation,
+                       "sources": sources.hexdigest(), "arch": arch,
+                       "options": compile_options(), "toolchain": toolchain}, sort_keys=True)
+
+
+def _read_entry(path: Path, key: str) -> KernelBinary | None:
+    """The binary stored at ``path`` for ``key``; None (rebuild) for a missing, corrupt,
+    truncated or stale entry, or one written for another key."""
+    try:
+        magic, header, image = path.read_bytes().split(b"\n", 2)
+        if magic + b"\n" != _ENTRY_MAGIC:
+            return None
+        fields = json.loads(header)
+        if (fields["key"] != key or fields["size"] != len(image)
+                or fields["sha256"] != hashlib.sha256(image).hexdigest()):
+            return None
+        return KernelBinary(image, fields["lowered_name"])
+    except (OSError, ValueError, KeyError, TypeError):  # no entry, or not one of ours
+        return None
+
+
+def _write_entry(path: Path, key: str, binary: KernelBinary) -> None:
+    """Stores ``binary`` atomically: written to a temporary file beside ``path``, then renamed
+    over it, so that a reader sees a whole entry or none (and checks it all the same)."""
+    header = json.dumps({"key": key, "lowered_name": binary.lowered_name,
+                         "size": len(binary.image),
+                         "sha256": hashlib.sha256(binary.image).hexdigest()})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(_ENTRY_MAGIC + header.encode() + b"\n" + binary.image)
+            os.replace(temporary, path)
+        except BaseException:
+            os.unlink(temporary)
+            raise
+    except OSError as error:  # a read-only or full disk costs a compilation per process
+        warnings.warn(f"tokenpool_ops: the compiled CUDA kernel could not be cached in "
+                      f"{path.parent} ({error}); set {CACHE_DIR_VARIABLE} to a writable "
+                      "folder to compile it once", RuntimeWarning, stacklevel=3)
+
+
+def cached_binary(instantiation: str, arch: str, toolchain: str, compile: Compiler,
+                  folder: Path | None = None) -> KernelBinary:
+    """Instantiation ``instantiation`` compiled for ``arch`` (a compute capability, "90"):
+    from the disk cache (``folder``, by default :func:`cache_dir`) where an intact entry
+    for the same key is there, else compiled by ``compile`` and stored."""
+    key = cache_key(instantiation, arch, toolchain)
+    path = (folder or cache_dir()) / f"{hashlib.sha256(key.encode()).hexdigest()[:40]}.kernel"
+    binary = _read_entry(path, key)
+    if binary is None:
+        binary = compile(_source(), compile_options(), instantiation)
+        _write_entry(path, key, binary)
+    return binary
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy only: load each kernel once per device, launch on the arrays' device.
+
+
+def _nvrtc(source: str, options: tuple[str, ...], instantiation: str) -> KernelBinary:
+    """NVRTC through CuPy, for the current device; only ``instantiation`` is compiled (it is
+    the one name expression, and templates are instantiated only where named)."""
+    from cupy.cuda import compiler
+
+    image, lowered = compiler.compile_using_nvrtc(source, options,
+                                                  name_expressions=[instantiation])
+    return KernelBinary(image, lowered[instantiation])
+
+
+def _toolchain() -> str:
     import cupy
 
-    return cupy.RawModule(code=(KERNEL_DIR / "kmedoids.cu").read_text(),
-                          options=compile_options(), name_expressions=kernel_names())
-
-
-#: cudaDevAttrMaxSharedMemoryPerBlockOptin of the CUDA runtime API (its enum value, should a
-#: CuPy version not name it).
-_SHARED_OPTIN_ATTRIBUTE = 97
+    nvrtc = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+    return f"cupy {cupy.__version__}, nvrtc {nvrtc}"
 
 
 @functools.cache
@@ -286,20 +422,64 @@ def _max_shared_bytes(device_id: int) -> int:
     return int(runtime.deviceGetAttribute(attribute, device_id))
 
 
-def _launch(args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
-    """One block per problem, on CuPy's current stream."""
+#: cudaDevAttrMaxSharedMemoryPerBlockOptin of the CUDA runtime API (its enum value, should a
+#: CuPy version not name it).
+_SHARED_OPTIN_ATTRIBUTE = 97
+
+#: Loaded kernels by (instantiation, device id). A lock makes each load happen once, so the
+#: attributes are set once, before the kernel is published here, and never while another
+#: thread launches it.
+_functions: dict[tuple[str, int], Any] = {}
+_functions_lock = threading.Lock()
+
+
+def _function(instantiation: str, device_id: int) -> Any:
+    """The ``cupy.cuda.Function`` of ``instantiation`` on device ``device_id``, loaded on
+    first use (see :func:`_load`) and kept for the process."""
+    function = _functions.get((instantiation, device_id))  # loaded: no lock to take
+    if function is None:
+        with _functions_lock:
+            function = _functions.get((instantiation, device_id))
+            if function is None:
+                function = _load(instantiation, device_id)
+                _functions[instantiation, device_id] = function
+    return function
+
+
+def _load(instantiation: str, device_id: int) -> Any:
+    """Compiles (or reads from the disk cache) and loads ``instantiation`` on the device,
+    and opts it in to all the dynamic shared memory the device allows beside its static
+    shared memory: above 48 KiB a kernel must opt in, and doing it once, to the most, lets
+    every launch ask for its own size without touching the attribute again."""
+    import cupy
+    from cupy.cuda import driver
+
+    with cupy.cuda.Device(device_id) as device:
+        binary = cached_binary(instantiation, str(device.compute_capability), _toolchain(),
+                               _nvrtc)
+        module = cupy.cuda.Module()
+        module.load(binary.image)
+        function = module.get_function(binary.lowered_name)
+        static = driver.funcGetAttribute(driver.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                                         function.ptr)
+        driver.funcSetAttribute(function.ptr,
+                                driver.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                _max_shared_bytes(device_id) - static)
+    return function
+
+
+def _launch(device_id: int, args: KernelArguments, plan: KMedoidsPlan, max_iter: int) -> None:
+    """One block per problem, on device ``device_id`` (current) and its current stream."""
     import numpy as np
 
-    kernel = _module().get_function(plan.kernel)
-    # Above 48 KiB a kernel must opt in to its dynamic shared memory.
-    kernel.max_dynamic_shared_size_bytes = plan.shared_bytes
     n_problems, n, m = args.x.shape
     k = args.init.shape[1]
-    kernel((n_problems,), (BLOCK_THREADS,),
-           (args.x, args.mean, args.init, args.weights, np.int32(n_problems), np.int32(n),
-            np.int32(m), np.int32(k), np.int32(max_iter), args.workspace, args.labels,
-            args.medoids, args.history, args.iterations),
-           shared_mem=plan.shared_bytes)
+    _function(plan.kernel, device_id)(
+        (n_problems,), (BLOCK_THREADS,),
+        (args.x, args.mean, args.init, args.weights, np.int32(n_problems), np.int32(n),
+         np.int32(m), np.int32(k), np.int32(max_iter), args.workspace, args.labels,
+         args.medoids, args.history, args.iterations),
+        shared_mem=plan.shared_bytes)
 
 
 #: Launches the kmedoids kernel: ``launch(args, plan, max_iter)`` (_launch on a GPU, the
@@ -311,7 +491,8 @@ MergeLauncher = Callable[["MergeArguments", bool], None]
 
 def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, x: Any,
                    mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
-                   allocate: Allocator | None = None) -> tuple[Any, Any, Any, Any] | None:
+                   allocate: Allocator | None = None, most: Most | None = None
+                   ) -> tuple[Any, Any, Any, Any] | None:
     """:func:`run_kmedoids` for any array module and launcher (the tests run it with NumPy
     and the host build of the kernel)."""
     if x.ndim != 3:
@@ -322,11 +503,12 @@ def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int
     args = kernel_arguments(np_like, x, mean, init, weights, max_iter, plan, allocate)
     if x.shape[0] > 0:  # a grid of no blocks is an invalid launch
         launch(args, plan, max_iter)
-    return kernel_results(args, max_iter, stop_early)
+    return kernel_results(args, max_iter, stop_early, most)
 
 
 def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
-                 allocate: Allocator | None = None) -> tuple[Any, Any, Any, Any] | None:
+                 allocate: Allocator | None = None, most: Most | None = None
+                 ) -> tuple[Any, Any, Any, Any] | None:
     """(Weighted) K-Medoids (Eq. 16-17, weights inside) of CuPy arrays in one launch.
 
     Parameters
@@ -347,18 +529,24 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
         False reports ``max_iter``.
     allocate : Allocator, optional
         Where the outputs and the workspace come from; CuPy's memory pool by default.
+    most : Most, optional
+        Where the iteration count comes from, with ``stop_early`` (see :data:`Most`).
 
     Returns
     -------
     tuple or None
         ``(labels (B, N), medoids (B, K), history (B, T + 1), T)`` as
-        ``_clustering.run_kmedoids`` returns them, on the current device, computed on the
-        current stream; None where :func:`kmedoids_plan` declines.
+        ``_clustering.run_kmedoids`` returns them, on ``x``'s device, computed on its current
+        stream; None where :func:`kmedoids_plan` declines (planned with that device's
+        shared memory, whichever device is current).
     """
     import cupy
 
-    return fused_kmedoids(cupy, _launch, _max_shared_bytes(x.device.id), x, mean, init,
-                          weights, max_iter, stop_early, allocate)
+    device_id = x.device.id
+    with cupy.cuda.Device(device_id):
+        return fused_kmedoids(cupy, functools.partial(_launch, device_id),
+                              _max_shared_bytes(device_id), x, mean, init, weights, max_iter,
+                              stop_early, allocate, most)
 
 
 def fused_merge(np_like: Any, launch: MergeLauncher, max_shared_bytes: int, x: Any, mean: Any,
@@ -376,21 +564,19 @@ def fused_merge(np_like: Any, launch: MergeLauncher, max_shared_bytes: int, x: A
     return args.tokens, args.sizes, args.objective if with_objective else None
 
 
-def _launch_merge(args: MergeArguments, with_objective: bool) -> None:
-    """One block per problem, on CuPy's current stream."""
+def _launch_merge(device_id: int, args: MergeArguments, with_objective: bool) -> None:
+    """One block per problem, on device ``device_id`` (current) and its current stream."""
     import numpy as np
 
-    kernel = _module().get_function(merge_name(args.x.dtype.name))
     n_problems, n, m = args.x.shape
     k = args.tokens.shape[1]
-    shared = merge_shared_bytes(n, k, args.tokens.itemsize, with_objective)
-    kernel.max_dynamic_shared_size_bytes = shared
-    kernel((n_problems,), (BLOCK_THREADS,),
-           (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
-            np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
-            np.int32(args.has_fallback), np.int32(with_objective), args.workspace, args.tokens,
-            args.sizes, args.objective),
-           shared_mem=shared)
+    _function(args.kernel, device_id)(
+        (n_problems,), (BLOCK_THREADS,),
+        (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
+         np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
+         np.int32(args.has_fallback), np.int32(with_objective), args.workspace, args.tokens,
+         args.sizes, args.objective),
+        shared_mem=merge_shared_bytes(n, k, args.tokens.itemsize, with_objective))
 
 
 def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: Any | None,
@@ -400,12 +586,15 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
     ``with_objective``, Eq. 13 of the pooled tokens (B,); None where the kernel does not
     apply. Arguments as in ``_pool._pool_by_clustering`` (``fallback`` None: the weights are
     all positive); results in the accumulator dtype, allocated by ``allocate`` (CuPy's
-    pool by default).
+    pool by default), on ``x``'s device as :func:`run_kmedoids` does.
     """
     import cupy
 
-    return fused_merge(cupy, _launch_merge, _max_shared_bytes(x.device.id), x, mean, labels,
-                       k, weights, fallback, carried, with_objective, allocate)
+    device_id = x.device.id
+    with cupy.cuda.Device(device_id):
+        return fused_merge(cupy, functools.partial(_launch_merge, device_id),
+                           _max_shared_bytes(device_id), x, mean, labels, k, weights,
+                           fallback, carried, with_objective, allocate)
 
 
 def kmedoids(xp: Any, x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
@@ -522,14 +711,14 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
     inputs = (x.detach().contiguous(), mean.detach().to(accumulator).contiguous(),
               init.long().contiguous(), weights.detach().to(accumulator).contiguous())
     # Positional, as every argument of a launch path: wrappers that count its calls
-    # (benchmarks/bench_cuda.py, the GPU tests) pass positional arguments on.
+    # (benchmarks/bench_cuda.py, the GPU tests) pass positional arguments on. The count of
+    # iterations is reduced by PyTorch, as every other buffer comes from its allocator.
     result = run(*map(to_array, inputs), max_iter, stop_early,
-                 torch_allocator(x.device, to_array))
+                 torch_allocator(x.device, to_array), lambda counts: from_array(counts).amax())
     if result is None:
         return None
-    labels, medoids, history, n_iter = result
-    count = n_iter if isinstance(n_iter, int) else from_array(n_iter)  # unread (see above)
-    return from_array(labels), from_array(medoids), from_array(history), count
+    labels, medoids, history, n_iter = result  # n_iter: an int, or a 0-d tensor (unread)
+    return from_array(labels), from_array(medoids), from_array(history), n_iter
 
 
 def _torch_entry(for_torch: Callable[..., Any], run: Callable[..., Any], x: Any,

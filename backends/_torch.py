@@ -100,25 +100,9 @@ def all_finite(xp: Any, x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-FAST_PATHS: dict[str, Callable[..., Any]] = {
-    "sq_distances": sq_distances,
-    "self_sq_distances": self_sq_distances,
-    "segment_sum": segment_sum,
-    "weighted_segment_sums": weighted_segment_sums,
-    "weighted_means": weighted_means,
-    "medoid_assignment": medoid_assignment,
-    "all_finite": all_finite,
-    "gather_rows": gather_rows,
-}
-
-
 # ---------------------------------------------------------------------------------------------
-# Compiled kernels (Numba), used when Numba is installed, for CPU tensors
-
-
-def _on_host(*tensors: torch.Tensor) -> bool:
-    """Whether Numba may take these tensors: on the CPU, and not inside torch.compile."""
-    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+# The CUDA kernels (backends/cuda through backends._cupy), for CUDA tensors where CuPy is
+# installed; independent of Numba.
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -129,6 +113,19 @@ def _on_cuda(tensor: torch.Tensor) -> bool:
     # The one test of the CUDA branches: the CPU tests substitute it to route CPU tensors
     # through them, into the host build of the kernels.
     return tensor.device.type == "cuda"
+
+
+def cuda_kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+                  weights: torch.Tensor, max_iter: int, stop_early: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
+    """``Primitives.kmedoids`` by the CUDA kernel (``_cupy.torch_kmedoids``); None (the
+    PyTorch code runs) off CUDA and where the kernel declines. Labels and medoids have no
+    gradient."""
+    if not _on_cuda(x):
+        return None
+    from . import _cupy
+
+    return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)
 
 
 def cuda_weighted_means(values: torch.Tensor, labels: torch.Tensor, k: int,
@@ -145,6 +142,50 @@ def cuda_weighted_means(values: torch.Tensor, labels: torch.Tensor, k: int,
     return _cupy.torch_weighted_means(values, labels, k, weights, empty)
 
 
+def fused_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
+                         weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``weighted_means`` by the merge kernel where it applies (:func:`cuda_weighted_means`),
+    else the ``index_add_`` version above."""
+    fused = cuda_weighted_means(values, labels, k, weights, empty)
+    return fused if fused is not None else weighted_means(xp, values, labels, k, weights, empty)
+
+
+def cuda_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor, k: int,
+               weights: torch.Tensor, fallback: torch.Tensor | None, carried: torch.Tensor,
+               with_objective: bool) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+    """``Primitives.merge`` by the merge kernel (``_cupy.torch_merge``); None (the PyTorch
+    code runs) off CUDA, where the kernel declines and where gradients are needed."""
+    given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
+    if not _on_cuda(x) or _needs_grad(*given):
+        return None  # on the host the Numba means and the PyTorch sums are as lean
+    from . import _cupy
+
+    return _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
+
+
+FAST_PATHS: dict[str, Callable[..., Any]] = {
+    "sq_distances": sq_distances,
+    "self_sq_distances": self_sq_distances,
+    "segment_sum": segment_sum,
+    "weighted_segment_sums": weighted_segment_sums,
+    "weighted_means": fused_weighted_means,
+    "medoid_assignment": medoid_assignment,
+    "all_finite": all_finite,
+    "gather_rows": gather_rows,
+    "kmedoids": cuda_kmedoids,
+    "merge": cuda_merge,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled kernels (Numba), used when Numba is installed, for CPU tensors
+
+
+def _on_host(*tensors: torch.Tensor) -> bool:
+    """Whether Numba may take these tensors: on the CPU, and not inside torch.compile."""
+    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+
+
 #: Bytes of centred tokens per block in the medoid Gram product (see backends._numpy).
 BLOCK_BYTES = 2 << 20
 
@@ -155,23 +196,20 @@ def _bmm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 
 
 def compiled_paths() -> dict[str, Callable[..., Any]]:
-    """The Numba kernels for CPU tensors (ImportError without Numba).
+    """The Numba kernels for CPU tensors (ImportError without Numba), over :data:`FAST_PATHS`.
 
     Parallel kernels: PyTorch's OpenMP threads go idle quickly after each operation, so
     Numba's threads can have the cores. Tensors elsewhere than on the CPU, inside
-    torch.compile, or whose means need gradients take the PyTorch code instead; CUDA tensors
-    take the CUDA kernels of ``backends._cupy`` where CuPy is installed (K-Medoids, and the
-    weighted means where no gradient is needed), else the PyTorch code.
+    torch.compile, or whose means need gradients take what :data:`FAST_PATHS` gives them:
+    the CUDA kernels for CUDA tensors where CuPy is installed, else the PyTorch code.
     """
     from . import _numba
 
     def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                  weights: torch.Tensor, max_iter: int, stop_early: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
-        if _on_cuda(x):  # the CUDA kernel, where CuPy is installed
-            from . import _cupy
-
-            return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)
+        if _on_cuda(x):
+            return cuda_kmedoids(xp, x, mean, init, weights, max_iter, stop_early)
         if not _on_host(x, mean, init, weights):
             return None
         with torch.no_grad():  # assignments and medoids have no gradient
@@ -200,25 +238,12 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
 
     def compiled_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
                                 weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
-        fused = cuda_weighted_means(values, labels, k, weights, empty)
-        if fused is not None:
-            return fused
-        if not _on_host(values, labels, weights, empty) or _needs_grad(values, weights, empty):
-            return weighted_means(xp, values, labels, k, weights, empty)
+        if (_on_cuda(values) or not _on_host(values, labels, weights, empty)
+                or _needs_grad(values, weights, empty)):
+            return fused_weighted_means(xp, values, labels, k, weights, empty)
         return torch.from_numpy(_numba.weighted_means(
             values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
 
-    def merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor, k: int,
-              weights: torch.Tensor, fallback: torch.Tensor | None, carried: torch.Tensor,
-              with_objective: bool) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
-        given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
-        if not _on_cuda(x) or _needs_grad(*given):
-            return None  # on the host the Numba means and the PyTorch sums are as lean
-        from . import _cupy
-
-        return _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
-
-    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
-            "merge": merge}
+    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means}
 
 

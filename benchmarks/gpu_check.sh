@@ -1,86 +1,126 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue #10, for a machine with a CUDA GPU (and no network):
-#   1. the CuPy and torch-cuda tests of the suite, and the GPU tests of the CUDA kernel;
-#   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py);
-#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11);
-#   4. the Eq. 5 score pass and SDPA backends (benchmarks/score_pass.py); the tables come last.
-# Installs nothing. Under 6 minutes: each step runs under `timeout` with its own limit
-# (tests 170 s, benchmark 60 s, whole model 45 + 30 s, scores 30 s), capped by what is left
-# of a 330 s budget counted from the start, and is killed 3 s after an ignored TERM. So the
-# whole check ends within 330 + 5 x 3 = 345 s, whatever the start-up took.
+# The prepared GPU check (issues #10, #11 and #19), for a machine with a CUDA GPU and no
+# network. Installs nothing. Prints, in this order:
+#   1. the device and the libraries (benchmarks/gpu_kernels.py probe);
+#   2. the correctness checks that only a GPU can run: compute-sanitizer's memcheck and
+#      racecheck on one small launch of each kernel instantiation (gpu_kernels.py
+#      launch-each; skipped, saying so, where the toolkit has no compute-sanitizer), then the
+#      CuPy and torch-cuda tests of the suite and the GPU tests of the CUDA kernel;
+#   3. the timings: pool at B=256, N=197, M=384, K=98, float32 (generic, CuPy kernel, torch
+#      kernel: benchmarks/benchmarks/bench_cuda.py), the whole DeiT-S at batch 256, plain
+#      against level-4 wkmedoids and topk, in bf16 then fp32 (benchmarks/timm_speedup.py),
+#      and the Eq. 5 score pass (benchmarks/score_pass.py);
+# and writes the same to benchmarks/results/gpu_check.md (or $GPU_CHECK_RESULTS), to be
+# committed.
 #
-# Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use)
+# Under 6 minutes: each step runs under `timeout` with its own limit (probe 20 s, memcheck
+# 40 s, racecheck 50 s, tests 100 s, pool 30 s, whole model 40 + 30 s, scores 20 s), capped by
+# what is left of a 320 s budget counted from the start, and is killed 3 s after an ignored
+# TERM: the whole check ends within 320 + 8 x 3 = 344 s, whatever the start-up took. The
+# first launch of each kernel compiles it (NVRTC) into the user cache (tokenpool_ops/cuda
+# under $XDG_CACHE_HOME or ~/.cache, or $TOKENPOOL_OPS_CACHE_DIR); every later process reads it.
+#
+# Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use;
+#        tests/test_benchmark_scripts.py runs it with stand-ins for it and the sanitizer)
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
 # This checkout's tokenpool_ops, installed or not (the benchmarks run as scripts).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-budget=330
+budget=320
 limit() {  # the step's own limit, or what is left of the budget (at least 1 s)
   local left=$((budget - SECONDS))
   if [ "$left" -lt 1 ]; then left=1; fi
   if [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
 }
+results=${GPU_CHECK_RESULTS:-benchmarks/results/gpu_check.md}
 python=${PYTHON:-}
 if [ -z "$python" ]; then
   if [ -x .venv/bin/python ]; then python=.venv/bin/python; else python=python3; fi
 fi
+logs=$(mktemp -d)
+trap 'rm -rf "$logs"' EXIT
+step() {  # name, limit, command...: runs it under its limit; shows its output, keeps stdout
+  local name=$1 seconds
+  seconds=$(limit "$2")
+  shift 2
+  timeout -k 3 "$seconds" "$@" | tee "$logs/$name"
+  return "${PIPESTATUS[0]}"
+}
+passed() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
 
 echo "== device"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null \
-  || echo "nvidia-smi not available"
-if ! "$python" - <<'EOF'
-import importlib
-import sys
-
-for name in ("torch", "cupy", "numba", "timm", "jax"):
-    try:
-        print(f"{name} {importlib.import_module(name).__version__}")
-    except Exception as error:  # missing, or failing to load
-        print(f"{name}: not available ({type(error).__name__})")
-
-def gpu_count(library: str) -> int:
-    try:
-        module = importlib.import_module(library)
-        if library == "torch":
-            return module.cuda.device_count()
-        return module.cuda.runtime.getDeviceCount()
-    except Exception:  # the library is missing or sees no driver
-        return 0
-
-
-sys.exit(0 if gpu_count("torch") or gpu_count("cupy") else 1)
-EOF
-then
+device=$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader \
+  2>/dev/null || echo "nvidia-smi not available")
+echo "$device"
+if ! step probe 20 "$python" benchmarks/gpu_kernels.py probe; then
   echo "gpu_check: no CUDA GPU visible to torch or cupy: nothing to check here" >&2
   exit 2
 fi
 
-echo "== tests: CuPy and torch-cuda backends, GPU kernel tests, no host sync (limit 170 s)"
-timeout -k 3 "$(limit 170)" "$python" -m pytest -q -ra -p no:cacheprovider tests \
+echo "== correctness 1/3: compute-sanitizer on one launch of each instantiation"
+sanitizer=$(command -v compute-sanitizer \
+  || ls "${CUDA_HOME:-${CUDA_PATH:-/usr/local/cuda}}/bin/compute-sanitizer" 2>/dev/null)
+if [ -n "$sanitizer" ]; then
+  step memcheck 40 "$sanitizer" --tool memcheck --error-exitcode 1 \
+    "$python" benchmarks/gpu_kernels.py launch-each
+  memcheck_status=$?
+  echo "== correctness 2/3: racecheck"
+  step racecheck 50 "$sanitizer" --tool racecheck --error-exitcode 1 \
+    "$python" benchmarks/gpu_kernels.py launch-each
+  racecheck_status=$?
+else
+  echo "compute-sanitizer not found (PATH, \$CUDA_HOME/bin): memcheck and racecheck not run" \
+    | tee "$logs/memcheck" "$logs/racecheck"
+  memcheck_status=skipped racecheck_status=skipped
+fi
+
+echo "== correctness 3/3: CuPy and torch-cuda tests, GPU kernel tests"
+step tests 100 "$python" -m pytest -q -ra -p no:cacheprovider tests \
   -k "cupy or torch-cuda or gpu"
 tests_status=$?
 
-echo "== benchmark (limit 60 s)"
-table=$(timeout -k 3 "$(limit 60)" "$python" benchmarks/benchmarks/bench_cuda.py)
-bench_status=$?
+echo "== timing: pool at B=256, N=197, M=384, K=98, float32"
+step pool 30 "$python" benchmarks/benchmarks/bench_cuda.py --cases 256x197/98
+pool_status=$?
 
-echo "== whole model: DeiT-S level 4, batch 256, bf16 then fp32 (limits 45 s and 30 s)"
-model_table=$(timeout -k 3 "$(limit 45)" "$python" benchmarks/timm_speedup.py --device cuda \
-  --dtype bf16 --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync 2>/dev/null \
-  && timeout -k 3 "$(limit 30)" "$python" benchmarks/timm_speedup.py --device cuda \
-  --dtype fp32 --batch 256 --schedule level4 --methods wkmedoids --no-sync 2>/dev/null)
-model_status=$?
+echo "== timing: whole DeiT-S, batch 256, plain vs level-4 wkmedoids and topk, bf16 then fp32"
+step model_bf16 40 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
+  --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync
+bf16_status=$?
+step model_fp32 30 "$python" benchmarks/timm_speedup.py --device cuda --dtype fp32 \
+  --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync
+fp32_status=$?
 
-echo "== Eq. 5 scores: materialised vs SDPA + score pass, SDPA backends with the bias (limit 30 s)"
-score_table=$(timeout -k 3 "$(limit 30)" "$python" benchmarks/score_pass.py --device cuda \
-  --dtype bfloat16 --batch 256 --repeats 20 2>&1)
+echo "== timing: Eq. 5 scores, materialised vs SDPA + score pass, SDPA backends with the bias"
+step scores 20 "$python" benchmarks/score_pass.py --device cuda --dtype bfloat16 --batch 256 \
+  --repeats 20
 score_status=$?
 
+summary="memcheck exit ${memcheck_status}, racecheck exit ${racecheck_status}, tests exit \
+${tests_status}, pool exit ${pool_status}, whole model exit ${bf16_status} (bf16) and \
+${fp32_status} (fp32), scores exit ${score_status} (124: a step hit its time limit)"
+{
+  echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null)"
+  echo
+  echo "Written by benchmarks/gpu_check.sh: $summary."
+  echo
+  echo '```'
+  echo "$device"
+  cat "$logs/probe"
+  echo '```'
+  for name in memcheck racecheck tests pool model_bf16 model_fp32 scores; do
+    echo
+    echo "## $name"
+    echo
+    echo '```'
+    tail -n 40 "$logs/$name" 2>/dev/null
+    echo '```'
+  done
+} >"$results"
 echo
-echo "== summary (exit 124: a step hit its time limit): tests exit ${tests_status}, benchmark exit ${bench_status}, whole model exit ${model_status}, scores exit ${score_status}"
-echo "$table"
-echo "$model_table"
-echo "$score_table"
-[ "$tests_status" -eq 0 ] && [ "$bench_status" -eq 0 ] && [ "$model_status" -eq 0 ] \
-  && [ "$score_status" -eq 0 ]
+echo "== summary: $summary; written to $results"
+for status in "$memcheck_status" "$racecheck_status" "$tests_status" "$pool_status" \
+    "$bf16_status" "$fp32_status" "$score_status"; do
+  passed "$status" || exit 1
+done

@@ -16,8 +16,9 @@ The merge kernel (Algorithm 1, line 6) is compared with the generic merge the sa
 PyTorch tensors reach both kernels through backends._torch's CUDA branches and _cupy's torch
 entries; on the CPU, CPU tensors stand in for CUDA ones (NumPy views of their memory for
 CuPy's), so the routing, the gradient rule and "every buffer is PyTorch's" are checked with
-the host build. NVRTC, the compiler behind cupy.RawModule, compiles the module as the glue
-asks it to; any input, NaN and overflow included, leaves labels and medoids in range. The
+the host build. NVRTC, the compiler the glue calls through CuPy, compiles each instantiation
+alone with the glue's options, without flush-to-zero; any input, NaN and overflow included,
+leaves labels and medoids in range. The
 tests at the end need a CUDA GPU with CuPy (and PyTorch) and skip, with the reason,
 elsewhere.
 """
@@ -28,6 +29,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import importlib.util
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -94,7 +96,7 @@ class HostKernels:
     def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
         """A ``_cupy.MergeLauncher`` on the host."""
         n_problems, n, m = args.x.shape
-        getattr(self.library, f"tp_merge_{args.x.dtype.name}")(
+        getattr(self.library, f"tp_merge_{_element_type(args.kernel)}")(
             args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
             args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
             n_problems, n, m, args.tokens.shape[1], int(args.has_fallback),
@@ -132,7 +134,7 @@ class HostKernels:
 
 def _element_type(kernel: str) -> str:
     """The dtype name of an instantiation's element type ("tokenpool::kmedoids<float, ...")."""
-    cxx_type = kernel.split("<", 1)[1].split(",")[0]
+    cxx_type = kernel.split("<", 1)[1].split(",")[0].rstrip(">")
     return next(name for name, cxx in _cupy.CXX_TYPES.items() if cxx == cxx_type)
 
 
@@ -142,8 +144,11 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     if compiler is None:
         pytest.skip("g++ not found: the host build of the CUDA kernel cannot be compiled")
     library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
-    command = [compiler, "-std=c++20", "-O2", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC",
-               "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o", str(library)]
+    # No implicit multiply-add: the GPU build has none either (-fmad=false, see
+    # _cupy.FLOAT_MODEL), so both round every operation the same way.
+    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
+               "-shared", "-fPIC", "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
+               str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
     return HostKernels(ctypes.CDLL(str(library)))
@@ -243,14 +248,14 @@ def test_plan_chooses_a_scheme_or_declines():
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
         "tokenpool::kmedoids<tokenpool::Half, false>")
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
-    # KMedoidsLayout::bytes(): N = 222, K = 1 needs (224*32 + 222*222 + 3*222 + 256) * 4
-    # + (2*222 + 1) * 4 = 231276 bytes with the matrix; N = 223 needs 233076. In the
-    # workspace, N = 1560 needs (1560*32 + 3*1560 + 256) * 4 + (2*1560 + 1) * 4 = 231908;
-    # N = 1561 (stride 1564) needs 232440.
-    assert _cupy.kmedoids_plan(222, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert not _cupy.kmedoids_plan(223, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert _cupy.kmedoids_plan(1560, 1, "float32", H100_SHARED_BYTES) is not None
-    assert _cupy.kmedoids_plan(1561, 1, "float32", H100_SHARED_BYTES) is None
+    # KMedoidsLayout::bytes(): N = 223, K = 1 needs (224*32 + 223*223 + 2*223 + 256) * 4
+    # + (2*223 + 1) * 4 = 232184 bytes with the matrix; N = 224 needs 233988. In the
+    # workspace, N = 1604 needs (1604*32 + 2*1604 + 256) * 4 + (2*1604 + 1) * 4 = 232004;
+    # N = 1605 (stride 1608) needs 232532.
+    assert _cupy.kmedoids_plan(223, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert not _cupy.kmedoids_plan(224, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert _cupy.kmedoids_plan(1604, 1, "float32", H100_SHARED_BYTES) is not None
+    assert _cupy.kmedoids_plan(1605, 1, "float32", H100_SHARED_BYTES) is None
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
@@ -260,7 +265,7 @@ def test_plan_chooses_a_scheme_or_declines():
 
 
 def _nvrtc() -> ctypes.CDLL:
-    """NVRTC, the compiler behind cupy.RawModule: from the system or from the pip wheels
+    """NVRTC, the compiler the glue calls through CuPy: from the system or from the pip wheels
     that PyTorch and CuPy install (nvidia/cu13/lib, nvidia/cuda_nvrtc/lib)."""
     import ctypes.util
     import site
@@ -278,8 +283,53 @@ def _nvrtc() -> ctypes.CDLL:
     pytest.skip("NVRTC not found: the CuPy module's compilation is untested")
 
 
-def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
-    # What _cupy._module hands to cupy.RawModule: the source, its options, every name.
+def _nvrtc_ptx(nvrtc: ctypes.CDLL, name: str, options: tuple[str, ...]) -> tuple[str, str]:
+    """(PTX, lowered name) of instantiation ``name`` of kmedoids.cu, compiled alone as
+    ``_cupy._nvrtc`` compiles it (CuPy adds --device-as-default-execution-space and the
+    architecture)."""
+    program = ctypes.c_void_p()
+    source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_bytes()
+    assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"kmedoids.cu", 0, None,
+                                    None) == 0
+    assert nvrtc.nvrtcAddNameExpression(program, name.encode()) == 0
+    encoded = [o.encode() for o in (*options, "--device-as-default-execution-space",
+                                    "-arch=compute_80")]
+    compiled = nvrtc.nvrtcCompileProgram(program, len(encoded),
+                                         (ctypes.c_char_p * len(encoded))(*encoded))
+    log_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+    log = ctypes.create_string_buffer(log_size.value)
+    nvrtc.nvrtcGetProgramLog(program, log)
+    assert compiled == 0, log.value.decode()
+    lowered = ctypes.c_char_p()
+    assert nvrtc.nvrtcGetLoweredName(program, name.encode(), ctypes.byref(lowered)) == 0, name
+    lowered_name = (lowered.value or b"").decode()  # the program owns it: read it now
+    ptx_size = ctypes.c_size_t()
+    nvrtc.nvrtcGetPTXSize(program, ctypes.byref(ptx_size))
+    ptx = ctypes.create_string_buffer(ptx_size.value)
+    nvrtc.nvrtcGetPTX(program, ptx)
+    nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
+    return ptx.value.decode(), lowered_name
+
+
+@pytest.mark.parametrize("name", ["tokenpool::kmedoids<float, true>", "tokenpool::merge<float>"])
+def test_nvrtc_compiles_one_instantiation_without_flush_to_zero(name):
+    # With the glue's options, NVRTC compiles just the instantiation named, and its PTX keeps
+    # subnormals and IEEE division and square root (the host build's arithmetic). CuPy's
+    # RawModule appends -ftz=true, which would flush them: that PTX is not the same.
+    nvrtc = _nvrtc()
+    ptx, lowered = _nvrtc_ptx(nvrtc, name, _cupy.compile_options())
+    assert lowered.startswith("_ZN9tokenpool") and ptx.count(".entry") == 1
+    assert f".entry {lowered}(" in ptx
+    for approximation in (".ftz", ".approx", "div.full"):
+        assert approximation not in ptx, approximation
+    assert "div.rn.f32" in ptx or "sqrt.rn.f32" in ptx  # IEEE forms, present in both kernels
+    flushed, _ = _nvrtc_ptx(nvrtc, name, (*_cupy.compile_options(), "-ftz=true"))
+    assert ".ftz" in flushed
+
+
+def test_every_instantiation_the_glue_names_compiles():
+    # One NVRTC program with every name: each lowers to a kernel of the source.
     nvrtc = _nvrtc()
     program = ctypes.c_void_p()
     source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_bytes()
@@ -291,11 +341,7 @@ def test_module_compiles_with_nvrtc_as_cupy_compiles_it():
     options = [option.encode() for option in (*_cupy.compile_options(), "-arch=compute_80")]
     compiled = nvrtc.nvrtcCompileProgram(program, len(options),
                                          (ctypes.c_char_p * len(options))(*options))
-    log_size = ctypes.c_size_t()
-    nvrtc.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
-    log = ctypes.create_string_buffer(log_size.value)
-    nvrtc.nvrtcGetProgramLog(program, log)
-    assert compiled == 0, log.value.decode()
+    assert compiled == 0
     for name in names:
         lowered = ctypes.c_char_p()
         assert nvrtc.nvrtcGetLoweredName(program, name, ctypes.byref(lowered)) == 0, name
@@ -377,7 +423,7 @@ def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, 
 @settings(max_examples=12)
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 1024), batch=st.integers(1, 2))
 @example(seed=1, n=1024, batch=2)  # the largest N of issue #10, matrix in the workspace
-@example(seed=2, n=223, batch=1)  # the first N whose float32 matrix leaves shared memory
+@example(seed=2, n=224, batch=1)  # the first N whose float32 matrix leaves shared memory
 @example(seed=3, n=577, batch=0)  # no problem at all
 def test_pool_equals_generic_exactly_at_every_size(host, seed, n, batch):
     # N over the kernel's range on an H100's plan, every K, tokens with many duplicates,
@@ -627,8 +673,7 @@ class TorchOnHost:
 @contextlib.contextmanager
 def cpu_tensors_take_the_cuda_branches(host: HostKernels) -> Iterator[TorchOnHost]:
     """backends._torch treats CPU tensors as CUDA ones, and _cupy's torch entries run the
-    host build: the dispatch of PyTorch's compiled paths is exercised as on a GPU."""
-    pytest.importorskip("numba", reason="numba is not installed: PyTorch's compiled paths off")
+    host build: the dispatch of PyTorch's fast paths is exercised as on a GPU."""
     from tokenpool_ops.backends import _torch
 
     on_host = TorchOnHost(host)
@@ -679,15 +724,20 @@ def test_torch_weighted_means_by_merge_equal_generic_in_torch_memory(host, seed,
        data=st.data())
 def test_torch_pool_through_the_cuda_branches_equals_generic(host, seed, n, m, data):
     # pool on PyTorch tensors routed as CUDA tensors are: both kernels launch, on PyTorch's
-    # buffers only, and give the generic results (exactly: integer tokens of mean zero).
+    # buffers only, and give the generic results (exactly: integer tokens of mean zero);
+    # with Numba or without it (the CUDA route must not depend on the CPU compiler).
     torch = pytest.importorskip("torch", reason="torch is not installed")
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n - 1), label="k")
+    with_numba = data.draw(st.booleans(), label="with_numba")
+    if with_numba and not backends.numba_available():
+        with_numba = False  # the case without Numba still runs
     x = torch.as_tensor(zero_mean_integer_tokens(rng, 2, n, m, spread=3))
     scores = torch.as_tensor(integer_weights(rng, 2, n))
     options = dict(scores=scores, return_info=True, init="random", seed=seed)
     want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **options)
-    with cpu_tensors_take_the_cuda_branches(host) as on_host:
+    with cpu_tensors_take_the_cuda_branches(host) as on_host, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "numba_available", lambda: with_numba)
         got = tokenpool_ops.pool(x, k, "wkmedoids", **options)
     assert on_host.launches == {"kmedoids": 1, "merge": 1}
     for field in ("assignment", "medoids", "sizes"):
@@ -739,11 +789,42 @@ def test_torch_kmedoids_entry_converts_in_torch_and_equals_the_numpy_entry(host,
     assert got[3] == want[3]
 
 
-@pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
-def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
-    # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
-    # code, and their gradient is the generic one; all others take the kernel.
+class _Unreducible(np.ndarray):
+    """How a PyTorch buffer looks to CuPy, in the tests: a reduction over it would allocate
+    its result from CuPy's memory pool, which the torch entries must not use."""
+
+    def max(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("reduced outside PyTorch: CuPy's pool would hold the result")
+
+
+def test_torch_iteration_count_stays_in_a_torch_buffer(host, rng):
+    # With stop_early, the most iterations any problem ran is reduced by PyTorch from the
+    # kernel's per-problem counts (in a PyTorch buffer), not by the array library.
     torch = pytest.importorskip("torch", reason="torch is not installed")
+    x = rng.normal(size=(3, 40, 6))
+    mean = x.mean(axis=1, keepdims=True)
+    init = distinct_init(rng, 3, 40, 7)
+    weights = rng.random((3, 40))
+    on_host = TorchOnHost(host)
+    plain = on_host.to_array
+    on_host.to_array = lambda tensor: plain(tensor).view(_Unreducible)  # type: ignore[method-assign]
+    got = on_host.kmedoids(*map(torch.as_tensor, (x, mean, init, weights)), 6, True)
+    want = host.run(x, mean, init, weights, 6, True)
+    assert isinstance(got[3], torch.Tensor) and got[3].shape == ()
+    assert int(got[3]) == int(want[3]) and 1 <= int(got[3]) <= 6
+    for got_array, want_array in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(got_array.numpy(), want_array)
+
+
+@pytest.mark.parametrize("with_numba", [True, False])
+@pytest.mark.parametrize("grad", ["requires_grad", "no_grad", "no_tensor_requires_grad"])
+def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, with_numba, rng):
+    # The kernel has no backward: means that need gradients (nn.merge's) take the PyTorch
+    # code, and their gradient is the generic one; all others take the kernel, through
+    # PyTorch's fast paths with the Numba kernels or without them.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if with_numba and not backends.numba_available():
+        pytest.skip("numba is not installed: the route with it cannot be taken")
     import array_api_compat.torch as xp
 
     from tokenpool_ops._primitives import Primitives
@@ -753,10 +834,9 @@ def test_torch_means_needing_gradients_keep_the_torch_path(host, grad, rng):
     labels = torch.as_tensor(rng.integers(0, 4, size=(2, 12)))
     weights = torch.as_tensor(rng.random((2, 12)))
     empty = torch.zeros(2, 1, 5, dtype=torch.float64)
-    with cpu_tensors_take_the_cuda_branches(host) as on_host:
-        from tokenpool_ops.backends import _torch
-
-        means = _torch.compiled_paths()["weighted_means"]
+    with cpu_tensors_take_the_cuda_branches(host) as on_host, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backends, "numba_available", lambda: with_numba)
+        means = backends.primitives_for(xp).weighted_means
         with torch.no_grad() if grad == "no_grad" else contextlib.nullcontext():
             got = means(xp, values, labels, 4, weights, empty)
     want = Primitives(xp).weighted_means(xp, values, labels, 4, weights, empty)
@@ -811,6 +891,37 @@ def test_init_out_of_range_or_repeated_stays_in_bounds(host, seed, n, data):
     assert ((medoids >= 0) & (medoids < n)).all()
 
 
+def test_gpu_checks_launch_of_each_instantiation_runs_on_the_host(host):
+    # benchmarks/gpu_kernels.py launch-each (what compute-sanitizer runs on a GPU) with the
+    # host build: every instantiation the glue names is launched once, with results in range.
+    spec = importlib.util.spec_from_file_location(
+        "gpu_kernels", Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_kernels.py")
+    assert spec is not None and spec.loader is not None
+    gpu_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_kernels)
+    results: list[Any] = []
+
+    def launch(args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan, max_iter: int) -> None:
+        host.launch(args, plan, max_iter)
+        results.append(args)
+
+    def launch_merge(args: _cupy.MergeArguments, with_objective: bool) -> None:
+        host.launch_merge(args, with_objective)
+        results.append(args)
+
+    names = list(gpu_kernels.launches(np, launch, launch_merge))
+    assert sorted(names) == sorted(_cupy.kernel_names())
+    _, n, _, k = gpu_kernels.SHAPE
+    for args in results:
+        if isinstance(args, _cupy.KernelArguments):
+            assert ((args.labels >= 0) & (args.labels < k)).all()
+            assert ((args.medoids >= 0) & (args.medoids < n)).all()
+        else:  # sizes: the weights of each cluster's members, all of them once
+            np.testing.assert_allclose(args.sizes.sum(axis=1), args.weights.sum(axis=1),
+                                       rtol=1e-5)
+            assert np.isfinite(args.tokens).all() and np.isfinite(args.objective).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # On a GPU (skipped elsewhere, with the reason)
 
@@ -830,8 +941,6 @@ def _gpu_libraries() -> tuple[Any, Any]:
 @pytest.mark.parametrize("library", ["cupy", "torch"])
 def test_gpu_kernel_equals_generic(library, n, k, rng):
     cupy, torch = _gpu_libraries()
-    if library == "torch":  # the kernel is offered in _torch.compiled_paths, behind Numba
-        pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernel off")
     x = rng.normal(size=(4, n, 16))
     scores = rng.exponential(size=(4, n))
     as_gpu = cupy.asarray if library == "cupy" else (lambda a: torch.as_tensor(a, device="cuda"))
@@ -860,7 +969,6 @@ def test_gpu_kernel_equals_generic(library, n, k, rng):
 
 def test_gpu_float32_on_torch_stream_without_checks():
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernel off")
     rng = np.random.default_rng(5)
     x = torch.as_tensor(rng.normal(size=(8, 197, 384)), dtype=torch.float32, device="cuda")
     scores = torch.as_tensor(rng.random((8, 197)), dtype=torch.float32, device="cuda")
@@ -905,7 +1013,6 @@ def test_gpu_torch_merge_kernel_equals_generic():
     # PyTorch CUDA tensors: pool's means come from the merge kernel (no one-hot), equal to
     # the generic path's within float32 rounding.
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     x, scores = _integer_problem(torch, 11)
     options = dict(scores=scores, return_info=True, init="random", seed=3)
     with pytest.MonkeyPatch.context() as patch:
@@ -921,15 +1028,13 @@ def test_gpu_torch_merge_kernel_equals_generic():
 
 def test_gpu_torch_means_with_gradients_keep_the_torch_path():
     _, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     import array_api_compat.torch as xp
-    from tokenpool_ops.backends import _torch
 
     x, scores = _integer_problem(torch, 12)
     values = x.clone().requires_grad_()
     labels = torch.arange(197, device="cuda").remainder(5).expand(4, -1)
     empty = x.mean(1, keepdim=True)
-    means = _torch.compiled_paths()["weighted_means"]
+    means = backends.primitives_for(xp).weighted_means
     with pytest.MonkeyPatch.context() as patch:
         merges = _counting(patch, "run_merge")
         with_grad = means(xp, values, labels, 5, scores, empty)
@@ -944,7 +1049,6 @@ def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph
     # Every buffer of both launches is PyTorch's (CuPy's allocator refuses any request), so
     # a CUDA graph captures pool and replays it on new tokens as eager PyTorch computes them.
     cupy, torch = _gpu_libraries()
-    pytest.importorskip("numba", reason="numba is not installed: torch-cuda kernels off")
     x, scores = _integer_problem(torch, 13)
     # The default start (the top scores): no random draw inside the capture.
     options = dict(scores=scores, check_values=False, stop_early=False)
@@ -970,6 +1074,26 @@ def test_gpu_torch_kernels_allocate_nothing_from_cupy_and_replay_in_a_cuda_graph
     static.copy_(fresh)
     graph.replay()
     torch.testing.assert_close(captured, eager)
+
+
+def test_gpu_torch_pool_with_stop_early_allocates_nothing_from_cupy():
+    # The default options: stop_early and the value checks. The iteration count is reduced
+    # by PyTorch, so CuPy's allocator is asked for nothing here either.
+    cupy, torch = _gpu_libraries()
+    x, scores = _integer_problem(torch, 14)
+
+    def refuse(size: int) -> Any:
+        raise AssertionError(f"CuPy's allocator asked for {size} bytes")
+
+    with pytest.MonkeyPatch.context() as patch:
+        launches = _counting(patch, "run_kmedoids")
+        with cupy.cuda.using_allocator(refuse):
+            got = tokenpool_ops.pool(x, 49, "wkmedoids", scores=scores, return_info=True)
+    want = tokenpool_ops.pool(x, 49, "wkmedoids", scores=scores, return_info=True,
+                              fast_paths=False)
+    assert launches, "the kernel did not run"
+    assert got.n_iter == want.n_iter
+    torch.testing.assert_close(got.assignment, want.assignment, rtol=0, atol=0)
 
 
 def test_kernel_sources_ship_with_the_package():

@@ -117,9 +117,9 @@ struct KMedoidsLayout {
     return shared_matrix ? static_cast<long long>(n) * n : 0;
   }
   __device__ long long acc_count() const {
-    // stage (first: its tile loads need 16-byte alignment), matrix, weights, nearest,
-    // cost, reduction scratch
-    return stage_count() + matrix_count() + 3LL * n + kBlockThreads;
+    // stage (first: its tile loads need 16-byte alignment), matrix, weights, cost,
+    // reduction scratch
+    return stage_count() + matrix_count() + 2LL * n + kBlockThreads;
   }
   __device__ long long int_count() const {
     return 2LL * n + k;  // labels, medoid_of, medoids

@@ -17,10 +17,10 @@
 // Distances are those of the centred tokens (x minus the problem's mean), each summed in
 // chunks of kFeatureChunk features, all N x N of them computed once per problem in register
 // tiles from features staged in shared memory (fill_matrix). The matrix lives
-// * in shared memory where it fits (SharedMatrix; N <= 222 in float32 in the 227 KiB of
-//   Hopper, 185 on Ampere), so every later distance is a shared-memory read;
+// * in shared memory where it fits (SharedMatrix; N <= 223 in float32 in the 227 KiB of
+//   Hopper, 186 on Ampere), so every later distance is a shared-memory read;
 // * else in a global workspace (B, N, N), read through L2 with the same access patterns
-//   (float32 N up to about 1100 on Ampere and 1500 on Hopper, where a chunk of every token's
+//   (float32 N up to about 1150 on Ampere and 1600 on Hopper, where a chunk of every token's
 //   features still fits in shared memory for the tiles; the glue declines larger N).
 // Both give the same bits: the code is the same but for where the matrix is.
 #if defined(__CUDACC__)
@@ -44,7 +44,6 @@ struct Problem {
   // shared memory
   Acc* stage;     // (kFeatureChunk, stride) centred features
   Acc* weights;   // (N,)
-  Acc* nearest;   // (N,) distance to the own medoid
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
   Acc* scratch;   // (kBlockThreads,)
   int* labels;    // (N,)
@@ -73,8 +72,7 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   Acc* const after_stage = p.stage + layout.stage_count();
   p.matrix = SharedMatrix ? after_stage : workspace;
   p.weights = after_stage + layout.matrix_count();
-  p.nearest = p.weights + n;
-  p.cost = p.nearest + n;
+  p.cost = p.weights + n;
   p.scratch = p.cost + n;
   int* ints = reinterpret_cast<int*>(p.scratch + kBlockThreads);
   p.labels = ints;
@@ -158,8 +156,8 @@ __device__ void index_medoids(const Problem<T>& p) {
   __syncthreads();
 }
 
-// Eq. 16. Writes labels and nearest; returns the objective of Eq. 13 (sum_i w_i nearest_i)
-// and sets *changed when a label differs from the previous one.
+// Eq. 16. Writes labels; returns the objective of Eq. 13 (sum_i w_i d(i, own medoid)) and
+// sets *changed when a label differs from the previous one.
 template <typename T>
 __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* changed) {
   using Acc = typename Accumulator<T>::type;
@@ -182,7 +180,6 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
     }
     any_change |= label != p.labels[i];
     p.labels[i] = label;
-    p.nearest[i] = best;
     objective = multiply_add(p.weights[i], best, objective);
   }
   if (any_change) atomicOr(changed, 1);
@@ -299,6 +296,10 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
 //   nearest to x_i, from the differences of the centred tokens: all (K, N) of them in a
 //   global workspace, summed chunk by chunk from features staged in shared memory.
 // Every sum runs over the members in token order, so the result is the same on every run.
+// The kernel never reads back a pooled token it wrote: with the objective, each chunk of
+// them goes to the stage as it goes to `tokens`. (A read-back may be compiled to a
+// non-coherent ld.global.nc, which need not see this launch's writes; .ci/check_cuda.sh
+// fails on any such load of a written buffer.)
 
 // Members of each cluster in token order (`order`, from `starts[c]` to `starts[c + 1]`).
 __device__ __forceinline__ void group_members(const int* labels, int n, int k, int* order,
@@ -322,6 +323,29 @@ __device__ __forceinline__ void group_members(const int* labels, int n, int k, i
   }
   __syncthreads();
 }
+
+// The clusters of one problem in shared memory: members in token order and the effective
+// weights of their means.
+template <typename Acc>
+struct Clusters {
+  const Acc* token_weights;  // (N,)
+  const Acc* totals;         // (K,) sum of the members' effective weights
+  const int* order;          // (N,) members, cluster by cluster
+  const int* starts;         // (K + 1,)
+
+  // Feature q of cluster c's pooled token: the weighted mean of its members, or `empty`
+  // (the problem's mean) for a cluster of zero total weight.
+  template <typename T>
+  __device__ Acc pooled(const T* x, int m, int c, int q, Acc empty) const {
+    Acc sum = 0;
+    for (int s = starts[c]; s < starts[c + 1]; ++s) {
+      const int i = order[s];
+      sum = multiply_add(token_weights[i], to_accumulator(x[static_cast<long long>(i) * m + q]),
+                         sum);
+    }
+    return totals[c] > 0 ? sum / totals[c] : empty;
+  }
+};
 
 template <typename T>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS)
@@ -384,19 +408,15 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
     sizes[c] = size;
   }
   __syncthreads();
+  const Clusters<Acc> clusters{token_weights, totals, order, starts};
 
-  for (int e = threadIdx.x; e < k * m; e += kBlockThreads) {  // k * m < 2^31: see the plan
-    const int c = e / m, q = e % m;
-    Acc sum = 0;
-    for (int s = starts[c]; s < starts[c + 1]; ++s) {
-      const int i = order[s];
-      sum = multiply_add(token_weights[i], to_accumulator(x[static_cast<long long>(i) * m + q]),
-                         sum);
+  if (!with_objective) {  // uniform across the block
+    for (int e = threadIdx.x; e < k * m; e += kBlockThreads) {  // k * m < 2^31: see the plan
+      const int c = e / m, q = e % m;
+      tokens[e] = clusters.pooled(x, m, c, q, mean[q]);
     }
-    tokens[e] = totals[c] > 0 ? sum / totals[c] : mean[q];
+    return;
   }
-  if (!with_objective) return;  // uniform across the block
-  __syncthreads();  // the pooled tokens, written above, are read below
 
   // Distances (K, N) of the pooled tokens to the tokens. Consecutive threads take
   // consecutive tokens: coalesced in the workspace, conflict-free in the stage.
@@ -408,8 +428,13 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
     __syncthreads();  // the previous chunk is no longer read
     for (int e = threadIdx.x; e < columns * width; e += kBlockThreads) {
       const int j = e / width, q = start + e % width;
-      const Acc value = j < n ? to_accumulator(x[static_cast<long long>(j) * m + q])
-                              : tokens[static_cast<long long>(j - n) * m + q];
+      Acc value;
+      if (j < n) {
+        value = to_accumulator(x[static_cast<long long>(j) * m + q]);
+      } else {  // this chunk of the pooled tokens: output, and staged (see above)
+        value = clusters.pooled(x, m, j - n, q, mean[q]);
+        tokens[static_cast<long long>(j - n) * m + q] = value;
+      }
       stage[(e % width) * columns + j] = value - mean[q];
     }
     __syncthreads();

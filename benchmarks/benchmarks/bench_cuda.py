@@ -1,7 +1,9 @@
 """The fused CUDA K-Medoids kernel against the generic GPU paths (issue #10's grid).
 
 As an asv suite (``time_pool``), and as a script that prints one table, which
-``benchmarks/gpu_check.sh`` runs: ``python benchmarks/benchmarks/bench_cuda.py``.
+``benchmarks/gpu_check.sh`` runs for issue #19's shape:
+``python benchmarks/benchmarks/bench_cuda.py [--cases 256x197/98,64x577/144]`` (all cases
+by default).
 
 Columns, all ``pool(x, k, "wkmedoids", scores=s)`` with the default checks unless noted,
 float32 tokens of M = 384 features, the device awaited inside each timed call, median ms:
@@ -19,6 +21,7 @@ K < N / 2 it keeps more tokens than K.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -164,12 +167,22 @@ def _row(b: int, n: int, k: int) -> str:
     return f"| {b} | {n} | {k} | " + " | ".join(cells) + f" | {speedup} |"
 
 
-def table() -> Iterator[str]:
+def table(cases: list[tuple[int, int, int]] = CASES) -> Iterator[str]:
     """The table, one line at a time: a run cut short by a time limit keeps its rows."""
     yield "| B | N | K | " + " | ".join(COLUMNS) + " | speed-up vs torch generic |"
     yield "|---:|---:|---:|" + "---:|" * (len(COLUMNS) + 1)
-    for b, n, k in CASES:
+    for b, n, k in cases:
         yield _row(b, n, k)
+
+
+def parse_cases(text: str) -> list[tuple[int, int, int]]:
+    """``"256x197/98,64x577/144"`` -> [(256, 197, 98), (64, 577, 144)]."""
+    cases = []
+    for case in text.split(","):
+        shape, k = case.strip().split("/")
+        b, n = shape.split("x")
+        cases.append((int(b), int(n), int(k)))
+    return cases
 
 
 class PoolOnGpu:
@@ -194,7 +207,11 @@ class PoolOnGpu:
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--cases", type=parse_cases, default=CASES,
+                        help="B x N / K cases, e.g. 256x197/98,64x577/144 (default: all)")
+    options = parser.parse_args()
     print(f"\nwkmedoids pool, float32, M = {FEATURES}, median ms (device awaited):\n")
-    for line in table():
+    for line in table(options.cases):
         print(line, flush=True)
         print(line, file=sys.stderr, flush=True)  # progress, where stdout is captured
