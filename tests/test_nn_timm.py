@@ -41,7 +41,7 @@ def images() -> torch.Tensor:
 # TokenPooling
 
 
-@pytest.mark.parametrize("method", ["kmeans", "wkmeans", "kmedoids", "wkmedoids", "topk"])
+@pytest.mark.parametrize("method", ["kmeans", "wkmeans", "kmedoids", "wkmedoids", "topk", "tome"])
 def test_module_matches_pool_and_passes_gradients(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 8, generator=gen, requires_grad=True)
@@ -66,7 +66,9 @@ def test_lean_plan_is_the_full_plan_without_objective(method: str) -> None:
     lean = plan(x, 7, method, scores=scores, sizes=sizes, lean=True)
     assert lean.objective is None and full.objective is not None
     selection = method in ("topk", "random", "importance")
-    kept = ["tokens", "sizes", "medoids"] + ([] if selection else ["assignment", "history"])
+    clustering = not selection and method != "tome"  # tome's history is its objective
+    kept = (["tokens", "sizes", "medoids"] + ([] if selection else ["assignment"])
+            + (["history"] if clustering else []))
     for name in kept:
         want = getattr(full, name)
         if want is None:  # K-Means has no medoids
@@ -75,6 +77,8 @@ def test_lean_plan_is_the_full_plan_without_objective(method: str) -> None:
             assert torch.equal(getattr(lean, name), want), name
     if selection:  # their assignment is a pass over every token that merge does not need
         assert lean.assignment is None and lean.history is None
+    if not clustering:
+        assert lean.history is None
     live = x.clone().requires_grad_(True)
     torch.testing.assert_close(merge(live, lean, method, scores=scores, sizes=sizes),
                                merge(live, full, method, scores=scores, sizes=sizes),
