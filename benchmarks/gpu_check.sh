@@ -2,7 +2,8 @@
 # The prepared GPU check of issue #10, for a machine with a CUDA GPU (and no network):
 #   1. the CuPy and torch-cuda tests of the suite, and the GPU tests of the CUDA kernel;
 #   2. the kernel benchmark (benchmarks/benchmarks/bench_cuda.py);
-#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11);
+#   3. the whole-model benchmark (benchmarks/timm_speedup.py, issue #11): wkmedoids, topk and
+#      ToMe's matching (tome, issue #20) in bf16, wkmedoids in fp32;
 #   4. the Eq. 5 score pass and SDPA backends (benchmarks/score_pass.py); the tables come last.
 # Installs nothing. Under 6 minutes: each step runs under `timeout` with its own limit
 # (tests 170 s, benchmark 60 s, whole model 45 + 30 s, scores 30 s), capped by what is left
@@ -67,7 +68,7 @@ bench_status=$?
 
 echo "== whole model: DeiT-S level 4, batch 256, bf16 then fp32 (limits 45 s and 30 s)"
 model_table=$(timeout -k 3 "$(limit 45)" "$python" benchmarks/timm_speedup.py --device cuda \
-  --dtype bf16 --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync 2>/dev/null \
+  --dtype bf16 --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync 2>/dev/null \
   && timeout -k 3 "$(limit 30)" "$python" benchmarks/timm_speedup.py --device cuda \
   --dtype fp32 --batch 256 --schedule level4 --methods wkmedoids --no-sync 2>/dev/null)
 model_status=$?
