@@ -243,3 +243,15 @@ def test_half_precision_metric_is_compared_in_float32(backend_named):
                               return_info=True)
     torch.assert_like(got.tokens, (2, 6, 8), half)
     np.testing.assert_array_equal(torch.to_numpy(got.assignment), want.assignment)
+
+
+def test_inputs_are_left_bit_identical(backend):
+    rng = np.random.default_rng(11)
+    inputs = {"x": rng.normal(loc=5.0, size=(*BATCH, N, M)),
+              "metric": rng.normal(size=(*BATCH, N, D)),
+              "sizes": rng.integers(1, 4, size=(*BATCH, N)).astype(float)}
+    arrays = {name: backend.asarray(a) for name, a in inputs.items()}
+    tokenpool_ops.pool(arrays["x"], 3, "tome", metric=arrays["metric"], sizes=arrays["sizes"],
+                       return_info=True)
+    for name, a in inputs.items():
+        np.testing.assert_array_equal(backend.to_numpy(arrays[name]), a, err_msg=name)
