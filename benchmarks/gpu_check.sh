@@ -8,7 +8,7 @@
 #      CuPy and torch-cuda tests of the suite and the GPU tests of the CUDA kernel;
 #   3. the timings: pool at B=256, N=197, M=384, K=98, float32 (generic, CuPy kernel, torch
 #      kernel: benchmarks/benchmarks/bench_cuda.py), the whole DeiT-S at batch 256, plain
-#      against level-4 wkmedoids and topk, in bf16 then fp32 (benchmarks/timm_speedup.py),
+#      against level-4 wkmedoids, topk and ToMe (tome), in bf16 then fp32 (timm_speedup.py),
 #      and the Eq. 5 score pass (benchmarks/score_pass.py);
 # and writes the same to benchmarks/results/gpu_check.md (or $GPU_CHECK_RESULTS), to be
 # committed.
@@ -84,12 +84,12 @@ echo "== timing: pool at B=256, N=197, M=384, K=98, float32"
 step pool 30 "$python" benchmarks/benchmarks/bench_cuda.py --cases 256x197/98
 pool_status=$?
 
-echo "== timing: whole DeiT-S, batch 256, plain vs level-4 wkmedoids and topk, bf16 then fp32"
+echo "== timing: whole DeiT-S, batch 256, plain vs level-4 wkmedoids, topk and tome, bf16 then fp32"
 step model_bf16 40 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
-  --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync
+  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync
 bf16_status=$?
 step model_fp32 30 "$python" benchmarks/timm_speedup.py --device cuda --dtype fp32 \
-  --batch 256 --schedule level4 --methods wkmedoids,topk --no-sync
+  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync
 fp32_status=$?
 
 echo "== timing: Eq. 5 scores, materialised vs SDPA + score pass, SDPA backends with the bias"

@@ -38,7 +38,7 @@ SCHEDULES = {
     "level3": [196, 194, 187, 163, 118, 85, 58, 47, 20, 12, 2, 0],
     "level4": [196, 193, 179, 142, 97, 64, 46, 34, 13, 9, 1, 0],
 }
-METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 MODEL = "deit_small_patch16_224"
 POOL_SCOPE = "tokenpool_ops.pool"
 

@@ -19,7 +19,13 @@ The clustering's own cost, per pooling block (``k < n`` patch tokens), from §4 
 * K-Medoids: ``n^2 M`` for the pairwise distances (once), then ``n^2 + n k`` per iteration
   (medoid costs within clusters, assignment to k medoids);
 * K-Means: ``n k M`` per iteration (distances from n tokens to k centres);
-* the selection baselines (topk, random, importance): nothing counted.
+* the selection baselines (topk, random, importance): nothing counted;
+* ToMe's matching (tome; Bolya et al., ICLR 2023), with metric width ``D = M / H`` (the keys
+  averaged over heads, ``n M``): per round of bipartite matching on ``n'`` tokens (at most
+  ``floor(n' / 2)`` merged per round; one round where ``n - k <= floor(n / 2)``), the norms
+  ``n' D`` and the similarities ``ceil(n' / 2) floor(n' / 2) D``, and between rounds the
+  metric's merge ``n' D``; then the tokens' size-weighted merge, ``n M``. (The clustering
+  methods' own merge, ``n M`` too, is not counted above.)
 
 Iterations default to ``max_iter`` (10, every iteration run); Table 3's "+" column is
 consistent with about 5 K-Means iterations on average, which ``--iterations`` sets.
@@ -106,13 +112,32 @@ class Breakdown:
                 + self.embedding_and_head + self.conv_downsampling)
 
 
-def clustering_flops(method: str, n: int, k: int, width: int, iterations: int) -> float:
-    """Multiply-adds of one pooling step from n to k patch tokens (see the module text)."""
+def clustering_flops(method: str, n: int, k: int, width: int, iterations: int,
+                     metric_width: int | None = None) -> float:
+    """Multiply-adds of one pooling step from n to k patch tokens (see the module text);
+    ``metric_width``: tome's D (``width`` when None)."""
+    if k < n and method == "tome":
+        return matching_flops(n, k, width, width if metric_width is None else metric_width)
     if k >= n or method not in CLUSTERING:
         return 0.0
     if method.endswith("kmedoids"):
         return n * n * width + iterations * (n * n + n * k)
     return iterations * n * k * width
+
+
+def matching_flops(n: int, k: int, width: int, metric_width: int) -> float:
+    """ToMe's cost from n to k < n patch tokens: the metric (keys averaged over heads), each
+    round's norms and similarities, the metric's merge between rounds, the tokens' merge."""
+    from tokenpool_ops._tome import merge_rounds  # the rounds pool runs
+
+    total = 2 * n * width  # the metric, and the size-weighted merge of the tokens
+    rounds = merge_rounds(n, k)
+    for i, r in enumerate(rounds):
+        total += n * metric_width + ((n + 1) // 2) * (n // 2) * metric_width
+        if i + 1 < len(rounds):
+            total += n * metric_width
+        n -= r
+    return total
 
 
 def conv_flops(n: int, width: int) -> float:
@@ -152,7 +177,8 @@ def count(shape: ViTShape, keep: Sequence[int] | None = None, method: str = "wkm
         if block in conv_after:  # the convolution reduces here, not a clustering
             sums["conv"] += conv_flops(patches, width)
         else:
-            sums["clustering"] += clustering_flops(method, patches, after, width, iterations)
+            sums["clustering"] += clustering_flops(method, patches, after, width, iterations,
+                                                   width // shape.heads)
         patches = after
     embed = shape.patches * shape.patch_size**2 * shape.channels * width
     giga = 1e-9

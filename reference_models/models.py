@@ -31,6 +31,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+from tokenpool_ops._pool import MERGING_METHODS
 from tokenpool_ops.timm import patch_timm
 
 from .conv import add_conv_downsampling, conv_after, parse_conv_depths
@@ -55,8 +56,9 @@ __all__ = [
 # Parameters a downsampler adds to a model live in ``model.token_downsample`` (a ModuleDict),
 # so their state_dict keys start with this and a base model's weights load around them.
 DOWNSAMPLE_PREFIX = "token_downsample."
-# The pooling methods of --downsample tokenpool; the other choices are fixed methods.
-TOKENPOOL_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
+# The pooling methods of --downsample tokenpool, those of pool that merge tokens: the
+# clustering methods and ToMe's matching ('tome'). The other choices are fixed methods.
+TOKENPOOL_METHODS = MERGING_METHODS
 # --downsample choice -> patch_timm method (None: no patching; "tokenpool": --method;
 # "conv": no patch_timm method but the convolutions of reference_models/conv.py).
 DOWNSAMPLERS: dict[str, str | None] = {

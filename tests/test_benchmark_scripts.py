@@ -33,9 +33,9 @@ def _run(script: str, *args: str, returncode: int = 0) -> str:
 
 def test_timm_speedup_prints_a_row_per_method() -> None:
     out = _run("timm_speedup.py", "--batch", "1", "--repeats", "1", "--schedule", "level4",
-               "--methods", "wkmedoids,topk")
+               "--methods", "wkmedoids,topk,tome")
     number = r"\s+([0-9.]+)"
-    for method in ("plain", "wkmedoids", "topk"):
+    for method in ("plain", "wkmedoids", "topk", "tome"):
         row = re.search(rf"^{method}{number}{number}{number}", out, re.MULTILINE)
         assert row, out
         ms, speedup, flop_ratio = (float(g) for g in row.groups())

@@ -61,6 +61,19 @@ def test_clustering_costs_follow_the_documented_formulas():
     assert means.clustering * 1e9 == pytest.approx(4 * (10 * 6 * 8 + 6 * 3 * 8))
 
 
+def test_tome_cost_worked_out_by_hand():
+    """Width 8, 2 heads: metric D = 4. 10 -> 6 is one round (r = 4 <= 5): keys averaged
+    10 * 8, norms 10 * 4, similarities 5 * 5 * 4, merge 10 * 8 = 300; 6 -> 3 (r = 3 <= 3):
+    48 + 24 + 3 * 3 * 4 + 48 = 156. 10 -> 2 is three rounds, 10 -> 5 -> 3 -> 2: 80 + 80,
+    norms 40 + 20 + 12, similarities 5 * 5 * 4 + 3 * 2 * 4 + 2 * 1 * 4, the metric merged
+    after the first two rounds 40 + 20: 424; the block after it, 2 -> 2, costs nothing."""
+    shape = flops.ViTShape(depth=2, width=8, heads=2, patches=10)
+    assert flops.count(shape, [6, 3], method="tome").clustering * 1e9 == pytest.approx(456)
+    assert flops.count(shape, [2, 2], method="tome").clustering * 1e9 == pytest.approx(424)
+    plain = flops.count(shape, [6, 3], method="topk")
+    assert flops.count(shape, [6, 3], method="tome").total == plain.total
+
+
 def torch_gflops(model, images) -> float:
     """torch's count; attention through SDPA's math backend, whose products it sees (the
     fused CPU kernel is not counted)."""

@@ -41,7 +41,7 @@ def images() -> torch.Tensor:
 # TokenPooling
 
 
-@pytest.mark.parametrize("method", ["kmeans", "wkmeans", "kmedoids", "wkmedoids", "topk"])
+@pytest.mark.parametrize("method", ["kmeans", "wkmeans", "kmedoids", "wkmedoids", "topk", "tome"])
 def test_module_matches_pool_and_passes_gradients(method: str) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 30, 8, generator=gen, requires_grad=True)
@@ -66,7 +66,9 @@ def test_lean_plan_is_the_full_plan_without_objective(method: str) -> None:
     lean = plan(x, 7, method, scores=scores, sizes=sizes, lean=True)
     assert lean.objective is None and full.objective is not None
     selection = method in ("topk", "random", "importance")
-    kept = ["tokens", "sizes", "medoids"] + ([] if selection else ["assignment", "history"])
+    clustering = not selection and method != "tome"  # tome's history is its objective
+    kept = (["tokens", "sizes", "medoids"] + ([] if selection else ["assignment"])
+            + (["history"] if clustering else []))
     for name in kept:
         want = getattr(full, name)
         if want is None:  # K-Means has no medoids
@@ -75,6 +77,8 @@ def test_lean_plan_is_the_full_plan_without_objective(method: str) -> None:
             assert torch.equal(getattr(lean, name), want), name
     if selection:  # their assignment is a pass over every token that merge does not need
         assert lean.assignment is None and lean.history is None
+    if not clustering:
+        assert lean.history is None
     live = x.clone().requires_grad_(True)
     torch.testing.assert_close(merge(live, lean, method, scores=scores, sizes=sizes),
                                merge(live, full, method, scores=scores, sizes=sizes),
@@ -154,9 +158,11 @@ def test_token_counts_follow_schedule(placement: str, images: torch.Tensor) -> N
     assert logits.shape == (2, 1000) and torch.isfinite(logits).all()
 
 
-def test_source_and_sizes_agree(images: torch.Tensor) -> None:
+@pytest.mark.parametrize("method", ["wkmedoids", "tome"])
+def test_source_and_sizes_agree(method: str, images: torch.Tensor) -> None:
     model = make()
-    patch_timm(model, [196, 150, 100, 60, 60, 60, 60, 60, 60, 60, 60, 20], trace_source=True)
+    patch_timm(model, [196, 150, 100, 60, 60, 60, 60, 60, 60, 60, 60, 20], method=method,
+               trace_source=True)
     with torch.no_grad():
         model(images)
     state = model._tokenpool
@@ -183,6 +189,49 @@ def test_attention_needs_scores_only_where_pooling_uses_them() -> None:
     unpatch_timm(model)
     patch_timm(model, SCHEDULE, method="kmedoids")
     assert not any(b.attn._tp_needs_scores for b in model.blocks)
+
+
+def test_tome_merges_by_the_keys_averaged_over_heads(images: torch.Tensor,
+                                                     monkeypatch) -> None:
+    """ToMe's metric: the block's keys (B, H, N, d) averaged over heads, patch tokens only;
+    no scores are computed for it. With a keep list of ToMe's constant r, each block gets
+    it and merges its r tokens, or half its tokens where fewer than 2 r are left."""
+    model = make("deit_tiny_distilled")  # two prefix tokens
+    keep = tp_timm.tome_schedule(16, 12, 196)
+    patch_timm(model, keep, method="tome")
+    assert not any(b.attn._tp_needs_scores for b in model.blocks)
+    assert all(b.attn._tp_needs_metric for b in model.blocks)
+    attn_inputs: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.attn.register_forward_pre_hook(lambda m, args: attn_inputs.append(args[0]))
+    passed = []
+    real = tp_timm.pool_with_grad
+
+    def spy(x, k, method, *, scores=None, sizes=None, metric=None, **options):
+        passed.append((x.shape[1], k, scores, metric))
+        return real(x, k, method, scores=scores, sizes=sizes, metric=metric, **options)
+
+    monkeypatch.setattr(tp_timm, "pool_with_grad", spy)
+    with torch.no_grad():
+        model(images)
+    assert [(n, k) for n, k, _, _ in passed] == list(zip([196, *keep[:-1]], keep, strict=True))
+    assert [n - k for n, k, _, _ in passed] == [16] * 11 + [10]  # 20 tokens: at most 10
+    for block, h, (_, _, scores, metric) in zip(model.blocks, attn_inputs, passed, strict=True):
+        attn = block.attn
+        qkv = attn.qkv(h).reshape(h.shape[0], h.shape[1], 3, attn.num_heads, attn.head_dim)
+        keys = qkv[:, :, 1]  # (B, N, H, d); deit's k_norm is the identity
+        assert scores is None
+        torch.testing.assert_close(metric, keys.mean(dim=2)[:, 2:], rtol=1e-5, atol=1e-6)
+
+
+def test_tome_schedule_is_r_per_block_capped_at_half() -> None:
+    assert tp_timm.tome_schedule(13, 12, 196) == [196 - 13 * i for i in range(1, 13)]
+    assert tp_timm.tome_schedule(100, 3, 196) == [98, 49, 25]  # floor(n / 2) per block
+    assert tp_timm.tome_schedule([0, 5, 1], 3, 7) == [7, 4, 3]
+    with pytest.raises(ValueError, match="one per block"):
+        tp_timm.tome_schedule([1, 2], 3, 196)
+    with pytest.raises(ValueError, match="non-negative"):
+        tp_timm.tome_schedule(-1, 3, 196)
 
 
 def test_prop_attn_with_unit_sizes_changes_nothing(images: torch.Tensor) -> None:

@@ -27,7 +27,7 @@ import tokenpool_ops  # noqa: E402
 import tokenpool_ops._batching as batching  # noqa: E402
 from tokenpool_ops.timm import patch_timm  # noqa: E402
 
-METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 HOST_READS = ("__bool__", "item", "tolist", "numpy", "cpu", "__int__", "__float__")
 NO_SYNC = dict(check_values=False, stop_early=False, fast_paths=False)
 SCHEDULE = [16, 14, 10, 6]  # patch tokens left after each of the 4 blocks
@@ -89,6 +89,8 @@ CHECKED_CALLS = {
     "pool wkmedoids": lambda x, s: tokenpool_ops.pool(x, 7, "wkmedoids", scores=s, sizes=s + 1,
                                                       stop_early=False, fast_paths=False),
     "pool topk": lambda x, s: tokenpool_ops.pool(x, 7, "topk", scores=s, fast_paths=False),
+    "pool tome": lambda x, s: tokenpool_ops.pool(x, 7, "tome", metric=x[..., :3], sizes=s + 1,
+                                                 fast_paths=False),
     "pool k >= N": lambda x, s: tokenpool_ops.pool(x, 30, "wkmedoids", scores=s),
     "kmeans": lambda x, s: tokenpool_ops.kmeans(x, 7, weights=s, stop_early=False,
                                                 fast_paths=False),

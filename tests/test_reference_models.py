@@ -164,7 +164,7 @@ def test_resume_drops_log_lines_of_redone_epochs_and_torn_lines(tmp_path: Path) 
 
 DOWNSAMPLE_CASES = [
     ("none", None), ("tokenpool", "kmeans"), ("tokenpool", "kmedoids"),
-    ("tokenpool", "wkmeans"), ("tokenpool", "wkmedoids"),
+    ("tokenpool", "wkmeans"), ("tokenpool", "wkmedoids"), ("tokenpool", "tome"),
     ("powerbert", None), ("random", None), ("importance", None)]
 
 

@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 
 import tokenpool_ops
 
-METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 F32_MAX = float(np.finfo(np.float32).max)
 EXTREMES = [0.0, -0.0, 1e-45, -1e-45, 1.1754944e-38, -1e-38, 1.0, -3.0, 1e19, -1e19, 1e38,
             -1e38, F32_MAX, -F32_MAX]

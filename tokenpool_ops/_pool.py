@@ -21,11 +21,13 @@ from ._compat import Array, device, is_array_api_obj, is_traced, take_along_axis
 from ._overflow import read_iterations, without_overflow
 from ._primitives import assign_to_medoids
 from ._selection import draw_without_replacement, spread, top_k
+from ._tome import match_tokens
 from ._validation import (
     Deferred,
     check_count,
     check_init_indices,
     check_is_array,
+    check_metric,
     check_same_device,
     check_token_values,
     check_tokens,
@@ -37,7 +39,8 @@ from ._validation import (
 
 __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
 
-Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance",
+                 "tome"]
 Init = Literal["topk", "random", "spread"] | Array | None
 #: What of a PoolResult a call computes (the rest is None): the tokens and their sizes
 #: ('tokens'); the plan that ``tokenpool_ops.nn.merge`` applies, i.e. no objective and, for
@@ -47,7 +50,11 @@ Detail = Literal["tokens", "plan", "info"]
 
 CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
 SELECTION_METHODS = ("topk", "random", "importance")
-METHODS = CLUSTERING_METHODS + SELECTION_METHODS
+#: ToMe's bipartite soft matching (Bolya et al., ICLR 2023): merges, guided by a metric.
+MATCHING_METHODS = ("tome",)
+#: Methods whose output tokens are the size- (or score-) weighted means of their members.
+MERGING_METHODS = CLUSTERING_METHODS + MATCHING_METHODS
+METHODS = CLUSTERING_METHODS + SELECTION_METHODS + MATCHING_METHODS
 #: Methods that weigh or rank tokens by significance scores when they are given.
 USES_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
 #: Methods that have no meaning without scores. The w-methods without scores treat every
@@ -101,7 +108,8 @@ class PoolResult:
         How many original tokens each output token stands for: the sums of the input sizes
         (ones when none were given) over each cluster; a selection keeps its tokens' sizes.
     medoids : array (..., K) or None
-        Token indices of the centres, for the medoid methods and the selection baselines.
+        Token indices of the centres, for the medoid methods and the selection baselines
+        (None for 'tome', whose tokens are means).
     objective : array (...)
         Reconstruction error of the returned tokens, Eq. 13 with weights ``scores * sizes``
         for the w-methods and ``sizes`` otherwise (Eq. 9 when there are no sizes). +inf for
@@ -113,10 +121,11 @@ class PoolResult:
         error of its centres, which for the medoid methods are the medoids, not the
         returned means. So ``history[..., -1]`` is not ``objective``: it is larger for the
         medoid methods (means reconstruct their clusters better than medoids do). One
-        entry, ``objective``, for the selection baselines and the trivial cases. May hold
-        +inf where an intermediate objective exceeds the dtype (see ``objective``).
+        entry, ``objective``, for the selection baselines, 'tome' and the trivial cases.
+        May hold +inf where an intermediate objective exceeds the dtype (see
+        ``objective``).
     n_iter : int
-        Iterations the clustering ran (0 for the selection baselines).
+        Iterations the clustering ran (0 for the selection baselines and 'tome').
     """
 
     tokens: Array
@@ -164,31 +173,36 @@ def _host_reads(check_values: bool, stop_early: bool, *arrays: Array | None
 
 def _prepare(
     x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
-    **per_token: Array | None,
+    metric: Array | None = None, **per_token: Array | None,
 ) -> tuple[Batch, int, int, list[Deferred] | None]:
     """Check the arguments shared by every entry point; return the flattened batch, k,
-    max_iter and the value checks of x and the per-token arrays, still on the device (None
-    without ``check_values``): :func:`_computed` reads them with its overflow check, in one
-    host synchronisation (a bad value cannot crash the computation before; see _overflow).
-    An ``init`` array is checked here, before it can index anything."""
+    max_iter and the value checks of x, the ``metric`` (..., N, D) and the per-token arrays
+    (..., N), still on the device (None without ``check_values``): :func:`_computed` reads
+    them with its overflow check, in one host synchronisation (a bad value cannot crash the
+    computation before; see _overflow). An ``init`` array is checked here, before it can
+    index anything."""
     check_is_array(x, "x")
-    for name, values in per_token.items():
+    for name, values in {"metric": metric, **per_token}.items():
         if values is not None:
             check_is_array(values, name)
     if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
         raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
                         f"got {type(init).__name__}")
     init_array = None if init is None or isinstance(init, str) else init
-    xp = namespace_of(x=x, init=init_array, **per_token)
+    xp = namespace_of(x=x, init=init_array, metric=metric, **per_token)
     check_tokens(xp, x, check_values=False)
     batch = flatten(xp, x, fast_paths)
-    check_same_device(xp, "x", x=x, init=init_array, **per_token)
+    check_same_device(xp, "x", x=x, init=init_array, metric=metric, **per_token)
     k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
+    check_metric(xp, metric, tuple(x.shape[:-1]))
     for name, values in per_token.items():
         check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values=False)
     pending = None
     if check_values:  # x from the means, which the batch computes anyway
         pending = [finite_tokens_deferred(xp, batch.x, batch.mean)]
+        if metric is not None:  # the metric likewise, from its own means
+            features = flatten(xp, metric, fast_paths)
+            pending.append(finite_tokens_deferred(xp, features.x, features.mean, "metric"))
         pending += [token_values_deferred(xp, values, name)
                     for name, values in per_token.items() if values is not None]
     if isinstance(init, str) and init not in INITS:
@@ -381,9 +395,9 @@ def kmedoids(
 
 def pool(
     x: Array, k: int, method: Method = "wkmedoids", *, scores: Array | None = None,
-    sizes: Array | None = None, init: Init = None, max_iter: int = DEFAULT_MAX_ITER,
-    seed: int = 0, return_info: bool = False, check_values: bool = True,
-    stop_early: bool = True, fast_paths: bool = True,
+    sizes: Array | None = None, metric: Array | None = None, init: Init = None,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, return_info: bool = False,
+    check_values: bool = True, stop_early: bool = True, fast_paths: bool = True,
 ) -> Array | PoolResult:
     """Token Pooling (Algorithm 1): replace N tokens by k that minimise Eq. 9 / Eq. 13.
 
@@ -402,7 +416,18 @@ def pool(
         ``'importance'`` (draw proportional to the scores; tokens of score zero are drawn
         only when fewer than k scores are positive, then uniformly, so a problem whose
         scores are all zero draws the tokens of 'random'). Baselines keep the chosen tokens,
-        in their original order.
+        in their original order. ``'tome'``: ToMe's bipartite soft matching (Bolya et al.,
+        ICLR 2023): tokens alternate into A (even positions) and B (odd); each A token's
+        match is its most similar B token (cosine similarity of ``metric``); the
+        ``r = N - k`` A tokens most similar to their match are merged into it, when
+        ``r <= floor(N / 2)``; otherwise rounds of ``floor(n / 2)`` merges run until k
+        tokens remain, the metric merged between rounds as the tokens are. Output tokens
+        are size-weighted means of their members, in the order of the last round: the
+        unmerged A tokens, then the B tokens, each group in its order (ToMe's code orders
+        the unmerged A tokens by similarity instead). Ties go to the lower index, in the
+        match and in the ranking. A metric row of zero norm has similarity 0 with every
+        token. ``scores``, ``init``, ``max_iter``, ``seed`` and ``stop_early`` play no part
+        (as for 'random', scores are still checked).
     scores : array (..., N), optional
         Significance scores (Eq. 5, see :func:`significance_scores`), non-negative. Weights
         of the w-methods and ranking of the default initialisation. Needed by 'topk' and
@@ -414,6 +439,11 @@ def pool(
         The weight of token i is ``scores[i] * sizes[i]`` for the w-methods and ``sizes[i]``
         for the others, so scores are per original token. Output sizes are returned in
         :class:`PoolResult`.
+    metric : array (..., N, D), optional
+        'tome' only (another method refuses it): the features whose cosine similarity
+        decides the matching, ``x`` when None (in a ViT, ToMe uses the block's keys
+        averaged over heads). Same library and device as ``x``; compared in ``x``'s
+        compute dtype. Checked for NaN and infinity with ``check_values``.
     init : {'topk', 'random', 'spread'} or integer array (..., k), optional
         Starting centres: 'topk' (highest scores; the default with scores), 'random' (seeded),
         'spread' (evenly spaced indices; the default without scores) or explicit indices.
@@ -426,12 +456,12 @@ def pool(
     return_info : bool
         Return a :class:`PoolResult` instead of the tokens alone.
     check_values : bool
-        Check array values: NaN or infinity in ``x``, negative or non-finite ``scores`` and
-        ``sizes``, ``init`` indices out of range or repeated, and overflow in the results
-        (then redone in float64). All are read in one device synchronisation after the
-        computation, which bad values cannot crash; an ``init`` array, which indexes, is
-        checked before (one more). False skips them (shapes, dtypes, libraries and devices
-        are always checked).
+        Check array values: NaN or infinity in ``x`` and ``metric``, negative or non-finite
+        ``scores`` and ``sizes``, ``init`` indices out of range or repeated, and overflow in
+        the results (then redone in float64). All are read in one device synchronisation
+        after the computation, which bad values cannot crash; an ``init`` array, which
+        indexes, is checked before (one more). False skips them (shapes, dtypes, libraries
+        and devices are always checked).
     stop_early : bool
         Stop once no assignment changed in any problem: a device synchronisation per
         iteration, or one read of the iteration count where a fused kernel (Numba, CUDA)
@@ -467,9 +497,11 @@ def pool(
     >>> x = np.array([[0.0, 0.0], [0.0, 1.0], [10.0, 0.0], [10.0, 2.0]])
     >>> pool(x, 2, "kmedoids").tolist()
     [[0.0, 0.5], [10.0, 1.0]]
+    >>> pool(x, 2, "tome").tolist()   # A = tokens 0, 2 merged into their matches 1, 3
+    [[0.0, 0.5], [10.0, 1.0]]
     """
     result = pool_result(x, k, method, "info" if return_info else "tokens", scores=scores,
-                         sizes=sizes, init=init, max_iter=max_iter, seed=seed,
+                         sizes=sizes, metric=metric, init=init, max_iter=max_iter, seed=seed,
                          check_values=check_values, stop_early=stop_early,
                          fast_paths=fast_paths)
     return result if return_info else result.tokens
@@ -477,18 +509,20 @@ def pool(
 
 def pool_result(
     x: Array, k: int, method: Method, detail: Detail, *, scores: Array | None = None,
-    sizes: Array | None = None, init: Init = None, max_iter: int = DEFAULT_MAX_ITER,
-    seed: int = 0, check_values: bool = True, stop_early: bool = True,
-    fast_paths: bool = True,
+    sizes: Array | None = None, metric: Array | None = None, init: Init = None,
+    max_iter: int = DEFAULT_MAX_ITER, seed: int = 0, check_values: bool = True,
+    stop_early: bool = True, fast_paths: bool = True,
 ) -> PoolResult:
     """:func:`pool` as a PoolResult holding the fields of ``detail`` (see ``Detail``)."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
     if method in NEEDS_SCORES and scores is None:
         raise ValueError(f"method {method!r} needs scores (see significance_scores)")
-    check_values, stop_early = _host_reads(check_values, stop_early, x, scores, sizes)
+    if metric is not None and method not in MATCHING_METHODS:
+        raise ValueError(f"metric applies to method 'tome' only, not {method!r}")
+    check_values, stop_early = _host_reads(check_values, stop_early, x, scores, sizes, metric)
     batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
-                                           scores=scores, sizes=sizes)
+                                           metric=metric, scores=scores, sizes=sizes)
     s, given_sizes = batch.flat(scores), batch.flat(sizes)
     if k >= batch.x.shape[1]:
         settle(batch.xp, pending)
@@ -499,9 +533,13 @@ def pool_result(
     else:
         with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
             indices = (_choose(batch, method, s, k, seed) if method in SELECTION_METHODS
+                       else None if method in MATCHING_METHODS
                        else _resolve_init(batch, init, s, k, seed, "scores"))
 
         def compute(b: Batch) -> PoolResult:
+            if method in MATCHING_METHODS:
+                features = b.x if metric is None else b.flat_tokens(metric)
+                return _pool_by_matching(b, features, k, b.flat(given_sizes), detail)
             return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
                               stop_early, detail)
 
@@ -589,18 +627,45 @@ def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
     if fused is not None:  # one launch for the means, sizes and objective (CUDA)
         tokens, sizes, objective = fused
     else:
-        token_weights = effective_weights(prims, labels, k, weights, fallback)
-        # Means of the original (not centred) tokens, so that they are the members' exact
-        # means. Only K-Means clusters can be empty (a medoid belongs to its own cluster).
+        # Only K-Means clusters can be empty (a medoid belongs to its own cluster).
         empty = batch.mean if flat.centres is None else flat.centres + batch.mean
-        tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
-        sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
-        # The history is kept in every detail: an overflow in the clustering shows there
-        # first (see _overflow).
-        objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
-                     if with_objective else None)
+        tokens, sizes, objective = _merge(batch, labels, k, weights, fallback, carried, empty,
+                                          with_objective)
+    # The history is kept in every detail: an overflow in the clustering shows there first
+    # (see _overflow).
     return PoolResult(tokens, labels, sizes, flat.medoids, objective, flat.history,
                       flat.n_iter)
+
+
+def _pool_by_matching(batch: Batch, metric: Array, k: int, given_sizes: Array | None,
+                      detail: Detail) -> PoolResult:
+    """ToMe's bipartite soft matching (see _tome), then the size-weighted mean of each
+    group of merged tokens, as for clusters; scores play no part. No clustering history:
+    one entry, the objective, as for the selection baselines."""
+    carried = _ones(batch) if given_sizes is None else given_sizes
+    labels = match_tokens(batch.prims, metric, carried, given_sizes is not None, k,
+                          batch.index_dtype())
+    fallback = None if given_sizes is None else carried
+    tokens, sizes, objective = _merge(batch, labels, k, carried, fallback, carried,
+                                      batch.mean, detail == "info")
+    history = None if objective is None else objective[:, None]
+    return PoolResult(tokens, labels, sizes, None, objective, history, 0)
+
+
+def _merge(batch: Batch, labels: Array, k: int, weights: Array, fallback: Array | None,
+           carried: Array, empty: Array, with_objective: bool
+           ) -> tuple[Array, Array, Array | None]:
+    """Algorithm 1, line 6: the weighted mean of each group ``labels`` (B, N) in [0, k) of
+    the tokens (``empty`` for a group with no member), the carried sizes summed, and the
+    objective (Eq. 9/13 of the means, weights ``weights``) when asked (else None)."""
+    prims = batch.prims
+    token_weights = effective_weights(prims, labels, k, weights, fallback)
+    # Means of the original (not centred) tokens, so that they are the members' exact means.
+    tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
+    sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
+    objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
+                 if with_objective else None)
+    return tokens, sizes, objective
 
 
 def unpool(tokens: Array, assignment: Array) -> Array:

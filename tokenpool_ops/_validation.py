@@ -165,3 +165,13 @@ def check_is_array(value: Any, name: str) -> None:
     if not is_array_api_obj(value):
         raise TypeError(f"{name} must be an array of a library supporting the array API "
                         f"(NumPy, PyTorch, JAX, CuPy, ...), got {type(value).__name__}")
+
+
+def check_metric(xp: Namespace, metric: Array | None, shape: tuple[int, ...]) -> None:
+    """ToMe's ``metric``: a real floating array (..., N, D) with the shape (..., N) of x."""
+    if metric is None:
+        return
+    check_tokens(xp, metric, "metric", check_values=False)
+    if tuple(metric.shape[:-1]) != shape:
+        raise ValueError(f"metric must have shape (..., N, D) with {shape} (the shape of x "
+                         f"without its last axis) before D, got {tuple(metric.shape)}")

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ._clustering import effective_weights, weighted_means
 from ._compat import array_namespace
-from ._pool import CLUSTERING_METHODS, DEFAULT_MAX_ITER, Init, Method, PoolResult, pool_result
+from ._pool import DEFAULT_MAX_ITER, MERGING_METHODS, Init, Method, PoolResult, pool_result
 from .backends import primitives_for
 
 if TYPE_CHECKING:
@@ -60,20 +60,23 @@ def _detached(t: Tensor | None) -> Tensor | None:
 
 def plan(
     x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
-    sizes: Tensor | None = None, lean: bool = False, **options: Unpack[PoolOptions],
+    sizes: Tensor | None = None, metric: Tensor | None = None, lean: bool = False,
+    **options: Unpack[PoolOptions],
 ) -> PoolResult:
     """Run :func:`tokenpool_ops.pool` on detached tensors, outside autograd and autocast.
 
     ``options`` are the keyword options of ``pool`` (``init``, ``max_iter``, ``seed``,
     ``check_values``, ``stop_early``, ``fast_paths``). Returns its :class:`PoolResult`.
     ``lean=True`` computes only what :func:`merge` needs: ``objective`` and ``history`` are
-    then None for the selection baselines, and so is their ``assignment`` (the nearest kept
-    token of every token: a pass over all of them); the clustering methods keep their
-    assignment and history but have no ``objective``.
+    then None for the selection baselines and 'tome', and so is the selection baselines'
+    ``assignment`` (the nearest kept token of every token: a pass over all of them); the
+    clustering methods keep their assignment and history but have no ``objective``, and
+    'tome' its assignment.
     """
     with torch.no_grad(), _autocast_off(x):
         return pool_result(x.detach(), k, method, "plan" if lean else "info",
-                           scores=_detached(scores), sizes=_detached(sizes), **options)
+                           scores=_detached(scores), sizes=_detached(sizes),
+                           metric=_detached(metric), **options)
 
 
 def merge(
@@ -82,9 +85,9 @@ def merge(
 ) -> Tensor:
     """Apply a pooling plan to ``x`` (..., N, M) with differentiable ops: (..., K, M).
 
-    The clustering methods return each cluster's mean weighted by ``scores * sizes``
-    (w-methods) or ``sizes`` (others), falling back to the sizes and then to ones for a
-    cluster whose weights sum to zero, as the core does; an empty cluster (K-Means only)
+    The clustering methods and 'tome' return each group's mean weighted by
+    ``scores * sizes`` (w-methods) or ``sizes`` (others), falling back to the sizes and then
+    to ones for a group whose weights sum to zero, as the core does; an empty cluster (K-Means only)
     takes the core's centre, which carries no gradient. The selection baselines gather the
     kept tokens. Sums are accumulated in float32; the result has the dtype of ``x``.
     ``fast_paths`` as in :func:`tokenpool_ops.pool` (False for ``torch.compile``).
@@ -92,7 +95,7 @@ def merge(
     n, k = x.shape[-2], result.tokens.shape[-2]
     if k >= n:
         return x
-    if k == 0 or method not in CLUSTERING_METHODS:
+    if k == 0 or method not in MERGING_METHODS:
         if k == 0:
             return x[..., :0, :]
         medoids = cast(Tensor, result.medoids)  # set by every selection baseline
@@ -117,12 +120,15 @@ def merge(
 
 def pool_with_grad(
     x: Tensor, k: int, method: Method = "wkmedoids", *, scores: Tensor | None = None,
-    sizes: Tensor | None = None, lean: bool = False, **options: Unpack[PoolOptions],
+    sizes: Tensor | None = None, metric: Tensor | None = None, lean: bool = False,
+    **options: Unpack[PoolOptions],
 ) -> tuple[Tensor, PoolResult]:
     """:func:`plan` then :func:`merge`: the pooled tokens (with gradients) and the plan
     (``lean`` as in :func:`plan`). Where no gradient is wanted the plan's own tokens are
-    returned: merge would compute the same means again."""
-    result = plan(x, k, method, scores=scores, sizes=sizes, lean=lean, **options)
+    returned: merge would compute the same means again. 'tome''s ``metric`` only decides
+    the plan: no gradient flows through it (as in ToMe, which matches without autograd)."""
+    result = plan(x, k, method, scores=scores, sizes=sizes, metric=metric, lean=lean,
+                  **options)
     if not _wants_grad(x, scores, sizes):
         return result.tokens, result
     fast_paths = options.get("fast_paths", True)
@@ -141,7 +147,8 @@ class TokenPooling(nn.Module):
     check_values=False, fast_paths=False``; then no value is read on the host (the seeded
     draws of 'random', 'importance' and ``init='random'`` are made on the device too).
 
-    ``forward(x, scores=None, sizes=None)`` returns the pooled tokens;
+    ``forward(x, scores=None, sizes=None, metric=None)`` returns the pooled tokens (``metric``:
+    'tome' only);
     ``forward_with_info`` also returns the :class:`PoolResult` of the clustering (its
     ``sizes`` are the sizes to carry into the next layer, Appendix E).
     """
@@ -158,15 +165,18 @@ class TokenPooling(nn.Module):
                                    fast_paths=fast_paths)
 
     def forward_with_info(
-        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None
+        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None,
+        metric: Tensor | None = None,
     ) -> tuple[Tensor, PoolResult]:
-        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes, **self.options)
+        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes,
+                              metric=metric, **self.options)
 
     def forward(
-        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None
+        self, x: Tensor, scores: Tensor | None = None, sizes: Tensor | None = None,
+        metric: Tensor | None = None,
     ) -> Tensor:
-        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes, lean=True,
-                              **self.options)[0]
+        return pool_with_grad(x, self.k, self.method, scores=scores, sizes=sizes,
+                              metric=metric, lean=True, **self.options)[0]
 
     def extra_repr(self) -> str:
         return f"k={self.k}, method={self.method!r}"

@@ -21,6 +21,13 @@ and the backward pass. The score of a
 patch token is the attention it receives from *every* query, the class and distillation
 queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
 
+ToMe (``method="tome"``; Bolya et al., ICLR 2023). A block that merges takes ToMe's metric
+instead of scores: the keys of its attention (after timm's ``k_norm``) averaged over heads,
+(B, N, head_dim), patch tokens only; no attention matrix is materialised for it (SDPA). The
+plan is ToMe's bipartite soft matching (see :func:`tokenpool_ops.pool`), merged with
+autograd in training as the clustering methods are. :func:`tome_schedule` turns ToMe's
+constant r (tokens merged per block) into a ``keep`` list.
+
 Sizes (Appendix E, "carry"). After pooling, each token knows how many original patches it
 stands for (prefix tokens count 1). With ``prop_attn=True`` later blocks add ``log(size)``
 to their attention logits, so a merged token receives the attention its members would have
@@ -46,13 +53,13 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from ._measures import significance_scores
-from ._pool import METHODS, USES_SCORES, Method
+from ._pool import MATCHING_METHODS, METHODS, USES_SCORES, Method
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
 
-__all__ = ["patch_timm", "unpatch_timm"]
+__all__ = ["patch_timm", "tome_schedule", "unpatch_timm"]
 
 STATE = "_tokenpool"
 PLACEMENTS = ("attn", "block")
@@ -106,13 +113,17 @@ def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) 
 
 
 class TokenPoolAttention(Attention):
-    """timm ``Attention`` that adds log(size) to its logits and can return Eq. 5 scores.
+    """timm ``Attention`` that adds log(size) to its logits and can return what its block's
+    pooling needs: Eq. 5 scores, or ToMe's metric.
 
-    ``forward`` returns ``(out, scores)``; ``scores`` is None unless the block needs them.
+    ``forward`` returns ``(out, guide)``: the scores (B, N) where the block needs them, the
+    keys averaged over heads (B, N, head_dim) where it merges with 'tome', else None (patch
+    tokens only).
     """
 
     _tp_state: TokenPoolState
     _tp_needs_scores: bool
+    _tp_needs_metric: bool
 
     # Returning the scores too is the point of this subclass; only TokenPoolBlock calls it.
     def forward(  # type: ignore[override]
@@ -156,6 +167,8 @@ class TokenPoolAttention(Attention):
         x = self.norm(x.transpose(1, 2).reshape(B, N, self.attn_dim))
         if gate is not None:
             x = x * gate
+        if self._tp_needs_metric:  # ToMe's metric: the keys, averaged over heads
+            return self.proj_drop(self.proj(x)), k.mean(dim=1)[:, state["num_prefix"]:]
         return self.proj_drop(self.proj(x)), scores
 
 
@@ -167,16 +180,18 @@ class TokenPoolBlock(Block):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None,
                 is_causal: bool = False) -> Tensor:
-        y, scores = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
+        y, guide = self.attn(self.norm1(x), attn_mask=attn_mask, is_causal=is_causal)
         x = x + self.drop_path1(self.ls1(y))
         after_attn = self._tp_state["placement"] == "attn"
         if after_attn:
-            x = self._pool(x, scores)
+            x = self._pool(x, guide)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x if after_attn else self._pool(x, scores)
+        return x if after_attn else self._pool(x, guide)
 
-    def _pool(self, x: Tensor, scores: Tensor | None) -> Tensor:
+    def _pool(self, x: Tensor, guide: Tensor | None) -> Tensor:
         state = self._tp_state
+        matching = state["method"] in MATCHING_METHODS
+        scores, metric = (None, guide) if matching else (guide, None)
         p = state["num_prefix"]
         patches = x[:, p:]
         n, k = patches.shape[1], self._tp_keep
@@ -189,7 +204,8 @@ class TokenPoolBlock(Block):
             sizes = sizes.to(scores.dtype)
             scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
         tokens, result = pool_with_grad(patches, k, state["method"], scores=scores, sizes=sizes,
-                                        lean=not state["trace_source"], **state["options"])
+                                        metric=metric, lean=not state["trace_source"],
+                                        **state["options"])
         state["sizes"] = result.sizes.float()
         if state["trace_source"]:
             source = state["source"]
@@ -224,6 +240,31 @@ def _keep_schedule(keep: int | Sequence[int], depth: int) -> list[int]:
     return schedule
 
 
+def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[int]:
+    """ToMe's schedule as a ``keep`` list for :func:`patch_timm`: block i merges ``r``
+    patch tokens away (ToMe's constant r, e.g. 13 for DeiT-S: 196 to 40 over 12 blocks),
+    or ``r[i]`` with one r per block.
+
+    As in ToMe, a block merges at most floor(n / 2) of the n patch tokens it gets (one
+    round of bipartite matching; prefix tokens are never merged), so the list saturates
+    instead of running out: ``tome_schedule(100, 3, 196)`` is [98, 49, 25].
+
+    Examples
+    --------
+    >>> tome_schedule(13, 12, 196)[:3], tome_schedule(13, 12, 196)[-1]
+    ([183, 170, 157], 40)
+    """
+    per_block = [r] * depth if isinstance(r, int) else list(r)
+    if len(per_block) != depth or any(not isinstance(v, int) or v < 0 for v in per_block):
+        raise ValueError(f"r must be a non-negative int or {depth} of them (one per block), "
+                         f"got {r!r}")
+    keep, n = [], num_patches
+    for merged in per_block:
+        n -= min(merged, n // 2)
+        keep.append(n)
+    return keep
+
+
 def patch_timm(
     model: VisionTransformer, keep: int | Sequence[int], method: Method = "wkmedoids",
     prop_attn: bool = True, trace_source: bool = False, placement: str = "attn",
@@ -240,7 +281,9 @@ def patch_timm(
         Patch tokens left after each block (one int for all blocks, or one per block). A
         block whose input has no more tokens than that does nothing.
     method : str
-        Any method of :func:`tokenpool_ops.pool`.
+        Any method of :func:`tokenpool_ops.pool`. 'tome' is ToMe (Bolya et al., ICLR 2023):
+        its metric is the block's keys averaged over heads, and it needs no attention
+        matrix; pass ``keep=tome_schedule(r, depth, num_patches)`` for ToMe's constant r.
     prop_attn : bool
         Add log(size) to later blocks' attention logits (Appendix E, "carry").
     trace_source : bool
@@ -288,6 +331,7 @@ def patch_timm(
         tp_block._tp_state = tp_attn._tp_state = state
         tp_block._tp_keep = k
         tp_attn._tp_needs_scores = reduces and method in USES_SCORES
+        tp_attn._tp_needs_metric = reduces and method in MATCHING_METHODS
         n = min(n, k)
     model.__class__ = _model_class(type(model))
     setattr(model, STATE, state)
@@ -303,6 +347,7 @@ def unpatch_timm(model: VisionTransformer) -> VisionTransformer:
         block.__class__ = Block
         block.attn.__class__ = Attention
         del tp_block._tp_state, tp_block._tp_keep, tp_attn._tp_state, tp_attn._tp_needs_scores
+        del tp_attn._tp_needs_metric
     model.__class__ = cast(type[VisionTransformer], model._tp_original_class)
     delattr(model, STATE)
     return model

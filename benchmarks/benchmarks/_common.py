@@ -24,7 +24,7 @@ if GRID not in ("full", "ci"):
     raise ValueError(f"TOKENPOOL_ASV_GRID must be 'full' or 'ci', got {GRID!r}")
 
 BACKENDS = ["numpy", "torch-cpu", "jax-cpu", "cupy", "torch-cuda"]
-METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 if GRID == "ci":
     BATCHES, TOKENS, FEATURES = [1], [197], [192]
 else:

@@ -23,8 +23,9 @@ class Pool:
     """``pool(x, k, method, scores=s)`` with the default init, max_iter=10 and checks on.
 
     Every method gets the scores (the clustering methods without 'w' use them only to rank
-    the initial centres, init='topk'). GPU timings wait for the device inside the timed
-    call; ``peakmem_`` is the host process's peak RSS (setup included), not device memory.
+    the initial centres, init='topk'; 'tome' matches by x itself and ignores them). GPU
+    timings wait for the device inside the timed call; ``peakmem_`` is the host process's
+    peak RSS (setup included), not device memory.
     """
 
     params = (BACKENDS, METHODS, BATCHES, TOKENS, FEATURES, K_FRACTIONS)
