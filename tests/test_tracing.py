@@ -16,7 +16,7 @@ import tokenpool_ops
 jax = pytest.importorskip("jax", reason="the tracer tests need JAX")
 jnp = jax.numpy
 
-METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance"]
+METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 
 
 def _problem(batch: tuple[int, ...] = (2,)) -> tuple[np.ndarray, np.ndarray]:
