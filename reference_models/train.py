@@ -341,17 +341,19 @@ def _check_flags_apply(args: argparse.Namespace, given: set[str]) -> None:
                           "run from OUTPUT/checkpoint.pt)")
 
 
-def _check_values(args: argparse.Namespace) -> None:
+def _check_values(args: argparse.Namespace, given: set[str]) -> None:
     """Values that are wrong together, or that only timm can judge."""
     if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ConfigError(f"--batch-size {args.batch_size}: Mixup needs an even batch (or "
                           "--mixup 0 --cutmix 0)")
     if args.scale[0] > args.scale[1]:
         raise ConfigError(f"--scale {args.scale[0]:g} {args.scale[1]:g}: MIN is above MAX")
-    if args.warmup_epochs > args.epochs:
+    # The next two only for values the user gave: a short run (--epochs 1 on DeiT's
+    # defaults) or a small batch (lr below DeiT's floor) should not fail on defaults.
+    if "warmup_epochs" in given and args.warmup_epochs > args.epochs:
         raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is longer than the run "
                           f"(--epochs {args.epochs})")
-    if args.min_lr > args.lr:
+    if "min_lr" in given and args.min_lr > args.lr:
         raise ConfigError(f"--min-lr {args.min_lr:g} is above the learning rate {args.lr:g} "
                           "(--lr, or --base-lr x total batch / --lr-base-size), so the "
                           "schedule would climb to it")
@@ -409,7 +411,7 @@ def validate(args: argparse.Namespace, given: set[str]) -> None:
     is written. A check on one flag alone is its parser ``type=`` or ``choices=``.
     """
     _check_flags_apply(args, given)
-    _check_values(args)
+    _check_values(args, given)
     _check_model(args)
     _check_paths(args)
 
