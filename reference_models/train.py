@@ -343,7 +343,7 @@ def _check_flags_apply(args: argparse.Namespace, given: set[str]) -> None:
 
 def _check_values(args: argparse.Namespace, given: set[str]) -> None:
     """Values that are wrong together, or that only timm can judge."""
-    if (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+    if not args.eval and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
         raise ConfigError(f"--batch-size {args.batch_size}: Mixup needs an even batch (or "
                           "--mixup 0 --cutmix 0)")
     if args.scale[0] > args.scale[1]:

@@ -264,6 +264,7 @@ def test_unwritable_output_is_one_error_line(case_folder: Path,
     ["--output", "held", "--resume"],
     ["--output", "held", "--resume", "held/checkpoint.pt"],
     ["--output", "held", "--eval", "--resume", "held/checkpoint.pt"],
+    ["--output", "held", "--eval", "--resume", "held/checkpoint.pt", "--batch-size", "33"],
     ["--output", "held", "--eval", "--finetune", "held/best.pt", "--downsample", "tokenpool",
      "--keep", "48,32,16,0", "--no-carry"],
     # DeiT's defaults on a short run with a small batch: warm-up longer than the run and
