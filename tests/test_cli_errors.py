@@ -246,7 +246,8 @@ def test_unwritable_output_is_one_error_line(case_folder: Path, monkeypatch: pyt
     locked.mkdir()
     locked.chmod(0o555)
     if os.access(locked, os.W_OK):  # root writes anyway: let os.access say what it would
-        print("running as root: os.access made to report locked/ read-only")
+        with capsys.disabled():
+            print("running as root: os.access made to report locked/ read-only")
         real_access = os.access
         monkeypatch.setattr(cli.os, "access", lambda path, mode: (
             Path(path) != locked.absolute() and real_access(path, mode)))
