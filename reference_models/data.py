@@ -37,6 +37,7 @@ __all__ = [
     "build_datasets",
     "build_loaders",
     "build_transform",
+    "check_data",
     "digits_split",
     "train_sampler",
     "val_shard",
@@ -118,13 +119,7 @@ def build_transform(args: Any, data_config: dict[str, Any], is_training: bool) -
 def _image_folders(root: Path, train_tf: Any, val_tf: Any) -> tuple[Dataset[Any],
                                                                      Dataset[Any], int]:
     """``root/train`` and ``root/val`` ImageFolders with the same classes, or ConfigError."""
-    if not root.is_dir():
-        raise ConfigError(f"--data {str(root)!r} is neither digits, cifar10, cifar100 nor an "
-                          "existing folder")
-    for split in ("train", "val"):
-        if not (root / split).is_dir():
-            raise ConfigError(f"--data {str(root)!r} has no {split}/ folder; expected "
-                              "train/CLASS/*.jpg and val/CLASS/*.jpg (the ImageNet layout)")
+    check_data(str(root))
     folders: dict[str, datasets.ImageFolder] = {}
     for split, tf in (("train", train_tf), ("val", val_tf)):
         path = root / split
@@ -139,6 +134,21 @@ def _image_folders(root: Path, train_tf: Any, val_tf: Any) -> tuple[Dataset[Any]
         raise ConfigError(f"--data {str(root)!r}: train/ and val/ classes differ (only in "
                           f"train: {only_train[:5]}, only in val: {only_val[:5]})")
     return folders["train"], folders["val"], len(train_classes)
+
+
+def check_data(data: str) -> None:
+    """``--data`` names digits, CIFAR, or a folder with ``train/`` and ``val/``; ConfigError
+    if not. Looks at the folders only, so the trainer checks it before loading anything."""
+    if data in ("digits", "cifar10", "cifar100"):
+        return
+    root = Path(data)
+    if not root.is_dir():
+        raise ConfigError(f"--data {data!r} is neither digits, cifar10, cifar100 nor an "
+                          "existing folder")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise ConfigError(f"--data {data!r} has no {split}/ folder; expected "
+                              "train/CLASS/*.jpg and val/CLASS/*.jpg (the ImageNet layout)")
 
 
 def _cifar(name: str, data_dir: Path, train_tf: Any, val_tf: Any) -> tuple[Dataset[Any],

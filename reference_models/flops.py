@@ -49,11 +49,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
+from .cli import given_flags, int_at_least
+from .errors import ConfigError
 from .schedules import PAPER_SCHEDULES
 
 #: Table 1's models: (name, timm name, image size).
@@ -61,6 +63,8 @@ TABLE1_MODELS = (
     ("ViT-B/384", "vit_base_patch16_384", 384), ("ViT-B", "vit_base_patch16_224", 224),
     ("DeiT-S", "deit_small_patch16_224", 224), ("DeiT-Ti", "deit_tiny_patch16_224", 224))
 CLUSTERING = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
+#: --method: the clustering methods, and the selections whose cost is not counted.
+METHODS = (*CLUSTERING, "topk", "random", "importance", "none")
 DEFAULT_ITERATIONS = 10
 
 
@@ -188,13 +192,14 @@ def count(shape: ViTShape, keep: Sequence[int] | None = None, method: str = "wkm
 
 
 def shape_of(name: str, image_size: int | None = None) -> ViTShape:
-    """The shape of a timm model by name, built on the meta device (no weights, no memory)."""
-    import timm
+    """The shape of a timm model by name, built on the meta device (no weights, no memory);
+    :class:`ConfigError` for a name neither timm nor ``reference_models.models`` knows."""
     import torch
 
-    kwargs: dict[str, Any] = {} if image_size is None else {"img_size": image_size}
+    from .models import build_model  # it registers the digits and DeiT-e318/e252 models
+
     with torch.device("meta"):
-        return ViTShape.of(timm.create_model(name, pretrained=False, **kwargs))
+        return ViTShape.of(build_model(name, 1000, img_size=image_size))
 
 
 def table1() -> str:
@@ -238,37 +243,89 @@ def parse_blocks(text: str) -> tuple[int, ...]:
                                          f"by commas, got {text!r}") from error
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The FLOP counter's flags."""
     parser = argparse.ArgumentParser(prog="python -m reference_models.flops",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", help="timm model name; without it, print Table 1")
-    parser.add_argument("--img-size", type=int, default=None, help="input image size")
+    parser.add_argument("--model", help="timm model name; without it, print Table 1 (and "
+                                        "no other flag applies)")
+    parser.add_argument("--img-size", type=int_at_least(1), default=None,
+                        help="input image size, a multiple of the patch size")
     parser.add_argument("--keep", type=parse_keep, default=None,
                         help="patch tokens left after each block, comma-separated, a "
                              "paper schedule (deits-, deite318-, deite252-level0 to level7), "
                              "or a schedule file of reference_models.search_schedule")
-    parser.add_argument("--method", default="wkmedoids", help="pooling method (its cost)")
+    parser.add_argument("--method", default="wkmedoids", choices=METHODS,
+                        help="pooling method (its cost; with --keep only)")
     parser.add_argument("--placement", choices=("attn", "block"), default="attn",
                         help="pooling between attention and MLP, or after the block")
-    parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS,
-                        help="clustering iterations counted per pooling step")
+    parser.add_argument("--iterations", type=int_at_least(1), default=DEFAULT_ITERATIONS,
+                        help="clustering iterations counted per pooling step (with --keep "
+                             "and a clustering --method only)")
     parser.add_argument("--conv-after", type=parse_blocks, default=(),
                         help="convolution downsampling (Appendix D) after these blocks, "
                              "1-based, comma-separated; implies --placement block")
     parser.add_argument("--json", action="store_true",
                         help="print the Breakdown's fields and total as JSON "
                              "(conv_downsampling only with --conv-after)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def validate(args: argparse.Namespace, given: set[str]) -> ViTShape | None:
+    """Check the flags across each other and against the model; return its shape (None:
+    print Table 1). ``given`` names the flags the command line set; ConfigError for the
+    first check that fails."""
     if args.model is None:
+        if given:
+            flag = "--" + sorted(given)[0].replace("_", "-")
+            raise ConfigError(f"{flag} applies with --model only; without it the command "
+                              "prints Table 1")
+        return None
+    for dest in ("method", "iterations"):
+        if dest in given and args.keep is None:
+            raise ConfigError(f"--{dest} applies with --keep only: without a schedule "
+                              "nothing is pooled")
+    if "iterations" in given and args.method not in CLUSTERING:
+        raise ConfigError(f"--iterations applies to the clustering methods only "
+                          f"({', '.join(CLUSTERING)}), not to --method {args.method}")
+    if args.conv_after and "placement" in given and args.placement != "block":
+        raise ConfigError("--conv-after needs --placement block (a convolution runs after "
+                          "its block); leave --placement out")
+    shape = shape_of(args.model, args.img_size)
+    if args.img_size is not None and args.img_size % shape.patch_size:
+        raise ConfigError(f"--img-size {args.img_size}: {args.model} cuts images into "
+                          f"{shape.patch_size} px patches; use a multiple of it")
+    if args.keep is not None:
+        if len(args.keep) != shape.depth:
+            raise ConfigError(f"--keep has {len(args.keep)} entries for {shape.depth} blocks")
+        if not all(0 <= k <= shape.patches for k in args.keep):
+            raise ConfigError(f"--keep: each count is 0 to {shape.patches} (the model's "
+                              f"patch tokens), got {','.join(map(str, args.keep))}")
+    if args.conv_after:
+        from .conv import conv_plan  # torch is loaded by now (shape_of)
+
+        side = math.isqrt(shape.patches)  # timm's ViTs have square grids
+        try:
+            conv_plan((side, shape.patches // side), shape.depth, args.conv_after)
+        except ConfigError as error:  # the trainer's --conv-depths rules, for --conv-after
+            raise ConfigError(str(error).replace("--conv-depths", "--conv-after")) from None
+    return shape
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        shape = validate(args, given_flags(parser, argv))
+    except ConfigError as error:
+        parser.error(str(error))
+    if shape is None:
         print(table1())
         return 0
-    try:
-        placement = "block" if args.conv_after else args.placement
-        result = count(shape_of(args.model, args.img_size), args.keep, args.method,
-                       placement, args.iterations, conv_after=args.conv_after)
-    except (ValueError, RuntimeError) as error:
-        parser.error(str(error))
+    placement = "block" if args.conv_after else args.placement
+    result = count(shape, args.keep, args.method, placement, args.iterations,
+                   conv_after=args.conv_after)
     if args.json:
         record = asdict(result)
         if not args.conv_after:  # the printed parts stay Table 1's and the clustering

@@ -34,7 +34,7 @@ from torch import nn
 from tokenpool_ops._pool import MERGING_METHODS
 from tokenpool_ops.timm import patch_timm
 
-from .conv import add_conv_downsampling, conv_after, parse_conv_depths
+from .conv import add_conv_downsampling, conv_after, conv_plan, parse_conv_depths
 from .errors import ConfigError
 from .schedules import PAPER_SCHEDULES
 
@@ -46,6 +46,7 @@ __all__ = [
     "TOKENPOOL_METHODS",
     "apply_downsample",
     "build_model",
+    "downsample_schedule",
     "flop_options",
     "pool_method",
     "read_keep_file",
@@ -162,7 +163,7 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = False,
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
-        raise ConfigError(f"unknown model {name!r}{hint}")
+        raise ConfigError(f"--model {name!r}: unknown model{hint}")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "drop_path_rate": drop_path,
                               "drop_rate": drop}
     if img_size is not None:
@@ -172,9 +173,9 @@ def build_model(name: str, num_classes: int, *, pretrained: bool = False,
     except (RuntimeError, OSError) as err:
         # Offline pretrained downloads and models without weights end here.
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot create model {name!r}: {first}") from err
+        raise ConfigError(f"--model {name!r}: cannot create the model: {first}") from err
     if not isinstance(model, VisionTransformer):
-        raise ConfigError(f"model {name!r} is a {type(model).__name__}; the trainer needs a "
+        raise ConfigError(f"--model {name!r} is a {type(model).__name__}; the trainer needs a "
                           "timm VisionTransformer (DeiT, ViT)")
     return model
 
@@ -259,19 +260,19 @@ def resolve_keep(keep: str, num_patches: int, depth: int) -> list[int]:
     if len(counts) != depth or any(c < 0 for c in counts):
         raise ConfigError(f"--keep needs one non-negative count or {depth} of them (one per "
                           f"block), got {len(counts)}: {keep!r}")
+    if max(counts) > num_patches:  # more than there are: a schedule for another model
+        raise ConfigError(f"--keep {keep!r}: this model has {num_patches} patch tokens, so "
+                          f"each count is 0 to {num_patches}")
     return counts
 
 
-def apply_downsample(model: VisionTransformer, downsample: str, method: str | None,
-                     keep: str, *, seed: int = 0, compiled: bool = False,
-                     carry: bool = True, conv_depths: str | None = None) -> list[int] | None:
-    """Patch the model's blocks with ``patch_timm``; return the keep schedule (None: none).
+def downsample_schedule(model: VisionTransformer, downsample: str, method: str | None,
+                        keep: str, *, conv_depths: str | None = None) -> list[int] | None:
+    """Check the downsampling arguments against ``model`` without changing it; return the
+    patch tokens left after each block (None: no downsampling).
 
-    ``compiled`` selects the pooling options the ``tokenpool_ops`` README gives for
-    ``torch.compile`` (no value read on the host, a fixed number of iterations).
-    ``carry`` is ``patch_timm``'s ``prop_attn`` (Appendix E). ``downsample="conv"`` adds
-    convolutions after the blocks ``conv_depths`` names (``"1,3"``, 1-based) instead, and
-    ``keep`` must be :data:`DEFAULT_KEEP`: the convolutions set the token counts.
+    :func:`apply_downsample` starts with it; the trainer also runs it on a skeleton of the
+    model on the meta device, so a bad schedule stops a run before any data is loaded.
     """
     if downsample not in DOWNSAMPLERS:
         raise ConfigError(f"unknown --downsample {downsample!r}; choose from "
@@ -286,22 +287,50 @@ def apply_downsample(model: VisionTransformer, downsample: str, method: str | No
         if keep != DEFAULT_KEEP:
             raise ConfigError(f"--keep {keep} does not apply to --downsample conv: each "
                               "convolution quarters the patch tokens; --conv-depths says where")
+        rows, cols = model.patch_embed.grid_size
         # No --conv-depths parses to no blocks, which conv_plan refuses with its own line.
-        return add_conv_downsampling(model, parse_conv_depths(conv_depths or ""))
+        return conv_plan((rows, cols), len(model.blocks),
+                         parse_conv_depths(conv_depths or ""))[0]
     if fixed is None:
         return None
-    if fixed == "tokenpool":
-        method = method or "wkmedoids"
-        if method not in TOKENPOOL_METHODS:
-            raise ConfigError(f"--method {method!r} is not a Token Pooling method; choose "
-                              f"from {', '.join(TOKENPOOL_METHODS)}")
-    else:
-        method = fixed
-    schedule = resolve_keep(keep, model.patch_embed.num_patches, len(model.blocks))
+    _patch_method(downsample, method)
+    return resolve_keep(keep, model.patch_embed.num_patches, len(model.blocks))
+
+
+def _patch_method(downsample: str, method: str | None) -> str:
+    """The ``patch_timm`` method of a pooling ``--downsample`` choice (``--method`` for
+    tokenpool, wkmedoids by default)."""
+    fixed = str(DOWNSAMPLERS[downsample])
+    if fixed != "tokenpool":
+        return fixed
+    method = method or "wkmedoids"
+    if method not in TOKENPOOL_METHODS:
+        raise ConfigError(f"--method {method!r} is not a Token Pooling method; choose "
+                          f"from {', '.join(TOKENPOOL_METHODS)}")
+    return method
+
+
+def apply_downsample(model: VisionTransformer, downsample: str, method: str | None,
+                     keep: str, *, seed: int = 0, compiled: bool = False,
+                     carry: bool = True, conv_depths: str | None = None) -> list[int] | None:
+    """Patch the model's blocks with ``patch_timm``; return the keep schedule (None: none).
+
+    ``compiled`` selects the pooling options the ``tokenpool_ops`` README gives for
+    ``torch.compile`` (no value read on the host, a fixed number of iterations).
+    ``carry`` is ``patch_timm``'s ``prop_attn`` (Appendix E). ``downsample="conv"`` adds
+    convolutions after the blocks ``conv_depths`` names (``"1,3"``, 1-based) instead, and
+    ``keep`` must be :data:`DEFAULT_KEEP`: the convolutions set the token counts. Bad
+    arguments raise :class:`ConfigError` (:func:`downsample_schedule`).
+    """
+    schedule = downsample_schedule(model, downsample, method, keep, conv_depths=conv_depths)
+    if DOWNSAMPLERS[downsample] == "conv":
+        return add_conv_downsampling(model, parse_conv_depths(conv_depths or ""))
+    if schedule is None:
+        return None
     options: dict[str, Any] = {"seed": seed}
     if compiled:
         options.update(check_values=False, stop_early=False)
-    patch_timm(model, schedule, method=method,  # type: ignore[arg-type]
+    patch_timm(model, schedule, method=_patch_method(downsample, method),  # type: ignore[arg-type]
                prop_attn=carry, **options)
     return schedule
 

@@ -560,30 +560,52 @@ def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .cli import int_at_least  # argparse types shared by the entry points
+
     p = argparse.ArgumentParser(
         prog="python -m reference_models.reproduce",
         description="The paper's protocol on the embedded digits: base training, PoWER-BERT "
                     "schedule search, finetuning of every downsampler, insertion without "
                     "finetuning, speed; writes results.md/json and two pictures.")
     p.add_argument("--output", default="runs/reproduce",
-                   help="folder of every run and of the results (reused when run again)")
+                   help="folder of every run and of the results (reused when run again "
+                        "with the same plan; more or fewer --seeds reuse it too)")
     p.add_argument("--smoke", action="store_true",
                    help="the whole pipeline on a minimal budget (one epoch, one seed, one "
                         "budget, 128 training images): checks that everything runs")
-    p.add_argument("--seeds", type=int, default=None,
+    p.add_argument("--seeds", type=int_at_least(1), default=None,
                    help=f"finetuning seeds per model (default {len(FULL.seeds)})")
-    p.add_argument("--jobs", type=int, default=None,
+    p.add_argument("--jobs", type=int_at_least(1), default=None,
                    help="runs in parallel, one CPU thread each (default: CPU cores)")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .cli import writable_folder
+    from .errors import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     plan = SMOKE if args.smoke else FULL
     if args.seeds is not None:
-        if args.seeds < 1:
-            build_parser().error(f"--seeds {args.seeds}: needs at least one seed")
         plan = Plan(**{**asdict(plan), "seeds": tuple(range(args.seeds))})
+    try:
+        writable_folder("--output", args.output)
+    except ConfigError as err:
+        parser.error(str(err))
+    # Runs are reused by folder: another plan's (a --smoke run's 128-image base, say) would
+    # be mixed into this one. The number of seeds may differ: each seed has its own runs.
+    earlier, now = Path(args.output) / "plan.json", json.loads(json.dumps(asdict(plan)))
+    if earlier.is_file():
+        try:
+            before = json.loads(earlier.read_text())
+        except ValueError:
+            before = {}
+        differ = [key for key in now if key != "seeds" and before.get(key) != now[key]]
+        if differ:
+            parser.error(f"--output {args.output!r} holds a reproduction of another plan "
+                         f"({', '.join(differ)} differ, as between --smoke and a full run); "
+                         "name a new folder")
     jobs = args.jobs or max(1, multiprocessing.cpu_count())
     start = time.perf_counter()
     results = reproduce(Path(args.output), plan, jobs)

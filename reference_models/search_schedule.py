@@ -45,11 +45,12 @@ from torch import Tensor, nn
 from tokenpool_ops import significance_scores
 
 from . import train
+from .cli import dest_of, float_in, new_file
 from .distributed import DistInfo
 from .errors import ConfigError
 
 __all__ = ["Retention", "RetentionPenalty", "SoftExtractBlock", "add_soft_extract",
-           "build_parser", "keep_schedule", "main", "soft_extract"]
+           "build_parser", "keep_schedule", "main", "soft_extract", "validate"]
 
 # Where the forward hook on ``attn.attn_drop`` leaves the attention probabilities for the block.
 _PROBS = "_soft_extract_probs"
@@ -206,32 +207,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.description = ("PoWER-BERT's schedule search (stage 2 of the paper's protocol): "
                      "finetune with soft-extract layers (start from a base model with "
                      "--finetune), then write the keep schedule for --keep. Every trainer "
-                     "flag applies; --downsample must stay none.")
+                     "flag applies but the downsampling ones, --resume and --eval.")
     g = p.add_argument_group("schedule search (PoWER-BERT soft extract)")
-    g.add_argument("--lam", type=float, default=0.03,
+    g.add_argument("--lam", type=float_in(0), default=0.03,
                    help="λ: weight of the retention penalty λ / N Σ_l l · mass(l); larger "
                         "keeps fewer tokens (README: a digits sweep)")
-    g.add_argument("--retention-lr", type=float, default=1e-2,
+    g.add_argument("--retention-lr", type=float_in(0, low_open=True), default=1e-2,
                    help="peak learning rate of the retention parameters (their own AdamW "
                         "group, no weight decay, the same warm-up and cosine); chosen on "
                         "digits (README)")
     g.add_argument("--schedule-out", default=None,
-                   help="where the schedule JSON goes (default OUTPUT/schedule.json)")
+                   help="where the schedule JSON goes, a new file (default "
+                        "OUTPUT/schedule.json)")
     return p
 
 
-def _check(args: argparse.Namespace) -> None:
-    for flag, value, allowed in (("--downsample", args.downsample, "none"),
-                                 ("--resume", args.resume, None), ("--eval", args.eval, False)):
-        if value != allowed:
+# Trainer flags the search refuses: it finetunes with its own soft-extract layers, afresh.
+_NOT_FOR_SEARCH = ("--downsample", "--method", "--keep", "--carry/--no-carry", "--conv-depths",
+                   "--resume", "--eval")
+
+
+def validate(args: argparse.Namespace, given: set[str]) -> None:
+    """The trainer's checks (:func:`train.validate`), the flags the search refuses, and a
+    schedule file that overwrites nothing; ConfigError for the first that fails."""
+    for flag in _NOT_FOR_SEARCH:
+        if dest_of(flag) in given:
             raise ConfigError(f"{flag} does not apply to the schedule search (it finetunes "
                               "with soft-extract layers; start from a base model with "
                               "--finetune)")
+    train.validate(args, given)
+    new_file("--schedule-out", args.schedule_out or str(Path(args.output) / "schedule.json"))
 
 
 def run(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
     """Finetune with soft extract (the trainer's loop); write and return the schedule."""
-    _check(args)
     parts = train.build(args, dist, lambda model: _prepare(model, args))
     retention = cast(Retention, parts.model.get_submodule("token_downsample.retention"))
     parts.criterion = RetentionPenalty(parts.criterion, retention, args.lam)
@@ -250,6 +259,7 @@ def run(args: argparse.Namespace, dist: DistInfo) -> dict[str, Any]:
                 "val_acc1": _last_val_acc1(out) if dist.is_main else None}
     if dist.is_main:
         path = Path(args.schedule_out or out / "schedule.json")
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(schedule) + "\n")
         print(json.dumps(schedule), flush=True)
     return schedule
@@ -263,7 +273,7 @@ def _last_val_acc1(out: Path) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse ``argv``, search, return 0; bad input exits with status 2 and one message."""
-    return train.launch(build_parser(), run, argv)
+    return train.launch(build_parser(), run, argv, checks=validate)
 
 
 if __name__ == "__main__":

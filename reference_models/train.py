@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -39,6 +39,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from . import data as data_mod
+from .cli import (
+    dest_of,
+    existing_file,
+    float_in,
+    given_flags,
+    int_at_least,
+    writable_folder,
+)
 from .distributed import DistInfo, all_gather_objects, cleanup, init_distributed
 from .engine import evaluate, train_one_epoch
 from .errors import ConfigError
@@ -52,10 +60,12 @@ from .models import (
     TOKENPOOL_METHODS,
     apply_downsample,
     build_model,
+    downsample_schedule,
     flop_options,
 )
 
-__all__ = ["PROFILES", "Parts", "build", "build_parser", "fit", "launch", "main", "run"]
+__all__ = ["PROFILES", "RUN_FILES", "Parts", "build", "build_parser", "fit", "launch", "main",
+           "run", "validate"]
 
 # Defaults that depend on the data. "deit" follows DeiT's main.py (ImageNet, DeiT-S); the
 # digits column trades DeiT's 300 ImageNet epochs for a run of a few CPU minutes, and
@@ -78,6 +88,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "weight_decay": 0.05, "threads": 1, "model_ema_warmup": True,
     },
 }
+
+
+# argparse types of the numeric flags (reference_models/cli.py).
+_POSITIVE = float_in(0, low_open=True)
+_NON_NEGATIVE = float_in(0)
+_PROBABILITY = float_in(0, 1)
+_RATE = float_in(0, 1, high_open=True)  # dropout, drop path, label smoothing: 1 keeps nothing
+# timm schedulers; plateau steps once per epoch, and this trainer steps every update.
+SCHEDULERS = ["cosine", "tanh", "step", "multistep", "poly"]
+# timm's resize interpolations (random: one of bilinear and bicubic per image).
+INTERPOLATIONS = ["bicubic", "bilinear", "nearest", "lanczos", "box", "hamming", "random"]
+# What a training run writes into --output; a folder holding any of them holds a run.
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "best.pt")
 
 
 def _profile_of(data: str) -> str:
@@ -111,19 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (scikit-learn, embedded), cifar10, cifar100 (torchvision, "
                         "downloaded into --data-dir), or a folder with train/ and val/ "
                         "ImageFolder trees")
-    g.add_argument("--data-dir", default="data", help="where cifar10/cifar100 live")
-    g.add_argument("--workers", type=int, default=None,
+    g.add_argument("--data-dir", default="data",
+                   help="where cifar10/cifar100 live (with those only)")
+    g.add_argument("--workers", type=int_at_least(0), default=None,
                    help="data-loader processes per rank (default 0 on the CPU, 8 on CUDA)")
-    g.add_argument("--input-size", type=int, default=None,
-                   help="image side in pixels (default: the model's)")
-    g.add_argument("--train-limit", type=int, default=None, metavar="N",
+    g.add_argument("--input-size", type=int_at_least(1), default=None,
+                   help="image side in pixels, a multiple of the patch size (default: the "
+                        "model's)")
+    g.add_argument("--train-limit", type=int_at_least(1), default=None, metavar="N",
                    help="train on the first N training images only (quick checks)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"timm model name {_d('model')}")
     g.add_argument("--pretrained", action="store_true",
                    help="load timm's pretrained weights (needs the internet or a cache)")
-    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", type=float, default=None, help=f"drop path {_d('drop_path')}")
+    g.add_argument("--drop", type=_RATE, default=0.0, help="dropout rate")
+    g.add_argument("--drop-path", type=_RATE, default=None, help=f"drop path {_d('drop_path')}")
     g = p.add_argument_group("token downsampling (through tokenpool_ops.timm.patch_timm)")
     g.add_argument("--downsample", default="none", choices=list(DOWNSAMPLERS),
                    help="none; tokenpool (clustering, --method); powerbert (top-k "
@@ -137,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                         f"({', '.join(KEEP_PRESETS)}), a schedule of the paper's Tables 3-5 "
                         "(deits-, deite318-, deite252-level0 to level7, for 12 blocks of 196 "
                         "patches), one count for all blocks, or one count per block, "
-                        "comma-separated; not with --downsample conv")
+                        "comma-separated, each at most the model's patch tokens; with "
+                        "--downsample tokenpool, powerbert, random or importance only")
     g.add_argument("--conv-depths", default=None, metavar="BLOCKS",
                    help="with --downsample conv: the blocks after which a 2x2 stride-2 "
                         "convolution quarters the patch tokens, 1-based, strictly "
@@ -146,58 +172,64 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--carry", action=argparse.BooleanOptionalAction, default=True,
                    help="carry each pooled token's size into later blocks' attention "
                         "(log size added to the logits; Appendix E); --no-carry attends a "
-                        "merged token as one token")
+                        "merged token as one token; with the --keep downsamplers only")
     g = p.add_argument_group("optimization")
-    g.add_argument("--epochs", type=int, default=None, help=f"epochs {_d('epochs')}")
-    g.add_argument("--batch-size", type=int, default=None,
+    g.add_argument("--epochs", type=int_at_least(1), default=None, help=f"epochs {_d('epochs')}")
+    g.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help=f"images per rank and step {_d('batch_size')}")
-    g.add_argument("--eval-batch-size", type=int, default=None,
+    g.add_argument("--eval-batch-size", type=int_at_least(1), default=None,
                    help="images per rank in evaluation (default 2 x --batch-size)")
-    g.add_argument("--lr", type=float, default=None,
+    g.add_argument("--lr", type=_POSITIVE, default=None,
                    help="learning rate (default --base-lr x total batch / --lr-base-size)")
-    g.add_argument("--base-lr", type=float, default=None,
+    g.add_argument("--base-lr", type=_POSITIVE, default=None,
                    help=f"learning rate at a total batch of --lr-base-size {_d('base_lr')}")
-    g.add_argument("--lr-base-size", type=int, default=512, help="batch of --base-lr")
+    g.add_argument("--lr-base-size", type=int_at_least(1), default=512, help="batch of --base-lr")
     g.add_argument("--opt", default="adamw", help="timm optimizer name")
-    g.add_argument("--opt-eps", type=float, default=1e-8, help="optimizer epsilon")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=None,
+    g.add_argument("--opt-eps", type=_POSITIVE, default=1e-8, help="optimizer epsilon")
+    g.add_argument("--momentum", type=_PROBABILITY, default=0.9, help="SGD momentum")
+    g.add_argument("--weight-decay", type=_NON_NEGATIVE, default=None,
                    help=f"weight decay {_d('weight_decay')}")
-    g.add_argument("--clip-grad", type=float, default=None,
+    g.add_argument("--clip-grad", type=_POSITIVE, default=None,
                    help=f"clip the gradient norm to this {_d('clip_grad')}")
-    g.add_argument("--sched", default="cosine", help="timm scheduler name")
-    g.add_argument("--warmup-epochs", type=int, default=None,
+    g.add_argument("--sched", default="cosine", choices=SCHEDULERS,
+                   help="timm scheduler (stepped every update, so not plateau)")
+    g.add_argument("--warmup-epochs", type=int_at_least(0), default=None,
                    help=f"linear warm-up {_d('warmup_epochs')}")
-    g.add_argument("--warmup-lr", type=float, default=1e-6, help="learning rate warm-up starts at")
-    g.add_argument("--min-lr", type=float, default=1e-5, help="floor of the cosine")
+    g.add_argument("--warmup-lr", type=_NON_NEGATIVE, default=1e-6,
+                   help="learning rate warm-up starts at")
+    g.add_argument("--min-lr", type=_NON_NEGATIVE, default=1e-5, help="floor of the cosine")
     g = p.add_argument_group("augmentation and regularisation")
     g.add_argument("--aa", default=None,
                    help=f"timm auto-augment policy, '' for none {_d('aa')}")
-    g.add_argument("--color-jitter", type=float, default=None,
+    g.add_argument("--color-jitter", type=_NON_NEGATIVE, default=None,
                    help=f"colour jitter, used when --aa is empty {_d('color_jitter')}")
-    g.add_argument("--hflip", type=float, default=None,
+    g.add_argument("--hflip", type=_PROBABILITY, default=None,
                    help=f"horizontal flip probability {_d('hflip')}")
-    g.add_argument("--scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+    g.add_argument("--scale", type=float_in(0, 1, low_open=True), nargs=2, default=None,
+                   metavar=("MIN", "MAX"),
                    help=f"random-resized-crop area range {_d('scale')}")
-    g.add_argument("--train-interpolation", default="bicubic", help="training resize")
-    g.add_argument("--reprob", type=float, default=None,
+    g.add_argument("--train-interpolation", default="bicubic", choices=INTERPOLATIONS,
+                   help="training resize")
+    g.add_argument("--reprob", type=_PROBABILITY, default=None,
                    help=f"random erasing probability {_d('reprob')}")
-    g.add_argument("--remode", default="pixel", help="random erasing fill")
-    g.add_argument("--recount", type=int, default=1, help="random erasing count")
+    g.add_argument("--remode", default="pixel", choices=["pixel", "rand", "const"],
+                   help="random erasing fill")
+    g.add_argument("--recount", type=int_at_least(1), default=1, help="random erasing count")
     g.add_argument("--repeated-aug", action=argparse.BooleanOptionalAction, default=None,
                    help=f"timm RepeatAugSampler (3 repeats) {_d('repeated_aug')}")
-    g.add_argument("--smoothing", type=float, default=None,
+    g.add_argument("--smoothing", type=_RATE, default=None,
                    help=f"label smoothing {_d('smoothing')}")
-    g.add_argument("--mixup", type=float, default=None, help=f"mixup alpha {_d('mixup')}")
-    g.add_argument("--cutmix", type=float, default=None, help=f"cutmix alpha {_d('cutmix')}")
-    g.add_argument("--mixup-prob", type=float, default=1.0, help="chance of mixing a batch")
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5,
+    g.add_argument("--mixup", type=_NON_NEGATIVE, default=None, help=f"mixup alpha {_d('mixup')}")
+    g.add_argument("--cutmix", type=_NON_NEGATIVE, default=None,
+                   help=f"cutmix alpha {_d('cutmix')}")
+    g.add_argument("--mixup-prob", type=_PROBABILITY, default=1.0, help="chance of mixing a batch")
+    g.add_argument("--mixup-switch-prob", type=_PROBABILITY, default=0.5,
                    help="chance of cutmix instead of mixup when both are on")
     g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"],
                    help="mix per batch, pair or element")
     g.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=True,
                    help="keep an EMA of the weights (timm ModelEmaV3), evaluated every epoch")
-    g.add_argument("--model-ema-decay", type=float, default=None,
+    g.add_argument("--model-ema-decay", type=_PROBABILITY, default=None,
                    help=f"EMA decay {_d('model_ema_decay')}")
     g.add_argument("--model-ema-warmup", action=argparse.BooleanOptionalAction, default=None,
                    help="ModelEmaV3 warm-up: decay 1 - (1 + update)^(-2/3) up to the EMA "
@@ -215,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval", action="store_true",
                    help="only evaluate (the --resume or --finetune checkpoint, or the "
                         "--pretrained model)")
-    g.add_argument("--seed", type=int, default=0, help="seed of everything random")
+    g.add_argument("--seed", type=int_at_least(0), default=0, help="seed of everything random")
     g.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
     g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"],
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16 with "
                         "a grad scaler); always float32 on the CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int_at_least(1), default=None,
                    help="torch CPU threads per rank (default: CPU cores / ranks per node; "
                         "with --data digits 1, as its small matrices gain nothing from more)")
     g.add_argument("--check-sync", action="store_true",
@@ -245,10 +277,11 @@ def resolve_defaults(args: argparse.Namespace, dist: DistInfo) -> argparse.Names
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
     args.total_batch_size = args.batch_size * dist.world
-    if args.lr is None:
+    args.lr_from_base = args.lr is None
+    if args.lr_from_base:
         args.lr = args.base_lr * args.total_batch_size / args.lr_base_size
-    if dist.device.type != "cuda":
-        args.amp = "none"  # float32 on the CPU
+    if dist.device.type != "cuda" and args.amp == "auto":
+        args.amp = "none"  # float32 on the CPU (validate refuses bf16 and fp16 there)
     elif args.amp == "auto":
         args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if args.progress is None:
@@ -256,6 +289,131 @@ def resolve_defaults(args: argparse.Namespace, dist: DistInfo) -> argparse.Names
     args.world_size = dist.world
     args.device_used = str(dist.device)
     return args
+
+
+# --downsample choices that pool through patch_timm (--keep and --carry apply to them).
+POOLING = tuple(name for name, method in DOWNSAMPLERS.items() if method not in (None, "conv"))
+_TRAINING_ONLY = (
+    "--epochs", "--lr", "--base-lr", "--lr-base-size", "--opt", "--opt-eps", "--momentum",
+    "--weight-decay", "--clip-grad", "--sched", "--warmup-epochs", "--warmup-lr", "--min-lr",
+    "--aa", "--color-jitter", "--hflip", "--scale", "--train-interpolation", "--reprob",
+    "--remode", "--recount", "--repeated-aug/--no-repeated-aug", "--smoothing", "--mixup",
+    "--cutmix", "--mixup-prob", "--mixup-switch-prob", "--mixup-mode",
+    "--model-ema/--no-model-ema", "--model-ema-decay", "--model-ema-warmup/--no-model-ema-warmup",
+    "--train-limit", "--drop", "--drop-path", "--check-sync")
+# Flags that mean something only with others: (flags, when they apply, what to say if not).
+# Checked on the resolved arguments, for the flags the command line gave.
+_APPLIES_ONLY: list[tuple[tuple[str, ...], Callable[[argparse.Namespace], bool], str]] = [
+    (("--method",), lambda a: a.downsample == "tokenpool",
+     "applies to --downsample tokenpool only, not to --downsample {a.downsample}"),
+    (("--keep", "--carry/--no-carry"), lambda a: a.downsample in POOLING,
+     f"applies to --downsample {', '.join(POOLING)} only, not to --downsample "
+     "{a.downsample}"),
+    (("--conv-depths",), lambda a: a.downsample == "conv",
+     "applies to --downsample conv only, not to --downsample {a.downsample}"),
+    (("--data-dir",), lambda a: a.data in ("cifar10", "cifar100"),
+     "applies to --data cifar10 and cifar100 only, not to --data {a.data}"),
+    (("--base-lr", "--lr-base-size"), lambda a: a.lr_from_base,
+     "sets the default learning rate only, and --lr gives it"),
+    (_TRAINING_ONLY, lambda a: not a.eval, "does not apply with --eval, which only evaluates"),
+    (("--model-ema-decay", "--model-ema-warmup/--no-model-ema-warmup"), lambda a: a.model_ema,
+     "does not apply with --no-model-ema"),
+    (("--color-jitter",), lambda a: not a.aa or "3a" in a.aa,
+     "applies with --aa '' only: timm leaves colour jitter out under the policy {a.aa}"),
+    (("--mixup-prob", "--mixup-mode"), lambda a: a.mixup > 0 or a.cutmix > 0,
+     "applies only when --mixup or --cutmix is above 0"),
+    (("--mixup-switch-prob",), lambda a: a.mixup > 0 and a.cutmix > 0,
+     "applies only when both --mixup and --cutmix are above 0"),
+    (("--remode", "--recount"), lambda a: a.reprob > 0, "applies only when --reprob is above 0"),
+    (("--warmup-lr",), lambda a: a.warmup_epochs > 0,
+     "applies only when --warmup-epochs is above 0"),
+]
+
+
+def _check_flags_apply(args: argparse.Namespace, given: set[str]) -> None:
+    for flags, applies, why_not in _APPLIES_ONLY:
+        for flag in flags:
+            if dest_of(flag) in given and not applies(args):
+                raise ConfigError(f"{flag} {why_not.format(a=args)}")
+    if args.resume not in (None, "auto") and args.finetune is not None:
+        raise ConfigError("--resume CHECKPOINT and --finetune CHECKPOINT both name the "
+                          "starting weights; give one (bare --resume continues a finetuning "
+                          "run from OUTPUT/checkpoint.pt)")
+
+
+def _check_values(args: argparse.Namespace, given: set[str]) -> None:
+    """Values that are wrong together, or that only timm can judge."""
+    if not args.eval and (args.mixup > 0 or args.cutmix > 0) and args.batch_size % 2:
+        raise ConfigError(f"--batch-size {args.batch_size}: Mixup needs an even batch (or "
+                          "--mixup 0 --cutmix 0)")
+    if args.scale[0] > args.scale[1]:
+        raise ConfigError(f"--scale {args.scale[0]:g} {args.scale[1]:g}: MIN is above MAX")
+    # The next two only for values the user gave: a short run (--epochs 1 on DeiT's
+    # defaults) or a small batch (lr below DeiT's floor) should not fail on defaults.
+    if "warmup_epochs" in given and args.warmup_epochs > args.epochs:
+        raise ConfigError(f"--warmup-epochs {args.warmup_epochs} is longer than the run "
+                          f"(--epochs {args.epochs})")
+    if "min_lr" in given and args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr:g} is above the learning rate {args.lr:g} "
+                          "(--lr, or --base-lr x total batch / --lr-base-size), so the "
+                          "schedule would climb to it")
+    if args.opt.lower().removeprefix("lookahead_") not in list_optimizers():
+        raise ConfigError(f"--opt {args.opt!r} is no timm optimizer (adamw, sgd, lamb, ...: "
+                          "timm.optim.list_optimizers())")
+    if args.aa:
+        try:
+            create_transform(8, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError):
+            raise ConfigError(f"--aa {args.aa!r} is no timm auto-augment policy (such as "
+                              "rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original; '' for "
+                              "none)") from None
+    if args.amp in ("bf16", "fp16") and not args.device_used.startswith("cuda"):
+        raise ConfigError(f"--amp {args.amp} needs a CUDA device; on {args.device_used} the "
+                          "trainer runs float32")
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    """The model, the input size and the downsampling, on a skeleton of the model."""
+    with torch.device("meta"):  # shapes only: no weights, no memory, nothing downloaded
+        skeleton = build_model(args.model, 1000, img_size=args.input_size)
+    patch = tuple(skeleton.patch_embed.patch_size)
+    if args.input_size is not None and any(args.input_size % side for side in patch):
+        raise ConfigError(f"--input-size {args.input_size}: {args.model} cuts images into "
+                          f"{patch[0]}x{patch[1]} px patches; use a multiple of {patch[0]}")
+    downsample_schedule(skeleton, args.downsample, args.method, args.keep,
+                        conv_depths=args.conv_depths)
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """--data and the checkpoints exist; --output can be written and, unless resumed or
+    only evaluated, holds no run (a checkpoint's contents are read later, by ``run``)."""
+    data_mod.check_data(args.data)
+    out = writable_folder("--output", args.output)
+    checkpoint = _checkpoint_path(args)
+    if args.finetune is not None:
+        existing_file("--finetune", args.finetune, "checkpoint file")
+    if args.eval and checkpoint is None and args.finetune is None and not args.pretrained:
+        raise ConfigError("--eval needs weights to evaluate: --resume CHECKPOINT, "
+                          "--finetune CHECKPOINT or --pretrained")
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and args.resume is None and not args.eval:
+        raise ConfigError(f"--output {args.output!r} holds another run ({', '.join(found)}); "
+                          "name a new folder, or add --resume to continue that run")
+    if args.data in ("cifar10", "cifar100"):
+        writable_folder("--data-dir", args.data_dir)
+
+
+def validate(args: argparse.Namespace, given: set[str]) -> None:
+    """Every check across flags, against the model and on the disk, on the resolved
+    ``args``; ``given`` names the flags the command line set (:func:`cli.given_flags`).
+
+    The first failure raises :class:`ConfigError`, before any data is loaded or any file
+    is written. A check on one flag alone is its parser ``type=`` or ``choices=``.
+    """
+    _check_flags_apply(args, given)
+    _check_values(args, given)
+    _check_model(args)
+    _check_paths(args)
 
 
 def _seed_all(seed: int) -> None:
@@ -294,10 +452,7 @@ def _checkpoint_path(args: argparse.Namespace) -> Path | None:
     if args.resume == "auto":
         path = Path(args.output) / "checkpoint.pt"
         return path if path.is_file() else None
-    path = Path(args.resume)
-    if not path.is_file():
-        raise ConfigError(f"--resume {args.resume!r}: no such checkpoint file")
-    return path
+    return existing_file("--resume", args.resume, "checkpoint file")
 
 
 def _read_checkpoint(flag: str, path: Path) -> dict[str, Any]:
@@ -332,10 +487,8 @@ def _load_finetune(path_text: str, model: nn.Module) -> None:
     (convolutions, soft-extract retention) are new when finetuning a base model, and left
     over when finetuning from a schedule search.
     """
-    path = Path(path_text)
-    if not path.is_file():
-        raise ConfigError(f"--finetune {path_text!r}: no such checkpoint file")
-    ckpt = _read_checkpoint("--finetune", path)
+    ckpt = _read_checkpoint("--finetune", existing_file("--finetune", path_text,
+                                                        "checkpoint file"))
     weights = {k: v for k, v in ckpt["model"].items() if not k.startswith(DOWNSAMPLE_PREFIX)}
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -354,10 +507,7 @@ def _amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
 
 def _criterion(args: argparse.Namespace) -> tuple[nn.Module, Mixup | None]:
     """DeiT's loss: soft targets under Mixup/CutMix, else label smoothing."""
-    mixing = args.mixup > 0 or args.cutmix > 0
-    if mixing and args.batch_size % 2:
-        raise ConfigError(f"--batch-size {args.batch_size}: Mixup needs an even batch")
-    if mixing:
+    if args.mixup > 0 or args.cutmix > 0:  # an even batch: validate checked it
         mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
                       switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                       label_smoothing=args.smoothing, num_classes=args.num_classes)
@@ -419,7 +569,9 @@ def build(args: argparse.Namespace, dist: DistInfo,
     _seed_all(args.seed)
     model = build_model(args.model, 1000, pretrained=args.pretrained,
                         drop_path=args.drop_path, drop=args.drop, img_size=args.input_size)
-    data_config = resolve_data_config(model=model)
+    size = {} if args.input_size is None else {"input_size": (3, args.input_size,
+                                                              args.input_size)}
+    data_config = resolve_data_config(size, model=model)  # --input-size, else the model's
     train_set, val_set, args.num_classes = data_mod.build_datasets(
         args.data, args.data_dir, data_mod.build_transform(args, data_config, True),
         data_mod.build_transform(args, data_config, False))
@@ -601,16 +753,19 @@ def _set_cpu_threads(threads: int) -> None:
 
 def launch(parser: argparse.ArgumentParser,
            runner: Callable[[argparse.Namespace, DistInfo], object],
-           argv: list[str] | None = None) -> int:
-    """Parse ``argv``, join torchrun's process group, fill the defaults, set the CPU threads
-    and call ``runner``; bad input exits with status 2 and one message. Shared by the
-    trainer and the schedule search."""
+           argv: list[str] | None = None, *,
+           checks: Callable[[argparse.Namespace, set[str]], None] | None = None) -> int:
+    """Parse ``argv``, join torchrun's process group, fill the defaults, check everything
+    (``checks``, default :func:`validate`), set the CPU threads and call ``runner``; bad
+    input exits with status 2 and one message. Shared by the trainer and the schedule
+    search."""
     args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
     try:
         dist = init_distributed(args.device)
         args = resolve_defaults(args, dist)
-        if dist.device.type == "cpu":
-            _set_cpu_threads(args.threads)
+        (checks or validate)(args, given)
+        _set_cpu_threads(args.threads)
         runner(args, dist)
     except ConfigError as err:
         parser.error(str(err))

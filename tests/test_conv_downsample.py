@@ -151,7 +151,10 @@ def test_finetune_from_a_base_checkpoint_into_a_conv_model(
     checkpoint = tmp_path / "base.pt"
     torch.save({"model": base.state_dict()}, checkpoint)
     built = _capture_built_model(monkeypatch)
-    assert train.main([*TWO_STEPS, *CONV, "--finetune", str(checkpoint), "--eval",
+    # Only the flags evaluation uses: the training ones are refused with --eval.
+    evaluate = ["--data", "digits", "--model", MODEL, "--threads", "1", "--eval-batch-size",
+                "512", "--eval"]
+    assert train.main([*evaluate, *CONV, "--finetune", str(checkpoint),
                        "--output", str(tmp_path / "eval")]) == 0
     loaded = built[0].state_dict()
     for key, value in base.state_dict().items():  # every base weight, under its own key
@@ -177,7 +180,9 @@ def _error_of(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
      "after block 4 meets a 1x1 grid"),
     (["--downsample", "conv", "--conv-depths", "one"], "no list of block numbers"),
     (["--downsample", "conv"], "needs --conv-depths"),
-    (["--downsample", "conv", "--conv-depths", "1", "--keep", "16"], "does not apply"),
+    (["--downsample", "conv", "--conv-depths", "1", "--keep", "16"],
+     "--keep applies to --downsample tokenpool, powerbert, random, importance only, not to "
+     "--downsample conv"),
     (["--downsample", "tokenpool", "--conv-depths", "1"], "--downsample conv only"),
     (["--downsample", "conv", "--conv-depths", "1", "--method", "kmeans"],
      "--method applies to --downsample tokenpool only"),
