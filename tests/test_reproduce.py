@@ -11,9 +11,11 @@ import itertools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,6 +36,50 @@ def _reproduce(out: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "reference_models.reproduce", "--smoke",
                            "--jobs", "2", "--output", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+#: The stages in the order they run, as their bars name them.
+STAGES = ["base", "schedule search", "finetuning", "insertion without finetuning", "speed",
+          "pictures"]
+
+
+def _stderr_lines(stderr: str) -> list[str]:
+    """What a terminal would have shown, line by line (a bar redraws itself after \\r)."""
+    return [line.strip() for line in re.split(r"[\r\n]+", stderr) if line.strip()]
+
+
+def _units_on_disk(out: Path, results: dict[str, Any]) -> list[int]:
+    """Each stage's units, counted from what the run left behind: epochs logged, runs
+    evaluated, models timed, pictures drawn."""
+    def epochs(pattern: str) -> int:
+        return sum(len(log.read_text().splitlines()) for log in out.glob(pattern))
+
+    return [epochs("base/log.jsonl"), epochs("search/*/log.jsonl"),
+            epochs("finetune/*/*/*/log.jsonl"), len(list(out.glob("insert/*/*/*/eval.json"))),
+            sum(row["images_per_s"] is not None for row in results["summary"]),
+            len(list(out.glob("*.png")))]
+
+
+def _assert_numbered_stages_only(stderr: str, units: list[int], estimated: bool) -> None:
+    """stderr holds the stage bars and nothing else (no warning at all); each stage is
+    numbered in order and ends with all its units done and the whole run's elapsed time
+    and (where ``estimated``; a run that reuses every stage has nothing to go by until it
+    measures the speed) its estimated total."""
+    lines = _stderr_lines(stderr)
+    bar = rf"\d/{len(STAGES)} [a-z ]+: +\d+%\|[^|]*\| \d+/\d+ \[[^\]]*\]"
+    strays = [line for line in lines if not re.fullmatch(bar, line)]
+    assert not strays, "stderr holds more than the progress bars:\n" + "\n".join(strays)
+    first_seen = []
+    for number, (title, count) in enumerate(zip(STAGES, units, strict=True), 1):
+        mine = [i for i, line in enumerate(lines)
+                if line.startswith(f"{number}/{len(STAGES)} {title}:")]
+        assert mine, f"no bar for stage {number}, {title}"
+        first_seen.append(mine[0])
+        last = lines[mine[-1]]
+        assert f" {count}/{count} " in last, last
+        total = r"~\d+:\d\d" if estimated else r"(~\d+:\d\d|\?)"
+        assert re.search(rf"whole run \d+:\d\d of {total}\]$", last), last
+    assert first_seen == sorted(first_seen)
 
 
 def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Path) -> None:
@@ -70,6 +116,10 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
             assert row["gflops"] == row["gflops_model"] + row["gflops_clustering"]
     assert {r["method"] for r in results["ranking"]} == set(plan.methods)
 
+    units = _units_on_disk(out, results)
+    assert all(count > 0 for count in units)
+    _assert_numbered_stages_only(first.stderr, units, estimated=True)
+
     markdown = (out / "results.md").read_text()
     for method in plan.methods:
         assert f"| {method} |" in markdown
@@ -82,6 +132,7 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
     stamps = [p.stat().st_mtime_ns for p in logs]
     second = _reproduce(out)
     assert second.returncode == 0, second.stderr[-3000:]
+    _assert_numbered_stages_only(second.stderr, units, estimated=False)  # starts complete
     assert [p.stat().st_mtime_ns for p in logs] == stamps  # nothing trained again
     # Speed is measured afresh; the accuracies come from the runs, unchanged.
     again = json.loads((out / "results.json").read_text())
