@@ -14,11 +14,14 @@ The protocol of §5 and Appendix C, scaled to scikit-learn's digits and two CPU 
 4. **Insertion without finetuning** (Appendix E): every downsampler inserted into the base
    and evaluated, with and without carrying the cluster sizes into attention.
 5. **Speed**: inference images/s of every finetuned model, one thread, on this machine.
+6. **Pictures**: ``accuracy_vs_gflops.png`` (as the paper's Fig. 3, 5 and 9) and
+   ``clusters.png`` (one digit through the finetuned WK-Medoids model, coloured by
+   ``tokenpool_ops.visualize.render_clusters``).
 
-It writes ``results.json``, ``results.md`` (accuracy mean ± standard deviation over seeds,
-GFLOPs from ``reference_models.flops`` with the clustering's share, images/s),
-``accuracy_vs_gflops.png`` (as the paper's Fig. 3, 5 and 9) and ``clusters.png`` (one digit
-through the finetuned WK-Medoids model, ``tokenpool_ops.visualize``).
+It writes ``results.json`` (FLOPs in GFLOPs, as the trainer logs them), ``results.md``
+(accuracy mean ± standard deviation over seeds, FLOPs from ``reference_models.flops`` with
+the clustering's share in the unit that suits the base model, MFLOPs for the digits,
+images/s) and the two pictures. Each stage has a numbered progress bar on stderr.
 
 Every run keeps its own folder under ``OUTPUT``: a finished run is reused, an interrupted
 one resumes from its checkpoint, so running the command again loses nothing and redoes
@@ -149,11 +152,12 @@ def _execute(job: Job) -> Job:
 # ---------------------------------------------------------------------------------------------
 # Progress: one numbered bar per stage, its own time left, and the whole run's estimate
 
-#: What one unit of each stage costs one worker, in base-training epochs. Measured on the
-#: 2-core machine (2026-12-03, --jobs 2); only the whole run's estimate uses them, scaled
-#: by the time the units done so far actually took.
-UNIT_COST = {"base": 1.0, "search": 1.0, "finetune": 1.0, "insertion": 0.3, "speed": 0.3,
-             "pictures": 1.0}
+#: What one unit of each stage costs one worker, in base-training epochs: the stage times of
+#: the full run on the 2-core machine, 2026-12-03, --jobs 2 (base 364 s for 25 epochs,
+#: search 110 s, finetuning 1308 s, insertion 17 s, speed 119 s, pictures 2 s). Only the
+#: whole run's estimate uses them, scaled by the time the units done so far actually took.
+UNIT_COST = {"base": 1.0, "search": 1.0, "finetune": 0.7, "insertion": 0.06, "speed": 0.33,
+             "pictures": 0.07}
 
 
 @dataclass(frozen=True)
@@ -175,11 +179,8 @@ def _stages(plan: Plan, jobs: int) -> list[Stage]:
     """The stages of ``plan``, in order, with the units each will run."""
     budgets = len(plan.lams) * len(plan.methods)
     finetune_runs = len(plan.seeds) * (budgets + len(plan.conv_depths) + 1)  # + the base
-    from .train import PROFILES
-
-    base_epochs = plan.base_epochs or int(PROFILES["digits"]["epochs"])
     return [
-        Stage("base", "base", "epoch", base_epochs, 1),
+        Stage("base", "base", "epoch", _base_epochs(plan), 1),
         Stage("search", "schedule search", "epoch", len(plan.lams) * plan.search_epochs,
               min(jobs, len(plan.lams))),
         Stage("finetune", "finetuning", "epoch", finetune_runs * plan.finetune_epochs,
@@ -268,12 +269,15 @@ def _run_all(jobs: list[Job], pool: Any, progress: Progress, key: str) -> None:
 # The stages
 
 
-def _base_job(out: Path, plan: Plan) -> Job:
-    epochs = [] if plan.base_epochs is None else ["--epochs", str(plan.base_epochs)]
+def _base_epochs(plan: Plan) -> int:
     from .train import PROFILES
 
-    total = plan.base_epochs or int(PROFILES["digits"]["epochs"])
-    return Job("train", str(out / "base"), (*COMMON, *epochs, *_limit(plan)), total)
+    return plan.base_epochs or int(PROFILES["digits"]["epochs"])
+
+
+def _base_job(out: Path, plan: Plan) -> Job:
+    epochs = [] if plan.base_epochs is None else ["--epochs", str(plan.base_epochs)]
+    return Job("train", str(out / "base"), (*COMMON, *epochs, *_limit(plan)), _base_epochs(plan))
 
 
 def _limit(plan: Plan) -> list[str]:
@@ -414,9 +418,9 @@ def _draw_clusters(model: Any, pixels: Any, digit: Any, path: Path, title: str) 
                      f"{count_clusters(labels, merged_only=True)} merged", fontsize=12)
         ax.axis("off")
     fig.suptitle(title, fontsize=14)
-    fig.text(0.5, 0.03, "Each pair: left, the digit with its merged patches outlined in red; "
-             "right, each token of two or more patches in its own colour, single-patch tokens "
-             "gray.", ha="center", fontsize=11)
+    fig.text(0.5, 0.03, "Each pair: left, the digit, merged patches outlined in red; right, "
+             "each token of two or more patches in its own colour (its patches need not touch), "
+             "single patches gray.", ha="center", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 0.97))
     fig.savefig(path, dpi=100)
     plt.close(fig)

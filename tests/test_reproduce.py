@@ -121,6 +121,7 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
     _assert_numbered_stages_only(first.stderr, units, estimated=True)
 
     markdown = (out / "results.md").read_text()
+    assert "MFLOPs (clustering)" in markdown and "GFLOPs" not in markdown  # the digits' unit
     for method in plan.methods:
         assert f"| {method} |" in markdown
     for picture in ("accuracy_vs_gflops.png", "clusters.png"):
@@ -155,3 +156,14 @@ def test_ranking_orders_by_mean_and_measures_gaps_in_standard_errors() -> None:
     # gap 15 over hypot(1.5, 0) = 1.5: 10 standard errors; the last has no next.
     assert math.isclose(ranking[0]["margin_to_next"], 10.0)
     assert ranking[1]["margin_to_next"] is None
+
+
+def test_flops_are_written_in_the_unit_of_the_base_models_magnitude() -> None:
+    def unit(base_gflops: float) -> str:
+        return reproduce.flops_unit({"base": {"gflops": base_gflops}})[1]
+
+    assert unit(0.015) == "MFLOPs"  # the digits model: 15 MFLOPs
+    assert unit(4.6) == "GFLOPs"  # DeiT-S
+    assert unit(1.0) == "GFLOPs" and unit(0.999) == "MFLOPs"
+    assert unit(5e-4) == "kFLOPs"
+    assert reproduce.flops_unit({"base": {"gflops": 0.015}})[0] == 1e3
