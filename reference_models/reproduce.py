@@ -14,11 +14,14 @@ The protocol of §5 and Appendix C, scaled to scikit-learn's digits and two CPU 
 4. **Insertion without finetuning** (Appendix E): every downsampler inserted into the base
    and evaluated, with and without carrying the cluster sizes into attention.
 5. **Speed**: inference images/s of every finetuned model, one thread, on this machine.
+6. **Pictures**: ``accuracy_vs_gflops.png`` (as the paper's Fig. 3, 5 and 9) and
+   ``clusters.png`` (one digit through the finetuned WK-Medoids model, coloured by
+   ``tokenpool_ops.visualize.render_clusters``).
 
-It writes ``results.json``, ``results.md`` (accuracy mean ± standard deviation over seeds,
-GFLOPs from ``reference_models.flops`` with the clustering's share, images/s),
-``accuracy_vs_gflops.png`` (as the paper's Fig. 3, 5 and 9) and ``clusters.png`` (one digit
-through the finetuned WK-Medoids model, ``tokenpool_ops.visualize``).
+It writes ``results.json`` (FLOPs in GFLOPs, as the trainer logs them), ``results.md``
+(accuracy mean ± standard deviation over seeds, FLOPs from ``reference_models.flops`` with
+the clustering's share in the unit that suits the base model, MFLOPs for the digits,
+images/s) and the two pictures. Each stage has a numbered progress bar on stderr.
 
 Every run keeps its own folder under ``OUTPUT``: a finished run is reused, an interrupted
 one resumes from its checkpoint, so running the command again loses nothing and redoes
@@ -35,8 +38,8 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,26 +149,135 @@ def _execute(job: Job) -> Job:
     return job
 
 
-def _run_all(jobs: list[Job], pool: Any, desc: str) -> None:
-    """Run ``jobs`` on the worker pool with a progress bar; the first failure stops all."""
+# ---------------------------------------------------------------------------------------------
+# Progress: one numbered bar per stage, its own time left, and the whole run's estimate
+
+#: What one unit of each stage costs one worker, in base-training epochs: the stage times of
+#: the full run on the 2-core machine, 2026-12-03, --jobs 2 (base 364 s for 25 epochs,
+#: search 110 s, finetuning 1308 s, insertion 17 s, speed 119 s, pictures 2 s). Only the
+#: whole run's estimate uses them, scaled by the time the units done so far actually took.
+UNIT_COST = {"base": 1.0, "search": 1.0, "finetune": 0.7, "insertion": 0.06, "speed": 0.33,
+             "pictures": 0.07}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One numbered stage of the run: ``units`` of ``unit``, ``parallel`` at a time."""
+
+    key: str  # a key of UNIT_COST
+    title: str
+    unit: str
+    units: int
+    parallel: int
+
+    def cost(self, units: float) -> float:
+        """Wall-clock cost of ``units`` of this stage, in base epochs of one worker."""
+        return units * UNIT_COST[self.key] / self.parallel
+
+
+def _stages(plan: Plan, jobs: int) -> list[Stage]:
+    """The stages of ``plan``, in order, with the units each will run."""
+    budgets = len(plan.lams) * len(plan.methods)
+    finetune_runs = len(plan.seeds) * (budgets + len(plan.conv_depths) + 1)  # + the base
+    return [
+        Stage("base", "base", "epoch", _base_epochs(plan), 1),
+        Stage("search", "schedule search", "epoch", len(plan.lams) * plan.search_epochs,
+              min(jobs, len(plan.lams))),
+        Stage("finetune", "finetuning", "epoch", finetune_runs * plan.finetune_epochs,
+              min(jobs, finetune_runs)),
+        Stage("insertion", "insertion without finetuning", "run", 2 * budgets,
+              min(jobs, 2 * budgets)),
+        Stage("speed", "speed", "model", finetune_runs // len(plan.seeds), 1),
+        Stage("pictures", "pictures", "picture", 2, 1),
+    ]
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """Draws the stage bars and estimates the whole run from the work done in this process.
+
+    Units reused from an earlier run count as done and cost no time; the estimate is the
+    elapsed time plus the work left, at the seconds per unit of work measured so far.
+    """
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self.stages = stages
+        self.start = time.perf_counter()
+        self.left = {stage.key: float(stage.units) for stage in stages}
+        self.worked = 0.0  # cost of the units this process has run
+
+    def whole_run(self) -> str:
+        elapsed = time.perf_counter() - self.start
+        work_left = sum(stage.cost(self.left[stage.key]) for stage in self.stages)
+        if self.worked == 0.0:
+            return f"whole run {_clock(elapsed)} of ?"
+        total = elapsed + work_left * elapsed / self.worked
+        return f"whole run {_clock(elapsed)} of ~{_clock(total)}"
+
+    @contextmanager
+    def stage(self, key: str, done_before: int = 0) -> Iterator[Callable[[int], None]]:
+        """A bar for stage ``key``; yields ``advance(units_done)``, called as units finish."""
+        number, stage = next((i, s) for i, s in enumerate(self.stages, 1) if s.key == key)
+        self.left[key] = stage.units - done_before
+        bar = tqdm(total=stage.units, initial=done_before, unit=stage.unit, file=sys.stderr,
+                   desc=f"{number}/{len(self.stages)} {stage.title}", dynamic_ncols=True)
+        done = done_before
+
+        def advance(units_done: int) -> None:
+            nonlocal done
+            if units_done > done:
+                self.left[key] -= units_done - done
+                self.worked += stage.cost(units_done - done)
+                bar.update(units_done - done)
+                done = units_done
+            bar.set_postfix_str(self.whole_run())
+
+        with bar:
+            advance(done)
+            yield advance
+
+
+def _units_done(job: Job) -> int:
+    """Epochs a training or search run has logged; 1 for a finished evaluation."""
+    if job.kind == "eval":
+        return int(job.done())
+    return min(_epochs_logged(Path(job.output)), job.epochs)
+
+
+#: Seconds between looks at the runs' logs while a stage runs.
+POLL_SECONDS = 0.5
+
+
+def _run_all(jobs: list[Job], pool: Any, progress: Progress, key: str) -> None:
+    """Run ``jobs`` on the worker pool as stage ``key``; the first failure stops all."""
     todo = [job for job in jobs if not job.done()]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run",
-               file=sys.stderr, dynamic_ncols=True)
-    with bar:
-        for _ in pool.imap_unordered(_execute, todo):
-            bar.update(1)
+    pending = [pool.apply_async(_execute, (job,)) for job in todo]
+    with progress.stage(key, sum(_units_done(job) for job in jobs)) as advance:
+        while pending:
+            pending[0].wait(POLL_SECONDS)
+            for result in [r for r in pending if r.ready()]:
+                result.get()  # a failed run raises here, and the pool is terminated
+                pending.remove(result)
+            advance(sum(_units_done(job) for job in jobs))
 
 
 # ---------------------------------------------------------------------------------------------
 # The stages
 
 
-def _base_job(out: Path, plan: Plan) -> Job:
-    epochs = [] if plan.base_epochs is None else ["--epochs", str(plan.base_epochs)]
+def _base_epochs(plan: Plan) -> int:
     from .train import PROFILES
 
-    total = plan.base_epochs or int(PROFILES["digits"]["epochs"])
-    return Job("train", str(out / "base"), (*COMMON, *epochs, *_limit(plan)), total)
+    return plan.base_epochs or int(PROFILES["digits"]["epochs"])
+
+
+def _base_job(out: Path, plan: Plan) -> Job:
+    epochs = [] if plan.base_epochs is None else ["--epochs", str(plan.base_epochs)]
+    return Job("train", str(out / "base"), (*COMMON, *epochs, *_limit(plan)), _base_epochs(plan))
 
 
 def _limit(plan: Plan) -> list[str]:
@@ -267,8 +379,9 @@ def _images_per_s(model: Any, images: Any, repeats: int = 3) -> float:
     return float(len(images) / best)
 
 
-def _val_images(model: Any, limit: int | None = None) -> tuple[Any, Any]:
-    """The validation images as ``model``'s eval transform gives them, and the raw digits."""
+def _val_images(model: Any, limit: int | None = None) -> tuple[Any, Any, Any]:
+    """The validation images as ``model``'s eval transform gives them, the raw digits and
+    their labels."""
     import torch
     from timm.data import resolve_data_config
 
@@ -278,51 +391,68 @@ def _val_images(model: Any, limit: int | None = None) -> tuple[Any, Any]:
     tf = data.build_transform(None, resolve_data_config(model=model), is_training=False)
     dataset = data.DigitsDataset(x_val, y_val, tf)
     count = len(dataset) if limit is None else limit
-    return torch.stack([dataset[i][0] for i in range(count)]), x_val[:count]
+    return (torch.stack([dataset[i][0] for i in range(count)]), x_val[:count],
+            y_val[:count])
 
 
-def _draw_clusters(model: Any, pixels: Any, digit: Any, path: Path, caption: str) -> None:
+def _draw_clusters(model: Any, pixels: Any, digit: Any, path: Path, title: str) -> None:
     """One digit through every pooling block of ``model`` (keep > 0), side by side."""
-    from PIL import Image, ImageDraw
+    import matplotlib
 
-    from tokenpool_ops.visualize import cluster_map, draw_clusters
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from tokenpool_ops.visualize import cluster_map, render_clusters
 
     scale = 24  # 8 px digits drawn as 192 px
     image = Image.fromarray(digit).convert("RGB").resize((8 * scale, 8 * scale),
                                                           Image.Resampling.NEAREST)
     keep = model._tokenpool["keep"]
-    panels: list[Image.Image] = []
-    for block in range(len(model.blocks)):
-        if keep[block] == 0:  # only the class token left: nothing to draw
-            break
-        part = path.with_name(f".{path.stem}.block{block}.png")
+    blocks = [block for block in range(len(model.blocks)) if keep[block] > 0]
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4.6 * len(blocks), 3.1), squeeze=False)
+    for ax, block in zip(axes[0], blocks, strict=True):
         labels = cluster_map(model, pixels, block)
-        # Gray digits: each cluster in its own colour, the borders in red.
-        draw_clusters(image, labels, str(part), fill="palette", border="red",
-                      caption=f"after block {block + 1}: {count_clusters(labels)} clusters")
-        with Image.open(part) as drawn:
-            panels.append(drawn.copy())
-        part.unlink()
-    title_height, gap = 20, 12
-    width = sum(p.width for p in panels) + gap * (len(panels) - 1)
-    canvas = Image.new("RGB", (width, title_height + max(p.height for p in panels)), "white")
-    ImageDraw.Draw(canvas).text((4, 4), caption, fill="black")
-    left = 0
-    for panel in panels:
-        canvas.paste(panel, (left, title_height))
-        left += panel.width + gap
-    canvas.save(path, format="PNG")
+        ax.imshow(render_clusters(image, labels, fill="palette", border="red"))
+        ax.set_title(f"after block {block + 1}: {count_clusters(labels)} tokens, "
+                     f"{count_clusters(labels, merged_only=True)} merged", fontsize=12)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=14)
+    fig.text(0.5, 0.03, "Each pair: left, the digit, merged patches outlined in red; right, "
+             "each token of two or more patches in its own colour (its patches need not touch), "
+             "single patches gray.", ha="center", fontsize=11)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.97))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
-def count_clusters(labels: Any) -> int:
-    """Clusters left in a cluster map (-1 marks patches no token stands for)."""
+def count_clusters(labels: Any, merged_only: bool = False) -> int:
+    """Clusters left in a cluster map (-1 marks patches no token stands for); with
+    ``merged_only``, those of two or more patches."""
     import numpy as np
 
-    return int(np.unique(labels[labels >= 0]).size)
+    _, sizes = np.unique(labels[labels >= 0], return_counts=True)
+    return int((sizes > 1).sum() if merged_only else sizes.size)
 
 
 # ---------------------------------------------------------------------------------------------
 # Results
+
+
+def _base_summary(run: Path, plan: Plan) -> dict[str, Any]:
+    """The base model, its accuracy and cost, and the data it learnt from."""
+    from . import data
+    from .models import build_model
+
+    config = json.loads((run / "config.json").read_text())
+    log = _last_log(run)
+    model = build_model(config["model"], config["num_classes"])
+    x_train, _, x_val, _ = data.digits_split()
+    return {"model": config["model"], "val_acc1": log["val_acc1"], "gflops": log["gflops"],
+            "epochs": config["epochs"], "blocks": len(model.blocks),
+            "patch_tokens": model.patch_embed.num_patches,
+            "train_images": min(len(x_train), plan.train_limit or len(x_train)),
+            "val_images": len(x_val)}
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -387,35 +517,50 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def flops_unit(results: dict[str, Any]) -> tuple[float, str]:
+    """The unit that writes the base model's FLOPs between 1 and 1000 (MFLOPs for the
+    digits, GFLOPs for DeiT-S): its factor from GFLOPs and its name. The results hold
+    GFLOPs, as the trainer's log does."""
+    base = results["base"]["gflops"]
+    for factor, name in ((1.0, "GFLOPs"), (1e3, "MFLOPs")):
+        if base * factor >= 1.0:
+            return factor, name
+    return 1e6, "kFLOPs"
+
+
 def _markdown(results: dict[str, Any]) -> str:
     """results.md: the table, the ranking, and how it compares with the paper's."""
+    factor, unit = flops_unit(results)
     lines = ["# Token Pooling on digits: the paper's protocol, reproduced", "",
              f"Base model: {results['base']['model']}, validation accuracy "
-             f"{results['base']['val_acc1']:.2f}% ({results['base']['gflops']:.4f} GFLOPs). "
-             f"Seeds: {len(results['plan']['seeds'])}; finetuning "
+             f"{results['base']['val_acc1']:.2f}% ({results['base']['gflops'] * factor:.2f} "
+             f"{unit}). Seeds: {len(results['plan']['seeds'])}; finetuning "
              f"{results['plan']['finetune_epochs']} epoch(s) per model; accuracy is top-1 on "
-             "the 360 validation digits, mean ± standard deviation over seeds. GFLOPs per "
-             "image from reference_models.flops: the model plus the clustering (its share in "
-             "parentheses). images/s: inference, one thread, batches of 120, this machine.",
+             f"the {results['base']['val_images']} validation digits, mean ± standard "
+             f"deviation over seeds. {unit} per image from reference_models.flops: the model "
+             "plus the clustering (its share in parentheses). images/s: inference, one "
+             "thread, batches of 120, this machine.",
              ""]
     for budget in results["budgets"]:
         lines += [f"## Budget {budget['name']} (λ = {budget['lam']:g}): keep "
                   f"{budget['keep']}", "",
-                  "| method | GFLOPs (clustering) | finetuned acc % | inserted, carry % | "
+                  f"| method | {unit} (clustering) | finetuned acc % | inserted, carry % | "
                   "inserted, no carry % | images/s |", "|---|---|---|---|---|---|"]
         for row in sorted((r for r in results["summary"] if r["budget"] == budget["name"]),
                           key=lambda r: -r["acc_mean"]):
             lines.append(
-                f"| {row['method']} | {row['gflops']:.4f} ({row['gflops_clustering']:.4f}) | "
+                f"| {row['method']} | {row['gflops'] * factor:.2f} "
+                f"({row['gflops_clustering'] * factor:.2f}) | "
                 f"{row['acc_mean']:.2f} ± {row['acc_std']:.2f} | "
                 f"{_fmt(row['no_finetune_carry'])} | {_fmt(row['no_finetune_no_carry'])} | "
                 f"{_fmt(row['images_per_s'], 0)} |")
         lines.append("")
     lines += ["## Convolution downsampling and the finetuned base", "",
-              "| model | GFLOPs | finetuned acc % | images/s |", "|---|---|---|---|"]
+              f"| model | {unit} | finetuned acc % | images/s |", "|---|---|---|---|"]
     for row in results["summary"]:
         if row["method"] in ("conv", "none"):
-            lines.append(f"| {row['budget']} | {row['gflops']:.4f} | {row['acc_mean']:.2f} ± "
+            lines.append(f"| {row['budget']} | {row['gflops'] * factor:.2f} | "
+                         f"{row['acc_mean']:.2f} ± "
                          f"{row['acc_std']:.2f} | {_fmt(row['images_per_s'], 0)} |")
     lines += ["", "## Ranking over the searched budgets", "",
               "| rank | method | mean acc % | standard error | gap to next (standard errors) |",
@@ -429,10 +574,17 @@ def _markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-#: Marker and line of each method in the plot: curves that coincide stay distinguishable.
-STYLES = {"wkmedoids": ("o", "-"), "kmedoids": ("s", "-"), "wkmeans": ("^", "--"),
-          "kmeans": ("v", "--"), "powerbert": ("D", "-."), "importance": ("P", ":"),
-          "random": ("X", ":"), "conv": ("h", "-")}
+#: Each method's name, colour and marker in the plot, the same in both panels. The markers
+#: are open and differ in shape, so that points drawn over each other stay apart.
+STYLES = {"wkmedoids": ("WK-Medoids", "tab:blue", "o"), "kmedoids": ("K-Medoids", "tab:cyan", "s"),
+          "wkmeans": ("WK-Means", "tab:green", "^"), "kmeans": ("K-Means", "tab:olive", "v"),
+          "powerbert": ("PoWER-BERT", "tab:red", "D"),
+          "importance": ("importance", "tab:purple", "P"),
+          "random": ("random", "tab:brown", "X"), "conv": ("convolution", "tab:gray", "h")}
+#: Sideways shift between neighbouring methods, in points: at the harshest budget the four
+#: clustering methods cost the same to a thousandth, and importance and random score alike.
+DODGE_POINTS = 2.5
+CLUSTERING = ("wkmedoids", "kmedoids", "wkmeans", "kmeans")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
@@ -441,70 +593,111 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5), sharey=False)
-    rows = results["summary"]
+    factor, unit = flops_unit(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 6.6), sharey=True)
     searched = [b["name"] for b in results["budgets"]]
-    for method in [*METHODS, "conv"]:
-        mine = sorted((r for r in rows if r["method"] == method
+    for i, method in enumerate(STYLES):
+        mine = sorted((r for r in results["summary"] if r["method"] == method
                        and (r["budget"] in searched or method == "conv")),
                       key=lambda r: r["gflops"])
-        if not mine:
-            continue
-        style = STYLES.get(method, ("o", "-"))
-        left.errorbar([r["gflops"] for r in mine], [r["acc_mean"] for r in mine],
-                      yerr=[r["acc_std"] for r in mine], marker=style[0], linestyle=style[1],
-                      capsize=3, label=method)
-        inserted = [r for r in mine if r["no_finetune_carry"] is not None]
-        if inserted:
-            line = right.plot([r["gflops"] for r in inserted],
-                              [r["no_finetune_carry"] for r in inserted], marker=style[0],
-                              label=f"{method}, carry")[0]
-            if method in ("wkmedoids", "kmedoids", "wkmeans", "kmeans"):
-                right.plot([r["gflops"] for r in inserted],
-                           [r["no_finetune_no_carry"] for r in inserted], marker="x",
-                           linestyle="--", color=line.get_color(), label=f"{method}, no carry")
-    for row in rows:
-        if row["method"] == "none":
-            left.errorbar([row["gflops"]], [row["acc_mean"]], yerr=[row["acc_std"]],
-                          marker="*", markersize=12, color="black", label="no downsampling")
+        if mine:
+            shift = (i - (len(STYLES) - 1) / 2) * DODGE_POINTS
+            _plot_method(fig, left, right, method, mine, factor, shift)
     base = results["base"]
-    right.plot([base["gflops"]], [base["val_acc1"]], marker="*", markersize=12,
-               color="black", linestyle="none", label="base")
-    left.set_title("finetuned with the downsampler (Fig. 3a, 5)")
-    right.set_title("inserted into the base without finetuning (Fig. 9)")
+    for row in results["summary"]:
+        if row["method"] == "none":
+            left.errorbar([row["gflops"] * factor], [row["acc_mean"]], yerr=[row["acc_std"]],
+                          marker="*", markersize=13, color="black", capsize=3)
+    right.plot([base["gflops"] * factor], [base["val_acc1"]], marker="*", markersize=13,
+               color="black", linestyle="none")
+    seeds = len(results["plan"]["seeds"])
+    spread = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed: no error bars"
+    left.set_title(f"finetuned with the downsampler (Fig. 3a, 5)\n{spread}", fontsize=12)
+    right.set_title("inserted into the base without finetuning (Fig. 9)\none evaluation "
+                    "each; dashed: cluster sizes not carried", fontsize=12)
     for ax in (left, right):
-        ax.set_xlabel("GFLOPs per image (clustering included)")
-        ax.set_ylabel("validation top-1 accuracy (%)")
+        ax.set_xlabel(f"{unit} per image (clustering included)", fontsize=11)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Token downsampling on digits ({results['base']['model']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.tick_params(labelsize=10)
+    left.set_ylabel("validation top-1 accuracy (%)", fontsize=11)
+    right.tick_params(labelleft=True)
+    handles = [Line2D([], [], color=colour, marker=marker, markerfacecolor="none",
+                      label=name) for name, colour, marker in STYLES.values()]
+    handles += [Line2D([], [], color="black", marker="*", markersize=11, linestyle="none",
+                       label="no downsampling"),
+                Line2D([], [], color="gray", linestyle="-", label="clustering, carry"),
+                Line2D([], [], color="gray", linestyle="--", label="clustering, no carry")]
+    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=10, frameon=False,
+               bbox_to_anchor=(0.5, 0.04))
+    widest = DODGE_POINTS * (len(STYLES) - 1) / 2
+    fig.text(0.5, 0.01, f"Each method's markers are drawn shifted sideways, by {widest:.0f} pt "
+             "at most, so that markers of equal cost stay apart.", ha="center", fontsize=9,
+             color="dimgray")
+    fig.suptitle(f"Token downsampling on digits ({base['model']}): accuracy against cost",
+                 fontsize=13)
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_method(fig: Any, left: Any, right: Any, method: str, rows: list[dict[str, Any]],
+                 factor: float, shift: float) -> None:
+    """One method's points: finetuned with error bars (left), inserted as it is (right)."""
+    from matplotlib.transforms import offset_copy
+
+    _, colour, marker = STYLES[method]
+    style = {"color": colour, "marker": marker, "markerfacecolor": "none", "markersize": 7}
+    # Shifted artists do not widen the axes' limits by themselves: the data does that.
+    cost = [r["gflops"] * factor for r in rows]
+    mean, std = [r["acc_mean"] for r in rows], [r["acc_std"] for r in rows]
+    left.errorbar(cost, mean, yerr=std, capsize=3,
+                  transform=offset_copy(left.transData, fig, shift, 0, "points"), **style)
+    left.update_datalim([(c, m + s * side) for c, m, s in zip(cost, mean, std, strict=True)
+                         for side in (-1, 1)])
+    inserted = [r for r in rows if r["no_finetune_carry"] is not None]
+    if not inserted:
+        return
+    moved = offset_copy(right.transData, fig, shift, 0, "points")
+    cost = [r["gflops"] * factor for r in inserted]
+    # Carry means something only where tokens are merged.
+    keys = ["no_finetune_carry", "no_finetune_no_carry"] if method in CLUSTERING else \
+        ["no_finetune_carry"]
+    for key, line in zip(keys, ["-", "--"], strict=False):
+        accuracy = [r[key] for r in inserted]
+        right.plot(cost, accuracy, transform=moved, linestyle=line, **style)
+        right.update_datalim(list(zip(cost, accuracy, strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
 
-def _measure_speed(finetuned: list[Job], limit: int | None) -> dict[tuple[str, str], float]:
+def _measure_speed(finetuned: list[Job], limit: int | None,
+                   progress: Progress) -> dict[tuple[str, str], float]:
     """Inference images/s of each (budget, method)'s first-seed model."""
     import torch
 
     torch.set_num_threads(1)
     first_seed = min(job.tags["seed"] for job in finetuned)
-    runs = [(job, _patched_model(Path(job.output))) for job in finetuned
-            if job.tags["seed"] == first_seed]
-    images, _ = _val_images(runs[0][1], limit)  # every run has the base model's input
+    runs = [job for job in finetuned if job.tags["seed"] == first_seed]
     speed = {}
-    for job, model in tqdm(runs, desc="speed", unit="model", file=sys.stderr):
-        speed[(job.tags["budget"], job.tags["method"])] = _images_per_s(model, images)
+    images = None
+    with progress.stage("speed") as advance:
+        for count, job in enumerate(runs, 1):
+            model = _patched_model(Path(job.output))
+            if images is None:  # every run has the base model's input
+                images, _, _ = _val_images(model, limit)
+            speed[(job.tags["budget"], job.tags["method"])] = _images_per_s(model, images)
+            advance(count)
     return speed
 
 
 def _clusters_picture(out: Path, finetuned: list[Job], budgets: dict[str, list[int]]) -> None:
     """clusters.png: one validation digit through the finetuned WK-Medoids model."""
+    import torch
+
     candidates = [j for j in finetuned if j.tags["method"] == "wkmedoids"]
     if not candidates:
         return
@@ -512,11 +705,12 @@ def _clusters_picture(out: Path, finetuned: list[Job], budgets: dict[str, list[i
     mildest = max(budgets, key=lambda name: sum(budgets[name]))
     job = next(j for j in candidates if j.tags["budget"] == mildest)
     model = _patched_model(Path(job.output))
-    pixels, digits = _val_images(model, 1)
+    pixels, digits, labels = _val_images(model, 1)
+    with torch.no_grad():
+        predicted = int(model(pixels[:1]).argmax(dim=-1)[0])
     _draw_clusters(model, pixels[:1], digits[0], out / "clusters.png",
-                   f"WK-Medoids finetuned at keep {budgets[mildest]} (budget {mildest}, "
-                   f"seed {job.tags['seed']}): clusters of the 64 patches of one validation "
-                   "digit")
+                   f"A validation {int(labels[0])}, predicted {predicted}: WK-Medoids "
+                   f"finetuned at keep {budgets[mildest]} (seed {job.tags['seed']})")
 
 
 def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
@@ -526,26 +720,28 @@ def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
     # tqdm's default lock is a multiprocessing semaphore, which the spawn context's resource
     # tracker reports as leaked at exit; the bars live in this process only.
     tqdm.set_lock(threading.RLock())
+    progress = Progress(_stages(plan, jobs))
     context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked threads
     with context.Pool(jobs) as pool:
         base_job = _base_job(out, plan)
-        _run_all([base_job], pool, "1/4 base")
+        _run_all([base_job], pool, progress, "base")
         base = Path(base_job.output) / "checkpoint.pt"
         searches = _search_jobs(out, plan, base)
-        _run_all(searches, pool, "2/4 schedule search")
+        _run_all(searches, pool, progress, "search")
         budgets = _read_budgets(searches)
         finetuned = _finetune_jobs(out, plan, base, budgets)
-        _run_all(finetuned, pool, "3/4 finetuning")
+        _run_all(finetuned, pool, progress, "finetune")
         inserted = _insertion_jobs(out, plan, base, budgets)
-        _run_all(inserted, pool, "4/4 insertion without finetuning")
-    speed = _measure_speed(finetuned, plan.train_limit)
-    base_log = _last_log(Path(base_job.output))
-    base_config = json.loads((Path(base_job.output) / "config.json").read_text())
+        _run_all(inserted, pool, progress, "insertion")
+        # Let the workers exit on their own: leaving the block terminates them, and a killed
+        # worker never releases its semaphores (the resource tracker reports them at exit).
+        pool.close()
+        pool.join()
+    speed = _measure_speed(finetuned, plan.train_limit, progress)
     summary = _summarise(finetuned, inserted, budgets, speed)
     results = {
         "plan": asdict(plan),
-        "base": {"model": base_config["model"], "val_acc1": base_log["val_acc1"],
-                 "gflops": base_log["gflops"], "epochs": base_config["epochs"]},
+        "base": _base_summary(Path(base_job.output), plan),
         "budgets": [{"name": j.tags["budget"], "lam": j.tags["lam"],
                      "keep": budgets[j.tags["budget"]]} for j in searches],
         "summary": summary,
@@ -554,8 +750,11 @@ def reproduce(out: Path, plan: Plan, jobs: int) -> dict[str, Any]:
     }
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "results.md").write_text(_markdown(results))
-    _plot(results, out / "accuracy_vs_gflops.png")
-    _clusters_picture(out, finetuned, budgets)
+    with progress.stage("pictures") as advance:
+        _plot(results, out / "accuracy_vs_gflops.png")
+        advance(1)
+        _clusters_picture(out, finetuned, budgets)
+        advance(2)
     return results
 
 

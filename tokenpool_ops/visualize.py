@@ -10,6 +10,7 @@ position; trained weights give the semantic clusters of the paper.
 from __future__ import annotations
 
 import argparse
+import colorsys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
     from .timm import TokenPoolState
 
-__all__ = ["build_parser", "cluster_map", "draw_clusters", "main", "prepare_image"]
+__all__ = ["build_parser", "cluster_map", "draw_clusters", "main", "prepare_image",
+           "render_clusters"]
 
 #: DeiT-S sparsity level 1 (patch tokens left after each block), from PoWER-BERT's search.
 DEFAULT_KEEP = [196, 195, 193, 188, 169, 140, 121, 110, 73, 38, 7, 0]
@@ -72,25 +74,33 @@ def cluster_map(model: torch.nn.Module, pixels: torch.Tensor, block: int) -> np.
 CAPTION_HEIGHT = 18
 
 
-#: Distinct colours for ``fill="palette"`` (cluster i gets colour i modulo their number).
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
-                    (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
-                    (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255),
-                    (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195),
-                    (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128)],
-                   dtype=np.float64)
+#: Distinct colours for ``fill="palette"``, most distinct first (no grays: gray is NEUTRAL).
+PALETTE = np.array([(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48),
+                    (145, 30, 180), (255, 225, 25), (70, 240, 240), (240, 50, 230),
+                    (210, 245, 60), (0, 128, 128), (170, 110, 40), (128, 0, 0),
+                    (0, 0, 128), (128, 128, 0), (250, 190, 212), (220, 190, 255),
+                    (170, 255, 195), (255, 215, 180)], dtype=np.float64)
+#: ``fill="palette"``: the colour of clusters of one patch, where nothing was merged.
+NEUTRAL = np.array((205, 205, 205), dtype=np.float64)
 
 
-def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
-                  caption: str | None = None, fill: str = "mean",
-                  border: str = "white") -> int:
-    """Write ``path`` (PNG): the image with cluster borders, next to the filled clusters,
-    and ``caption`` written in a strip underneath (so the picture says what it shows).
+def _distinct_colours(count: int) -> np.ndarray:
+    """``count`` colours, all different: PALETTE's first, evenly spaced hues beyond it."""
+    if count <= len(PALETTE):
+        return PALETTE[:count]
+    hues = [colorsys.hsv_to_rgb(i / count, 0.85, 0.9) for i in range(count)]
+    return np.array(hues, dtype=np.float64) * 255.0
 
-    ``fill="mean"`` paints each cluster with its mean colour (the paper's Figure 1c);
-    ``fill="palette"`` gives each cluster a distinct colour, for gray images where the means
-    look alike. ``border`` is the colour of the lines between clusters.
-    Returns the number of clusters drawn.
+
+def render_clusters(image: Image.Image, labels: np.ndarray, fill: str = "mean",
+                    border: str = "white") -> Image.Image:
+    """The image with borders between clusters, next to the clusters filled in.
+
+    ``labels`` is a (rows, cols) grid of cluster ids over the image's patches (-1: no token,
+    drawn black). ``fill="mean"`` paints each cluster with its mean colour (the paper's
+    Figure 1c) and outlines every cluster. ``fill="palette"`` shows the merges: each cluster
+    of two or more patches gets its own colour (the largest first) and an outline, clusters
+    of one patch are NEUTRAL and not outlined. ``border`` is the outline colour.
     """
     if fill not in ("mean", "palette"):
         raise ValueError(f"fill must be 'mean' or 'palette', got {fill!r}")
@@ -103,31 +113,59 @@ def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
     xs = np.minimum((np.arange(width) / cell_w).astype(int), cols - 1)
     cell_ids = labels[ys[:, None], xs[None, :]]
 
-    clusters = np.unique(labels[labels >= 0])
+    clusters, sizes = np.unique(labels[labels >= 0], return_counts=True)
     filled = np.zeros_like(pixels)
-    for i, c in enumerate(clusters):
-        members = cell_ids == c
-        filled[members] = (pixels[members].mean(axis=0) if fill == "mean"
-                           else PALETTE[i % len(PALETTE)])
+    if fill == "mean":
+        outlined = clusters
+        for c in clusters:
+            members = cell_ids == c
+            filled[members] = pixels[members].mean(axis=0)
+    else:
+        outlined = clusters[sizes > 1][np.argsort(-sizes[sizes > 1], kind="stable")]
+        filled[np.isin(cell_ids, clusters[sizes == 1])] = NEUTRAL
+        for c, colour in zip(outlined, _distinct_colours(len(outlined)), strict=True):
+            filled[cell_ids == c] = colour
 
     left = image.copy()
-    draw = ImageDraw.Draw(left)
+    _outline(ImageDraw.Draw(left), labels, set(outlined.tolist()), (cell_w, cell_h), border)
+    pair = Image.new("RGB", (2 * width, height), "white")
+    pair.paste(left, (0, 0))
+    pair.paste(Image.fromarray(filled.astype(np.uint8)), (width, 0))
+    return pair
+
+
+def _outline(draw: ImageDraw.ImageDraw, labels: np.ndarray, outlined: set[int],
+             cell: tuple[float, float], colour: str) -> None:
+    """Lines between neighbouring patches of different clusters, one of them ``outlined``."""
+    rows, cols = labels.shape
+    cell_w, cell_h = cell
     for r in range(rows):
         for c in range(cols):
             x0, y0 = c * cell_w, r * cell_h
-            if c + 1 < cols and labels[r, c] != labels[r, c + 1]:
-                draw.line([(x0 + cell_w, y0), (x0 + cell_w, y0 + cell_h)], fill=border, width=2)
-            if r + 1 < rows and labels[r, c] != labels[r + 1, c]:
-                draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill=border, width=2)
+            here = labels[r, c]
+            if c + 1 < cols and here != labels[r, c + 1] and \
+                    (here in outlined or labels[r, c + 1] in outlined):
+                draw.line([(x0 + cell_w, y0), (x0 + cell_w, y0 + cell_h)], fill=colour, width=2)
+            if r + 1 < rows and here != labels[r + 1, c] and \
+                    (here in outlined or labels[r + 1, c] in outlined):
+                draw.line([(x0, y0 + cell_h), (x0 + cell_w, y0 + cell_h)], fill=colour, width=2)
 
+
+def draw_clusters(image: Image.Image, labels: np.ndarray, path: str,
+                  caption: str | None = None, fill: str = "mean",
+                  border: str = "white") -> int:
+    """Write ``path`` (PNG): :func:`render_clusters`'s picture, with ``caption`` written in
+    a strip underneath (so the picture says what it shows). Returns the number of clusters
+    drawn.
+    """
+    pair = render_clusters(image, labels, fill, border)
     strip = CAPTION_HEIGHT if caption else 0
-    canvas = Image.new("RGB", (2 * width, height + strip), "white")
-    canvas.paste(left, (0, 0))
-    canvas.paste(Image.fromarray(filled.astype(np.uint8)), (width, 0))
+    canvas = Image.new("RGB", (pair.width, pair.height + strip), "white")
+    canvas.paste(pair, (0, 0))
     if caption:
-        ImageDraw.Draw(canvas).text((4, height + 3), caption, fill="black")
+        ImageDraw.Draw(canvas).text((4, pair.height + 3), caption, fill="black")
     canvas.save(path, format="PNG")
-    return len(clusters)
+    return int(np.unique(labels[labels >= 0]).size)
 
 
 def build_parser() -> argparse.ArgumentParser:
