@@ -43,6 +43,8 @@ KERNEL_DIR = Path(__file__).parent / "cuda"
 #: Threads per block and features per distance chunk: kBlockThreads and kFeatureChunk in
 #: device_helpers.cuh (a test checks that both sides agree).
 BLOCK_THREADS = 256
+#: Warps per block (kWarps): the block reductions keep one partial sum per warp.
+WARPS = BLOCK_THREADS // 32
 FEATURE_CHUNK = 32
 #: Side of the distance tiles (kTile): the stage's rows are padded to whole tiles.
 TILE = 4
@@ -68,15 +70,15 @@ def kernel_name(dtype_name: str, shared_matrix: bool) -> str:
 def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, shared_matrix: bool) -> int:
     """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
 
-    A (kFeatureChunk, N rounded up to TILE) stage of centred features; with
-    ``shared_matrix`` the N x N distances; the weights and medoid costs (N each), a
-    reduction scratch (BLOCK_THREADS); three int arrays (labels and the medoid of each token:
-    N; medoids: K).
+    A (kFeatureChunk, N rounded up to TILE) stage of centred features; each cluster's least
+    cost key (K, 8 bytes); with ``shared_matrix`` the N x N distances; the weights and medoid
+    costs (N each), a reduction scratch (WARPS); four int arrays (labels and the medoid of
+    each token: N; medoids and each cluster's best member: K).
     """
     stride = -(-n // TILE) * TILE
     matrix = n * n if shared_matrix else 0
-    return ((stride * FEATURE_CHUNK + matrix + 2 * n + BLOCK_THREADS) * accumulator_bytes
-            + (2 * n + k) * 4)
+    return (8 * k + (stride * FEATURE_CHUNK + matrix + 2 * n + WARPS) * accumulator_bytes
+            + (2 * n + 2 * k) * 4)
 
 
 @dataclass(frozen=True)
@@ -211,9 +213,9 @@ def merge_name(dtype_name: str) -> str:
 def merge_shared_bytes(n: int, k: int, accumulator_bytes: int, with_objective: bool) -> int:
     """``MergeLayout::bytes()``: with the objective, a (kFeatureChunk, N + K) stage of centred
     features; effective weights (N), cluster totals (K), a reduction scratch
-    (BLOCK_THREADS); labels and members (N each), cluster starts (K + 1)."""
+    (WARPS); labels and members (N each), cluster starts (K + 1)."""
     stage = (n + k) * FEATURE_CHUNK if with_objective else 0
-    return (stage + n + k + BLOCK_THREADS) * accumulator_bytes + (2 * n + k + 1) * 4
+    return (stage + n + k + WARPS) * accumulator_bytes + (2 * n + k + 1) * 4
 
 
 def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int,

@@ -248,14 +248,14 @@ def test_plan_chooses_a_scheme_or_declines():
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
         "tokenpool::kmedoids<tokenpool::Half, false>")
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
-    # KMedoidsLayout::bytes(): N = 223, K = 1 needs (224*32 + 223*223 + 2*223 + 256) * 4
-    # + (2*223 + 1) * 4 = 232184 bytes with the matrix; N = 224 needs 233988. In the
-    # workspace, N = 1604 needs (1604*32 + 2*1604 + 256) * 4 + (2*1604 + 1) * 4 = 232004;
-    # N = 1605 (stride 1608) needs 232532.
+    # KMedoidsLayout::bytes(): N = 223, K = 1 needs 8 + (224*32 + 223*223 + 2*223 + 8) * 4
+    # + (2*223 + 2) * 4 = 231204 bytes with the matrix; N = 224 needs 233008. In the
+    # workspace, N = 1612 needs 8 + (1612*32 + 2*1612 + 8) * 4 + (2*1612 + 2) * 4 = 232176;
+    # N = 1613 (stride 1616) needs 232704.
     assert _cupy.kmedoids_plan(223, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert not _cupy.kmedoids_plan(224, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert _cupy.kmedoids_plan(1604, 1, "float32", H100_SHARED_BYTES) is not None
-    assert _cupy.kmedoids_plan(1605, 1, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(1612, 1, "float32", H100_SHARED_BYTES) is not None
+    assert _cupy.kmedoids_plan(1613, 1, "float32", H100_SHARED_BYTES) is None
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None

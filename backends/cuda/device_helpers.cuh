@@ -83,22 +83,50 @@ template <> __device__ __forceinline__ double infinity<double>() {
   return __longlong_as_double(0x7FF0000000000000LL);
 }
 
-// Sum of every thread's `value`, in a fixed order (a tree over kBlockThreads slots), so the
-// result is the same on every run. All threads get it. `scratch` holds kBlockThreads values.
+//: Threads per warp, and warps per block.
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kBlockThreads / kWarpSize;
+constexpr unsigned int kFullWarp = 0xFFFFFFFFu;
+
+// Sum of the 32 lanes' `value`, the same bits in every lane: a butterfly (lane L adds lane
+// L ^ 16, then L ^ 8, ..., L ^ 1); lanes L and L ^ s add the same two numbers at each step,
+// and IEEE addition is commutative, so every lane holds the same tree's sum.
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc value) {
+  for (int lanes = kWarpSize / 2; lanes > 0; lanes /= 2) {
+    value += __shfl_xor_sync(kFullWarp, value, lanes);
+  }
+  return value;
+}
+
+// Sum of every thread's `value`, in a fixed order (each warp's butterfly, then the warps'
+// sums in warp order), so the result is the same on every run. All threads get it; two
+// barriers. `scratch` holds kWarps values.
 template <typename Acc>
 __device__ Acc block_sum(Acc value, Acc* scratch) {
-  scratch[threadIdx.x] = value;
+  value = warp_sum(value);
+  if (threadIdx.x % kWarpSize == 0) scratch[threadIdx.x / kWarpSize] = value;
   __syncthreads();
-  for (int width = kBlockThreads / 2; width > 0; width /= 2) {
-    if (static_cast<int>(threadIdx.x) < width) {
-      scratch[threadIdx.x] += scratch[threadIdx.x + width];
-    }
-    __syncthreads();
-  }
-  const Acc total = scratch[0];
+  Acc total = scratch[0];
+  for (int w = 1; w < kWarps; ++w) total += scratch[w];
   __syncthreads();  // scratch may be reused at once
   return total;
 }
+
+// A key whose unsigned order is the numeric order of the (non-NaN) value, with -0 equal to
+// +0 (x + 0 turns -0 into +0 and leaves every other value as it is): the least cost of a
+// cluster is then one atomicMin, whatever order the threads come in.
+__device__ __forceinline__ unsigned long long order_key(float value) {
+  const unsigned int bits = __float_as_uint(value + 0.0f);
+  return bits >> 31 ? ~bits : bits | 0x80000000u;
+}
+__device__ __forceinline__ unsigned long long order_key(double value) {
+  const unsigned long long bits =
+      static_cast<unsigned long long>(__double_as_longlong(value + 0.0));
+  return bits >> 63 ? ~bits : bits | 0x8000000000000000ULL;
+}
+//: No key yet (above every order_key of a value below infinity).
+constexpr unsigned long long kNoKey = ~0ULL;
 
 // Carves one block's dynamic shared memory. The widest arrays come first, so that every
 // array is aligned for its type. The Python glue (backends/_cupy.py, kmedoids_shared_bytes)
@@ -119,13 +147,14 @@ struct KMedoidsLayout {
   __device__ long long acc_count() const {
     // stage (first: its tile loads need 16-byte alignment), matrix, weights, cost,
     // reduction scratch
-    return stage_count() + matrix_count() + 2LL * n + kBlockThreads;
+    return stage_count() + matrix_count() + 2LL * n + kWarps;
   }
   __device__ long long int_count() const {
-    return 2LL * n + k;  // labels, medoid_of, medoids
+    return 2LL * n + 2LL * k;  // labels, medoid_of, medoids, each cluster's best member
   }
   __device__ long long bytes() const {
-    return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
+    // each cluster's least cost key (8 bytes, after the stage: aligned), the rest
+    return 8LL * k + acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
   }
 };
 
@@ -141,7 +170,7 @@ struct MergeLayout {
   }
   __device__ long long acc_count() const {
     // stage, effective weights, cluster totals, reduction scratch
-    return stage_count() + n + k + kBlockThreads;
+    return stage_count() + n + k + kWarps;
   }
   __device__ long long int_count() const {
     return 2LL * n + k + 1;  // labels, members in cluster order, cluster starts

@@ -5,8 +5,9 @@
 // std::thread; __syncthreads is a std::barrier of those threads. A `__shared__` variable
 // becomes a function-level `static`, which all threads of the running block share (blocks
 // never overlap, so one copy serves them all); dynamic shared memory is one buffer reused by
-// every block. Warp primitives are not emulated: the kernels do not use them. Atomics on
-// shared memory map to std::atomic_ref.
+// every block. A warp shuffle is a store to a per-thread exchange slot between two waits on a
+// barrier of the warp's 32 threads (every lane of a block takes part, as in the kernels).
+// Atomics on shared memory map to std::atomic_ref.
 #pragma once
 
 #include <atomic>
@@ -15,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
@@ -39,6 +41,9 @@ inline dim3_like block_dim;
 inline dim3_like grid_dim;
 inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<unsigned char> dynamic_shared;
+inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per warp
+inline std::vector<unsigned long long> exchange;  // a shuffle's slot per thread
+constexpr unsigned int kWarpSize = 32;
 
 // Runs `kernel()` as `grid` blocks of `threads` threads with `shared_bytes` of dynamic
 // shared memory. One launch at a time: the state above belongs to it.
@@ -53,6 +58,11 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
   grid_dim.x = grid;
   std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
   block_barrier = &barrier;
+  warp_barriers.clear();
+  for (unsigned int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
+    warp_barriers.push_back(std::make_unique<std::barrier<>>(kWarpSize));
+  }
+  exchange.assign(threads, 0);
   std::vector<std::thread> pool;
   pool.reserve(threads);
   for (unsigned int t = 0; t < threads; ++t) {
@@ -78,6 +88,40 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
 #define TP_DYNAMIC_SHARED(name) unsigned char* name = tp_host::dynamic_shared.data()
 
 inline void __syncthreads() { tp_host::block_barrier->arrive_and_wait(); }
+
+// `value` of lane (this lane XOR lane_mask); every lane of the warp calls it.
+template <typename T>
+T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(unsigned long long));
+  const unsigned int t = tp_host::thread_index.x;
+  std::barrier<>& warp = *tp_host::warp_barriers[t / tp_host::kWarpSize];
+  std::memcpy(&tp_host::exchange[t], &value, sizeof(T));
+  warp.arrive_and_wait();  // every lane has stored
+  T other;
+  std::memcpy(&other, &tp_host::exchange[t ^ static_cast<unsigned int>(lane_mask)], sizeof(T));
+  warp.arrive_and_wait();  // every lane has read: the slots may be reused
+  return other;
+}
+
+inline unsigned long long atomicMin(unsigned long long* address, unsigned long long value) {
+  std::atomic_ref<unsigned long long> target(*address);
+  unsigned long long seen = target.load();
+  while (value < seen && !target.compare_exchange_weak(seen, value)) {
+  }
+  return seen;
+}
+
+inline unsigned int __float_as_uint(float value) {
+  unsigned int bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
+
+inline long long __double_as_longlong(double value) {
+  long long bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  return bits;
+}
 
 inline int atomicOr(int* address, int value) {
   return std::atomic_ref<int>(*address).fetch_or(value);

@@ -45,10 +45,12 @@ struct Problem {
   Acc* stage;     // (kFeatureChunk, stride) centred features
   Acc* weights;   // (N,)
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
-  Acc* scratch;   // (kBlockThreads,)
+  Acc* scratch;   // (kWarps,)
+  unsigned long long* best_key;  // (K,) order_key of each cluster's least member cost
   int* labels;    // (N,)
   int* medoid_of; // (N,) cluster whose medoid the token is, kNotAMedoid otherwise
   int* medoids;   // (K,)
+  int* best_member;  // (K,) the lowest member of that cost
 
   __device__ Acc distance(int i, int j) const { return matrix[i * n + j]; }
   __device__ Acc to_medoid(int c, int i) const { return matrix[medoids[c] * n + i]; }
@@ -69,15 +71,17 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.mean = mean;
   p.stride = layout.stage_stride();
   p.stage = reinterpret_cast<Acc*>(shared);
-  Acc* const after_stage = p.stage + layout.stage_count();
+  p.best_key = reinterpret_cast<unsigned long long*>(p.stage + layout.stage_count());
+  Acc* const after_stage = reinterpret_cast<Acc*>(p.best_key + k);
   p.matrix = SharedMatrix ? after_stage : workspace;
   p.weights = after_stage + layout.matrix_count();
   p.cost = p.weights + n;
   p.scratch = p.cost + n;
-  int* ints = reinterpret_cast<int*>(p.scratch + kBlockThreads);
+  int* ints = reinterpret_cast<int*>(p.scratch + kWarps);
   p.labels = ints;
   p.medoid_of = p.labels + n;
   p.medoids = p.medoid_of + n;
+  p.best_member = p.medoids + k;
   return p;
 }
 
@@ -147,10 +151,15 @@ __device__ void fill_matrix(const Problem<T>& p) {
   __syncthreads();
 }
 
-// medoid_of from medoids: the lowest cluster wins a token that init repeats.
+// medoid_of from medoids: the lowest cluster wins a token that init repeats. Also clears
+// each cluster's best member for the next update_medoids.
 template <typename T>
 __device__ void index_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
+  for (int c = threadIdx.x; c < p.k; c += kBlockThreads) {
+    p.best_key[c] = kNoKey;
+    p.best_member[c] = kNotAMedoid;
+  }
   __syncthreads();
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) atomicMin(&p.medoid_of[p.medoids[c]], c);
   __syncthreads();
@@ -186,7 +195,12 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
   return block_sum(objective, p.scratch);  // its barriers also publish labels and *changed
 }
 
-// Eq. 17 with the weights inside.
+// Eq. 17 with the weights inside, over the whole block: each token's cost (one thread per
+// token, its cluster's members in token order), then each cluster's cheapest member by two
+// atomicMin passes (least cost key, then the lowest index of that cost). A minimum does not
+// depend on the order the threads come in, and it is the member a scan in token order with
+// a strict comparison would keep: the least cost, the lowest index among equals (-0 == +0);
+// a NaN or infinite cost never takes part. Three barriers; index_medoids cleared the keys.
 template <typename T>
 __device__ void update_medoids(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
@@ -199,20 +213,23 @@ __device__ void update_medoids(const Problem<T>& p) {
       total = multiply_add(p.weights[j], p.distance(j, i), total);
     }
     p.cost[i] = total;
+    if (total < infinity<Acc>()) atomicMin(&p.best_key[cluster], order_key(total));
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    const int cluster = p.labels[i];
+    if (p.cost[i] < infinity<Acc>() && order_key(p.cost[i]) == p.best_key[cluster]) {
+      atomicMin(&p.best_member[cluster], i);
+    }
   }
   __syncthreads();
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) {
-    int challenger = -1;
-    Acc challenger_cost = infinity<Acc>();
-    for (int i = 0; i < p.n; ++i) {
-      if (p.labels[i] == c && p.cost[i] < challenger_cost) {  // the lowest index among equals
-        challenger = i;
-        challenger_cost = p.cost[i];
-      }
-    }
+    const int challenger = p.best_member[c];
     // Only a member can take over (so medoids stay distinct), and only when strictly
-    // cheaper: the current medoid stays on ties, and a NaN cost never wins.
-    if (challenger >= 0 && challenger_cost < p.cost[p.medoids[c]]) p.medoids[c] = challenger;
+    // cheaper: the current medoid stays on ties.
+    if (challenger != kNotAMedoid && p.cost[challenger] < p.cost[p.medoids[c]]) {
+      p.medoids[c] = challenger;
+    }
   }
   __syncthreads();
 }
@@ -376,7 +393,7 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   Acc* const token_weights = stage + layout.stage_count();
   Acc* const totals = token_weights + n;
   Acc* const scratch = totals + k;
-  int* const cluster = reinterpret_cast<int*>(scratch + kBlockThreads);
+  int* const cluster = reinterpret_cast<int*>(scratch + kWarps);
   int* const order = cluster + n;
   int* const starts = order + n;
 
