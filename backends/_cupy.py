@@ -67,18 +67,45 @@ def kernel_name(dtype_name: str, shared_matrix: bool) -> str:
             f"{'true' if shared_matrix else 'false'}>")
 
 
-def kmedoids_shared_bytes(n: int, k: int, accumulator_bytes: int, shared_matrix: bool) -> int:
-    """Dynamic shared memory of one block: ``KMedoidsLayout::bytes()`` of the kernel.
+#: Tiles each thread sums per round of fill_matrix (TP_ROUND_TILES), by where the matrix is.
+ROUND_TILES = {True: 7, False: 4}
+#: Row stride of the raw feature buffers (kRawStride).
+RAW_STRIDE = FEATURE_CHUNK + 1
+#: Bytes of one element of each element type.
+ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
-    A (kFeatureChunk, N rounded up to TILE) stage of centred features; each cluster's least
-    cost key (K, 8 bytes); with ``shared_matrix`` the N x N distances; the weights and medoid
-    costs (N each), a reduction scratch (WARPS); four int arrays (labels and the medoid of
-    each token: N; medoids and each cluster's best member: K).
+
+def _round16(size: int) -> int:
+    return -(-size // 16) * 16
+
+
+def matrix_stride(n: int) -> int:
+    """Row stride of the distances (``KMedoidsLayout::matrix_stride``): N or N + 1, odd."""
+    return n | 1
+
+
+def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) -> int:
+    """Dynamic shared memory of one block: ``KMedoidsLayout<T>::bytes()`` of the kernel.
+
+    A region for the distance fill: a (kFeatureChunk, stride) stage of centred features (the
+    stride: N rounded up to TILE, then to 8 mod 32) and, with ``shared_matrix``, two
+    (N, RAW_STRIDE) raw buffers of ``dtype_name`` elements and the (N, matrix_stride(N))
+    distances, which overlay that region when the fill runs in one round (else they follow
+    it). Then each cluster's least cost key (K, 8
+    bytes), the weights and medoid costs (N each), a reduction scratch (WARPS), and four int
+    arrays (labels and the medoid of each token: N; medoids and each cluster's best member:
+    K).
     """
-    stride = -(-n // TILE) * TILE
-    matrix = n * n if shared_matrix else 0
-    return (8 * k + (stride * FEATURE_CHUNK + matrix + 2 * n + WARPS) * accumulator_bytes
-            + (2 * n + 2 * k) * 4)
+    accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
+    side = -(-n // TILE)
+    stride = 8 if side * TILE <= 8 else -(-(side * TILE - 8) // 32) * 32 + 8
+    per_round = ROUND_TILES[shared_matrix] * BLOCK_THREADS
+    rounds = -(-(side * (side + 1) // 2) // per_round)
+    raw = 2 * n * RAW_STRIDE * ELEMENT_BYTES[dtype_name] if shared_matrix else 0
+    fill = _round16(stride * FEATURE_CHUNK * accumulator_bytes + raw)
+    matrix = _round16(n * matrix_stride(n) * accumulator_bytes) if shared_matrix else 0
+    region = max(fill, matrix) if shared_matrix and rounds == 1 else fill + matrix
+    return region + 8 * k + (2 * n + WARPS) * accumulator_bytes + (2 * n + 2 * k) * 4
 
 
 @dataclass(frozen=True)
@@ -113,10 +140,9 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None
-    accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
     budget = max_shared_bytes - STATIC_SHARED_BYTES
     for shared_matrix in (True, False):
-        shared = kmedoids_shared_bytes(n, k, accumulator_bytes, shared_matrix)
+        shared = kmedoids_shared_bytes(n, k, dtype_name, shared_matrix)
         if shared <= budget:
             return KMedoidsPlan(kernel_name(dtype_name, shared_matrix), shared_matrix, shared)
     return None
@@ -141,7 +167,7 @@ class KernelArguments:
     mean: Any  # (B, M), accumulator dtype
     init: Any  # (B, K), int64
     weights: Any  # (B, N), accumulator dtype
-    workspace: Any  # (B, N, N) distances, accumulator dtype; (0,) when they are in shared
+    workspace: Any  # (B, N, matrix_stride(N)) distances, accumulator dtype; (0,) when shared
     labels: Any  # (B, N), int64
     medoids: Any  # (B, K), int64
     history: Any  # (B, max_iter + 1), accumulator dtype
@@ -157,7 +183,7 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
     k = init.shape[-1]
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
     new = _allocator(np_like, allocate)
-    workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, n)
+    workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, matrix_stride(n))
     return KernelArguments(
         x=np_like.ascontiguousarray(x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),

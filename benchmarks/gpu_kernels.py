@@ -49,11 +49,10 @@ def launches(np_like: Any, launch: _cupy.KMedoidsLauncher, launch_merge: _cupy.M
         stand_in = "float16" if dtype_name == "bfloat16" else dtype_name
         x = np_like.asarray(values.astype(stand_in))
         bits = np_like.asarray(_bfloat16_bits(values)) if dtype_name == "bfloat16" else x
-        accumulator = 8 if _cupy.ACCUMULATOR[dtype_name] == "float64" else 4
         for shared_matrix in (True, False):
             plan = _cupy.KMedoidsPlan(
                 _cupy.kernel_name(dtype_name, shared_matrix), shared_matrix,
-                _cupy.kmedoids_shared_bytes(n, k, accumulator, shared_matrix))
+                _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared_matrix))
             args = _cupy.kernel_arguments(np_like, x, mean, init, weights, MAX_ITER, plan)
             launch(dataclasses.replace(args, x=bits), plan, MAX_ITER)
             yield plan.kernel

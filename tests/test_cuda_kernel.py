@@ -78,9 +78,8 @@ class HostKernels:
         # Forced, or beyond an H100's shared memory (float64 at large N): the host has no
         # such limit.
         shared = scheme == "shared"
-        accumulator = 8 if _cupy.ACCUMULATOR[dtype_name] == "float64" else 4
         return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, shared), shared,
-                                  _cupy.kmedoids_shared_bytes(n, k, accumulator, shared))
+                                  _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared))
 
     def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
                max_iter: int) -> None:
@@ -228,7 +227,7 @@ def test_constants_and_layout_agree_with_the_kernel(host):
         for n, k in ((1, 1), (197, 98), (577, 49), (4096, 4096)):
             for shared in (True, False):
                 assert entry(n, k, int(shared)) == _cupy.kmedoids_shared_bytes(
-                    n, k, accumulator, shared)
+                    n, k, dtype_name, shared)
             for objective in (True, False):
                 assert merge_entry(n, k, int(objective)) == _cupy.merge_shared_bytes(
                     n, k, accumulator, objective)
@@ -241,21 +240,26 @@ def test_plan_chooses_a_scheme_or_declines():
     assert plan.kernel == "tokenpool::kmedoids<float, true>"
     assert plan.shared_bytes <= H100_SHARED_BYTES
     a100_limit = 166912
-    assert not _cupy.kmedoids_plan(197, 98, "float32", a100_limit).shared_matrix
+    # On an A100 too: the fill's stage and raw buffers overlay the matrix (one round).
+    assert _cupy.kmedoids_plan(197, 98, "float32", a100_limit).shared_matrix
+    assert not _cupy.kmedoids_plan(202, 98, "float32", a100_limit).shared_matrix
     for n in (577, 1025):
         plan = _cupy.kmedoids_plan(n, n // 2, "float32", a100_limit)
         assert plan is not None and not plan.shared_matrix
     assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
         "tokenpool::kmedoids<tokenpool::Half, false>")
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
-    # KMedoidsLayout::bytes(): N = 223, K = 1 needs 8 + (224*32 + 223*223 + 2*223 + 8) * 4
-    # + (2*223 + 2) * 4 = 231204 bytes with the matrix; N = 224 needs 233008. In the
-    # workspace, N = 1612 needs 8 + (1612*32 + 2*1612 + 8) * 4 + (2*1612 + 2) * 4 = 232176;
-    # N = 1613 (stride 1616) needs 232704.
-    assert _cupy.kmedoids_plan(223, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert not _cupy.kmedoids_plan(224, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert _cupy.kmedoids_plan(1612, 1, "float32", H100_SHARED_BYTES) is not None
-    assert _cupy.kmedoids_plan(1613, 1, "float32", H100_SHARED_BYTES) is None
+    # KMedoidsLayout::bytes(). With the matrix: N = 236, K = 1 fills in one round
+    # (59 * 60 / 2 = 1770 <= 7 * 256 tiles), so the matrix overlays the fill region:
+    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2) * 4 = 227552 bytes;
+    # N = 237 takes two rounds (1830 tiles), matrix beside the fill region: 324896. In the
+    # workspace (stage stride 8 mod 32, no raw buffers), N = 1608 (stride 1608) needs
+    # 1608*32*4 + 8 + (2*1608 + 8) * 4 + (2*1608 + 2) * 4 = 231600; N = 1609 (stride 1640)
+    # needs 235712.
+    assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert not _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES).shared_matrix
+    assert _cupy.kmedoids_plan(1608, 1, "float32", H100_SHARED_BYTES) is not None
+    assert _cupy.kmedoids_plan(1609, 1, "float32", H100_SHARED_BYTES) is None
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None

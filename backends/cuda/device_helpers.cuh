@@ -9,6 +9,14 @@
 // kernel template with a bool parameter.
 #define TP_BLOCK_THREADS 256
 
+// Full unrolling where the GPU needs it (register arrays indexed by the loop variable);
+// g++ unrolls on its own or not at all.
+#if defined(TP_HOST_EMULATION)
+#define TP_UNROLL
+#else
+#define TP_UNROLL _Pragma("unroll")
+#endif
+
 namespace tokenpool {
 
 constexpr int kBlockThreads = TP_BLOCK_THREADS;
@@ -25,6 +33,17 @@ constexpr int kMaxTokens = 4096;
 //: loaded features feeds kTile * kTile cells, which keeps the loop off the shared-memory
 //: bandwidth limit.
 constexpr int kTile = 4;
+
+//: Tiles each thread sums in registers per round of fill_matrix (kTile * kTile cells each):
+//: 7 * 256 tiles, one round up to N = 236, where the matrix is in shared memory (one block
+//: an SM: up to 255 registers); 4 in the global variant, which runs 2 blocks an SM (128
+//: registers). A macro, for __launch_bounds__ (see TP_BLOCK_THREADS).
+#define TP_ROUND_TILES(shared_matrix) ((shared_matrix) ? 7 : 4)
+#define TP_BLOCKS_PER_SM(shared_matrix) ((shared_matrix) ? 1 : 2)
+
+//: Row stride of the raw (token-major) feature buffers: odd, so that the threads of a warp
+//: reading one feature of 32 consecutive tokens hit 32 distinct banks.
+constexpr int kRawStride = kFeatureChunk + 1;
 
 // kTile values of the stage, loaded at once (one 128-bit load for float).
 template <typename Acc>
@@ -128,33 +147,80 @@ __device__ __forceinline__ unsigned long long order_key(double value) {
 //: No key yet (above every order_key of a value below infinity).
 constexpr unsigned long long kNoKey = ~0ULL;
 
+// Copies of single elements from global to shared memory, in commit groups (the structure
+// of an asynchronous copy; for now plain loads and stores, and commit and wait do nothing).
+template <typename T>
+__device__ __forceinline__ void copy_async(T* shared_target, const T* source) {
+  *shared_target = *source;
+}
+
+// Closes this thread's group of copies.
+__device__ __forceinline__ void commit_copies() {}
+
+// Waits until at most `Pending` of this thread's groups are still in flight. Other threads
+// see the copies only after a barrier.
+template <int Pending>
+__device__ __forceinline__ void wait_copies() {}
+
 // Carves one block's dynamic shared memory. The widest arrays come first, so that every
 // array is aligned for its type. The Python glue (backends/_cupy.py, kmedoids_shared_bytes)
 // reproduces `bytes()`; a test compares the two through the host build.
-template <typename Acc>
+//
+// First a region for fill_matrix: the stage (kFeatureChunk, stage_stride) of centred
+// features and, with the matrix in shared memory, two raw buffers (N, kRawStride) of tokens'
+// features as they come; then, with the matrix in shared memory, the (N, matrix_stride) distances. fill_matrix stores the
+// distances only after its last feature, so when it runs in one round the matrix overlays
+// the region (the larger of the two). Then each cluster's least cost key (K, 8 bytes), the
+// weights and medoid costs (N each), the reduction scratch (kWarps); four int arrays
+// (labels and the medoid of each token: N; medoids and each cluster's best member: K).
+template <typename T>
 struct KMedoidsLayout {
+  using Acc = typename Accumulator<T>::type;
   int n, k;
   bool shared_matrix;  // the N x N distances live in shared memory (else in a workspace)
 
-  // The stage's rows are padded to whole tiles (see fill_matrix).
-  __device__ int stage_stride() const { return (n + kTile - 1) / kTile * kTile; }
+  // Tiles of kTile tokens along a side of the matrix.
+  __device__ int tile_side() const { return (n + kTile - 1) / kTile; }
+  // The stage's rows cover whole tiles, and the stride is 8 mod 32, so that the direct
+  // copy's stores (8 tokens x 4 features a warp, centre_from_global) hit 32 distinct banks:
+  // 8 q + i, q < 4, i < 8.
+  __device__ int stage_stride() const {
+    const int tiles = tile_side() * kTile;
+    return tiles <= 8 ? 8 : (tiles - 8 + 31) / 32 * 32 + 8;
+  }
+  // Odd, so that the mirrored stores of fill_matrix hit distinct banks.
+  __device__ int matrix_stride() const { return n | 1; }
+  __device__ long long rounds() const {
+    const long long side = tile_side();
+    const long long per_round = TP_ROUND_TILES(shared_matrix) * kBlockThreads;
+    return (side * (side + 1) / 2 + per_round - 1) / per_round;
+  }
   __device__ long long stage_count() const {
     return static_cast<long long>(stage_stride()) * kFeatureChunk;
   }
-  __device__ long long matrix_count() const {
-    return shared_matrix ? static_cast<long long>(n) * n : 0;
+  __device__ long long raw_count() const {  // elements of T in one raw buffer
+    return static_cast<long long>(n) * kRawStride;
   }
-  __device__ long long acc_count() const {
-    // stage (first: its tile loads need 16-byte alignment), matrix, weights, cost,
-    // reduction scratch
-    return stage_count() + matrix_count() + 2LL * n + kWarps;
+  __device__ static long long round16(long long bytes) { return (bytes + 15) / 16 * 16; }
+  // Two raw buffers only where the matrix is in shared memory: one block an SM, which must
+  // overlap its own loads with its compute (in the global variant other blocks do).
+  __device__ long long fill_bytes() const {
+    return round16(stage_count() * static_cast<long long>(sizeof(Acc)) +
+                   (shared_matrix ? 2 * raw_count() * static_cast<long long>(sizeof(T)) : 0));
   }
-  __device__ long long int_count() const {
-    return 2LL * n + 2LL * k;  // labels, medoid_of, medoids, each cluster's best member
+  __device__ long long matrix_bytes() const {
+    return shared_matrix
+        ? round16(static_cast<long long>(n) * matrix_stride() * static_cast<long long>(sizeof(Acc)))
+        : 0;
+  }
+  __device__ bool matrix_overlays_fill() const { return shared_matrix && rounds() == 1; }
+  __device__ long long region_bytes() const {
+    if (!matrix_overlays_fill()) return fill_bytes() + matrix_bytes();
+    return fill_bytes() > matrix_bytes() ? fill_bytes() : matrix_bytes();
   }
   __device__ long long bytes() const {
-    // each cluster's least cost key (8 bytes, after the stage: aligned), the rest
-    return 8LL * k + acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
+    return region_bytes() + 8LL * k +
+           (2LL * n + kWarps) * static_cast<long long>(sizeof(Acc)) + (2LL * n + 2LL * k) * 4;
   }
 };
 

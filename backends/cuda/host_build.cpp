@@ -11,8 +11,7 @@ namespace {
 
 template <typename T>
 long long kmedoids_shared_bytes(int n, int k, int shared_matrix) {
-  const tokenpool::KMedoidsLayout<typename tokenpool::Accumulator<T>::type> layout{
-      n, k, shared_matrix != 0};
+  const tokenpool::KMedoidsLayout<T> layout{n, k, shared_matrix != 0};
   return layout.bytes();
 }
 

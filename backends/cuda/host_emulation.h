@@ -81,6 +81,8 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
 
 }  // namespace tp_host
 
+#define TP_HOST_EMULATION 1
+
 #define threadIdx (tp_host::thread_index)
 #define blockIdx (tp_host::block_index)
 #define blockDim (tp_host::block_dim)

@@ -38,11 +38,14 @@ struct Problem {
   using Acc = typename Accumulator<T>::type;
   int n, m, k;
   int stride;  // of the stage: N rounded up to whole tiles
+  int matrix_stride;  // of the matrix's rows: N or N + 1, odd
+  int raw_count;  // elements of one raw buffer
   const T* __restrict__ x;      // (N, M)
   const Acc* __restrict__ mean;  // (M,)
-  Acc* matrix;    // (N, N) distances: in shared memory or in the global workspace
+  Acc* matrix;    // (N, matrix_stride) distances: in shared memory or the global workspace
   // shared memory
   Acc* stage;     // (kFeatureChunk, stride) centred features
+  T* raw;         // two (N, kRawStride) buffers of features as they come
   Acc* weights;   // (N,)
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
   Acc* scratch;   // (kWarps,)
@@ -52,8 +55,10 @@ struct Problem {
   int* medoids;   // (K,)
   int* best_member;  // (K,) the lowest member of that cost
 
-  __device__ Acc distance(int i, int j) const { return matrix[i * n + j]; }
-  __device__ Acc to_medoid(int c, int i) const { return matrix[medoids[c] * n + i]; }
+  __device__ Acc distance(int i, int j) const { return matrix[i * matrix_stride + j]; }
+  __device__ Acc to_medoid(int c, int i) const {
+    return matrix[medoids[c] * matrix_stride + i];
+  }
 };
 
 // `workspace` is this problem's (N, N) slice of the global workspace, unless SharedMatrix.
@@ -62,7 +67,7 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
                             const typename Accumulator<T>::type* mean,
                             typename Accumulator<T>::type* workspace) {
   using Acc = typename Accumulator<T>::type;
-  const KMedoidsLayout<Acc> layout{n, k, SharedMatrix};
+  const KMedoidsLayout<T> layout{n, k, SharedMatrix};
   Problem<T> p;
   p.n = n;
   p.m = m;
@@ -70,11 +75,15 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.x = x;
   p.mean = mean;
   p.stride = layout.stage_stride();
+  p.matrix_stride = layout.matrix_stride();
+  p.raw_count = static_cast<int>(layout.raw_count());
   p.stage = reinterpret_cast<Acc*>(shared);
-  p.best_key = reinterpret_cast<unsigned long long*>(p.stage + layout.stage_count());
-  Acc* const after_stage = reinterpret_cast<Acc*>(p.best_key + k);
-  p.matrix = SharedMatrix ? after_stage : workspace;
-  p.weights = after_stage + layout.matrix_count();
+  p.raw = reinterpret_cast<T*>(p.stage + layout.stage_count());
+  unsigned char* const shared_matrix =
+      shared + (layout.matrix_overlays_fill() ? 0 : layout.fill_bytes());
+  p.matrix = SharedMatrix ? reinterpret_cast<Acc*>(shared_matrix) : workspace;
+  p.best_key = reinterpret_cast<unsigned long long*>(shared + layout.region_bytes());
+  p.weights = reinterpret_cast<Acc*>(p.best_key + k);
   p.cost = p.weights + n;
   p.scratch = p.cost + n;
   int* ints = reinterpret_cast<int*>(p.scratch + kWarps);
@@ -98,54 +107,183 @@ __device__ __forceinline__ void upper_tile(int t, int r, int* row, int* column) 
   *column = i + (t - first(i));
 }
 
-// All N x N distances into the matrix (shared or global), a chunk of centred features at a
-// time. The stage is feature-major and padded to whole tiles; each thread computes
-// kTile x kTile tiles of the upper triangle (a distance is symmetric to the bit:
-// (a - b)^2 == (b - a)^2) and writes each cell twice. A cell sums its features chunk by
-// chunk, each chunk in feature order, wherever the matrix lives.
+// The tile rows and columns (element offsets in the stage) of this thread's RoundTiles tiles in
+// the round of tiles that starts at `first`; -1 for a slot past the last tile. Consecutive
+// threads take consecutive tiles (rows first), so a warp mostly shares one tile row: its
+// row loads are broadcasts.
+template <int RoundTiles>
+__device__ __forceinline__ void round_tiles(int first, int tiles, int side, int* rows,
+                                            int* columns) {
+TP_UNROLL
+  for (int j = 0; j < RoundTiles; ++j) {
+    const int t = first + j * kBlockThreads + static_cast<int>(threadIdx.x);
+    rows[j] = columns[j] = -1;
+    if (t < tiles) {
+      upper_tile(t, side, &rows[j], &columns[j]);
+      rows[j] *= kTile;
+      columns[j] *= kTile;
+    }
+  }
+}
+
+// Starts copying features [start, start + width) of every token into `raw` (token-major,
+// row stride kRawStride): asynchronous on sm_80+ (cp.async), see copy_async. Consecutive
+// threads take consecutive features of a token: coalesced reads, and for a whole chunk
+// (width = kFeatureChunk) each warp writes one raw row, 32 consecutive words (no conflict).
 template <typename T>
+__device__ void start_chunk(const Problem<T>& p, int start, int width, T* raw) {
+  for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
+    const int i = e / width, q = e % width;
+    copy_async(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+  }
+  commit_copies();
+}
+
+// The stage (feature-major, row stride p.stride) from a raw chunk: converted to the
+// accumulator type and centred; the padding tokens are zero. Consecutive threads write
+// consecutive stage words (no conflict) and read raw words 33 apart (distinct banks).
+template <typename T>
+__device__ void centre_chunk(const Problem<T>& p, int start, int width, const T* raw) {
+  for (int e = threadIdx.x; e < width * p.stride; e += kBlockThreads) {
+    const int q = e / p.stride, i = e % p.stride;
+    p.stage[e] = i < p.n ? to_accumulator(raw[i * kRawStride + q]) - p.mean[start + q]
+                         : typename Accumulator<T>::type(0);
+  }
+}
+
+// The stage straight from global memory (the global variant, where the other block on the
+// SM computes while this one loads). A warp takes 8 tokens x 4 features: 16-byte runs of
+// each token's row (the rest of its 32-byte sectors comes with the next 4 features), and
+// stage words 8 q + i (+ const, the stride being 8 mod 32): 32 distinct banks.
+template <typename T>
+__device__ void centre_from_global(const Problem<T>& p, int start, int width) {
+  const int feature_groups = (width + 3) / 4;
+  const int token_groups = (p.stride + 7) / 8;
+  for (int e = threadIdx.x; e < token_groups * feature_groups * kWarpSize; e += kBlockThreads) {
+    const int group = e / kWarpSize, lane = e % kWarpSize;
+    const int i = group / feature_groups * 8 + lane / 4;
+    const int q = group % feature_groups * 4 + lane % 4;
+    if (q >= width || i >= p.stride) continue;
+    p.stage[q * p.stride + i] =
+        i < p.n ? to_accumulator(p.x[static_cast<long long>(i) * p.m + start + q]) -
+                      p.mean[start + q]
+                : typename Accumulator<T>::type(0);
+  }
+}
+
+// v[s] for a lane-dependent s, by selection (a dynamic index would put v in local memory).
+template <typename Acc>
+__device__ __forceinline__ Acc pick(const Acc (&v)[kTile], int s) {
+  return s == 0 ? v[0] : s == 1 ? v[1] : s == 2 ? v[2] : v[3];
+}
+
+// Stores one tile of distances (upper triangle, i < j, and its mirror j, i; zero on the
+// diagonal). Lanes are staggered by (lane / 8): at each step lane L writes cell
+// (u + L / 8) mod 4 of its row, so a warp of one tile row writes 32 distinct banks, in the
+// direct store (bank 4 (L mod 8) + (u + L / 8) mod 4 + const) and in the mirrored one
+// (bank 4 (P L mod 8) + ..., a permutation since the row stride P is odd).
+template <typename T>
+__device__ void store_tile(const Problem<T>& p, int row, int column,
+                           const typename Accumulator<T>::type (&sum)[kTile][kTile]) {
+  using Acc = typename Accumulator<T>::type;
+  const int stagger = static_cast<int>(threadIdx.x % kWarpSize) / 8;
+TP_UNROLL
+  for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+    for (int u = 0; u < kTile; ++u) {
+      const int s = (u + stagger) % kTile;
+      const int i = row + r, j = column + s;
+      if (i < j && j < p.n) p.matrix[i * p.matrix_stride + j] = pick(sum[r], s);
+      if (i == j && i < p.n) p.matrix[i * p.matrix_stride + i] = Acc(0);
+    }
+  }
+TP_UNROLL
+  for (int s = 0; s < kTile; ++s) {
+    Acc column_values[kTile];
+TP_UNROLL
+    for (int r = 0; r < kTile; ++r) column_values[r] = sum[r][s];
+TP_UNROLL
+    for (int u = 0; u < kTile; ++u) {
+      const int r = (u + stagger) % kTile;
+      const int i = row + r, j = column + s;
+      if (i < j && j < p.n) p.matrix[j * p.matrix_stride + i] = pick(column_values, r);
+    }
+  }
+}
+
+// The running sums of one thread's tiles over the features of the stage (one chunk).
+template <typename Acc, int RoundTiles>
+__device__ __forceinline__ void add_chunk(const Acc* stage, int stride, int width,
+                                          const int (&rows)[RoundTiles],
+                                          const int (&columns)[RoundTiles],
+                                          Acc (&sum)[RoundTiles][kTile][kTile]) {
+  for (int q = 0; q < width; ++q) {
+    const Acc* features = stage + q * stride;
+TP_UNROLL
+    for (int j = 0; j < RoundTiles; ++j) {
+      if (rows[j] < 0) continue;
+      const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(features + rows[j]);
+      const TileValues<Acc> b = *reinterpret_cast<const TileValues<Acc>*>(features + columns[j]);
+TP_UNROLL
+      for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+        for (int s = 0; s < kTile; ++s) {
+          const Acc diff = a.v[r] - b.v[s];
+          sum[j][r][s] = multiply_add(diff, diff, sum[j][r][s]);
+        }
+      }
+    }
+  }
+}
+
+// All N x N distances into the matrix (shared or global), each stored once. Each thread
+// owns RoundTiles tiles of kTile x kTile cells of the upper triangle per round (one round
+// for N <= 236 in the shared variant, N <= 180 in the global one) and sums each cell over
+// all M features in feature order, in registers: d(i, j) = sum_q ((x_iq - mean_q) -
+// (x_jq - mean_q))^2, the same bits in either variant and for any tile assignment
+// ((a - b)^2 == (b - a)^2, so the matrix is symmetric to the bit). Features come
+// kFeatureChunk at a time. Pipelined (the shared variant, one block an SM): through two raw
+// buffers, chunk c + 1 copied (cp.async) while chunk c is centred and used; else straight
+// from global memory, while the SM's other block computes. Two barriers a chunk.
+template <typename T, int RoundTiles, bool Pipelined>
 __device__ void fill_matrix(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
-  const int cells = p.n * p.n;  // N <= kMaxTokens keeps every index in an int
-  for (int e = threadIdx.x; e < cells; e += kBlockThreads) p.matrix[e] = 0;
-  for (int e = threadIdx.x; e < kFeatureChunk * p.stride; e += kBlockThreads) p.stage[e] = 0;
-  const int tiles_per_side = p.stride / kTile;
-  const int tiles = tiles_per_side * (tiles_per_side + 1) / 2;
-  for (int start = 0; start < p.m; start += kFeatureChunk) {
-    const int width = p.m - start < kFeatureChunk ? p.m - start : kFeatureChunk;
-    __syncthreads();  // the previous chunk is no longer read (and the padding is zero)
-    for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
-      const int i = e / width, q = e % width;
-      p.stage[q * p.stride + i] =
-          to_accumulator(p.x[static_cast<long long>(i) * p.m + start + q]) - p.mean[start + q];
+  const int side = (p.n + kTile - 1) / kTile;
+  const int tiles = side * (side + 1) / 2;
+  const int chunks = (p.m + kFeatureChunk - 1) / kFeatureChunk;
+  auto width_at = [&p](int start) {
+    return p.m - start < kFeatureChunk ? p.m - start : kFeatureChunk;
+  };
+  for (int first = 0; first < tiles; first += RoundTiles * kBlockThreads) {
+    int rows[RoundTiles], columns[RoundTiles];
+    round_tiles<RoundTiles>(first, tiles, side, rows, columns);
+    Acc sum[RoundTiles][kTile][kTile] = {};
+    __syncthreads();  // the previous round no longer reads the stage or the raw buffers
+    if (Pipelined) start_chunk(p, 0, width_at(0), p.raw);
+    for (int c = 0; c < chunks; ++c) {
+      const int start = c * kFeatureChunk;
+      if (Pipelined) {
+        if (c + 1 < chunks) {  // the other buffer, last read before the previous barrier
+          const int next = start + kFeatureChunk;
+          start_chunk(p, next, width_at(next), p.raw + ((c + 1) % 2) * p.raw_count);
+          wait_copies<1>();  // this thread's copies of chunk c have landed
+        } else {
+          wait_copies<0>();
+        }
+      }
+      __syncthreads();  // every thread's copies of chunk c; the stage is no longer read
+      if (Pipelined) {
+        centre_chunk(p, start, width_at(start), p.raw + (c % 2) * p.raw_count);
+      } else {
+        centre_from_global(p, start, width_at(start));
+      }
+      __syncthreads();
+      add_chunk<Acc, RoundTiles>(p.stage, p.stride, width_at(start), rows, columns, sum);
     }
-    __syncthreads();
-    for (int t = threadIdx.x; t < tiles; t += kBlockThreads) {
-      int tile_row, tile_column;
-      upper_tile(t, tiles_per_side, &tile_row, &tile_column);
-      Acc partial[kTile][kTile] = {};
-      for (int q = 0; q < width; ++q) {
-        const Acc* features = p.stage + q * p.stride;
-        const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(
-            features + tile_row * kTile);
-        const TileValues<Acc> b = *reinterpret_cast<const TileValues<Acc>*>(
-            features + tile_column * kTile);
-        for (int r = 0; r < kTile; ++r) {
-          for (int s = 0; s < kTile; ++s) {
-            const Acc diff = a.v[r] - b.v[s];
-            partial[r][s] = multiply_add(diff, diff, partial[r][s]);
-          }
-        }
-      }
-      for (int r = 0; r < kTile; ++r) {
-        for (int s = 0; s < kTile; ++s) {
-          const int i = tile_row * kTile + r, j = tile_column * kTile + s;
-          if (i < j && j < p.n) {  // the diagonal stays exactly zero
-            p.matrix[i * p.n + j] += partial[r][s];
-            p.matrix[j * p.n + i] += partial[r][s];
-          }
-        }
-      }
+    __syncthreads();  // the stage and raw buffers may share memory with the matrix
+TP_UNROLL
+    for (int j = 0; j < RoundTiles; ++j) {
+      if (rows[j] >= 0) store_tile(p, rows[j], columns[j], sum[j]);
     }
   }
   __syncthreads();
@@ -246,7 +384,7 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // has its addresses fixed). 2 blocks per SM caps registers at 128: the distance tiles need
 // more than 64, and a block with its matrix in shared memory has an SM to itself anyway.
 template <typename T, bool SharedMatrix>
-__global__ void __launch_bounds__(TP_BLOCK_THREADS, 2)
+__global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
          const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,
@@ -261,7 +399,8 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   const Problem<T> p = carve<T, SharedMatrix>(
       shared, n, m, k, x + static_cast<long long>(problem) * n * m,
       mean + static_cast<long long>(problem) * m,
-      SharedMatrix ? workspace : workspace + static_cast<long long>(problem) * n * n);
+      SharedMatrix ? workspace
+                   : workspace + static_cast<long long>(problem) * n * (n | 1));
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
     p.weights[i] = weights[static_cast<long long>(problem) * n + i];
     p.labels[i] = -1;  // differs from every label: the first assignment counts as a change
@@ -271,7 +410,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   }
   if (threadIdx.x == 0) changed = 0;
   __syncthreads();
-  fill_matrix(p);
+  fill_matrix<T, TP_ROUND_TILES(SharedMatrix), SharedMatrix>(p);
   index_medoids(p);
   Acc* const out_history = history + static_cast<long long>(problem) * (max_iter + 1);
   Acc objective = assign(p, &changed);
