@@ -147,20 +147,51 @@ __device__ __forceinline__ unsigned long long order_key(double value) {
 //: No key yet (above every order_key of a value below infinity).
 constexpr unsigned long long kNoKey = ~0ULL;
 
-// Copies of single elements from global to shared memory, in commit groups (the structure
-// of an asynchronous copy; for now plain loads and stores, and commit and wait do nothing).
+// Asynchronous copies of single elements from global to shared memory, in commit groups:
+// cp.async on sm_80 and later for 4- and 8-byte elements; a plain load and store elsewhere
+// (2-byte elements, older devices), where commit and wait are no-ops. The host emulation
+// defers each copy to the wait that covers it (host_emulation.h), as the hardware may, so a
+// read before its wait fails the tests there too.
 template <typename T>
 __device__ __forceinline__ void copy_async(T* shared_target, const T* source) {
+#if defined(TP_HOST_EMULATION)
+  tp_host::copy_async(shared_target, source, sizeof(T));
+#else
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (sizeof(T) == 4 || sizeof(T) == 8) {
+    unsigned int target;
+    asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+        : "=r"(target) : "l"(shared_target));
+    unsigned long long global;
+    asm("cvta.to.global.u64 %0, %1;" : "=l"(global) : "l"(source));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(target), "l"(global),
+                 "n"(sizeof(T)) : "memory");
+    return;
+  }
+#endif
   *shared_target = *source;
+#endif
 }
 
 // Closes this thread's group of copies.
-__device__ __forceinline__ void commit_copies() {}
+__device__ __forceinline__ void commit_copies() {
+#if defined(TP_HOST_EMULATION)
+  tp_host::commit_copies();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
 
 // Waits until at most `Pending` of this thread's groups are still in flight. Other threads
 // see the copies only after a barrier.
 template <int Pending>
-__device__ __forceinline__ void wait_copies() {}
+__device__ __forceinline__ void wait_copies() {
+#if defined(TP_HOST_EMULATION)
+  tp_host::wait_copies(Pending);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
+#endif
+}
 
 // Carves one block's dynamic shared memory. The widest arrays come first, so that every
 // array is aligned for its type. The Python glue (backends/_cupy.py, kmedoids_shared_bytes)

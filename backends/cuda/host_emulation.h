@@ -14,6 +14,8 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -45,6 +47,8 @@ inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per w
 inline std::vector<unsigned long long> exchange;  // a shuffle's slot per thread
 constexpr unsigned int kWarpSize = 32;
 
+inline void expect_no_pending_copies();  // below, with the copies
+
 // Runs `kernel()` as `grid` blocks of `threads` threads with `shared_bytes` of dynamic
 // shared memory. One launch at a time: the state above belongs to it.
 template <typename Kernel>
@@ -71,6 +75,7 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
       for (unsigned int b = 0; b < grid; ++b) {
         block_index.x = b;
         kernel();
+        expect_no_pending_copies();
         barrier.arrive_and_wait();  // the next block may reuse the shared memory
       }
     });
@@ -81,7 +86,47 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
 
 }  // namespace tp_host
 
+// cp.async, as the kernels use it (device_helpers.cuh, copy_async): each thread's copies
+// wait in commit groups and land only at the wait_group that covers them, so a kernel that
+// reads a copy before waiting reads the garbage fill, as it might on a GPU.
 #define TP_HOST_EMULATION 1
+namespace tp_host {
+
+struct PendingCopy {
+  void* target;
+  const void* source;
+  std::size_t bytes;
+};
+inline thread_local std::vector<PendingCopy> open_group;
+inline thread_local std::vector<std::vector<PendingCopy>> committed_groups;
+
+inline void copy_async(void* target, const void* source, std::size_t bytes) {
+  open_group.push_back({target, source, bytes});
+}
+
+inline void commit_copies() {
+  committed_groups.push_back(std::move(open_group));
+  open_group.clear();
+}
+
+inline void wait_copies(int pending) {
+  while (committed_groups.size() > static_cast<std::size_t>(pending)) {
+    for (const PendingCopy& copy : committed_groups.front()) {
+      std::memcpy(copy.target, copy.source, copy.bytes);
+    }
+    committed_groups.erase(committed_groups.begin());
+  }
+}
+
+// A block that ends with copies it never waited for has a bug the GPU may not show.
+inline void expect_no_pending_copies() {
+  if (!open_group.empty() || !committed_groups.empty()) {
+    std::fputs("host emulation: a thread ended with copies it never waited for\n", stderr);
+    std::abort();
+  }
+}
+
+}  // namespace tp_host
 
 #define threadIdx (tp_host::thread_index)
 #define blockIdx (tp_host::block_index)
