@@ -237,11 +237,16 @@ def merge_name(dtype_name: str) -> str:
 
 
 def merge_shared_bytes(n: int, k: int, accumulator_bytes: int, with_objective: bool) -> int:
-    """``MergeLayout::bytes()``: with the objective, a (kFeatureChunk, N + K) stage of centred
-    features; effective weights (N), cluster totals (K), a reduction scratch
-    (WARPS); labels and members (N each), cluster starts (K + 1)."""
-    stage = (n + k) * FEATURE_CHUNK if with_objective else 0
-    return (stage + n + k + WARPS) * accumulator_bytes + (2 * n + k + 1) * 4
+    """``MergeLayout::bytes()``: a (kFeatureChunk, stride) stage of the tokens' and the pooled
+    tokens' features (N and K each rounded up to TILE, the sum to 8 mod 32); effective
+    weights (N), cluster totals (K), a reduction scratch (WARPS); with the objective, each
+    token's nearest-distance key (N, 8 bytes); labels and members (N each), cluster starts
+    (K + 1)."""
+    columns = -(-n // TILE) * TILE + -(-k // TILE) * TILE
+    stride = 8 if columns <= 8 else -(-(columns - 8) // 32) * 32 + 8
+    keys = 8 * n if with_objective else 0
+    return ((stride * FEATURE_CHUNK + n + k + WARPS) * accumulator_bytes + keys
+            + (2 * n + k + 1) * 4)
 
 
 def merge_applies(n: int, k: int, m: int, dtype_name: str, max_shared_bytes: int,
@@ -266,7 +271,7 @@ class MergeArguments:
     fallback: Any  # (B, N), or (0,) when there is none (weights all positive)
     has_fallback: bool
     carried: Any  # (B, N) input sizes
-    workspace: Any  # (B, K, N) distances for the objective, or (0,) without it
+    workspace: Any  # (0,): the kernel keeps the objective's distances in registers
     tokens: Any  # (B, K, M) pooled tokens
     sizes: Any  # (B, K) their sizes
     objective: Any  # (B,) Eq. 13 of the pooled tokens
@@ -275,7 +280,7 @@ class MergeArguments:
 def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weights: Any,
                     fallback: Any | None, carried: Any, with_objective: bool,
                     allocate: Allocator | None = None) -> MergeArguments:
-    n_problems, n, m = x.shape
+    n_problems, _, m = x.shape
     accumulator = np_like.dtype(ACCUMULATOR[np_like.dtype(x.dtype).name])
     new = _allocator(np_like, allocate)
 
@@ -291,7 +296,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
         fallback=new((0,), accumulator) if fallback is None else per_token(fallback),
         has_fallback=fallback is not None,
         carried=per_token(carried),
-        workspace=new((n_problems, k, n) if with_objective else (0,), accumulator),
+        workspace=new((0,), accumulator),  # unused: the distances stay in registers
         tokens=new((n_problems, k, m), accumulator),
         sizes=new((n_problems, k), accumulator),
         objective=new((n_problems,), accumulator),

@@ -40,6 +40,9 @@ constexpr int kTile = 4;
 //: registers). A macro, for __launch_bounds__ (see TP_BLOCK_THREADS).
 #define TP_ROUND_TILES(shared_matrix) ((shared_matrix) ? 7 : 4)
 #define TP_BLOCKS_PER_SM(shared_matrix) ((shared_matrix) ? 1 : 2)
+//: The same for the merge objective's (cluster, token) tiles: 5 * 256 tiles a round, one
+//: round for K = 98, N = 197 (25 x 50 tiles).
+constexpr int kMergeRoundTiles = 5;
 
 //: Row stride of the raw (token-major) feature buffers: odd, so that the threads of a warp
 //: reading one feature of 32 consecutive tokens hit 32 distinct banks.
@@ -146,6 +149,17 @@ __device__ __forceinline__ unsigned long long order_key(double value) {
 }
 //: No key yet (above every order_key of a value below infinity).
 constexpr unsigned long long kNoKey = ~0ULL;
+
+// The value of an order_key (-0 comes back as +0).
+template <typename Acc> __device__ __forceinline__ Acc from_order_key(unsigned long long key);
+template <> __device__ __forceinline__ float from_order_key<float>(unsigned long long key) {
+  const unsigned int bits = static_cast<unsigned int>(key);
+  return __int_as_float(static_cast<int>(bits >> 31 ? bits & 0x7FFFFFFFu : ~bits));
+}
+template <> __device__ __forceinline__ double from_order_key<double>(unsigned long long key) {
+  return __longlong_as_double(
+      static_cast<long long>(key >> 63 ? key & 0x7FFFFFFFFFFFFFFFULL : ~key));
+}
 
 // Asynchronous copies of single elements from global to shared memory, in commit groups:
 // cp.async on sm_80 and later for 4- and 8-byte elements; a plain load and store elsewhere
@@ -255,16 +269,26 @@ struct KMedoidsLayout {
   }
 };
 
-// The merge kernel's block: per-token effective weights, per-cluster totals, members.
+// The merge kernel's block: a stage of one chunk of features of the tokens (columns
+// [0, token_columns)) and of the pooled tokens (from token_columns), each side padded to whole
+// tiles and the row stride to 8 mod 32 (conflict-free 8 x 4 warp stores, as in
+// KMedoidsLayout); with the objective, each token's nearest-distance key (N, 8 bytes); the
+// per-token effective weights, per-cluster totals, reduction scratch; labels, members in
+// cluster order (N each), cluster starts (K + 1).
 template <typename Acc>
 struct MergeLayout {
   int n, k;
   bool with_objective;
 
-  // Centred features of the tokens and the pooled tokens, for the objective.
-  __device__ long long stage_count() const {
-    return with_objective ? (static_cast<long long>(n) + k) * kFeatureChunk : 0;
+  __device__ int token_columns() const { return (n + kTile - 1) / kTile * kTile; }
+  __device__ int stride() const {
+    const int columns = token_columns() + (k + kTile - 1) / kTile * kTile;
+    return columns <= 8 ? 8 : (columns - 8 + 31) / 32 * 32 + 8;
   }
+  __device__ long long stage_count() const {
+    return static_cast<long long>(stride()) * kFeatureChunk;
+  }
+  __device__ long long key_count() const { return with_objective ? n : 0; }
   __device__ long long acc_count() const {
     // stage, effective weights, cluster totals, reduction scratch
     return stage_count() + n + k + kWarps;
@@ -273,7 +297,8 @@ struct MergeLayout {
     return 2LL * n + k + 1;  // labels, members in cluster order, cluster starts
   }
   __device__ long long bytes() const {
-    return acc_count() * static_cast<long long>(sizeof(Acc)) + int_count() * 4LL;
+    return acc_count() * static_cast<long long>(sizeof(Acc)) + 8LL * key_count() +
+           int_count() * 4LL;
   }
 };
 

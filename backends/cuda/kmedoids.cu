@@ -449,11 +449,14 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
 //   the problem's mean;
 // * its size is the sum of `carried` over its members;
 // * the objective (Eq. 13) is sum_i weights_i |x_i - t_a(i)|^2, t_a(i) the pooled token
-//   nearest to x_i, from the differences of the centred tokens: all (K, N) of them in a
-//   global workspace, summed chunk by chunk from features staged in shared memory.
-// Every sum runs over the members in token order, so the result is the same on every run.
-// The kernel never reads back a pooled token it wrote: with the objective, each chunk of
-// them goes to the stage as it goes to `tokens`. (A read-back may be compiled to a
+//   nearest to x_i, from the differences of the centred tokens, each of the K x N summed
+//   over all features in feature order in register tiles (as fill_matrix does), each
+//   token's least one by an atomicMin of order keys (order-independent).
+// Features come a chunk at a time through a shared stage: the tokens' (coalesced), then the
+// pooled tokens' from them, one thread per (cluster, feature), each summing its members in
+// token order from shared memory. Every sum runs in a fixed order, so the result is the same
+// on every run. The kernel never reads back a pooled token it wrote: each chunk of them goes
+// to the stage as it goes to `tokens`. (A read-back may be compiled to a
 // non-coherent ld.global.nc, which need not see this launch's writes; .ci/check_cuda.sh
 // fails on any such load of a written buffer.)
 
@@ -480,28 +483,20 @@ __device__ __forceinline__ void group_members(const int* labels, int n, int k, i
   __syncthreads();
 }
 
-// The clusters of one problem in shared memory: members in token order and the effective
-// weights of their means.
-template <typename Acc>
-struct Clusters {
-  const Acc* token_weights;  // (N,)
-  const Acc* totals;         // (K,) sum of the members' effective weights
-  const int* order;          // (N,) members, cluster by cluster
-  const int* starts;         // (K + 1,)
-
-  // Feature q of cluster c's pooled token: the weighted mean of its members, or `empty`
-  // (the problem's mean) for a cluster of zero total weight.
-  template <typename T>
-  __device__ Acc pooled(const T* x, int m, int c, int q, Acc empty) const {
-    Acc sum = 0;
-    for (int s = starts[c]; s < starts[c + 1]; ++s) {
-      const int i = order[s];
-      sum = multiply_add(token_weights[i], to_accumulator(x[static_cast<long long>(i) * m + q]),
-                         sum);
-    }
-    return totals[c] > 0 ? sum / totals[c] : empty;
+// Calls f(column, q) for column < columns, q < width, a warp taking 8 columns x 4 features:
+// stores to a stage of stride 8 mod 32 at q * stride + column hit 32 distinct banks, and
+// reads of a token-major row take 16-byte runs.
+template <typename F>
+__device__ __forceinline__ void for_8x4(int columns, int width, F f) {
+  const int feature_groups = (width + 3) / 4;
+  const int count = (columns + 7) / 8 * feature_groups * kWarpSize;
+  for (int e = threadIdx.x; e < count; e += kBlockThreads) {
+    const int group = e / kWarpSize, lane = e % kWarpSize;
+    const int column = group / feature_groups * 8 + lane / 4;
+    const int q = group % feature_groups * 4 + lane % 4;
+    if (column < columns && q < width) f(column, q);
   }
-};
+}
 
 template <typename T>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS)
@@ -516,6 +511,7 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
       typename Accumulator<T>::type* __restrict__ sizes,
       typename Accumulator<T>::type* __restrict__ objective) {
   using Acc = typename Accumulator<T>::type;
+  (void)workspace;  // unused: the distances stay in registers (kept for the launch's layout)
   const int problem = blockIdx.x;
   if (problem >= n_problems || n <= 0 || k <= 0) return;  // uniform across the block
   TP_DYNAMIC_SHARED(shared);
@@ -528,8 +524,12 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   tokens += static_cast<long long>(problem) * k * m;
   sizes += static_cast<long long>(problem) * k;
   const MergeLayout<Acc> layout{n, k, with_objective != 0};
+  const int stride = layout.stride();
+  const int pooled_at = layout.token_columns();  // first stage column of the pooled tokens
   Acc* const stage = reinterpret_cast<Acc*>(shared);
-  Acc* const token_weights = stage + layout.stage_count();
+  unsigned long long* const nearest =
+      reinterpret_cast<unsigned long long*>(stage + layout.stage_count());
+  Acc* const token_weights = reinterpret_cast<Acc*>(nearest + layout.key_count());
   Acc* const totals = token_weights + n;
   Acc* const scratch = totals + k;
   int* const cluster = reinterpret_cast<int*>(scratch + kWarps);
@@ -539,6 +539,7 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
     const long long label = labels[token_offset + i];
     cluster[i] = label >= 0 && label < k ? static_cast<int>(label) : 0;  // never out of range
+    if (with_objective) nearest[i] = kNoKey;
   }
   __syncthreads();
   group_members(cluster, n, k, order, starts);
@@ -563,56 +564,93 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
     totals[c] = total;
     sizes[c] = size;
   }
-  __syncthreads();
-  const Clusters<Acc> clusters{token_weights, totals, order, starts};
 
-  if (!with_objective) {  // uniform across the block
-    for (int e = threadIdx.x; e < k * m; e += kBlockThreads) {  // k * m < 2^31: see the plan
-      const int c = e / m, q = e % m;
-      tokens[e] = clusters.pooled(x, m, c, q, mean[q]);
+  // The objective's tiles: kTile pooled tokens x kTile tokens, over all features.
+  const int cluster_tiles = (k + kTile - 1) / kTile, token_tiles = (n + kTile - 1) / kTile;
+  const int tiles = with_objective ? cluster_tiles * token_tiles : 0;
+  const int chunks = (m + kFeatureChunk - 1) / kFeatureChunk;
+  int first = 0;
+  do {  // rounds of tiles; one without the objective
+    int rows[kMergeRoundTiles], columns[kMergeRoundTiles];  // stage columns; -1: none
+TP_UNROLL
+    for (int j = 0; j < kMergeRoundTiles; ++j) {
+      const int t = first + j * kBlockThreads + static_cast<int>(threadIdx.x);
+      rows[j] = t < tiles ? pooled_at + t / token_tiles * kTile : -1;
+      columns[j] = t < tiles ? t % token_tiles * kTile : -1;
     }
-    return;
-  }
-
-  // Distances (K, N) of the pooled tokens to the tokens. Consecutive threads take
-  // consecutive tokens: coalesced in the workspace, conflict-free in the stage.
-  Acc* const distances = workspace + static_cast<long long>(problem) * k * n;
-  const int columns = n + k;  // of the stage: the tokens, then the pooled tokens
-  for (int e = threadIdx.x; e < k * n; e += kBlockThreads) distances[e] = 0;
-  for (int start = 0; start < m; start += kFeatureChunk) {
-    const int width = m - start < kFeatureChunk ? m - start : kFeatureChunk;
-    __syncthreads();  // the previous chunk is no longer read
-    for (int e = threadIdx.x; e < columns * width; e += kBlockThreads) {
-      const int j = e / width, q = start + e % width;
-      Acc value;
-      if (j < n) {
-        value = to_accumulator(x[static_cast<long long>(j) * m + q]);
-      } else {  // this chunk of the pooled tokens: output, and staged (see above)
-        value = clusters.pooled(x, m, j - n, q, mean[q]);
-        tokens[static_cast<long long>(j - n) * m + q] = value;
-      }
-      stage[(e % width) * columns + j] = value - mean[q];
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < k * n; e += kBlockThreads) {
-      const int c = e / n, i = e % n;
-      Acc partial = 0;
+    Acc sum[kMergeRoundTiles][kTile][kTile] = {};
+    for (int c = 0; c < chunks; ++c) {
+      const int start = c * kFeatureChunk;
+      const int width = m - start < kFeatureChunk ? m - start : kFeatureChunk;
+      __syncthreads();  // the previous chunk is no longer read (and the weights are written)
+      for_8x4(pooled_at, width, [&](int i, int q) {
+        stage[q * stride + i] =
+            i < n ? to_accumulator(x[static_cast<long long>(i) * m + start + q]) : Acc(0);
+      });
+      __syncthreads();
+      // This chunk of the pooled tokens: to `tokens` (once) and, centred, to the stage.
+      for_8x4(stride - pooled_at, width, [&](int pooled, int q) {
+        Acc value = 0;
+        if (pooled < k) {
+          Acc total = 0;
+          for (int s = starts[pooled]; s < starts[pooled + 1]; ++s) {
+            const int i = order[s];
+            total = multiply_add(token_weights[i], stage[q * stride + i], total);
+          }
+          value = totals[pooled] > 0 ? total / totals[pooled] : mean[start + q];
+          if (first == 0) tokens[static_cast<long long>(pooled) * m + start + q] = value;
+          value -= mean[start + q];
+        }
+        stage[q * stride + pooled_at + pooled] = value;
+      });
+      if (!with_objective) continue;  // uniform
+      __syncthreads();  // the pooled tokens no longer read the tokens as they came
+      for_8x4(n, width, [&](int i, int q) { stage[q * stride + i] -= mean[start + q]; });
+      __syncthreads();
       for (int q = 0; q < width; ++q) {
-        const Acc diff = stage[q * columns + i] - stage[q * columns + n + c];
-        partial = multiply_add(diff, diff, partial);
+        const Acc* features = stage + q * stride;
+TP_UNROLL
+        for (int j = 0; j < kMergeRoundTiles; ++j) {
+          if (rows[j] < 0) continue;
+          const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(features + rows[j]);
+          const TileValues<Acc> b =
+              *reinterpret_cast<const TileValues<Acc>*>(features + columns[j]);
+TP_UNROLL
+          for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+            for (int s = 0; s < kTile; ++s) {
+              const Acc diff = a.v[r] - b.v[s];
+              sum[j][r][s] = multiply_add(diff, diff, sum[j][r][s]);
+            }
+          }
+        }
       }
-      distances[e] += partial;  // the same thread owns e in every chunk
     }
-  }
+    // Each token's nearest pooled token among this thread's: the least distance (strict,
+    // so a NaN is never nearest), then the least over threads by order key.
+TP_UNROLL
+    for (int j = 0; j < kMergeRoundTiles; ++j) {
+      if (rows[j] < 0) continue;
+TP_UNROLL
+      for (int s = 0; s < kTile; ++s) {
+        const int i = columns[j] + s;
+        Acc least = infinity<Acc>();
+TP_UNROLL
+        for (int r = 0; r < kTile; ++r) {
+          const Acc d = sum[j][r][s];
+          if (rows[j] - pooled_at + r < k && d < least) least = d;
+        }
+        if (i < n) atomicMin(&nearest[i], order_key(least));
+      }
+    }
+    first += kMergeRoundTiles * kBlockThreads;
+  } while (first < tiles);
+  if (!with_objective) return;  // uniform across the block
   __syncthreads();
   Acc error = 0;
   for (int i = threadIdx.x; i < n; i += kBlockThreads) {
-    Acc nearest = infinity<Acc>();
-    for (int c = 0; c < k; ++c) {
-      const Acc d = distances[c * n + i];
-      if (d < nearest) nearest = d;  // strict, and false for NaN
-    }
-    error = multiply_add(weights[i], nearest, error);
+    const Acc least = nearest[i] == kNoKey ? infinity<Acc>() : from_order_key<Acc>(nearest[i]);
+    error = multiply_add(weights[i], least, error);
   }
   error = block_sum(error, scratch);
   if (threadIdx.x == 0) objective[problem] = error;
