@@ -113,7 +113,7 @@ class KMedoidsPlan:
     """How the kernel runs one batch: where the distances live, and its shared memory."""
 
     kernel: str
-    shared_matrix: bool  # N x N distances in shared memory; else in a (B, N, N) workspace
+    shared_matrix: bool  # N x N distances in shared memory; else in a (B, N, N | 1) workspace
     shared_bytes: int
 
 
@@ -133,10 +133,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (N up to 223 in float32 on
-        Hopper, 186 on Ampere), else in a global (B, N, N) workspace as long as a chunk of
+        The N x N distances in shared memory where they fit (N up to 236 in float32 on
+        Hopper, 201 on Ampere), else in a global (B, N, N | 1) workspace as long as a chunk of
         every token's features fits in shared memory (float32 N up to about 1600 on Hopper,
-        1150 on Ampere; float64 about 820 and 590); None beyond, and the generic code runs.
+        1150 on Ampere; float64 about 810 and 585); None beyond, and the generic code runs.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None

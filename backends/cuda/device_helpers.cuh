@@ -21,8 +21,8 @@ namespace tokenpool {
 
 constexpr int kBlockThreads = TP_BLOCK_THREADS;
 
-//: Features per chunk of a distance: the features staged in shared memory at a time. Every
-//: distance is summed chunk by chunk (a partial sum per chunk, then the partials).
+//: Features staged in shared memory at a time. Every distance is summed in registers over
+//: all features in feature order, so the chunk does not change its bits.
 constexpr int kFeatureChunk = 32;
 
 //: Most tokens per problem: N * N and K * N index in an int (no 64-bit division, which

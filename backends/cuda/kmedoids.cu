@@ -14,15 +14,17 @@
 // are off): labels are always in [0, K), medoids in [0, N) and distinct whenever init is,
 // every loop is bounded, every access in range. A NaN is never "nearer" nor "cheaper".
 //
-// Distances are those of the centred tokens (x minus the problem's mean), each summed in
-// chunks of kFeatureChunk features, all N x N of them computed once per problem in register
-// tiles from features staged in shared memory (fill_matrix). The matrix lives
-// * in shared memory where it fits (SharedMatrix; N <= 223 in float32 in the 227 KiB of
-//   Hopper, 186 on Ampere), so every later distance is a shared-memory read;
-// * else in a global workspace (B, N, N), read through L2 with the same access patterns
+// Distances are those of the centred tokens (x minus the problem's mean), each summed over
+// the features in feature order, all N x N of them computed once per problem in register
+// tiles from features staged in shared memory, and stored once (fill_matrix). The matrix
+// (row stride N | 1) lives
+// * in shared memory where it fits (SharedMatrix; float32 N <= 236 in the 227 KiB of
+//   Hopper, 201 on Ampere), so every later distance is a shared-memory read;
+// * else in a global workspace (B, N, N | 1), read through L2 with the same access patterns
 //   (float32 N up to about 1150 on Ampere and 1600 on Hopper, where a chunk of every token's
 //   features still fits in shared memory for the tiles; the glue declines larger N).
 // Both give the same bits: the code is the same but for where the matrix is.
+// benchmarks/README.md models the speed (bytes, FLOPs, wavefronts, barriers, registers).
 #if defined(__CUDACC__)
 // Dynamic shared memory; host_emulation.h defines the same name for the CPU build.
 #define TP_DYNAMIC_SHARED(name) extern __shared__ __align__(16) unsigned char name[]
@@ -381,8 +383,10 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 }
 
 // SharedMatrix: where the distances live (a template parameter, so that each instantiation
-// has its addresses fixed). 2 blocks per SM caps registers at 128: the distance tiles need
-// more than 64, and a block with its matrix in shared memory has an SM to itself anyway.
+// has its addresses fixed). With the matrix in shared memory a block has an SM to itself
+// (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
+// accumulators of fill_matrix (it takes 200 on sm_90). The global variant asks for 2 blocks
+// per SM (128 registers; it takes 120), so that one block's loads overlap the other's work.
 template <typename T, bool SharedMatrix>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
@@ -498,8 +502,10 @@ __device__ __forceinline__ void for_8x4(int columns, int width, F f) {
   }
 }
 
+// 2 blocks per SM (128 registers: ptxas fits the objective's 5 x 16 accumulators without
+// spilling), so that one block's loads overlap the other's sums.
 template <typename T>
-__global__ void __launch_bounds__(TP_BLOCK_THREADS)
+__global__ void __launch_bounds__(TP_BLOCK_THREADS, 2)
 merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
       const long long* __restrict__ labels,
       const typename Accumulator<T>::type* __restrict__ weights,
