@@ -128,6 +128,14 @@ TP_UNROLL
   }
 }
 
+// Slots of this round that hold a tile in some thread: the same for the whole block, so the
+// loops over tiles stop with a uniform branch. A thread whose slot is past the last tile
+// (the last slot's tail) sums tile 0 instead, which costs nothing and is never stored.
+__device__ __forceinline__ int used_slots(int first, int tiles, int round_tiles) {
+  const int slots = (tiles - first + kBlockThreads - 1) / kBlockThreads;
+  return slots < round_tiles ? slots : round_tiles;
+}
+
 // Starts copying features [start, start + width) of every token into `raw` (token-major,
 // row stride kRawStride): asynchronous on sm_80+ (cp.async), see copy_async. Consecutive
 // threads take consecutive features of a token: coalesced reads, and for a whole chunk
@@ -215,17 +223,28 @@ TP_UNROLL
 
 // The running sums of one thread's tiles over the features of the stage (one chunk).
 template <typename Acc, int RoundTiles>
-__device__ __forceinline__ void add_chunk(const Acc* stage, int stride, int width,
+__device__ __forceinline__ void add_chunk(const Acc* stage, int stride, int width, int slots,
                                           const int (&rows)[RoundTiles],
                                           const int (&columns)[RoundTiles],
                                           Acc (&sum)[RoundTiles][kTile][kTile]) {
+  // One pointer a load, moved a stage row a feature (-1, past the last tile: tile 0).
+  const TileValues<Acc>* row_values[RoundTiles];
+  const TileValues<Acc>* column_values[RoundTiles];
+TP_UNROLL
+  for (int j = 0; j < RoundTiles; ++j) {
+    row_values[j] = reinterpret_cast<const TileValues<Acc>*>(stage + (rows[j] < 0 ? 0 : rows[j]));
+    column_values[j] =
+        reinterpret_cast<const TileValues<Acc>*>(stage + (rows[j] < 0 ? 0 : columns[j]));
+  }
+  const int step = stride / kTile;  // a stage row, in TileValues (stride: a multiple of 8)
   for (int q = 0; q < width; ++q) {
-    const Acc* features = stage + q * stride;
 TP_UNROLL
     for (int j = 0; j < RoundTiles; ++j) {
-      if (rows[j] < 0) continue;
-      const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(features + rows[j]);
-      const TileValues<Acc> b = *reinterpret_cast<const TileValues<Acc>*>(features + columns[j]);
+      if (j >= slots) break;  // uniform across the block
+      const TileValues<Acc> a = *row_values[j];
+      const TileValues<Acc> b = *column_values[j];
+      row_values[j] += step;
+      column_values[j] += step;
 TP_UNROLL
       for (int r = 0; r < kTile; ++r) {
 TP_UNROLL
@@ -280,7 +299,8 @@ __device__ void fill_matrix(const Problem<T>& p) {
         centre_from_global(p, start, width_at(start));
       }
       __syncthreads();
-      add_chunk<Acc, RoundTiles>(p.stage, p.stride, width_at(start), rows, columns, sum);
+      add_chunk<Acc, RoundTiles>(p.stage, p.stride, width_at(start),
+                                 used_slots(first, tiles, RoundTiles), rows, columns, sum);
     }
     __syncthreads();  // the stage and raw buffers may share memory with the matrix
 TP_UNROLL
@@ -385,8 +405,8 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // SharedMatrix: where the distances live (a template parameter, so that each instantiation
 // has its addresses fixed). With the matrix in shared memory a block has an SM to itself
 // (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
-// accumulators of fill_matrix (it takes 200 on sm_90). The global variant asks for 2 blocks
-// per SM (128 registers; it takes 120), so that one block's loads overlap the other's work.
+// accumulators of fill_matrix (it takes 209 on sm_90). The global variant asks for 2 blocks
+// per SM (128 registers; it takes them all, no spill), so that one block's loads overlap the other's work.
 template <typename T, bool SharedMatrix>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
