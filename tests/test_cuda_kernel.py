@@ -233,6 +233,64 @@ def test_constants_and_layout_agree_with_the_kernel(host):
                     n, k, accumulator, objective)
 
 
+#: A host program on the device helpers alone: what the kernels rely on from the emulation's
+#: cp.async model and from the order keys of the medoid choice and the merge objective.
+_HELPERS_PROGRAM = r"""
+#include <cstdio>
+#include "host_emulation.h"
+#include "device_helpers.cuh"
+using namespace tokenpool;
+int main() {
+  float source = 7.0f, target = -1.0f;
+  copy_async(&target, &source);
+  commit_copies();
+  std::printf("before wait %g\n", target);
+  wait_copies<0>();
+  std::printf("after wait %g\n", target);
+  const float floats[] = {-INFINITY, -3.5f, -1e-45f, -0.0f, 0.0f, 1e-45f, 2.0f, INFINITY};
+  for (float v : floats) {
+    std::printf("float %a %llu %a\n", v, order_key(v), from_order_key<float>(order_key(v)));
+  }
+  const double doubles[] = {-INFINITY, -3.5, -5e-324, -0.0, 0.0, 5e-324, 2.0, INFINITY};
+  for (double v : doubles) {
+    std::printf("double %a %llu %a\n", v, order_key(v), from_order_key<double>(order_key(v)));
+  }
+  return 0;
+}
+"""
+
+
+def test_helpers_defer_copies_and_order_keys_sort_numerically(tmp_path):
+    # The host model of cp.async lands a copy only at the wait that covers it (so a kernel
+    # reading its stage too early fails here as it might on a GPU); order_key sorts values as
+    # numbers, -0 as +0, and from_order_key inverts it (the atomicMin choices rely on both).
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found: the device helpers cannot be built for the host")
+    program = tmp_path / "helpers.cpp"
+    program.write_text(_HELPERS_PROGRAM)
+    binary = tmp_path / "helpers"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", f"-I{_cupy.KERNEL_DIR}",
+                            str(program), "-o", str(binary)], capture_output=True, text=True,
+                           check=False)
+    assert built.returncode == 0, built.stderr
+    lines = subprocess.run([str(binary)], capture_output=True, text=True,
+                           check=True).stdout.splitlines()
+    assert lines[:2] == ["before wait -1", "after wait 7"]
+    for kind in ("float", "double"):
+        rows = [line.split()[1:] for line in lines if line.startswith(kind + " ")]
+        values = [float.fromhex(value) for value, _, _ in rows]
+        keys = [int(key) for _, key, _ in rows]
+        back = [float.fromhex(value) for _, _, value in rows]
+        assert values == sorted(values)  # the table is in numeric order...
+        zero = values.index(0.0)  # -0.0 (equal to 0.0, listed first)
+        assert keys[zero] == keys[zero + 1]  # ...-0 and +0 share a key...
+        assert keys[: zero + 1] == sorted(set(keys[: zero + 1]))  # ...and keys rise with it
+        assert keys[zero + 1 :] == sorted(set(keys[zero + 1 :]))
+        assert max(keys) < 2**64 - 1  # below kNoKey, infinity included
+        assert [str(v) for v in back] == [str(abs(v)) if v == 0 else str(v) for v in values]
+
+
 def test_plan_chooses_a_scheme_or_declines():
     # The N x N matrix in shared memory where it fits, in the global workspace above.
     plan = _cupy.kmedoids_plan(197, 98, "float32", H100_SHARED_BYTES)

@@ -406,7 +406,8 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // has its addresses fixed). With the matrix in shared memory a block has an SM to itself
 // (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
 // accumulators of fill_matrix (it takes 209 on sm_90). The global variant asks for 2 blocks
-// per SM (128 registers; it takes them all, no spill), so that one block's loads overlap the other's work.
+// per SM (128 registers; it takes them all, no spill), so that one block's loads overlap
+// the other's work.
 template <typename T, bool SharedMatrix>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
