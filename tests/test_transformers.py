@@ -416,4 +416,25 @@ def test_rejects_unsupported_input() -> None:
         model(images(), attention_mask=mask)
     model.config._attn_implementation = "flex_attention"  # switched after patching
     with pytest.raises(ValueError, match="'eager' or 'sdpa'"):
-        model(images())
+        model.vit.layers[0](torch.randn(2, PATCHES + 1, HIDDEN))
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile
+
+
+def test_compiles_as_one_graph() -> None:
+    """SLOW (about 30 s): the generic pooling path with fixed iterations (as for patch_timm)
+    traces into one graph, the whole patched model included. Dynamo only (backend 'eager'):
+    inductor's code generation took 5 minutes here (it agreed within 5e-8)."""
+    model = patch_transformers(make("deit_teacher", "sdpa"), SCHEDULE,
+                               stop_early=False, check_values=False, fast_paths=False,
+                               max_iter=2)
+    x = images()
+    with torch.no_grad():
+        expected = model(x).logits
+        explanation = torch._dynamo.explain(model)(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(model, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x).logits, expected, rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
