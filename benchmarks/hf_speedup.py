@@ -6,7 +6,8 @@ transformers loads as ``ViTForImageClassification``; random weights, nothing dow
 keep schedule of the paper's Table 3, eval and no_grad, on the CPU or a CUDA GPU, in float32
 or under bfloat16 autocast. The plain and the pooled models take turns, one forward pass each
 per round, so that a machine whose speed drifts (other jobs, clocks) slows both alike; it
-prints the best and the median time of each, and the median of the per-round speed-ups.
+prints the best and the median time of each, the median of the per-round speed-ups, and the
+median CPU time (all threads of this process) with its speed-up.
 
     PYTHONPATH=. python benchmarks/hf_speedup.py [--device cpu|cuda] [--dtype fp32|bf16]
         [--batch 32] [--schedule deits-level4] [--methods wkmedoids,topk] [--attn sdpa|eager]
@@ -59,20 +60,23 @@ def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
 
 
 def interleaved_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
-                      dtype: str) -> dict[str, list[float]]:
-    """Seconds of each forward pass per model, the models taking turns."""
+                      dtype: str) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and CPU seconds of each forward pass per model, the models taking turns.
+    (CPU time, of all this process's threads, is what a loaded machine disturbs least.)"""
     times: dict[str, list[float]] = {name: [] for name in models}
+    cpu: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
         for model in models.values():
             model(x)  # warm-up: kernels compiled, caches filled
         synchronise(x.device)
         for _ in range(repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 model(x)
                 synchronise(x.device)
                 times[name].append(time.perf_counter() - start)
-    return times
+                cpu[name].append(time.process_time() - start_cpu)
+    return times, cpu
 
 
 def parse_args() -> argparse.Namespace:
@@ -92,6 +96,8 @@ def parse_args() -> argparse.Namespace:
                         help="vit: ViTForImageClassification (DeiT-S as transformers loads "
                              "it); deit: the distilled DeiT with its teacher head")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default)")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     args = parser.parse_args()
@@ -106,6 +112,8 @@ def main() -> None:
     args = parse_args()
     import transformers
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from tokenpool_ops.transformers import patch_transformers
 
     device = torch.device(args.device)
@@ -117,19 +125,21 @@ def main() -> None:
     for method in args.methods:
         models[method] = patch_transformers(build(args.model, args.attn, device), keep,
                                             method=method, **options)
-    times = interleaved_times(models, x, args.repeats, args.dtype)
+    times, cpu = interleaved_times(models, x, args.repeats, args.dtype)
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {args.dtype}, batch {args.batch}, "
           f"{MODELS[args.model][1]} DeiT-S sized, attn {args.attn}, {args.schedule} {keep}; "
           f"{args.repeats} rounds, models in turn")
     print(f"{'model':<12} {'best ms':>9} {'median ms':>10} {'speed-up':>9} "
-          f"{'median of rounds':>17}")
+          f"{'median of rounds':>17} {'CPU ms':>9} {'CPU speed-up':>13}")
     for name, seconds in times.items():
         best = min(times["plain"]) / min(seconds)
         per_round = statistics.median(p / s for p, s in zip(times["plain"], seconds, strict=True))
+        cpu_ms = statistics.median(cpu[name])
         print(f"{name:<12} {min(seconds) * 1e3:>9.1f} {statistics.median(seconds) * 1e3:>10.1f} "
-              f"{best:>9.2f} {per_round:>17.2f}")
+              f"{best:>9.2f} {per_round:>17.2f} {cpu_ms * 1e3:>9.1f} "
+              f"{statistics.median(cpu['plain']) / cpu_ms:>13.2f}")
 
 
 if __name__ == "__main__":
