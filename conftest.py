@@ -15,11 +15,13 @@ from typing import Any
 os.environ["NUMBA_BOUNDSCHECK"] = "1"
 os.environ["NUMBA_CACHE_DIR"] = str(Path(__file__).parent / ".pytest_cache" / "numba-boundscheck")
 
-# tokenpool_ops/{nn,timm,visualize}.py import torch (and timm); without them their doctests
-# cannot be collected, and tests/test_nn_timm.py skips with its reason instead.
+# tokenpool_ops/{nn,_patching,timm,transformers,visualize}.py import torch (and timm or
+# transformers); without them their doctests cannot be collected, and tests/test_nn_timm.py
+# and tests/test_transformers.py skip with their reasons instead.
 collect_ignore = [
     f"tokenpool_ops/{name}.py"
-    for name, needs in (("nn", ("torch",)), ("timm", ("torch", "timm")),
+    for name, needs in (("nn", ("torch",)), ("_patching", ("torch",)),
+                        ("timm", ("torch", "timm")), ("transformers", ("torch", "transformers")),
                         ("visualize", ("torch", "timm", "PIL")))
     if any(importlib.util.find_spec(module) is None for module in needs)
 ]

@@ -9,7 +9,7 @@
 #   3. the timings: pool at B=256, N=197, M=384, K=98, float32 (generic, CuPy kernel, torch
 #      kernel: benchmarks/benchmarks/bench_cuda.py), the whole DeiT-S at batch 256, plain
 #      against level-4 wkmedoids, topk and ToMe (tome), in bf16 then fp32 (timm_speedup.py),
-#      and the Eq. 5 score pass (benchmarks/score_pass.py);
+#      the Eq. 5 score pass (benchmarks/score_pass.py), then the Hugging Face ViT (hf_speedup.py);
 # and writes the same to benchmarks/results/gpu_check.md (or $GPU_CHECK_RESULTS), to be
 # committed.
 #
@@ -96,6 +96,8 @@ echo "== timing: Eq. 5 scores, materialised vs SDPA + score pass, SDPA backends 
 step scores 20 "$python" benchmarks/score_pass.py --device cuda --dtype bfloat16 --batch 256 \
   --repeats 20
 score_status=$?
+echo "== timing: Hugging Face ViT (DeiT-S), batch 256, plain vs level-4 wkmedoids, bf16"
+step hf_model 30 "$python" benchmarks/hf_speedup.py --device cuda --dtype bf16 --batch 256 --no-sync
 
 summary="memcheck exit ${memcheck_status}, racecheck exit ${racecheck_status}, tests exit \
 ${tests_status}, pool exit ${pool_status}, whole model exit ${bf16_status} (bf16) and \
@@ -109,7 +111,7 @@ ${fp32_status} (fp32), scores exit ${score_status} (124: a step hit its time lim
   echo "$device"
   cat "$logs/probe"
   echo '```'
-  for name in memcheck racecheck tests pool model_bf16 model_fp32 scores; do
+  for name in memcheck racecheck tests pool model_bf16 model_fp32 scores hf_model; do
     echo
     echo "## $name"
     echo

@@ -45,6 +45,20 @@ def test_timm_speedup_prints_a_row_per_method() -> None:
     assert re.search(r"^wkmedoids.*\s([0-9.]+)%$", out, re.MULTILINE), out  # pooling share
 
 
+def test_hf_speedup_prints_a_row_per_model() -> None:
+    pytest.importorskip("transformers", reason="hf_speedup.py needs transformers")
+    out = _run("hf_speedup.py", "--batch", "1", "--repeats", "1", "--methods", "wkmedoids,tome")
+    number = r"\s+([0-9.]+)"
+    for name in ("plain", "wkmedoids", "tome"):
+        row = re.search(rf"^{name}{number * 6}$", out, re.MULTILINE)
+        assert row, out
+        best, median, speedup, per_round, cpu, cpu_speedup = (float(g) for g in row.groups())
+        assert best > 0 and median >= best and speedup > 0 and per_round > 0
+        assert cpu > 0 and cpu_speedup > 0
+        assert name != "plain" or speedup == per_round == cpu_speedup == 1.0
+    assert "deits-level4 [196, 193, 179" in out, out
+
+
 def test_score_pass_times_both_ways_and_names_the_sdpa_kernel() -> None:
     out = _run("score_pass.py", "--batch", "1", "--tokens", "17", "--repeats", "1")
     rows = re.findall(r"^(forward|fwd\+bwd)\s+(no|yes)\s+[0-9.]+\s+[0-9.]+\s+[0-9.]+x", out,
@@ -100,7 +114,7 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
     steps = [line.split(" --")[0] if line.startswith("compute-sanitizer") else line
              for line in lines]
     assert [step.split()[0] for step in steps] == ["python"] + ["compute-sanitizer"] * 2 + [
-        "python"] * 5
+        "python"] * 6
     assert "benchmarks/gpu_kernels.py probe" in lines[0]
     for line, tool in zip(lines[1:3], ("memcheck", "racecheck"), strict=True):
         assert f"--tool {tool} --error-exitcode 1 " in line
@@ -111,6 +125,7 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
         assert f"timm_speedup.py --device cuda --dtype {dtype} --batch 256" in line
         assert "--schedule level4 --methods wkmedoids,topk" in line
     assert "score_pass.py" in lines[7]
+    assert "hf_speedup.py --device cuda --dtype bf16 --batch 256" in lines[8]
     usages: dict[str, str] = {}
     for line in lines:  # the scripts exist and accept these options
         words = shlex.split(line)
@@ -126,6 +141,6 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
             assert option in usages[scripts[0]], (scripts[0], option)
     record = results.read_text()
     for section in ("memcheck", "racecheck", "tests", "pool", "model_bf16", "model_fp32",
-                    "scores"):
+                    "scores", "hf_model"):
         assert f"## {section}" in record
     assert "output of benchmarks/benchmarks/bench_cuda.py --cases 256x197/98" in record

@@ -26,7 +26,7 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_prints_what_it_quotes(index):
     block = BLOCKS[index]
-    for module in ("torch", "timm"):
+    for module in ("torch", "timm", "transformers"):
         if f"import {module}" in block:
             pytest.importorskip(module, reason=f"the example needs {module}")
     test = doctest.DocTestParser().get_doctest(block, {}, f"README.md example {index}",

@@ -44,7 +44,7 @@ now; -1 once no patch token is left.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypedDict, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,64 +53,24 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor
 
 from ._measures import significance_scores
-from ._pool import MATCHING_METHODS, METHODS, USES_SCORES, Method
+from ._patching import (
+    MATERIALISED_DEVICES,
+    STATE,
+    TokenPoolState,
+    new_state,
+    pool_patch_tokens,
+    received_attention,
+    reset_state,
+    size_bias,
+    tome_schedule,
+)
+from ._pool import MATCHING_METHODS, USES_SCORES, Method
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
 
 __all__ = ["patch_timm", "tome_schedule", "unpatch_timm"]
-
-STATE = "_tokenpool"
-PLACEMENTS = ("attn", "block")
-
-
-class TokenPoolState(TypedDict):
-    """The state dict shared by a patched model and its blocks (``model._tokenpool``)."""
-
-    num_prefix: int
-    method: Method
-    prop_attn: bool
-    trace_source: bool
-    placement: str
-    options: PoolOptions
-    keep: list[int]
-    sizes: Tensor | None
-    source: Tensor | None
-
-
-def _reset(state: TokenPoolState) -> None:
-    state["sizes"] = None
-    state["source"] = None
-
-
-#: Queries per chunk of the score pass, at most: its float32 working set is (B, H, chunk, N).
-SCORE_CHUNK = 128
-
-#: Device types on which a block that needs scores materialises its attention probabilities
-#: even without autograd: there one softmax serving the output and the scores beats SDPA plus
-#: the score pass (CPU, 2 threads, B=32, H=6, N=197, float32: 21 vs 32 ms per block,
-#: ``benchmarks/score_pass.py``). GPUs take SDPA's fused kernels and the score pass.
-MATERIALISED_DEVICES = ("cpu",)
-
-
-def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """Eq. 5 for every token, (B, N) float32, without the (B, H, N, N) attention matrix.
-
-    Recomputes the logits of at most ``SCORE_CHUNK`` queries at a time (equal chunks) in
-    the compute dtype, normalises them in float32 and sums them over heads and queries.
-    Differentiable, but meant for passes without autograd (see ``TokenPoolAttention``).
-    """
-    n = q.shape[-2]
-    chunk = -(-n // -(-n // SCORE_CHUNK))  # ceil(n / number of chunks): no tiny last chunk
-    total = torch.zeros(q.shape[0], k.shape[-2], dtype=torch.float32, device=q.device)
-    for start in range(0, n, chunk):
-        logits = (q[:, :, start:start + chunk] * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)
-        total = total + logits.float().softmax(dim=-1).sum(dim=(1, 2))
-    return total
-
 
 class TokenPoolAttention(Attention):
     """timm ``Attention`` that adds log(size) to its logits and can return what its block's
@@ -139,12 +99,7 @@ class TokenPoolAttention(Attention):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
 
-        bias = None
-        if state["prop_attn"] and state["sizes"] is not None:
-            # Prefix tokens stand for themselves. Their ones are made, not sliced from the
-            # sizes: once a block has pooled to no patch token, the sizes are (B, 0).
-            prefix = state["sizes"].new_ones(B, state["num_prefix"])
-            bias = torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
+        bias = size_bias(state, B)
 
         scores = None
         training = torch.is_grad_enabled() and q.requires_grad
@@ -189,38 +144,15 @@ class TokenPoolBlock(Block):
         return x if after_attn else self._pool(x, guide)
 
     def _pool(self, x: Tensor, guide: Tensor | None) -> Tensor:
-        state = self._tp_state
-        matching = state["method"] in MATCHING_METHODS
-        scores, metric = (None, guide) if matching else (guide, None)
-        p = state["num_prefix"]
-        patches = x[:, p:]
-        n, k = patches.shape[1], self._tp_keep
-        if k >= n:
-            return x
-        sizes = state["sizes"]
-        if scores is not None and sizes is not None and state["prop_attn"]:
-            # Per original token (see the module docstring). An empty K-Means cluster left a
-            # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
-            sizes = sizes.to(scores.dtype)
-            scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
-        tokens, result = pool_with_grad(patches, k, state["method"], scores=scores, sizes=sizes,
-                                        metric=metric, lean=not state["trace_source"],
-                                        **state["options"])
-        state["sizes"] = result.sizes.float()
-        if state["trace_source"]:
-            source = state["source"]
-            if source is None:
-                source = torch.arange(n, device=x.device).expand(x.shape[0], n)
-            state["source"] = (torch.full_like(source, -1) if k == 0 else
-                               torch.gather(result.assignment, 1, source))
-        return torch.cat([x[:, :p], tokens], dim=1)
+        # This module's pool_with_grad, looked up at call time: tests and benchmarks wrap it.
+        return pool_patch_tokens(self._tp_state, x, self._tp_keep, guide, pool_with_grad)
 
 
 def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
     """A subclass of the model's class whose forward starts from fresh sizes and sources."""
 
     def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
-        _reset(_state_of(self))
+        reset_state(_state_of(self))
         return original.forward(self, *args, **kwargs)
 
     return type(f"TokenPool{original.__name__}", (original,),
@@ -230,39 +162,6 @@ def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
 def _state_of(model: VisionTransformer) -> TokenPoolState:
     """The shared state of a model patched by :func:`patch_timm`."""
     return cast(TokenPoolState, getattr(model, STATE))
-
-
-def _keep_schedule(keep: int | Sequence[int], depth: int) -> list[int]:
-    schedule = [keep] * depth if isinstance(keep, int) else list(keep)
-    if len(schedule) != depth or any(not isinstance(k, int) or k < 0 for k in schedule):
-        raise ValueError(f"keep must be a non-negative int or {depth} of them (one per "
-                         f"block), got {keep!r}")
-    return schedule
-
-
-def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[int]:
-    """ToMe's schedule as a ``keep`` list for :func:`patch_timm`: block i merges ``r``
-    patch tokens away (ToMe's constant r, e.g. 13 for DeiT-S: 196 to 40 over 12 blocks),
-    or ``r[i]`` with one r per block.
-
-    As in ToMe, a block merges at most floor(n / 2) of the n patch tokens it gets (one
-    round of bipartite matching; prefix tokens are never merged), so the list saturates
-    instead of running out: ``tome_schedule(100, 3, 196)`` is [98, 49, 25].
-
-    Examples
-    --------
-    >>> tome_schedule(13, 12, 196)[:3], tome_schedule(13, 12, 196)[-1]
-    ([183, 170, 157], 40)
-    """
-    per_block = [r] * depth if isinstance(r, int) else list(r)
-    if len(per_block) != depth or any(not isinstance(v, int) or v < 0 for v in per_block):
-        raise ValueError(f"r must be a non-negative int or {depth} of them (one per block), "
-                         f"got {r!r}")
-    keep, n = [], num_patches
-    for merged in per_block:
-        n -= min(merged, n // 2)
-        keep.append(n)
-    return keep
 
 
 def patch_timm(
@@ -305,23 +204,15 @@ def patch_timm(
         raise ValueError("model is already patched; call unpatch_timm first")
     if not isinstance(model, VisionTransformer):
         raise TypeError(f"expected a timm VisionTransformer, got {type(model).__name__}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be 'attn' or 'block', got {placement!r}")
     blocks = list(model.blocks)
     for i, block in enumerate(blocks):
         if type(block) is not Block or type(block.attn) is not Attention:
             raise TypeError(f"block {i} is {type(block).__name__} with "
                             f"{type(block.attn).__name__}; only timm Block with Attention "
                             "is supported")
-    schedule = _keep_schedule(keep, len(blocks))
-    options = cast(PoolOptions, {"check_values": False, **options})
-
-    state = TokenPoolState(
-        num_prefix=model.num_prefix_tokens, method=method, prop_attn=prop_attn,
-        trace_source=trace_source, placement=placement, options=options, keep=schedule,
-        sizes=None, source=None)
+    state = new_state(model.num_prefix_tokens, keep, len(blocks), method, prop_attn,
+                      trace_source, placement, options)
+    schedule = state["keep"]
     n = model.patch_embed.num_patches
     for block, k in zip(blocks, schedule, strict=True):
         reduces = k < n

@@ -1,0 +1,195 @@
+"""What every model patch shares: its state, the keep schedule, Eq. 5 without the attention
+matrix, the log(size) bias and the per-block pooling step.
+
+One implementation of pooling, two front doors: :mod:`tokenpool_ops.timm` and
+:mod:`tokenpool_ops.transformers` each find the blocks, the attention and the prefix tokens of
+their library, compute the block's guide (Eq. 5 scores, or ToMe's metric) and call
+:func:`pool_patch_tokens`; everything here is independent of the model library. The
+conventions (sizes per token, scores per original token, ``source``) are described in the
+docstring of :mod:`tokenpool_ops.timm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TypedDict, cast
+
+import torch
+from torch import Tensor
+
+from ._pool import MATCHING_METHODS, METHODS, USES_SCORES, Method, PoolResult
+from .nn import PoolOptions, pool_with_grad
+
+__all__ = [
+    "MATERIALISED_DEVICES",
+    "PLACEMENTS",
+    "SCORE_CHUNK",
+    "STATE",
+    "TokenPoolState",
+    "guide_kind",
+    "keep_schedule",
+    "new_state",
+    "pool_patch_tokens",
+    "received_attention",
+    "reset_state",
+    "size_bias",
+    "tome_schedule",
+]
+
+#: The attribute of a patched model that holds its :class:`TokenPoolState`.
+STATE = "_tokenpool"
+PLACEMENTS = ("attn", "block")
+
+#: Queries per chunk of the score pass, at most: its float32 working set is (B, H, chunk, N).
+SCORE_CHUNK = 128
+
+#: Device types on which a block that needs scores materialises its attention probabilities
+#: even without autograd: there one softmax serving the output and the scores beats SDPA plus
+#: the score pass (CPU, 2 threads, B=32, H=6, N=197, float32: 21 vs 32 ms per block,
+#: ``benchmarks/score_pass.py``). GPUs take SDPA's fused kernels and the score pass.
+MATERIALISED_DEVICES = ("cpu",)
+
+#: The signature of :func:`tokenpool_ops.nn.pool_with_grad`, which each front door passes to
+#: :func:`pool_patch_tokens` from its own module (so a test or benchmark can wrap one door).
+PoolFunction = Callable[..., tuple[Tensor, PoolResult]]
+
+
+class TokenPoolState(TypedDict):
+    """The state dict shared by a patched model and its blocks (``model._tokenpool``)."""
+
+    num_prefix: int
+    method: Method
+    prop_attn: bool
+    trace_source: bool
+    placement: str
+    options: PoolOptions
+    keep: list[int]
+    sizes: Tensor | None
+    source: Tensor | None
+
+
+def reset_state(state: TokenPoolState) -> None:
+    """Forget the sizes and sources of the previous forward pass."""
+    state["sizes"] = None
+    state["source"] = None
+
+
+def keep_schedule(keep: int | Sequence[int], depth: int) -> list[int]:
+    """``keep`` as one non-negative int per block (one int is repeated)."""
+    schedule = [keep] * depth if isinstance(keep, int) else list(keep)
+    if len(schedule) != depth or any(not isinstance(k, int) or k < 0 for k in schedule):
+        raise ValueError(f"keep must be a non-negative int or {depth} of them (one per "
+                         f"block), got {keep!r}")
+    return schedule
+
+
+def new_state(num_prefix: int, keep: int | Sequence[int], depth: int, method: Method,
+              prop_attn: bool, trace_source: bool, placement: str,
+              options: PoolOptions) -> TokenPoolState:
+    """The checked state of a model with ``depth`` blocks; ``check_values`` defaults to False
+    (activations inside a model are not user input, and each check is a host read)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be 'attn' or 'block', got {placement!r}")
+    schedule = keep_schedule(keep, depth)
+    options = cast(PoolOptions, {"check_values": False, **options})
+    return TokenPoolState(
+        num_prefix=num_prefix, method=method, prop_attn=prop_attn, trace_source=trace_source,
+        placement=placement, options=options, keep=schedule, sizes=None, source=None)
+
+
+def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[int]:
+    """ToMe's schedule as a ``keep`` list for ``patch_timm`` and ``patch_transformers``:
+    block i merges ``r``
+    patch tokens away (ToMe's constant r, e.g. 13 for DeiT-S: 196 to 40 over 12 blocks),
+    or ``r[i]`` with one r per block.
+
+    As in ToMe, a block merges at most floor(n / 2) of the n patch tokens it gets (one
+    round of bipartite matching; prefix tokens are never merged), so the list saturates
+    instead of running out: ``tome_schedule(100, 3, 196)`` is [98, 49, 25].
+
+    Examples
+    --------
+    >>> tome_schedule(13, 12, 196)[:3], tome_schedule(13, 12, 196)[-1]
+    ([183, 170, 157], 40)
+    """
+    per_block = [r] * depth if isinstance(r, int) else list(r)
+    if len(per_block) != depth or any(not isinstance(v, int) or v < 0 for v in per_block):
+        raise ValueError(f"r must be a non-negative int or {depth} of them (one per block), "
+                         f"got {r!r}")
+    keep, n = [], num_patches
+    for merged in per_block:
+        n -= min(merged, n // 2)
+        keep.append(n)
+    return keep
+
+
+def guide_kind(state: TokenPoolState, num_patches: int, keep: int) -> str | None:
+    """What a block that gets ``num_patches`` patch tokens and keeps ``keep`` needs from its
+    attention: 'scores' (Eq. 5), 'metric' (ToMe's keys) or None (it pools without, or does
+    not reduce)."""
+    if keep >= num_patches:
+        return None
+    if state["method"] in MATCHING_METHODS:
+        return "metric"
+    return "scores" if state["method"] in USES_SCORES else None
+
+
+def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Eq. 5 for every token, (B, N) float32, without the (B, H, N, N) attention matrix.
+
+    Recomputes the logits of at most ``SCORE_CHUNK`` queries at a time (equal chunks) in
+    the compute dtype, normalises them in float32 and sums them over heads and queries.
+    Differentiable, but meant for passes without autograd (see ``TokenPoolAttention``).
+    """
+    n = q.shape[-2]
+    chunk = -(-n // -(-n // SCORE_CHUNK))  # ceil(n / number of chunks): no tiny last chunk
+    total = torch.zeros(q.shape[0], k.shape[-2], dtype=torch.float32, device=q.device)
+    for start in range(0, n, chunk):
+        logits = (q[:, :, start:start + chunk] * scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        total = total + logits.float().softmax(dim=-1).sum(dim=(1, 2))
+    return total
+
+
+def size_bias(state: TokenPoolState, batch: int) -> Tensor | None:
+    """log(size) of every token, (B, 1, 1, N), to add to the attention logits (prop_attn);
+    None before the first pooling or without prop_attn."""
+    if not state["prop_attn"] or state["sizes"] is None:
+        return None
+    # Prefix tokens stand for themselves. Their ones are made, not sliced from the sizes:
+    # once a block has pooled to no patch token, the sizes are (B, 0).
+    prefix = state["sizes"].new_ones(batch, state["num_prefix"])
+    return torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
+
+
+def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor | None,
+                      pool: PoolFunction = pool_with_grad) -> Tensor:
+    """One block's pooling: the patch tokens of ``x`` (B, prefix + N, C) to ``keep`` (if
+    fewer than N), guided by the block's Eq. 5 scores or ToMe's metric (patch tokens only);
+    updates the state's sizes (and source). ``pool`` is ``pool_with_grad``."""
+    matching = state["method"] in MATCHING_METHODS
+    scores, metric = (None, guide) if matching else (guide, None)
+    p = state["num_prefix"]
+    patches = x[:, p:]
+    n, k = patches.shape[1], keep
+    if k >= n:
+        return x
+    sizes = state["sizes"]
+    if scores is not None and sizes is not None and state["prop_attn"]:
+        # Per original token (see tokenpool_ops.timm's docstring). An empty K-Means cluster left a
+        # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
+        sizes = sizes.to(scores.dtype)
+        scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
+    tokens, result = pool(patches, k, state["method"], scores=scores, sizes=sizes,
+                          metric=metric, lean=not state["trace_source"], **state["options"])
+    state["sizes"] = result.sizes.float()
+    if state["trace_source"]:
+        source = state["source"]
+        if source is None:
+            source = torch.arange(n, device=x.device).expand(x.shape[0], n)
+        state["source"] = (torch.full_like(source, -1) if k == 0 else
+                           torch.gather(result.assignment, 1, source))
+    return torch.cat([x[:, :p], tokens], dim=1)
