@@ -79,6 +79,14 @@ class TokenPoolState(TypedDict):
     source: Tensor | None
 
 
+class _SharedState(dict):  # type: ignore[type-arg]
+    """The runtime type of :class:`TokenPoolState`: a dict subclass, which ``torch.export``
+    leaves alone. Export snapshots every module's attributes as a pytree and puts the
+    snapshot back afterwards, which copies plain dicts: each block would then hold its own
+    state, and the sizes would no longer reach the later blocks. A subclass is a pytree
+    leaf, so the model and its blocks keep sharing one object."""
+
+
 def _reset(state: TokenPoolState) -> None:
     state["sizes"] = None
     state["source"] = None
@@ -220,8 +228,12 @@ def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
     """A subclass of the model's class whose forward starts from fresh sizes and sources."""
 
     def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
-        _reset(_state_of(self))
-        return original.forward(self, *args, **kwargs)
+        state = _state_of(self)
+        _reset(state)
+        logits = original.forward(self, *args, **kwargs)
+        if torch.compiler.is_exporting():  # its sizes and sources are fake tensors
+            _reset(state)
+        return logits
 
     return type(f"TokenPool{original.__name__}", (original,),
                 {"forward": forward, "_tp_original_class": original})
@@ -318,10 +330,10 @@ def patch_timm(
     schedule = _keep_schedule(keep, len(blocks))
     options = cast(PoolOptions, {"check_values": False, **options})
 
-    state = TokenPoolState(
+    state = cast(TokenPoolState, _SharedState(
         num_prefix=model.num_prefix_tokens, method=method, prop_attn=prop_attn,
         trace_source=trace_source, placement=placement, options=options, keep=schedule,
-        sizes=None, source=None)
+        sizes=None, source=None))
     n = model.patch_embed.num_patches
     for block, k in zip(blocks, schedule, strict=True):
         reduces = k < n
