@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -77,20 +78,28 @@ def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the C++ compiler's runs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
-               dtype: str, first_calls: dict[str, float] | None = None) -> dict[str, float]:
+               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None
+               ) -> dict[str, float]:
     """Best seconds of one forward pass per model. The models take turns, one pass each per
     round, so a machine whose speed drifts (other jobs, clocks) slows them alike. The
-    seconds of each model's first call (the warm-up: compilation included) go to
-    ``first_calls``."""
+    wall-clock and CPU seconds of each model's first call (the warm-up: compilation
+    included) go to ``first_calls``."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
         for name, model in models.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             model(x)  # warm-up: kernels compiled, caches filled
             synchronise(x.device)
             if first_calls is not None:
-                first_calls[name] = time.perf_counter() - start
+                first_calls[name] = (time.perf_counter() - start, cpu_seconds() - start_cpu)
         synchronise(x.device)
         for _ in range(repeats):
             for name, model in models.items():
@@ -185,7 +194,7 @@ def main() -> None:
     for method in args.methods:
         models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
                                     keep, method=method, **options)
-    first_calls: dict[str, float] = {}
+    first_calls: dict[str, tuple[float, float]] = {}
     if args.compile:
         compiled = compile_models(models, x, args.compile_mode, args.dtype)
         seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls)
@@ -219,10 +228,12 @@ def compile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, mode: st
     """Each model compiled as one graph (``fullgraph=True``: a graph break is an error),
     keyed ``name + COMPILED``. Inductor's caches are switched off, so each first call
     compiles as it would the first time anywhere, and one tiny model is compiled first, so
-    that inductor's one-off start-up is nobody's compile time."""
+    that inductor's one-off start-up is nobody's compile time. Inductor compiles in this
+    process (one compile thread), so that the CPU time of a first call holds all of it."""
     import torch._inductor.config as inductor_config
 
     inductor_config.force_disable_caches = True
+    inductor_config.compile_threads = 1
     with torch.no_grad(), precision(dtype, x.device):
         torch.compile(torch.nn.Linear(4, 4).to(x.device), mode=mode)(
             torch.ones(2, 4, device=x.device))
@@ -230,18 +241,20 @@ def compile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, mode: st
             for name, model in models.items()}
 
 
-def print_compiled(names: list[str], seconds: dict[str, float], first_calls: dict[str, float],
-                   mode: str) -> None:
-    """The compiled models' table: first call (compilation and one pass), best time,
-    speed-up over the compiled plain model, and eager time over compiled time."""
+def print_compiled(names: list[str], seconds: dict[str, float],
+                   first_calls: dict[str, tuple[float, float]], mode: str) -> None:
+    """The compiled models' table: first call (compilation and one pass; wall-clock and CPU
+    seconds), best time, speed-up over the compiled plain model, and eager time over
+    compiled time."""
     print(f"torch.compile(fullgraph=True, mode={mode!r}), inductor caches off; eager and "
           "compiled models in turn")
-    print(f"{'compiled':<12} {'first call s':>13} {'ms':>9} {'speed-up':>9} "
+    print(f"{'compiled':<12} {'first call s':>13} {'(CPU s)':>8} {'ms':>9} {'speed-up':>9} "
           f"{'eager/compiled':>15}")
     plain = seconds["plain" + COMPILED]
     for name in names:
         key = name + COMPILED
-        print(f"{name:<12} {first_calls[key]:>13.1f} {seconds[key] * 1e3:>9.1f} "
+        wall, cpu = first_calls[key]
+        print(f"{name:<12} {wall:>13.1f} {cpu:>8.1f} {seconds[key] * 1e3:>9.1f} "
               f"{plain / seconds[key]:>9.2f} {seconds[name] / seconds[key]:>15.2f}")
 
 

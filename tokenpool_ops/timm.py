@@ -306,8 +306,13 @@ def patch_timm(
         Passed to :func:`tokenpool_ops.pool` (``max_iter``, ``init``, ``seed``,
         ``check_values``, ``stop_early``, ``fast_paths``). ``check_values`` defaults to
         False here: activations inside a model are not user input, and each check is a
-        host synchronisation. With ``stop_early=False, fast_paths=False`` as well, a forward
-        pass reads no value on the host (for CUDA graphs and ``torch.compile``).
+        host synchronisation. With ``stop_early=False`` as well, an eager forward pass
+        reads no value on the host (for CUDA graphs captured by hand).
+
+    Under ``torch.compile`` (``fullgraph=True`` works, in inference and training) and
+    ``torch.export`` the defaults are fine: the clustering runs its ``max_iter`` iterations
+    without host reads, and the fused kernels (Numba on the CPU, CUDA with CuPy) are custom
+    operators inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
 
     Returns
     -------
