@@ -1,7 +1,13 @@
-"""PyTorch fast paths: fused distance assembly and ``index_add_`` segment sums."""
+"""PyTorch fast paths: fused distance assembly and ``index_add_`` segment sums.
+
+The fused kernels (Numba on the CPU, CUDA through CuPy) are reached through the custom
+operators of ``backends._torch_ops``, so that ``torch.compile`` and ``torch.export`` keep them
+in the graph as one operator each.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -11,6 +17,8 @@ import torch
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
 from tokenpool_ops._primitives import weighted_means as generic_weighted_means
 from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_segment_sums
+
+from . import _torch_ops
 
 
 def sq_distances(xp: Any, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -115,14 +123,31 @@ def _on_cuda(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cuda"
 
 
+#: Whether CuPy can be imported: decided once, so that a traced call decides without an import.
+CUPY_INSTALLED = importlib.util.find_spec("cupy") is not None
+
+
+def _kernel_op_traced() -> bool:
+    """Whether a traced call (torch.compile, torch.export) takes the CUDA kernels, as custom
+    operators: with CuPy installed. Without it the PyTorch code is traced."""
+    return CUPY_INSTALLED
+
+
 def cuda_kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                   weights: torch.Tensor, max_iter: int, stop_early: bool
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
     """``Primitives.kmedoids`` by the CUDA kernel (``_cupy.torch_kmedoids``); None (the
     PyTorch code runs) off CUDA and where the kernel declines. Labels and medoids have no
-    gradient."""
+    gradient. Traced, the kernel is the operator ``_torch_ops.kmedoids`` (which runs the
+    PyTorch code itself where the kernel declines)."""
     if not _on_cuda(x):
         return None
+    if torch.compiler.is_compiling():
+        if not _kernel_op_traced():
+            return None
+        labels, medoids, history, _ = _torch_ops.kmedoids(x, mean, init, weights, max_iter,
+                                                          stop_early)
+        return labels, medoids, history, max_iter  # traced: never stop_early (_host_reads)
     from . import _cupy
 
     return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)
@@ -133,10 +158,17 @@ def cuda_weighted_means(values: torch.Tensor, labels: torch.Tensor, k: int,
     """The merge kernel's weighted means for CUDA tensors (``_cupy.torch_weighted_means``):
     O(N M) per problem, no (B, K, N) one-hot. None (the PyTorch code runs) off CUDA, where
     the kernel declines, and where the means need gradients: the kernel has no backward,
-    and ``tokenpool_ops.nn.merge`` differentiates through the PyTorch code.
+    and ``tokenpool_ops.nn.merge`` differentiates through the PyTorch code. Traced, the
+    operator ``_torch_ops.weighted_means`` (for one dtype and one ``empty`` row per problem,
+    where the kernel applies).
     """
     if not _on_cuda(values) or _needs_grad(values, weights, empty):
         return None
+    if torch.compiler.is_compiling():
+        same_dtype = values.dtype == weights.dtype == empty.dtype
+        if not (_kernel_op_traced() and same_dtype and empty.shape[1] == 1):
+            return None
+        return _torch_ops.weighted_means(values, labels, k, weights, empty)
     from . import _cupy
 
     return _cupy.torch_weighted_means(values, labels, k, weights, empty)
@@ -156,8 +188,10 @@ def cuda_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tenso
     """``Primitives.merge`` by the merge kernel (``_cupy.torch_merge``); None (the PyTorch
     code runs) off CUDA, where the kernel declines and where gradients are needed."""
     given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
-    if not _on_cuda(x) or _needs_grad(*given):
-        return None  # on the host the Numba means and the PyTorch sums are as lean
+    if not _on_cuda(x) or _needs_grad(*given) or torch.compiler.is_compiling():
+        # On the host the Numba means and the PyTorch sums are as lean. Traced, the PyTorch
+        # code: the merge kernel is no custom operator yet (kmedoids and the means are).
+        return None
     from . import _cupy
 
     return _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
@@ -182,8 +216,9 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
 
 
 def _on_host(*tensors: torch.Tensor) -> bool:
-    """Whether Numba may take these tensors: on the CPU, and not inside torch.compile."""
-    return not torch.compiler.is_compiling() and all(t.device.type == "cpu" for t in tensors)
+    """Whether the Numba kernels may take these tensors: on the CPU (traced too: they are
+    the custom operators of ``_torch_ops``)."""
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 #: Bytes of centred tokens per block in the medoid Gram product (see backends._numpy).
@@ -198,52 +233,43 @@ def _bmm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
 def compiled_paths() -> dict[str, Callable[..., Any]]:
     """The Numba kernels for CPU tensors (ImportError without Numba), over :data:`FAST_PATHS`.
 
-    Parallel kernels: PyTorch's OpenMP threads go idle quickly after each operation, so
-    Numba's threads can have the cores. Tensors elsewhere than on the CPU, inside
-    torch.compile, or whose means need gradients take what :data:`FAST_PATHS` gives them:
-    the CUDA kernels for CUDA tensors where CuPy is installed, else the PyTorch code.
+    Each is a custom operator (``backends._torch_ops``), eager and traced alike. Parallel
+    kernels: PyTorch's OpenMP threads go idle quickly after each operation, so Numba's
+    threads can have the cores. Tensors elsewhere than on the CPU, or whose means need
+    gradients, take what :data:`FAST_PATHS` gives them: the CUDA kernels for CUDA tensors
+    where CuPy is installed, else the PyTorch code. The iteration count comes back unread
+    (a 0-d tensor) where ``stop_early`` asks for it: the core reads it with its value checks.
     """
-    from . import _numba
+    from . import _numba  # noqa: F401  (ImportError without Numba, as documented)
 
     def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                  weights: torch.Tensor, max_iter: int, stop_early: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
         if _on_cuda(x):
             return cuda_kmedoids(xp, x, mean, init, weights, max_iter, stop_early)
         if not _on_host(x, mean, init, weights):
             return None
-        with torch.no_grad():  # assignments and medoids have no gradient
-            x_host, mean_host = x.detach().numpy(), mean.detach().numpy()
-            gram = _numba.medoid_gram(x_host, mean_host, init.numpy(), BLOCK_BYTES,
-                                      _bmm_transposed, True)
-            labels, medoids, history, n_iter = _numba.kmedoids(
-                x_host, mean_host, gram, init.numpy(), weights.detach().numpy(), max_iter,
-                stop_early, True)
-        return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
-                n_iter)
+        # Assignments and medoids have no gradient.
+        labels, medoids, history, count = _torch_ops.kmedoids(
+            x.detach(), mean.detach(), init, weights.detach(), max_iter, stop_early)
+        return labels, medoids, history, count if stop_early else max_iter
 
     def kmeans(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                weights: torch.Tensor, fallback: torch.Tensor | None, max_iter: int,
-               stop_early: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+               stop_early: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any] | None:
         given = [t for t in (x, mean, init, weights, fallback) if t is not None]
         if not _on_host(*given) or _needs_grad(*given):
             return None  # the centres of kmeans() carry gradients on the PyTorch path
-        x_host, mean_host = x.detach().numpy(), mean.detach().numpy()
-        gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
-        centres, labels, history, n_iter = _numba.kmeans(
-            x_host, mean_host, gram, init.numpy(), weights.detach().numpy(),
-            None if fallback is None else fallback.detach().numpy(), max_iter, stop_early, True)
-        return (torch.from_numpy(centres), torch.from_numpy(labels),
-                torch.from_numpy(history), n_iter)
+        centres, labels, history, count = _torch_ops.kmeans(
+            x, mean, init, weights, fallback, max_iter, stop_early)
+        return centres, labels, history, count if stop_early else max_iter
 
     def compiled_weighted_means(xp: Any, values: torch.Tensor, labels: torch.Tensor, k: int,
                                 weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
         if (_on_cuda(values) or not _on_host(values, labels, weights, empty)
-                or _needs_grad(values, weights, empty)):
+                or _needs_grad(values, weights, empty)
+                or not values.dtype == weights.dtype == empty.dtype):
             return fused_weighted_means(xp, values, labels, k, weights, empty)
-        return torch.from_numpy(_numba.weighted_means(
-            values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
+        return _torch_ops.weighted_means(values, labels, k, weights, empty)
 
     return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means}
-
-

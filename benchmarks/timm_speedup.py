@@ -14,12 +14,20 @@ time on a GPU, CPU time on the CPU).
 
 The patched models run as patch_timm sets them up by default (values unchecked); on a GPU
 ``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the host.
+
+``--compile`` adds every model compiled with ``torch.compile(model, fullgraph=True,
+mode=--compile-mode)`` (on a GPU ``--compile-mode reduce-overhead`` adds CUDA graphs) and
+prints a second table: the first call of each compiled model (compilation plus one pass,
+with inductor's caches off, as a first compile anywhere), its best time, its speed-up over
+the compiled plain model, and compiled against eager. The eager and compiled models take
+turns in the same rounds, so the ratios come from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import resource
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -70,14 +78,28 @@ def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextMan
     return contextlib.nullcontext()
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the C++ compiler's runs)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
-               dtype: str) -> dict[str, float]:
+               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None
+               ) -> dict[str, float]:
     """Best seconds of one forward pass per model. The models take turns, one pass each per
-    round, so a machine whose speed drifts (other jobs, clocks) slows them alike."""
+    round, so a machine whose speed drifts (other jobs, clocks) slows them alike. The
+    wall-clock and CPU seconds of each model's first call (the warm-up: compilation
+    included) go to ``first_calls``."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
-        for model in models.values():
+        for name, model in models.items():
+            start, start_cpu = time.perf_counter(), cpu_seconds()
             model(x)  # warm-up: kernels compiled, caches filled
+            synchronise(x.device)
+            if first_calls is not None:
+                first_calls[name] = (time.perf_counter() - start, cpu_seconds() - start_cpu)
         synchronise(x.device)
         for _ in range(repeats):
             for name, model in models.items():
@@ -147,6 +169,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time every model under torch.compile(fullgraph=True)")
+    parser.add_argument("--compile-mode", default="default",
+                        choices=("default", "reduce-overhead", "max-autotune",
+                                 "max-autotune-no-cudagraphs"),
+                        help="torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
     args = parser.parse_args()
     args.methods = METHODS if args.methods == "all" else args.methods.split(",")
     unknown = sorted(set(args.methods) - set(METHODS))
@@ -166,7 +194,12 @@ def main() -> None:
     for method in args.methods:
         models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
                                     keep, method=method, **options)
-    seconds = best_times(models, x, args.repeats, args.dtype)
+    first_calls: dict[str, tuple[float, float]] = {}
+    if args.compile:
+        compiled = compile_models(models, x, args.compile_mode, args.dtype)
+        seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls)
+    else:
+        seconds = best_times(models, x, args.repeats, args.dtype)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
@@ -183,6 +216,46 @@ def main() -> None:
         share = pooling_share(model, x, args.dtype)
         print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f} "
               f"{share:>13.1%}")
+    if args.compile:
+        print_compiled(list(models), seconds, first_calls, args.compile_mode)
+
+
+COMPILED = " compiled"
+
+
+def compile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, mode: str,
+                   dtype: str) -> dict[str, torch.nn.Module]:
+    """Each model compiled as one graph (``fullgraph=True``: a graph break is an error),
+    keyed ``name + COMPILED``. Inductor's caches are switched off, so each first call
+    compiles as it would the first time anywhere, and one tiny model is compiled first, so
+    that inductor's one-off start-up is nobody's compile time. Inductor compiles in this
+    process (one compile thread), so that the CPU time of a first call holds all of it."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True
+    inductor_config.compile_threads = 1
+    with torch.no_grad(), precision(dtype, x.device):
+        torch.compile(torch.nn.Linear(4, 4).to(x.device), mode=mode)(
+            torch.ones(2, 4, device=x.device))
+    return {name + COMPILED: torch.compile(model, mode=mode, fullgraph=True)
+            for name, model in models.items()}
+
+
+def print_compiled(names: list[str], seconds: dict[str, float],
+                   first_calls: dict[str, tuple[float, float]], mode: str) -> None:
+    """The compiled models' table: first call (compilation and one pass; wall-clock and CPU
+    seconds), best time, speed-up over the compiled plain model, and eager time over
+    compiled time."""
+    print(f"torch.compile(fullgraph=True, mode={mode!r}), inductor caches off; eager and "
+          "compiled models in turn")
+    print(f"{'compiled':<12} {'first call s':>13} {'(CPU s)':>8} {'ms':>9} {'speed-up':>9} "
+          f"{'eager/compiled':>15}")
+    plain = seconds["plain" + COMPILED]
+    for name in names:
+        key = name + COMPILED
+        wall, cpu = first_calls[key]
+        print(f"{name:<12} {wall:>13.1f} {cpu:>8.1f} {seconds[key] * 1e3:>9.1f} "
+              f"{plain / seconds[key]:>9.2f} {seconds[name] / seconds[key]:>15.2f}")
 
 
 if __name__ == "__main__":

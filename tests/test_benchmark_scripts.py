@@ -114,7 +114,7 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
     steps = [line.split(" --")[0] if line.startswith("compute-sanitizer") else line
              for line in lines]
     assert [step.split()[0] for step in steps] == ["python"] + ["compute-sanitizer"] * 2 + [
-        "python"] * 6
+        "python"] * 7
     assert "benchmarks/gpu_kernels.py probe" in lines[0]
     for line, tool in zip(lines[1:3], ("memcheck", "racecheck"), strict=True):
         assert f"--tool {tool} --error-exitcode 1 " in line
@@ -126,6 +126,8 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
         assert "--schedule level4 --methods wkmedoids,topk" in line
     assert "score_pass.py" in lines[7]
     assert "hf_speedup.py --device cuda --dtype bf16 --batch 256" in lines[8]
+    assert "timm_speedup.py --device cuda --dtype bf16 --batch 256" in lines[9]
+    assert "--compile --compile-mode reduce-overhead" in lines[9]
     usages: dict[str, str] = {}
     for line in lines:  # the scripts exist and accept these options
         words = shlex.split(line)
@@ -141,6 +143,6 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
             assert option in usages[scripts[0]], (scripts[0], option)
     record = results.read_text()
     for section in ("memcheck", "racecheck", "tests", "pool", "model_bf16", "model_fp32",
-                    "scores", "hf_model"):
+                    "scores", "hf_model", "model_compiled"):
         assert f"## {section}" in record
     assert "output of benchmarks/benchmarks/bench_cuda.py --cases 256x197/98" in record

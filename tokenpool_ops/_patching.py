@@ -68,6 +68,14 @@ class TokenPoolState(TypedDict):
     source: Tensor | None
 
 
+class _SharedState(dict):  # type: ignore[type-arg]
+    """The runtime type of :class:`TokenPoolState`: a dict subclass, which ``torch.export``
+    leaves alone. Export snapshots every module's attributes as a pytree and puts the
+    snapshot back afterwards, which copies plain dicts: each block would then hold its own
+    state, and the sizes would no longer reach the later blocks. A subclass is a pytree
+    leaf, so the model and its blocks keep sharing one object."""
+
+
 def reset_state(state: TokenPoolState) -> None:
     """Forget the sizes and sources of the previous forward pass."""
     state["sizes"] = None
@@ -94,9 +102,9 @@ def new_state(num_prefix: int, keep: int | Sequence[int], depth: int, method: Me
         raise ValueError(f"placement must be 'attn' or 'block', got {placement!r}")
     schedule = keep_schedule(keep, depth)
     options = cast(PoolOptions, {"check_values": False, **options})
-    return TokenPoolState(
+    return cast(TokenPoolState, _SharedState(
         num_prefix=num_prefix, method=method, prop_attn=prop_attn, trace_source=trace_source,
-        placement=placement, options=options, keep=schedule, sizes=None, source=None)
+        placement=placement, options=options, keep=schedule, sizes=None, source=None))
 
 
 def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[int]:

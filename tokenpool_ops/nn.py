@@ -90,7 +90,7 @@ def merge(
     to ones for a group whose weights sum to zero, as the core does; an empty cluster (K-Means only)
     takes the core's centre, which carries no gradient. The selection baselines gather the
     kept tokens. Sums are accumulated in float32; the result has the dtype of ``x``.
-    ``fast_paths`` as in :func:`tokenpool_ops.pool` (False for ``torch.compile``).
+    ``fast_paths`` as in :func:`tokenpool_ops.pool`.
     """
     n, k = x.shape[-2], result.tokens.shape[-2]
     if k >= n:
@@ -142,10 +142,12 @@ def _wants_grad(*tensors: Tensor | None) -> bool:
 class TokenPooling(nn.Module):
     """Token Pooling layer (Algorithm 1): (..., N, M) tokens to (..., k, M).
 
-    Parameters are those of :func:`tokenpool_ops.pool`. For ``torch.compile`` and CUDA
-    graphs use the generic path with a fixed iteration count: ``stop_early=False,
-    check_values=False, fast_paths=False``; then no value is read on the host (the seeded
-    draws of 'random', 'importance' and ``init='random'`` are made on the device too).
+    Parameters are those of :func:`tokenpool_ops.pool`. Under ``torch.compile`` and
+    ``torch.export`` the defaults work: the values go unchecked, the clustering runs its
+    ``max_iter`` iterations and the fused kernels are custom operators in the graph. For
+    CUDA graphs captured by hand pass ``stop_early=False, check_values=False``; then no
+    value is read on the host (the seeded draws of 'random', 'importance' and
+    ``init='random'`` are made on the device too).
 
     ``forward(x, scores=None, sizes=None, metric=None)`` returns the pooled tokens (``metric``:
     'tome' only);

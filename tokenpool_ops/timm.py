@@ -152,8 +152,12 @@ def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
     """A subclass of the model's class whose forward starts from fresh sizes and sources."""
 
     def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
-        reset_state(_state_of(self))
-        return original.forward(self, *args, **kwargs)
+        state = _state_of(self)
+        reset_state(state)
+        logits = original.forward(self, *args, **kwargs)
+        if torch.compiler.is_exporting():  # its sizes and sources are fake tensors
+            reset_state(state)
+        return logits
 
     return type(f"TokenPool{original.__name__}", (original,),
                 {"forward": forward, "_tp_original_class": original})
@@ -193,8 +197,13 @@ def patch_timm(
         Passed to :func:`tokenpool_ops.pool` (``max_iter``, ``init``, ``seed``,
         ``check_values``, ``stop_early``, ``fast_paths``). ``check_values`` defaults to
         False here: activations inside a model are not user input, and each check is a
-        host synchronisation. With ``stop_early=False, fast_paths=False`` as well, a forward
-        pass reads no value on the host (for CUDA graphs and ``torch.compile``).
+        host synchronisation. With ``stop_early=False`` as well, an eager forward pass
+        reads no value on the host (for CUDA graphs captured by hand).
+
+    Under ``torch.compile`` (``fullgraph=True`` works, in inference and training) and
+    ``torch.export`` the defaults are fine: the clustering runs its ``max_iter`` iterations
+    without host reads, and the fused kernels (Numba on the CPU, CUDA with CuPy) are custom
+    operators inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
 
     Returns
     -------

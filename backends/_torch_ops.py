@@ -1,0 +1,215 @@
+"""The fused kernels of PyTorch's fast paths as PyTorch custom operators.
+
+``torch.ops.tokenpool_ops.kmedoids``, ``.kmeans`` and ``.weighted_means`` run the Numba
+kernels on CPU tensors and the CUDA kernels (through ``backends._cupy``) on CUDA tensors.
+As custom operators (``torch.library.custom_op``) with fake implementations, each is one
+opaque node to dynamo, AOTAutograd, inductor, ``torch.export`` and CUDA graphs: a compiled
+model calls the kernel instead of breaking its graph or tracing the generic loop.
+
+Their results never depend on the data for their shapes, so that they can be traced: the
+objective history always has ``max_iter + 1`` entries (a problem that reached its fixed
+point repeats its final value, as the kernels write it) and the most iterations any problem
+ran comes back as a 0-d int64 tensor, which the core reads with its value checks (eager,
+``stop_early``) or not at all (traced: ``max_iter`` iterations, see ``_pool._host_reads``).
+
+Where a kernel does not cover a call (the CUDA kernel declines some shapes; Numba or CuPy
+missing at run time) the operator runs the PyTorch code of the generic loop instead, with
+the same results. Nothing here has a backward: callers pass no tensor that needs gradients
+(``backends._torch`` keeps those on the PyTorch path).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+#: The namespace of the operators: ``torch.ops.tokenpool_ops``.
+NAMESPACE = "tokenpool_ops"
+
+
+def _plain_primitives() -> Any:
+    """PyTorch's primitives without the fused kernels: the fallback of every operator."""
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._primitives import Primitives
+
+    from . import _torch
+
+    return Primitives(xp, sq_distances=_torch.sq_distances,
+                      self_sq_distances=_torch.self_sq_distances,
+                      segment_sum=_torch.segment_sum,
+                      weighted_segment_sums=_torch.weighted_segment_sums,
+                      weighted_means=_torch.weighted_means,
+                      medoid_assignment=_torch.medoid_assignment,
+                      gather_rows=_torch.gather_rows, name="torch")
+
+
+def _full_history(history: Tensor, n_iter: Any, max_iter: int) -> tuple[Tensor, Tensor]:
+    """``history`` with ``max_iter + 1`` columns (the last one repeated, as a converged
+    problem repeats its value) and the iteration count as a 0-d int64 tensor."""
+    missing = max_iter + 1 - history.shape[1]
+    if missing > 0 and history.shape[1] > 0:
+        history = torch.cat([history, history[:, -1:].expand(-1, missing)], dim=1)
+    elif missing > 0:  # no column to repeat: only a batch of no problem has none
+        history = history.new_zeros(history.shape[0], max_iter + 1)
+    count = torch.as_tensor(n_iter, dtype=torch.int64, device=history.device).reshape(())
+    return history.contiguous(), count
+
+
+def _on_cuda(x: Tensor) -> bool:
+    from . import _torch
+
+    return _torch._on_cuda(x)  # looked up at call time: the CPU tests substitute it
+
+
+# ---------------------------------------------------------------------------------------------
+# K-Medoids
+
+
+@torch.library.custom_op(f"{NAMESPACE}::kmedoids", mutates_args=())
+def kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, max_iter: int,
+             stop_early: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K-Medoids of tokens ``x`` (B, N, M), each problem's mean ``mean`` (B, 1, M), from the
+    medoids ``init`` (B, K) with token weights ``weights`` (B, N).
+
+    Returns labels (B, N) and medoids (B, K) in ``init``'s dtype, the objective history
+    (B, max_iter + 1) in ``x``'s dtype and the most iterations any problem ran (0-d int64).
+    ``stop_early`` lets the PyTorch fallback read its convergence on the host (eager only);
+    the kernels stop each problem at its fixed point either way.
+    """
+    x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
+    fused = _cuda_kmedoids(x, mean, init, weights, max_iter) if _on_cuda(x) else (
+        _numba_kmedoids(x, mean, init, weights, max_iter))
+    if fused is None:
+        from tokenpool_ops._clustering import run_kmedoids
+
+        prims = _plain_primitives()
+        flat = run_kmedoids(prims, prims.self_sq_distances(prims.xp, x - mean), init, weights,
+                            max_iter, stop_early)
+        fused = (flat.assignment, flat.medoids, flat.history, flat.n_iter)
+    labels, medoids, history, n_iter = fused
+    history, count = _full_history(history.to(x.dtype), n_iter, max_iter)
+    return labels.to(init.dtype), medoids.to(init.dtype), history, count
+
+
+@kmedoids.register_fake
+def _(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, max_iter: int,
+      stop_early: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, n = x.shape[:2]
+    return (init.new_empty(batch, n), init.new_empty(init.shape),
+            x.new_empty(batch, max_iter + 1), x.new_empty((), dtype=torch.int64))
+
+
+def _cuda_kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
+                   max_iter: int) -> tuple[Tensor, Tensor, Tensor, Any] | None:
+    from . import _cupy
+
+    return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, True)
+
+
+def _numba_kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
+                    max_iter: int) -> tuple[Any, Any, Any, int] | None:
+    if x.device.type != "cpu" or not _numba_available():
+        return None
+    from . import _numba
+    from ._torch import BLOCK_BYTES, _bmm_transposed
+
+    x_host, mean_host, init_host = x.numpy(), mean.numpy(), init.numpy()
+    gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed, True)
+    labels, medoids, history, n_iter = _numba.kmedoids(
+        x_host, mean_host, gram, init_host, weights.numpy(), max_iter, True, True)
+    return torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history), n_iter
+
+
+# ---------------------------------------------------------------------------------------------
+# K-Means
+
+
+@torch.library.custom_op(f"{NAMESPACE}::kmeans", mutates_args=())
+def kmeans(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, fallback: Tensor | None,
+           max_iter: int, stop_early: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """K-Means of tokens ``x`` (B, N, M) from the tokens ``init`` (B, K) as centres, weights
+    ``weights`` and zero-weight ``fallback`` (B, N) as ``_clustering.run_kmeans``.
+
+    Returns the centres (B, K, M) in the centred frame, in ``x``'s dtype, labels (B, N) in
+    ``init``'s dtype, the history and the iteration count as :func:`kmedoids`.
+    """
+    x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
+    fallback = None if fallback is None else fallback.detach().contiguous()
+    fused = None if _on_cuda(x) else _numba_kmeans(x, mean, init, weights, fallback, max_iter)
+    if fused is None:
+        from tokenpool_ops._clustering import run_kmeans
+
+        flat = run_kmeans(_plain_primitives(), x - mean, init, weights, fallback, max_iter,
+                          stop_early)
+        fused = (flat.centres, flat.assignment, flat.history, flat.n_iter)
+    centres, labels, history, n_iter = fused
+    history, count = _full_history(history.to(x.dtype), n_iter, max_iter)
+    return centres.to(x.dtype), labels.to(init.dtype), history, count
+
+
+@kmeans.register_fake
+def _(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, fallback: Tensor | None,
+      max_iter: int, stop_early: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    batch, n, m = x.shape
+    return (x.new_empty(batch, init.shape[1], m), init.new_empty(batch, n),
+            x.new_empty(batch, max_iter + 1), x.new_empty((), dtype=torch.int64))
+
+
+def _numba_kmeans(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
+                  fallback: Tensor | None, max_iter: int) -> tuple[Any, Any, Any, int] | None:
+    if x.device.type != "cpu" or not _numba_available():
+        return None
+    from . import _numba
+    from ._torch import BLOCK_BYTES, _bmm_transposed
+
+    x_host, mean_host = x.numpy(), mean.numpy()
+    gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
+    centres, labels, history, n_iter = _numba.kmeans(
+        x_host, mean_host, gram, init.numpy(), weights.numpy(),
+        None if fallback is None else fallback.numpy(), max_iter, True, True)
+    return torch.from_numpy(centres), torch.from_numpy(labels), torch.from_numpy(history), n_iter
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted means (Algorithm 1, line 6, without gradients)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::weighted_means", mutates_args=())
+def weighted_means(values: Tensor, labels: Tensor, k: int, weights: Tensor,
+                   empty: Tensor) -> Tensor:
+    """``sum_i w_i values_i / sum_i w_i`` per label (B, k, C), ``empty`` (B, 1, C) or
+    (B, k, C) where the weights sum to zero; ``values``, ``weights`` and ``empty`` share
+    one dtype, which the result has."""
+    values, labels, weights, empty = (t.detach().contiguous()
+                                      for t in (values, labels, weights, empty))
+    fused = None
+    if _on_cuda(values):
+        from . import _cupy
+
+        fused = _cupy.torch_weighted_means(values, labels, k, weights, empty)
+    elif values.device.type == "cpu" and _numba_available():
+        from . import _numba
+
+        fused = torch.from_numpy(_numba.weighted_means(
+            values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
+    if fused is None:
+        import array_api_compat.torch as xp
+
+        from . import _torch
+
+        fused = _torch.weighted_means(xp, values, labels, k, weights, empty)
+    return fused.to(values.dtype)
+
+
+@weighted_means.register_fake
+def _(values: Tensor, labels: Tensor, k: int, weights: Tensor, empty: Tensor) -> Tensor:
+    return values.new_empty(values.shape[0], k, values.shape[2])
+
+
+def _numba_available() -> bool:
+    from . import numba_available
+
+    return numba_available()

@@ -1,0 +1,295 @@
+"""A patched timm model under torch.compile and torch.export, and the custom operators of the
+fused kernels (backends/_torch_ops.py).
+
+The models are tiny ViTs built from timm's class (no download): 16 patch tokens, 4 blocks.
+Dynamo runs with a backend that counts the graphs it is given and runs them as traced
+(inductor once, at the end), so that a graph break, a recompilation or a host read under
+tracing shows as a count, and a wrong trace as logits that differ from the eager model's.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch.compile needs PyTorch")
+timm = pytest.importorskip("timm", reason="the timm patch needs timm (pip install timm)")
+
+from typing import Any  # noqa: E402
+
+import numpy as np  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from tokenpool_ops.backends import _torch_ops  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+from tokenpool_ops import backends  # noqa: E402
+from tokenpool_ops._pool import METHODS  # noqa: E402
+from tokenpool_ops.timm import patch_timm  # noqa: E402
+
+#: Patch tokens after each block of the tiny ViT (16 patches): every block pools.
+SCHEDULE = [12, 9, 6, 4]
+#: The operators a block's plan calls, per method, where Numba is installed.
+OPS_OF = {"kmedoids": "kmedoids", "wkmedoids": "kmedoids", "kmeans": "kmeans",
+          "wkmeans": "kmeans"}
+
+
+def tiny_vit(method: str, training: bool = False, schedule: list[int] = SCHEDULE,
+             **options: Any) -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=len(schedule),
+                              num_heads=2, num_classes=10)
+    return patch_timm(model.train(training), schedule, method, **options)
+
+
+def images(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+class GraphCounter:
+    """A dynamo backend that keeps every graph it gets and runs it as traced (no compiler)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        self.graphs.append(gm)
+        return gm.forward
+
+    def op_calls(self, name: str) -> int:
+        target = getattr(torch.ops.tokenpool_ops, name).default
+        return sum(node.target == target for gm in self.graphs for node in gm.graph.nodes)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo() -> Any:
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def numba_installed() -> bool:
+    return backends.numba_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile(fullgraph=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_compiles_to_one_graph_with_the_eager_logits(method):
+    model, x = tiny_vit(method), images()
+    counter = GraphCounter()
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if method in OPS_OF and numba_installed():  # the Numba kernel: one op per block
+        assert counter.op_calls(OPS_OF[method]) == len(SCHEDULE)
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "topk", "tome"])
+def test_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method):
+    # The differentiable merge (tokenpool_ops.nn.merge) inside the graph; dropout is 0.
+    model, x = tiny_vit(method, training=True), images()
+    counter = GraphCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    losses, grads = [], []
+    for forward in (model, compiled):
+        model.zero_grad()
+        loss = forward(x).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.grad is not None]))
+    assert len(counter.graphs) == 1  # the forward graph; AOTAutograd derives the backward
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_calls_again_and_new_batch_sizes_never_recompile_per_block():
+    # Same shape: no recompilation. A new batch size: at most one (dynamo's dynamic shapes),
+    # not one per block, and the recompile limit is never reached.
+    model = tiny_vit("wkmedoids")
+    counter = GraphCounter()
+    compiled = torch.compile(model, backend=counter)
+    with torch.no_grad():
+        for batch in (2, 2, 3, 5, 3):
+            x = images(batch, seed=batch)
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(counter.graphs) <= 2
+    assert not counters["graph_break"]
+
+
+def test_without_numba_the_generic_path_is_traced():
+    # No fused kernel: no custom op in the graph, the PyTorch loop traced in its place (its
+    # max_iter iterations), with the same logits.
+    model, x = tiny_vit("wkmedoids"), images()
+    counter = GraphCounter()
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(backends, "_compiled_paths", lambda name: {})
+        want = model(x)
+        got = torch.compile(model, backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    assert counter.op_calls("kmedoids") == 0 and counter.op_calls("weighted_means") == 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_compiles_the_pooled_model():
+    # One block only: inductor's C++ compilation is the slow part of this test.
+    model, x = tiny_vit("wkmedoids", schedule=[4]), images()
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "tome"])
+def test_export_gives_the_eager_logits(method):
+    model, x = tiny_vit(method), images()
+    with torch.no_grad():
+        want = model(x)
+        program = torch.export.export(model, (x,))
+        got = program.module()(x)
+        again = model(x)  # export leaves the model as it was: one state for all blocks
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    assert all(block._tp_state is model._tokenpool for block in model.blocks)
+    if method in OPS_OF and numba_installed():
+        # The plan runs with autocast off: a nested graph (wrap_with_autocast) holds it.
+        target = torch.ops.tokenpool_ops.kmedoids.default
+        calls = sum(node.target == target for module in program.graph_module.modules()
+                    if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes)
+        assert calls == len(SCHEDULE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The custom operators
+
+
+def _kmedoids_args(rng: np.random.Generator, dtype: torch.dtype = torch.float64,
+                   n: int = 20, k: int = 5) -> tuple[Any, ...]:
+    x = torch.as_tensor(rng.normal(size=(3, n, 4)), dtype=dtype)
+    init = torch.as_tensor(np.stack([rng.permutation(n)[:k] for _ in range(3)]))
+    weights = torch.as_tensor(rng.random((3, n)), dtype=dtype)
+    return x, x.mean(dim=1, keepdim=True), init, weights
+
+
+def _generic_kmedoids(x, mean, init, weights, max_iter):
+    """The generic loop's result with stop_early=False, by the generic primitives."""
+    import array_api_compat.torch as xp
+
+    from tokenpool_ops._clustering import run_kmedoids
+    from tokenpool_ops._primitives import Primitives
+
+    prims = Primitives(xp)
+    return run_kmedoids(prims, prims.self_sq_distances(xp, x - mean), init, weights, max_iter,
+                        False)
+
+
+@pytest.mark.parametrize("with_numba", [True, False])
+def test_kmedoids_op_passes_opcheck_and_equals_the_generic_loop(with_numba, rng):
+    if with_numba and not numba_installed():
+        pytest.skip("numba is not installed: the operator's kernel route cannot be taken")
+    args = _kmedoids_args(rng)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch_ops, "_numba_available", lambda: with_numba)
+        torch.library.opcheck(torch.ops.tokenpool_ops.kmedoids, (*args, 6, True))
+        labels, medoids, history, count = torch.ops.tokenpool_ops.kmedoids(*args, 6, True)
+    want = _generic_kmedoids(*args, 6)
+    torch.testing.assert_close(labels, want.assignment, rtol=0, atol=0)
+    torch.testing.assert_close(medoids, want.medoids, rtol=0, atol=0)
+    torch.testing.assert_close(history, want.history, rtol=1e-10, atol=1e-10)
+    assert history.shape == (3, 7) and count.shape == () and 1 <= int(count) <= 6
+
+
+@pytest.mark.parametrize("with_fallback", [True, False])
+def test_kmeans_op_passes_opcheck(with_fallback, rng):
+    x, mean, init, weights = _kmedoids_args(rng)
+    fallback = torch.ones_like(weights) if with_fallback else None
+    torch.library.opcheck(torch.ops.tokenpool_ops.kmeans,
+                          (x, mean, init, weights, fallback, 5, True))
+    centres, labels, history, _ = torch.ops.tokenpool_ops.kmeans(x, mean, init, weights,
+                                                                 fallback, 5, False)
+    assert centres.shape == (3, 5, 4) and labels.shape == (3, 20) and history.shape == (3, 6)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_weighted_means_op_passes_opcheck_and_equals_the_generic_means(rows, rng):
+    values = torch.as_tensor(rng.normal(size=(3, 20, 4)))
+    labels = torch.as_tensor(rng.integers(0, 5, size=(3, 20)))
+    weights = torch.as_tensor(rng.integers(0, 3, size=(3, 20)).astype(np.float64))
+    empty = torch.as_tensor(rng.normal(size=(3, rows, 4)))
+    torch.library.opcheck(torch.ops.tokenpool_ops.weighted_means,
+                          (values, labels, 5, weights, empty))
+    got = torch.ops.tokenpool_ops.weighted_means(values, labels, 5, weights, empty)
+    # Independent reference: a loop over clusters.
+    want = empty.expand(3, 5, 4).clone()
+    for b in range(3):
+        for c in range(5):
+            member = labels[b] == c
+            total = weights[b, member].sum()
+            if total > 0:
+                want[b, c] = (weights[b, member, None] * values[b, member]).sum(0) / total
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cuda_route_of_the_ops_passes_opcheck(rng):
+    # The CUDA branch of the operators, on the CPU: tensors routed as CUDA tensors and
+    # _cupy's torch entries replaced by stand-ins that return the generic result (as the
+    # kernel does) or decline (then the operator's PyTorch fallback runs).
+    from tokenpool_ops.backends import _cupy, _torch
+
+    calls = {"kmedoids": 0, "means": 0}
+
+    def kmedoids_entry(x, mean, init, weights, max_iter, stop_early):
+        calls["kmedoids"] += 1
+        if calls["kmedoids"] % 2 == 0:
+            return None  # declined: the operator's own fallback
+        flat = _generic_kmedoids(x, mean, init, weights, max_iter)
+        return flat.assignment, flat.medoids, flat.history, flat.history.new_tensor(max_iter)
+
+    def means_entry(values, labels, k, weights, empty):
+        calls["means"] += 1
+        return None
+
+    args = _kmedoids_args(rng, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch, "_on_cuda", lambda tensor: True)
+        patch.setattr(_cupy, "torch_kmedoids", kmedoids_entry)
+        patch.setattr(_cupy, "torch_weighted_means", means_entry)
+        torch.library.opcheck(torch.ops.tokenpool_ops.kmedoids, (*args, 4, False))
+        labels = torch.randint(0, 5, (3, 20), generator=torch.Generator().manual_seed(0))
+        torch.library.opcheck(torch.ops.tokenpool_ops.weighted_means,
+                              (args[0], labels, 5, args[3], args[1]))
+        kernel = torch.ops.tokenpool_ops.kmedoids(*args, 4, False)
+        declined = torch.ops.tokenpool_ops.kmedoids(*args, 4, False)
+    assert calls["kmedoids"] > 2 and calls["means"] > 0
+    for got, want in zip(kernel, declined, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_traced_cuda_route_calls_the_kmedoids_op_once_per_block(monkeypatch):
+    # Under torch.compile, CUDA tensors with CuPy installed take the kernel as the operator
+    # (on the CPU: the CUDA route forced, the kernel's entry a stand-in that declines, so
+    # the operator's PyTorch fallback computes); the logits are the eager ones.
+    from tokenpool_ops.backends import _cupy, _torch
+
+    model, x = tiny_vit("wkmedoids"), images()
+    with torch.no_grad():
+        want = model(x)
+    monkeypatch.setattr(_torch, "_on_cuda", lambda tensor: True)
+    monkeypatch.setattr(_torch, "CUPY_INSTALLED", True)
+    for entry in ("torch_kmedoids", "torch_weighted_means", "torch_merge"):
+        monkeypatch.setattr(_cupy, entry, lambda *args: None)
+    counter = GraphCounter()
+    with torch.no_grad():
+        got = torch.compile(model, backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1 and counter.op_calls("kmedoids") == len(SCHEDULE)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
