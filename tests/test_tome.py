@@ -255,3 +255,14 @@ def test_inputs_are_left_bit_identical(backend):
                        return_info=True)
     for name, a in inputs.items():
         np.testing.assert_array_equal(backend.to_numpy(arrays[name]), a, err_msg=name)
+
+
+def test_merge_rounds_cap_each_round_and_refuse_zero():
+    from tokenpool_ops._tome import merge_rounds
+
+    # Worked by hand: 10 -> 5 -> 3 -> 2 (floor(n / 2) a round at most), then 2 -> 1.
+    assert merge_rounds(10, 2) == [5, 2, 1]
+    assert merge_rounds(10, 1) == [5, 2, 1, 1]
+    assert merge_rounds(4, 4) == [] and merge_rounds(0, 0) == []
+    with pytest.raises(ValueError, match="at least one token"):  # used to loop forever
+        merge_rounds(6, 0)

@@ -23,7 +23,12 @@ from ._primitives import Primitives
 
 def merge_rounds(n: int, k: int) -> list[int]:
     """Tokens each round removes on the way from n tokens to k: all that are left to
-    remove, at most floor(n / 2) of the n tokens entering the round (ToMe's cap)."""
+    remove, at most floor(n / 2) of the n tokens entering the round (ToMe's cap).
+
+    Merging never reaches zero tokens (a round on one token removes nothing), so ``k`` must
+    be at least 1 when ``n > k``; ``pool`` answers k = 0 without merging."""
+    if n > k and k < 1:
+        raise ValueError(f"merging reaches at least one token; got n={n}, k={k}")
     removed = []
     while n > k:
         r = min(n - k, n // 2)
