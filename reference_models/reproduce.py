@@ -596,6 +596,15 @@ MERGING = ("wkmedoids", "kmedoids", "wkmeans", "kmeans", "tome")
 
 def _plot(results: dict[str, Any], path: Path) -> None:
     """accuracy_vs_gflops.png: finetuned (left) and inserted without finetuning (right)."""
+    import matplotlib.pyplot as plt
+
+    fig = _figure(results)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _figure(results: dict[str, Any]) -> Any:
+    """The matplotlib figure of accuracy_vs_gflops.png (its two panels are ``fig.axes``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -645,8 +654,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Token downsampling on digits ({base['model']}): accuracy against cost",
                  fontsize=13)
     fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _plot_method(fig: Any, left: Any, right: Any, method: str, rows: list[dict[str, Any]],
