@@ -120,7 +120,7 @@ def clustering_flops(method: str, n: int, k: int, width: int, iterations: int,
                      metric_width: int | None = None) -> float:
     """Multiply-adds of one pooling step from n to k patch tokens (see the module text);
     ``metric_width``: tome's D (``width`` when None)."""
-    if k < n and method == "tome":
+    if 0 < k < n and method == "tome":  # k = 0 keeps nothing: pool matches nothing
         return matching_flops(n, k, width, width if metric_width is None else metric_width)
     if k >= n or method not in CLUSTERING:
         return 0.0
@@ -130,7 +130,7 @@ def clustering_flops(method: str, n: int, k: int, width: int, iterations: int,
 
 
 def matching_flops(n: int, k: int, width: int, metric_width: int) -> float:
-    """ToMe's cost from n to k < n patch tokens: the metric (keys averaged over heads), each
+    """ToMe's cost from n to 0 < k < n patch tokens: the metric (keys averaged over heads), each
     round's norms and similarities, the metric's merge between rounds, the tokens' merge."""
     from tokenpool_ops._tome import merge_rounds  # the rounds pool runs
 

@@ -7,8 +7,9 @@ The protocol of §5 and Appendix C, scaled to scikit-learn's digits and two CPU 
    weights λ (``reference_models.search_schedule``); each gives one keep schedule, a
    *budget* (``OUTPUT/search/<budget>/schedule.json``).
 3. **Finetuning**: for every budget, each downsampler (Token Pooling with the four
-   clustering methods, PoWER-BERT's top-k, random and importance selection) is finetuned
-   from the base with that schedule, for two epochs and five seeds. Convolution
+   clustering methods, ToMe's bipartite matching, PoWER-BERT's top-k, random and importance
+   selection) is finetuned from the base with that schedule, for two epochs and five seeds.
+   Convolution
    downsampling (Appendix D) has its own token counts and is finetuned at fixed depths; the
    base itself is finetuned the same way, so every model has the same training (step 4).
 4. **Insertion without finetuning** (Appendix E): every downsampler inserted into the base
@@ -54,6 +55,9 @@ METHODS: dict[str, list[str]] = {
     "kmedoids": ["--downsample", "tokenpool", "--method", "kmedoids"],
     "wkmeans": ["--downsample", "tokenpool", "--method", "wkmeans"],
     "kmeans": ["--downsample", "tokenpool", "--method", "kmeans"],
+    # ToMe's bipartite matching (Bolya et al., ICLR 2023): not in the paper, which predates
+    # it, but the method most users compare against.
+    "tome": ["--downsample", "tokenpool", "--method", "tome"],
     "powerbert": ["--downsample", "powerbert"],
     "importance": ["--downsample", "importance"],
     "random": ["--downsample", "random"],
@@ -538,8 +542,8 @@ def _markdown(results: dict[str, Any]) -> str:
              f"{results['plan']['finetune_epochs']} epoch(s) per model; accuracy is top-1 on "
              f"the {results['base']['val_images']} validation digits, mean ± standard "
              f"deviation over seeds. {unit} per image from reference_models.flops: the model "
-             "plus the clustering (its share in parentheses). images/s: inference, one "
-             "thread, batches of 120, this machine.",
+             "plus the clustering or ToMe's matching (its share in parentheses). images/s: "
+             "inference, one thread, batches of 120, this machine.",
              ""]
     for budget in results["budgets"]:
         lines += [f"## Budget {budget['name']} (λ = {budget['lam']:g}): keep "
@@ -578,17 +582,29 @@ def _markdown(results: dict[str, Any]) -> str:
 #: are open and differ in shape, so that points drawn over each other stay apart.
 STYLES = {"wkmedoids": ("WK-Medoids", "tab:blue", "o"), "kmedoids": ("K-Medoids", "tab:cyan", "s"),
           "wkmeans": ("WK-Means", "tab:green", "^"), "kmeans": ("K-Means", "tab:olive", "v"),
+          "tome": ("ToMe", "tab:orange", "<"),
           "powerbert": ("PoWER-BERT", "tab:red", "D"),
           "importance": ("importance", "tab:purple", "P"),
           "random": ("random", "tab:brown", "X"), "conv": ("convolution", "tab:gray", "h")}
 #: Sideways shift between neighbouring methods, in points: at the harshest budget the four
 #: clustering methods cost the same to a thousandth, and importance and random score alike.
 DODGE_POINTS = 2.5
-CLUSTERING = ("wkmedoids", "kmedoids", "wkmeans", "kmeans")
+#: The methods that merge tokens, whose sizes --carry brings into attention: the clustering
+#: methods and ToMe. (The selection methods keep tokens of size 1: carry changes nothing.)
+MERGING = ("wkmedoids", "kmedoids", "wkmeans", "kmeans", "tome")
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
     """accuracy_vs_gflops.png: finetuned (left) and inserted without finetuning (right)."""
+    import matplotlib.pyplot as plt
+
+    fig = _figure(results)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _figure(results: dict[str, Any]) -> Any:
+    """The matplotlib figure of accuracy_vs_gflops.png (its two panels are ``fig.axes``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -627,8 +643,8 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                       label=name) for name, colour, marker in STYLES.values()]
     handles += [Line2D([], [], color="black", marker="*", markersize=11, linestyle="none",
                        label="no downsampling"),
-                Line2D([], [], color="gray", linestyle="-", label="clustering, carry"),
-                Line2D([], [], color="gray", linestyle="--", label="clustering, no carry")]
+                Line2D([], [], color="gray", linestyle="-", label="merging, carry"),
+                Line2D([], [], color="gray", linestyle="--", label="merging, no carry")]
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=10, frameon=False,
                bbox_to_anchor=(0.5, 0.04))
     widest = DODGE_POINTS * (len(STYLES) - 1) / 2
@@ -638,8 +654,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"Token downsampling on digits ({base['model']}): accuracy against cost",
                  fontsize=13)
     fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _plot_method(fig: Any, left: Any, right: Any, method: str, rows: list[dict[str, Any]],
@@ -662,7 +677,7 @@ def _plot_method(fig: Any, left: Any, right: Any, method: str, rows: list[dict[s
     moved = offset_copy(right.transData, fig, shift, 0, "points")
     cost = [r["gflops"] * factor for r in inserted]
     # Carry means something only where tokens are merged.
-    keys = ["no_finetune_carry", "no_finetune_no_carry"] if method in CLUSTERING else \
+    keys = ["no_finetune_carry", "no_finetune_no_carry"] if method in MERGING else \
         ["no_finetune_carry"]
     for key, line in zip(keys, ["-", "--"], strict=False):
         accuracy = [r[key] for r in inserted]

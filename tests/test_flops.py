@@ -72,6 +72,9 @@ def test_tome_cost_worked_out_by_hand():
     assert flops.count(shape, [2, 2], method="tome").clustering * 1e9 == pytest.approx(424)
     plain = flops.count(shape, [6, 3], method="topk")
     assert flops.count(shape, [6, 3], method="tome").total == plain.total
+    # A block that keeps no token matches nothing (pool returns the empty set at once):
+    # 10 -> 6 as above, then 6 -> 0 costs nothing. (Every searched schedule ends in 0.)
+    assert flops.count(shape, [6, 0], method="tome").clustering * 1e9 == pytest.approx(300)
 
 
 def torch_gflops(model, images) -> float:

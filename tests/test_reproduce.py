@@ -115,6 +115,7 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
             assert min(row["keep"]) < 64 and row["gflops_model"] < full
             assert row["gflops"] == row["gflops_model"] + row["gflops_clustering"]
     assert {r["method"] for r in results["ranking"]} == set(plan.methods)
+    _assert_tome_counted_as_patched(results)
 
     units = _units_on_disk(out, results)
     assert all(count > 0 for count in units)
@@ -139,6 +140,121 @@ def test_smoke_run_writes_every_result_and_a_second_run_reuses_them(tmp_path: Pa
     again = json.loads((out / "results.json").read_text())
     assert [r["acc_per_seed"] for r in again["summary"]] == \
         [r["acc_per_seed"] for r in results["summary"]]
+
+
+def _tome_multiply_adds(n: int, k: int, width: int, heads: int) -> int:
+    """ToMe's cost from n to k patch tokens, as the issue and flops.py's text state it: the
+    keys averaged over heads (n x width) and the tokens' size-weighted merge (n x width);
+    per round of at most floor(n'/2) merges, the norms (n' x D) and the similarities
+    (ceil(n'/2) x floor(n'/2) x D), D = width / heads; the metric merged between rounds
+    (n' x D). Nothing where no token is removed or none is kept."""
+    if k == 0 or k >= n:
+        return 0
+    d = width // heads
+    total = 2 * n * width
+    while n > k:
+        removed = min(n - k, n // 2)
+        total += n * d + -(-n // 2) * (n // 2) * d
+        if n - removed > k:  # another round follows: the metric is merged first
+            total += n * d
+        n -= removed
+    return total
+
+
+def _assert_tome_counted_as_patched(results: dict[str, Any]) -> None:
+    """ToMe's rows cost the model of its schedule, as PoWER-BERT's at the same budget do
+    (both keep the same tokens in every block), plus its matching, counted here by hand."""
+    from reference_models.models import build_model
+
+    model = build_model(results["base"]["model"], 10)
+    width, heads = model.embed_dim, model.blocks[0].attn.num_heads
+    for budget in results["budgets"]:
+        tome = next(r for r in results["summary"]
+                    if r["budget"] == budget["name"] and r["method"] == "tome")
+        powerbert = next(r for r in results["summary"]
+                         if r["budget"] == budget["name"] and r["method"] == "powerbert")
+        assert tome["gflops_model"] == powerbert["gflops_model"]
+        assert powerbert["gflops_clustering"] == 0.0
+        n, cost = results["base"]["patch_tokens"], 0
+        for k in budget["keep"]:
+            cost += _tome_multiply_adds(n, min(n, k), width, heads)
+            n = min(n, k)
+        assert cost > 0 and tome["gflops_clustering"] == pytest.approx(cost * 1e-9)
+
+
+def test_tome_cost_by_hand_agrees_with_the_flops_tests_worked_example() -> None:
+    """The hand count above on test_flops.py's worked example (width 8, 2 heads)."""
+    assert _tome_multiply_adds(10, 6, 8, 2) == 300
+    assert _tome_multiply_adds(10, 2, 8, 2) == 424  # three rounds: 10 -> 5 -> 3 -> 2
+    assert _tome_multiply_adds(6, 0, 8, 2) == 0 and _tome_multiply_adds(6, 6, 8, 2) == 0
+
+
+def _results_with_tome() -> dict[str, Any]:
+    """A hand-made results.json of one budget: ToMe between WK-Medoids and PoWER-BERT."""
+    def row(method: str, gflops: float, clustering: float, acc: float, std: float,
+            carry: float | None, no_carry: float | None, budget: str = "lam0.3",
+            keep: list[int] | None = None) -> dict[str, Any]:
+        return {"budget": budget, "method": method, "keep": keep or [35, 9, 9, 0],
+                "gflops": gflops + clustering, "gflops_model": gflops,
+                "gflops_clustering": clustering, "acc_mean": acc, "acc_std": std, "seeds": 2,
+                "acc_per_seed": [acc - std, acc + std], "no_finetune_carry": carry,
+                "no_finetune_no_carry": no_carry, "images_per_s": 1000.0}
+
+    summary = [row("wkmedoids", 0.0046, 0.0004, 92.0, 1.0, 80.0, 75.0),
+               row("tome", 0.0046, 0.0001, 90.5, 0.5, 70.25, 60.75),
+               row("powerbert", 0.0046, 0.0, 88.0, 2.0, 65.0, 65.0),
+               row("conv", 0.0095, 0.0, 92.1, 1.4, None, None, "conv2", [16, 16, 4, 4]),
+               row("none", 0.015, 0.0, 95.4, 0.9, None, None, "full", [64] * 4)]
+    return {"plan": {"seeds": [0, 1], "finetune_epochs": 2},
+            "base": {"model": "deit_digits_tiny_patch1_8", "val_acc1": 95.83, "gflops": 0.015,
+                     "val_images": 360},
+            "budgets": [{"name": "lam0.3", "lam": 0.3, "keep": [35, 9, 9, 0]}],
+            "summary": summary, "ranking": reproduce._ranking(summary, ["lam0.3"])}
+
+
+def test_tome_has_its_row_in_results_md() -> None:
+    markdown = reproduce._markdown(_results_with_tome())
+    # Between WK-Medoids and PoWER-BERT by accuracy, at its own MFLOPs, matching in brackets.
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert table[1:4] == [
+        "| wkmedoids | 5.00 (0.40) | 92.00 ± 1.00 | 80.0 | 75.0 | 1000 |",
+        "| tome | 4.70 (0.10) | 90.50 ± 0.50 | 70.2 | 60.8 | 1000 |",
+        "| powerbert | 4.60 (0.00) | 88.00 ± 2.00 | 65.0 | 65.0 | 1000 |"]
+    # Ranking: its standard error is 0.5 over sqrt(2 seeds x 1 budget) = 0.354.
+    assert "| 2 | tome | 90.50 | 0.35 |" in markdown
+
+
+def test_tome_is_drawn_in_both_panels() -> None:
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import same_color
+
+    fig = reproduce._figure(_results_with_tome())
+    try:
+        left, right = fig.axes
+
+        def tome_lines(ax: Any) -> list[Any]:
+            return [line for line in ax.get_lines() if line.get_marker() == "<"
+                    and same_color(line.get_color(), "tab:orange")]
+
+        # Finetuned: one point at its MFLOPs (matching included) and mean accuracy, with an
+        # error bar of one standard deviation either side.
+        (finetuned,) = tome_lines(left)
+        assert list(finetuned.get_xdata()) == pytest.approx([4.7])
+        assert list(finetuned.get_ydata()) == [90.5]
+        bars = [c for c in left.collections
+                if same_color(c.get_colors()[0], "tab:orange")]
+        (segment,) = bars[0].get_segments()
+        assert [y for _, y in segment] == pytest.approx([90.0, 91.0])
+        # Inserted: carry solid and no carry dashed, as the clustering methods (tokens that
+        # ToMe merged have sizes); PoWER-BERT's selected tokens have none: one line.
+        inserted = {line.get_linestyle(): list(line.get_ydata()) for line in tome_lines(right)}
+        assert inserted == {"-": [70.25], "--": [60.75]}
+        powerbert = [line for line in right.get_lines() if line.get_marker() == "D"]
+        assert len(powerbert) == 1
+        legend = [text.get_text() for text in fig.legends[0].get_texts()]
+        assert "ToMe" in legend and "merging, no carry" in legend
+    finally:
+        plt.close(fig)
 
 
 def test_ranking_orders_by_mean_and_measures_gaps_in_standard_errors() -> None:
