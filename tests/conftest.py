@@ -103,13 +103,29 @@ def _strict() -> Backend:
                    lambda a: np.asarray(a.to_device(cpu)))
 
 
+#: Set by benchmarks/gpu_check.sh: on a machine with a GPU every CuPy and CUDA test must run,
+#: so a skip that says CuPy or the GPU is missing fails instead (see the hook below).
+REQUIRE_CUDA = "TOKENPOOL_OPS_REQUIRE_CUDA"
+
+
+def _torch_sees_a_gpu() -> bool:
+    try:
+        return bool(importlib.import_module("torch").cuda.is_available())
+    except ImportError:
+        return False
+
+
 def _cupy() -> Backend:
     cupy = importlib.import_module("cupy")
     try:
-        if cupy.cuda.runtime.getDeviceCount() == 0:
-            raise RuntimeError("no device")
-    except Exception as error:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # no driver, or a CuPy that cannot load its CUDA libraries
+        if _torch_sees_a_gpu():  # then there is a GPU: CuPy is broken, not idle
+            pytest.fail(f"cupy is installed but broken: PyTorch sees a CUDA GPU and CuPy "
+                        f"fails ({type(error).__name__}: {error})")
         pytest.skip(f"cupy: no CUDA GPU on this machine ({error})")
+    if count == 0:
+        pytest.skip("cupy: no CUDA GPU on this machine (0 devices)")
     import array_api_compat.cupy as xp
 
     return Backend("cupy", xp, cupy.cuda.Device(0), lambda a: a.get())
@@ -153,3 +169,20 @@ def backend_named() -> Callable[[str], Backend]:
 def devices_match() -> Callable[[Any, Any], bool]:
     """The device comparison of ``Backend.assert_like``, for its own test."""
     return same_device
+
+
+_GPU_SKIP_WORDS = ("cupy", "cuda", "gpu")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """With TOKENPOOL_OPS_REQUIRE_CUDA=1 (the GPU check), a test skipped for want of CuPy,
+    CUDA or a GPU fails: there, a missing or broken CuPy must not pass as a skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if os.environ.get(REQUIRE_CUDA) != "1" or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if any(word in reason.lower() for word in _GPU_SKIP_WORDS):
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_CUDA}=1, and this test skipped: {reason}"

@@ -299,7 +299,14 @@ def test_w_methods_without_scores_are_their_unweighted_forms(backend, weighted, 
         np.testing.assert_array_equal(backend.to_numpy(first.medoids), np.tile(spread, (3, 1)))
 
 
-def test_default_method_runs_without_scores(rng):
+def test_default_method_is_wkmedoids(rng):
+    # With scores, so that every method gives another result on this input: a default other
+    # than "wkmedoids" cannot pass. Without scores it is its unweighted form.
     x = rng.normal(size=(2, 20, 3))
+    scores = rng.uniform(0.1, 5.0, size=(2, 20))
+    default = tokenpool_ops.pool(x, 5, scores=scores)
+    for method in [*METHODS, "tome"]:
+        same = np.array_equal(default, tokenpool_ops.pool(x, 5, method, scores=scores))
+        assert same == (method == "wkmedoids"), method
     np.testing.assert_array_equal(tokenpool_ops.pool(x, 5),
                                   tokenpool_ops.pool(x, 5, "kmedoids"))

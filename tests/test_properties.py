@@ -4,7 +4,10 @@ Each property is a statement the paper (or our documented contract) makes about 
 the objective never increases (§4, Appendix A), the medoid constraint holds bit-exactly,
 pooled tokens are the weighted means of their members (Algorithm 1, line 6), problems in a
 batch are independent, and rescaling scores or translating tokens changes nothing it should
-not. Inputs are continuous random data (no ties) built from a drawn seed and shape.
+not. Inputs come from strategies (see ``problems``): coarse integers made tie-free by a
+fixed irrational offset per token, so that a failure shrinks to a readable input. The
+clustering properties draw 2 <= k <= N - 1; k = N (the identity) and k = 0 have their own
+tests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 import tokenpool_ops
 
@@ -21,32 +25,59 @@ MEDOIDS = ["kmedoids", "wkmedoids"]
 
 
 # JAX compiles every operation anew for each shape (about 2 s per pool call), so on JAX the
-# properties are explored over a few fixed shapes; the other backends draw shapes freely.
+# properties are explored over a few fixed shapes; array-api-strict (pure Python on NumPy)
+# draws N up to 24; NumPy and PyTorch up to 128, the token counts of real ViT blocks.
 FIXED_SHAPES = [(2, 9, 3), (1, 16, 2)]
+MAX_N = {"numpy": 128, "torch-cpu": 128, "torch-cuda": 128, "cupy": 128}
+
+
+def tie_breaker(batch: int, n: int, m: int) -> np.ndarray:
+    """A distinct small offset for every token and feature: the fractional parts of
+    multiples of irrational steps (a Weyl sequence), so that no two tokens coincide and
+    no distances are equal however the drawn values below shrink (to all zeros, say)."""
+    index = np.arange(batch * n * m, dtype=np.float64).reshape(batch, n, m)
+    return np.modf(index * (np.sqrt(5.0) - 1) / 2 + np.sqrt(2.0) * index**2 / 7)[0]
 
 
 @st.composite
 def problems(draw, fixed_shapes: bool = False, min_n: int = 1, min_m: int = 1,
-             max_batch: int = 3):
-    """(x, scores, k, seed): a (B, N, M) float64 stack, scores with some zeros, and k."""
+             max_batch: int = 3, max_n: int = 24, clustered: bool = False):
+    """(x, scores, k, sizes): a (B, N, M) float64 stack, scores with some zeros, k, and
+    integer sizes in 1..3.
+
+    The values come from strategies, so a failure shrinks to a readable input: coarse
+    values (integers in -8..8) plus ``tie_breaker`` / 16, scaled by a drawn magnitude.
+    ``clustered`` draws 2 <= k <= N - 1 (N >= 3), where something is clustered; else k in
+    1..N.
+    """
+    if clustered:
+        min_n = max(min_n, 3)
     if fixed_shapes:
         batch, n, m = draw(st.sampled_from([s for s in FIXED_SHAPES
                                             if s[1] >= min_n and s[2] >= min_m]))
         batch = min(batch, max_batch)
-        k = draw(st.sampled_from(sorted({1, n // 2, n})))
     else:
-        batch = draw(st.integers(1, max_batch))
-        n = draw(st.integers(min_n, 24))
-        m = draw(st.integers(min_m, 5))
-        k = draw(st.integers(1, n))
-    seed = draw(st.integers(0, 2**32 - 1))
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, n, m)) * draw(st.sampled_from([1e-3, 1.0, 1e3]))
-    scores = rng.exponential(size=(batch, n)) * (rng.random((batch, n)) > 0.2)
-    return x, scores, k, seed
+        batch = draw(st.integers(1, max_batch), label="batch")
+        n = draw(st.integers(min_n, max(min_n, max_n)), label="n")
+        m = draw(st.integers(min_m, 5), label="m")
+    if fixed_shapes:  # JAX compiles anew for each k as well: a few values
+        k = draw(st.sampled_from(sorted({2, n // 2, n - 1} if clustered else {1, n // 2, n})),
+                 label="k")
+    else:
+        k = draw(st.integers(2, n - 1) if clustered else st.integers(1, n), label="k")
+    coarse = draw(hnp.arrays(np.int8, (batch, n, m), elements=st.integers(-8, 8)),
+                  label="coarse")
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]), label="scale")
+    x = (coarse + tie_breaker(batch, n, m) / 16) * scale
+    scores = draw(hnp.arrays(np.float64, (batch, n), elements=st.sampled_from(
+        [0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 7.0])), label="scores")
+    sizes = draw(hnp.arrays(np.float64, (batch, n), elements=st.sampled_from([1.0, 2.0, 3.0])),
+                 label="sizes")
+    return x, scores, k, sizes
 
 
 def draw_problem(data, backend, **kwargs):
+    kwargs.setdefault("max_n", MAX_N.get(backend.name, 24))
     return data.draw(problems(fixed_shapes=backend.name == "jax", **kwargs), label="problem")
 
 
@@ -84,7 +115,7 @@ def weighted_cluster_means(x, assignment, weights, k, fallback):
 @pytest.mark.parametrize("method", CLUSTERING)
 @given(data=st.data())
 def test_objective_never_increases(backend, method, data):
-    problem = draw_problem(data, backend)
+    problem = draw_problem(data, backend, clustered=True)
     x, scores, k, _ = problem
     history = run(backend, x, k, method, scores=scores, max_iter=20)["history"]
     weights = scores if method.startswith("w") else np.ones_like(scores)
@@ -97,7 +128,7 @@ def test_objective_never_increases(backend, method, data):
 @pytest.mark.parametrize("method", MEDOIDS)
 @given(data=st.data())
 def test_medoid_constraint_holds_bit_exactly(backend, method, data):
-    problem = draw_problem(data, backend)
+    problem = draw_problem(data, backend, clustered=True)
     x, scores, k, _ = problem
     weights = scores if method == "wkmedoids" else None
     result = tokenpool_ops.kmedoids(backend.asarray(x), k, init="spread",
@@ -114,9 +145,8 @@ def test_medoid_constraint_holds_bit_exactly(backend, method, data):
 @pytest.mark.parametrize("method", CLUSTERING)
 @given(data=st.data())
 def test_pooled_tokens_are_weighted_means_of_members(backend, method, data):
-    problem = draw_problem(data, backend)
-    x, scores, k, seed = problem
-    sizes = np.random.default_rng(seed + 1).integers(1, 4, size=scores.shape).astype(float)
+    problem = draw_problem(data, backend, clustered=True)
+    x, scores, k, sizes = problem
     out = run(backend, x, k, method, scores=scores, sizes=sizes)
     weights = scores * sizes if method.startswith("w") else sizes
     expected = weighted_cluster_means(x, out["assignment"], weights, k, fallback=sizes)
@@ -131,7 +161,7 @@ def test_pooled_tokens_are_weighted_means_of_members(backend, method, data):
 @pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data())
 def test_problems_in_a_batch_are_independent(backend, method, data):
-    problem = draw_problem(data, backend, max_batch=4)
+    problem = draw_problem(data, backend, max_batch=4, clustered=True)
     x, scores, k, _ = problem
     stacked = run(backend, x, k, method, scores=scores, max_iter=50)
     for b in range(x.shape[0]):
@@ -146,7 +176,7 @@ def test_problems_in_a_batch_are_independent(backend, method, data):
 @pytest.mark.parametrize("method", [*CLUSTERING, "topk", "importance"])
 @given(data=st.data(), power=st.integers(-20, 20))
 def test_rescaling_scores_by_a_power_of_two_changes_nothing(backend, method, data, power):
-    problem = draw_problem(data, backend)
+    problem = draw_problem(data, backend, clustered=True)
     x, scores, k, _ = problem
     base = run(backend, x, k, method, scores=scores)
     scaled = run(backend, x, k, method, scores=scores * 2.0**power)
@@ -159,7 +189,7 @@ def test_rescaling_scores_by_a_power_of_two_changes_nothing(backend, method, dat
 @pytest.mark.parametrize("method", [*CLUSTERING, "topk"])
 @given(data=st.data(), offset=st.floats(-1e3, 1e3))
 def test_translating_tokens_translates_the_result(backend, method, data, offset):
-    problem = draw_problem(data, backend)
+    problem = draw_problem(data, backend, clustered=True)
     x, scores, k, _ = problem
     scale = np.abs(x).max()
     base = run(backend, x, k, method, scores=scores)
@@ -199,7 +229,7 @@ def test_k_zero_returns_no_tokens(backend, method, data):
 @given(data=st.data(), copies=st.integers(2, 3))
 def test_duplicated_tokens_give_finite_results_and_valid_medoids(backend, method, data,
                                                                  copies):
-    problem = draw_problem(data, backend)
+    problem = draw_problem(data, backend, clustered=True)
     x, scores, k, _ = problem
     x = np.concatenate([x] * copies, axis=1)  # every token appears `copies` times
     scores = np.concatenate([scores] * copies, axis=1)
@@ -228,7 +258,7 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     3,000 disagreed (a Hypothesis seed found another: two tokens on one grid point), and with
     a spread of 1, 2 of 1,500.
     """
-    problem = draw_problem(data, backend, min_n=2, min_m=2)
+    problem = draw_problem(data, backend, min_n=2, min_m=2, clustered=True)
     x, scores, k, _ = problem
     x32 = (1e4 + 16 * x / np.abs(x).max()).astype(np.float32)
     scores32 = scores.astype(np.float32)
@@ -239,10 +269,19 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     np.testing.assert_allclose(single["tokens"], double["tokens"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("method", CLUSTERING)
-@given(data=st.data())
-def test_single_token_problems(backend, method, data):
-    problem = draw_problem(data, backend)
-    x, scores, _, _ = problem
-    out = run(backend, x[:, :1], 1, method, scores=scores[:, :1])
-    np.testing.assert_array_equal(out["tokens"], x[:, :1])
+@pytest.mark.parametrize("algorithm", ["kmeans", "kmedoids"])
+@given(data=st.data(), weighted=st.booleans())
+def test_single_token_problems_run_the_clustering(backend, algorithm, weighted, data):
+    # kmeans() and kmedoids() run their loop at k = N too (pool returns x itself there):
+    # one token, one cluster, which is the token itself, at zero error from the start.
+    x, scores, _, _ = draw_problem(data, backend)
+    x, scores = x[:, :1], scores[:, :1]
+    run_algorithm = tokenpool_ops.kmeans if algorithm == "kmeans" else tokenpool_ops.kmedoids
+    result = run_algorithm(backend.asarray(x), 1,
+                           weights=backend.asarray(scores) if weighted else None)
+    np.testing.assert_array_equal(backend.to_numpy(result.centres), x)
+    np.testing.assert_array_equal(backend.to_numpy(result.assignment), 0)
+    assert result.n_iter == 1  # one iteration, in which nothing changed
+    np.testing.assert_array_equal(backend.to_numpy(result.history), np.zeros((len(x), 2)))
+    if algorithm == "kmedoids":
+        np.testing.assert_array_equal(backend.to_numpy(result.medoids), 0)
