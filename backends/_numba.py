@@ -67,6 +67,13 @@ _choose_threading_layer()
 _LAUNCH_LOCK = threading.Lock()
 
 
+def _shared(parallel: bool, n_problems: int) -> bool:
+    """Whether to run the parallel kernel: the kernels split problems, not tokens, so one
+    problem runs on one thread, and a parallel launch would only wake the pool (at B = 1
+    each launch cost more than the serial kernel's whole run)."""
+    return parallel and n_problems > 1
+
+
 def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
     """Held around a parallel kernel where the layer is ``workqueue`` (one launch at a
     time, or Numba aborts); nothing otherwise."""
@@ -520,11 +527,12 @@ def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_
     n_problems, n, m = x.shape
     step = max(1, block_bytes // max(1, n * m * x.itemsize))
     buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
-    gather = _gather_centred_parallel if parallel else _gather_centred_serial
     for start in range(0, n_problems, step):
         stop = min(start + step, n_problems)
         block = buffer[: stop - start]
-        with _launching(parallel):
+        shared = _shared(parallel, stop - start)
+        gather = _gather_centred_parallel if shared else _gather_centred_serial
+        with _launching(shared):
             gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
         yield slice(start, stop), block
 
@@ -577,6 +585,7 @@ def kmeans(
     iterations = np.zeros(n_problems, dtype=np.int64)
     # Without fallback the weights are positive (unit weights): the fallback is never read.
     fallback = weights if fallback is None else fallback
+    parallel = _shared(parallel, n_problems)
     kernel = _kmeans_parallel if parallel else _kmeans_serial
     with _launching(parallel):
         kernel(x, mean[:, 0, :], gram, init, weights, fallback, labels, centres, history,
@@ -601,6 +610,7 @@ def kmedoids(
     medoids = np.array(init, copy=True)
     history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
     iterations = np.zeros(n_problems, dtype=np.int64)
+    parallel = _shared(parallel, n_problems)
     kernel = _kmedoids_parallel if parallel else _kmedoids_serial
     with _launching(parallel):
         kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations,
@@ -618,6 +628,7 @@ def weighted_means(
     ``empty`` is (B, 1, C) or (B, k, C).
     """
     out = np.empty((values.shape[0], k, values.shape[2]), dtype=values.dtype)
+    parallel = _shared(parallel, values.shape[0])
     kernel = _weighted_means_parallel if parallel else _weighted_means_serial
     with _launching(parallel):
         kernel(values, labels, weights, empty, out)

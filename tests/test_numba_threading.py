@@ -56,3 +56,23 @@ def test_concurrent_launches_from_threads() -> None:
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "bad 0"
+
+
+@pytest.mark.parametrize("method", ["kmedoids", "wkmedoids", "kmeans", "wkmeans"])
+def test_one_problem_serial_equals_its_share_of_a_parallel_batch(method: str) -> None:
+    """One problem runs the serial kernels (no pool to wake); in a batch the same problem
+    runs on the parallel ones: the same result, bit for bit."""
+    torch = pytest.importorskip("torch", reason="the parallel kernels serve PyTorch")
+    import numpy as np
+
+    import tokenpool_ops
+
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(size=(3, 60, 8)).astype(np.float32))
+    scores = torch.from_numpy(rng.random((3, 60)).astype(np.float32))
+    batch = tokenpool_ops.pool(x, 17, method, scores=scores, return_info=True)
+    for p in range(3):
+        alone = tokenpool_ops.pool(x[p:p + 1], 17, method, scores=scores[p:p + 1],
+                                   return_info=True)
+        for field in ("tokens", "assignment", "sizes", "objective"):
+            assert torch.equal(getattr(alone, field)[0], getattr(batch, field)[p]), field
