@@ -20,15 +20,66 @@ All run per problem, in token order, so results do not depend on the thread coun
 kernel exists twice: parallel over problems (used next to PyTorch) and serial (used next to
 NumPy, whose OpenBLAS threads spin for a while after every matrix product and would fight
 Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
+
+Threading layer: Numba's default picks OpenMP where TBB is absent, and OpenMP's worker
+threads keep spinning after each parallel loop (``OMP_WAIT_POLICY=active`` behaviour), on
+the very cores PyTorch's own threads need next: one pool call (B=1, N=197, M=384, k=98)
+took 86.8 ms of CPU time that way against 2.8 ms with Numba's own ``workqueue`` layer, whose
+idle threads sleep. So on import this module selects ``workqueue`` for the process, unless
+the user has chosen already: ``NUMBA_THREADING_LAYER`` or ``NUMBA_THREADING_LAYER_PRIORITY``
+in the environment, ``numba.config.THREADING_LAYER`` set in code, ``OMP_WAIT_POLICY`` in the
+environment (an OpenMP user who tuned the spinning), or parallel Numba code that has run
+already (the layer is then fixed). ``workqueue`` aborts the process when launches from
+several threads meet (seen here with four threads pooling at once, although the kernels hold
+the GIL), so the parallel kernels launch under one lock. To get OpenMP back:
+``NUMBA_THREADING_LAYER=omp``, ideally with ``OMP_WAIT_POLICY=passive``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import numba
 import numpy as np
+from numba.np.ufunc import parallel as _numba_parallel
+
+_CONFIG: Any = numba.config  # its settings are set at run time, unknown to type checkers
+#: Environment variables through which a user chooses Numba's threading (see the docstring).
+_USER_CHOICES = ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY", "OMP_WAIT_POLICY")
+
+
+def _choose_threading_layer() -> bool:
+    """Select the ``workqueue`` layer unless the user chose; whether we selected it."""
+    if any(name in os.environ for name in _USER_CHOICES):
+        return False
+    launched = getattr(_numba_parallel, "_is_initialized", False)  # the layer is fixed then
+    if _CONFIG.THREADING_LAYER != "default" or launched:
+        return False
+    _CONFIG.THREADING_LAYER = "workqueue"
+    return True
+
+
+_choose_threading_layer()
+_LAUNCH_LOCK = threading.Lock()
+
+
+def _shared(parallel: bool, n_problems: int) -> bool:
+    """Whether to run the parallel kernel: the kernels split problems, not tokens, so one
+    problem runs on one thread, and a parallel launch would only wake the pool (at B = 1
+    each launch cost more than the serial kernel's whole run)."""
+    return parallel and n_problems > 1
+
+
+def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
+    """Held around a parallel kernel where the layer is ``workqueue`` (one launch at a
+    time, or Numba aborts); nothing otherwise."""
+    if parallel and _CONFIG.THREADING_LAYER == "workqueue":
+        return _LAUNCH_LOCK
+    return contextlib.nullcontext()
 
 __all__ = ["centred_gram", "kmeans", "kmedoids", "medoid_gram", "segment_sum", "weighted_means"]
 
@@ -476,11 +527,13 @@ def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_
     n_problems, n, m = x.shape
     step = max(1, block_bytes // max(1, n * m * x.itemsize))
     buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
-    gather = _gather_centred_parallel if parallel else _gather_centred_serial
     for start in range(0, n_problems, step):
         stop = min(start + step, n_problems)
         block = buffer[: stop - start]
-        gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
+        shared = _shared(parallel, stop - start)
+        gather = _gather_centred_parallel if shared else _gather_centred_serial
+        with _launching(shared):
+            gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
         yield slice(start, stop), block
 
 
@@ -532,9 +585,11 @@ def kmeans(
     iterations = np.zeros(n_problems, dtype=np.int64)
     # Without fallback the weights are positive (unit weights): the fallback is never read.
     fallback = weights if fallback is None else fallback
+    parallel = _shared(parallel, n_problems)
     kernel = _kmeans_parallel if parallel else _kmeans_serial
-    kernel(x, mean[:, 0, :], gram, init, weights, fallback, labels, centres, history,
-           iterations, max_iter)
+    with _launching(parallel):
+        kernel(x, mean[:, 0, :], gram, init, weights, fallback, labels, centres, history,
+               iterations, max_iter)
     n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
     return centres, labels, history[:, : n_iter + 1], n_iter
 
@@ -555,8 +610,11 @@ def kmedoids(
     medoids = np.array(init, copy=True)
     history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
     iterations = np.zeros(n_problems, dtype=np.int64)
+    parallel = _shared(parallel, n_problems)
     kernel = _kmedoids_parallel if parallel else _kmedoids_serial
-    kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations, max_iter)
+    with _launching(parallel):
+        kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations,
+               max_iter)
     n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
     return labels, medoids, history[:, : n_iter + 1], n_iter
 
@@ -570,8 +628,10 @@ def weighted_means(
     ``empty`` is (B, 1, C) or (B, k, C).
     """
     out = np.empty((values.shape[0], k, values.shape[2]), dtype=values.dtype)
+    parallel = _shared(parallel, values.shape[0])
     kernel = _weighted_means_parallel if parallel else _weighted_means_serial
-    kernel(values, labels, weights, empty, out)
+    with _launching(parallel):
+        kernel(values, labels, weights, empty, out)
     return out
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import tokenpool_ops.timm as tp_timm
 from tokenpool_ops.timm import patch_timm
+
+# The profiler's own log (Kineto: "USDT ... profiler_start", and on a CPU-only machine "ERROR
+# ... gpuGetDeviceCount failed with code 35") would land among the table: level 6 silences it
+# (read when a profile starts). A KINETO_LOG_LEVEL of the caller's own is kept.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 #: Patch tokens left after each of DeiT-S's 12 blocks: the paper's Table 3 sparsity levels.
 SCHEDULES = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import fields, replace
 from typing import Literal, TypeVar
 
 from ._batching import Batch, flatten, no_overflow_warnings
@@ -18,8 +18,22 @@ from ._clustering import (
     weighted_objective,
 )
 from ._compat import Array, device, is_array_api_obj, is_traced, take_along_axis
+from ._methods import CLUSTERING_METHODS as CLUSTERING_METHODS  # re-exports ("X as X"):
+from ._methods import (  # timm, nn, demo, visualize and tests import them from here
+    INITS,
+    MATCHING_METHODS,
+    METHODS,
+    NEEDS_SCORES,
+    SELECTION_METHODS,
+    Detail,
+    Init,
+)
+from ._methods import MERGING_METHODS as MERGING_METHODS
+from ._methods import USES_SCORES as USES_SCORES
+from ._methods import Method as Method
 from ._overflow import read_iterations, without_overflow
 from ._primitives import assign_to_medoids
+from ._results import Clustering, PoolResult
 from ._selection import draw_without_replacement, spread, top_k
 from ._tome import match_tokens
 from ._validation import (
@@ -39,105 +53,8 @@ from ._validation import (
 
 __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
 
-Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance",
-                 "tome"]
-Init = Literal["topk", "random", "spread"] | Array | None
-#: What of a PoolResult a call computes (the rest is None): the tokens and their sizes
-#: ('tokens'); the plan that ``tokenpool_ops.nn.merge`` applies, i.e. no objective and, for
-#: the selection baselines, no assignment (each costs a pass over the tokens: 'plan'); or
-#: everything ('info').
-Detail = Literal["tokens", "plan", "info"]
-
-CLUSTERING_METHODS = ("kmeans", "kmedoids", "wkmeans", "wkmedoids")
-SELECTION_METHODS = ("topk", "random", "importance")
-#: ToMe's bipartite soft matching (Bolya et al., ICLR 2023): merges, guided by a metric.
-MATCHING_METHODS = ("tome",)
-#: Methods whose output tokens are the size- (or score-) weighted means of their members.
-MERGING_METHODS = CLUSTERING_METHODS + MATCHING_METHODS
-METHODS = CLUSTERING_METHODS + SELECTION_METHODS + MATCHING_METHODS
-#: Methods that weigh or rank tokens by significance scores when they are given.
-USES_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
-#: Methods that have no meaning without scores. The w-methods without scores treat every
-#: token as equally significant, i.e. they are their unweighted forms.
-NEEDS_SCORES = ("topk", "importance")
 DEFAULT_MAX_ITER = 10
 R = TypeVar("R", "Clustering", "PoolResult")
-
-
-@dataclass(frozen=True)
-class Clustering:
-    """What :func:`kmeans` and :func:`kmedoids` return. Leading dimensions are batch.
-
-    Attributes
-    ----------
-    centres : array (..., K, M)
-        Cluster centres: the means of Eq. 11/15 for K-Means, the medoid tokens for K-Medoids.
-    assignment : array (..., N)
-        Cluster of each token (Eq. 10/14/16); -1 when K = 0.
-    medoids : array (..., K) or None
-        Token index of each medoid (K-Medoids only).
-    objective : array (...)
-        Eq. 13 (Eq. 9 without weights) at the final centres.
-    history : array (..., T + 1)
-        The objective at the initial centres and after each of the T iterations. Problems
-        that converged early repeat their final value.
-    n_iter : int
-        Iterations run, T: the loop stops when no assignment changed in any problem.
-    """
-
-    centres: Array
-    assignment: Array
-    medoids: Array | None
-    objective: Array
-    history: Array
-    n_iter: int
-
-
-@dataclass(frozen=True)
-class PoolResult:
-    """What :func:`pool` returns with ``return_info=True``. Leading dimensions are batch.
-
-    Attributes
-    ----------
-    tokens : array (..., K, M)
-        The pooled tokens, as returned by ``pool``.
-    assignment : array (..., N)
-        The output token that stands for each input token (the nearest one, Eq. 10, for the
-        selection baselines); :func:`unpool` uses it. -1 when K = 0.
-    sizes : array (..., K)
-        How many original tokens each output token stands for: the sums of the input sizes
-        (ones when none were given) over each cluster; a selection keeps its tokens' sizes.
-    medoids : array (..., K) or None
-        Token indices of the centres, for the medoid methods and the selection baselines
-        (None for 'tome', whose tokens are means).
-    objective : array (...)
-        Reconstruction error of the returned tokens, Eq. 13 with weights ``scores * sizes``
-        for the w-methods and ``sizes`` otherwise (Eq. 9 when there are no sizes). +inf for
-        K = 0 and N > 0 (the minimum over an empty set). Finite for finite input: where
-        float32 overflows, the problem is computed in float64, and an OverflowError names a
-        problem whose objective its dtype cannot hold.
-    history : array (..., T + 1)
-        The clustering's own objective after each iteration (see :class:`Clustering`): the
-        error of its centres, which for the medoid methods are the medoids, not the
-        returned means. So ``history[..., -1]`` is not ``objective``: it is larger for the
-        medoid methods (means reconstruct their clusters better than medoids do). One
-        entry, ``objective``, for the selection baselines, 'tome' and the trivial cases.
-        May hold +inf where an intermediate objective exceeds the dtype (see
-        ``objective``).
-    n_iter : int
-        Iterations the clustering ran (0 for the selection baselines and 'tome').
-    """
-
-    tokens: Array
-    assignment: Array
-    sizes: Array
-    medoids: Array | None
-    objective: Array
-    history: Array
-    n_iter: int
-
-
-INITS = ("topk", "random", "spread")
 
 
 def _resolve_init(

@@ -1,0 +1,28 @@
+"""A benchmark's output holds its table and nothing else: no profiler log among it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch", reason="timm_speedup.py needs PyTorch")
+pytest.importorskip("timm", reason="timm_speedup.py needs timm")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_timm_speedup_prints_no_profiler_log() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    env["PYTHONPATH"] = str(ROOT)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "timm_speedup.py"), "--batch", "1",
+         "--repeats", "1", "--schedule", "level4", "--methods", "topk"],
+        capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for stream in (done.stdout, done.stderr):  # Kineto writes to stderr, among the rows
+        assert "profiler_start" not in stream and "gpuGetDeviceCount" not in stream, stream
+    assert done.stdout.splitlines()[-1].startswith("topk"), done.stdout

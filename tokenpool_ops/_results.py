@@ -1,0 +1,82 @@
+"""What the public operators return: :class:`PoolResult` and :class:`Clustering`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._compat import Array
+
+__all__ = ["Clustering", "PoolResult"]
+
+
+@dataclass(frozen=True)
+class Clustering:
+    """What :func:`kmeans` and :func:`kmedoids` return. Leading dimensions are batch.
+
+    Attributes
+    ----------
+    centres : array (..., K, M)
+        Cluster centres: the means of Eq. 11/15 for K-Means, the medoid tokens for K-Medoids.
+    assignment : array (..., N)
+        Cluster of each token (Eq. 10/14/16); -1 when K = 0.
+    medoids : array (..., K) or None
+        Token index of each medoid (K-Medoids only).
+    objective : array (...)
+        Eq. 13 (Eq. 9 without weights) at the final centres.
+    history : array (..., T + 1)
+        The objective at the initial centres and after each of the T iterations. Problems
+        that converged early repeat their final value.
+    n_iter : int
+        Iterations run, T: the loop stops when no assignment changed in any problem.
+    """
+
+    centres: Array
+    assignment: Array
+    medoids: Array | None
+    objective: Array
+    history: Array
+    n_iter: int
+
+
+@dataclass(frozen=True)
+class PoolResult:
+    """What :func:`pool` returns with ``return_info=True``. Leading dimensions are batch.
+
+    Attributes
+    ----------
+    tokens : array (..., K, M)
+        The pooled tokens, as returned by ``pool``.
+    assignment : array (..., N)
+        The output token that stands for each input token (the nearest one, Eq. 10, for the
+        selection baselines); :func:`unpool` uses it. -1 when K = 0.
+    sizes : array (..., K)
+        How many original tokens each output token stands for: the sums of the input sizes
+        (ones when none were given) over each cluster; a selection keeps its tokens' sizes.
+    medoids : array (..., K) or None
+        Token indices of the centres, for the medoid methods and the selection baselines
+        (None for 'tome', whose tokens are means).
+    objective : array (...)
+        Reconstruction error of the returned tokens, Eq. 13 with weights ``scores * sizes``
+        for the w-methods and ``sizes`` otherwise (Eq. 9 when there are no sizes). +inf for
+        K = 0 and N > 0 (the minimum over an empty set). Finite for finite input: where
+        float32 overflows, the problem is computed in float64, and an OverflowError names a
+        problem whose objective its dtype cannot hold.
+    history : array (..., T + 1)
+        The clustering's own objective after each iteration (see :class:`Clustering`): the
+        error of its centres, which for the medoid methods are the medoids, not the
+        returned means. So ``history[..., -1]`` is not ``objective``: it is larger for the
+        medoid methods (means reconstruct their clusters better than medoids do). One
+        entry, ``objective``, for the selection baselines, 'tome' and the trivial cases.
+        May hold +inf where an intermediate objective exceeds the dtype (see
+        ``objective``).
+    n_iter : int
+        Iterations the clustering ran (0 for the selection baselines and 'tome').
+    """
+
+    tokens: Array
+    assignment: Array
+    sizes: Array
+    medoids: Array | None
+    objective: Array
+    history: Array
+    n_iter: int
