@@ -13,10 +13,12 @@ median CPU time (all threads of this process) with its speed-up.
         [--batch 32] [--schedule deits-level4] [--methods wkmedoids,topk] [--attn sdpa|eager]
         [--repeats 5] [--model vit|deit]
 
-Measured on 2026-12-03, 2 CPU threads shared with other jobs (load average 15 to 200), so
-ratios only: level 4, batch 32, SDPA: wkmedoids 1.58x and 1.67x best wall clock, 1.27x and
-1.30x CPU time; tome 1.82x wall, 1.74x CPU. In one interleaved run of all four, CPU time, the
-HF and timm patches gave 1.48x and 1.43x: the two front doors cost the same.
+Measured on 2026-12-03 on the idle 2-core machine (no other job), level 4, batch 32, SDPA, 3
+rounds: plain 2219 ms, wkmedoids 1170 ms best wall clock: 1.90x (1.93x median of rounds,
+1.76x CPU time). Earlier the same day, 2 CPU threads shared with other jobs (load average 15
+to 200), so ratios only: level 4, batch 32, SDPA: wkmedoids 1.58x and 1.67x best wall clock,
+1.27x and 1.30x CPU time; tome 1.82x wall, 1.74x CPU. In one interleaved run of all four,
+CPU time, the HF and timm patches gave 1.48x and 1.43x: the two front doors cost the same.
 
 ``--model deit`` takes DeiTForImageClassificationWithTeacher (class and distillation tokens).
 On a GPU ``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the
