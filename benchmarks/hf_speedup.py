@@ -28,12 +28,11 @@ host.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import time
-from typing import Any
 
 import torch
+from timm_speedup import precision, synchronise  # this script's sibling (benchmarks/)
 
 from reference_models.schedules import PAPER_SCHEDULES
 from tokenpool_ops._pool import METHODS
@@ -53,17 +52,6 @@ def build(model: str, attn: str, device: torch.device) -> torch.nn.Module:
     config = getattr(transformers, config_class)(**DEIT_S, attn_implementation=attn)
     torch.manual_seed(0)
     return getattr(transformers, model_class)(config).eval().to(device)
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def interleaved_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
