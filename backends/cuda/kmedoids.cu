@@ -221,6 +221,22 @@ TP_UNROLL
   }
 }
 
+// sum[r][s] += (a[r] - b[s])^2 over one tile: one feature of a 4 x 4 tile's squared distances
+// (the fill and the merge objective share it, so both sum in the same order).
+template <typename Acc>
+__device__ __forceinline__ void add_tile_feature(const TileValues<Acc>& a,
+                                                 const TileValues<Acc>& b,
+                                                 Acc (&sum)[kTile][kTile]) {
+TP_UNROLL
+  for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+    for (int s = 0; s < kTile; ++s) {
+      const Acc diff = a.v[r] - b.v[s];
+      sum[r][s] = multiply_add(diff, diff, sum[r][s]);
+    }
+  }
+}
+
 // The running sums of one thread's tiles over the features of the stage (one chunk).
 template <typename Acc, int RoundTiles>
 __device__ __forceinline__ void add_chunk(const Acc* stage, int stride, int width, int slots,
@@ -245,14 +261,7 @@ TP_UNROLL
       const TileValues<Acc> b = *column_values[j];
       row_values[j] += step;
       column_values[j] += step;
-TP_UNROLL
-      for (int r = 0; r < kTile; ++r) {
-TP_UNROLL
-        for (int s = 0; s < kTile; ++s) {
-          const Acc diff = a.v[r] - b.v[s];
-          sum[j][r][s] = multiply_add(diff, diff, sum[j][r][s]);
-        }
-      }
+      add_tile_feature(a, b, sum[j]);
     }
   }
 }
@@ -642,14 +651,7 @@ TP_UNROLL
           const TileValues<Acc> a = *reinterpret_cast<const TileValues<Acc>*>(features + rows[j]);
           const TileValues<Acc> b =
               *reinterpret_cast<const TileValues<Acc>*>(features + columns[j]);
-TP_UNROLL
-          for (int r = 0; r < kTile; ++r) {
-TP_UNROLL
-            for (int s = 0; s < kTile; ++s) {
-              const Acc diff = a.v[r] - b.v[s];
-              sum[j][r][s] = multiply_add(diff, diff, sum[j][r][s]);
-            }
-          }
+          add_tile_feature(a, b, sum[j]);
         }
       }
     }
