@@ -20,6 +20,8 @@ The clustering's own cost, per pooling block (``k < n`` patch tokens), from §4 
   (medoid costs within clusters, assignment to k medoids);
 * K-Means: ``n k M`` per iteration (distances from n tokens to k centres);
 * the selection baselines (topk, random, importance): nothing counted;
+* a block that keeps every token or none (``k >= n`` or ``k = 0``): nothing counted, for
+  every method (``pool`` returns ``x`` itself or the empty set before clustering);
 * ToMe's matching (tome; Bolya et al., ICLR 2023), with metric width ``D = M / H`` (the keys
   averaged over heads, ``n M``): per round of bipartite matching on ``n'`` tokens (at most
   ``floor(n' / 2)`` merged per round; one round where ``n - k <= floor(n / 2)``), the norms
@@ -120,9 +122,11 @@ def clustering_flops(method: str, n: int, k: int, width: int, iterations: int,
                      metric_width: int | None = None) -> float:
     """Multiply-adds of one pooling step from n to k patch tokens (see the module text);
     ``metric_width``: tome's D (``width`` when None)."""
-    if 0 < k < n and method == "tome":  # k = 0 keeps nothing: pool matches nothing
+    if k == 0 or k >= n:  # pool returns the empty set or x itself at once: no clustering
+        return 0.0
+    if method == "tome":
         return matching_flops(n, k, width, width if metric_width is None else metric_width)
-    if k >= n or method not in CLUSTERING:
+    if method not in CLUSTERING:
         return 0.0
     if method.endswith("kmedoids"):
         return n * n * width + iterations * (n * n + n * k)

@@ -61,6 +61,16 @@ def test_clustering_costs_follow_the_documented_formulas():
     assert means.clustering * 1e9 == pytest.approx(4 * (10 * 6 * 8 + 6 * 3 * 8))
 
 
+@pytest.mark.parametrize("method", flops.CLUSTERING)
+def test_a_block_that_keeps_nothing_clusters_nothing(method):
+    """pool(x, 0) returns the empty set before any clustering, so 6 -> 0 costs nothing: the
+    count equals the first block's alone (the formulas above for 10 -> 6, 4 iterations)."""
+    shape = flops.ViTShape(depth=2, width=8, heads=2, patches=10)
+    first = {"kmedoids": 10 * 10 * 8 + 4 * (100 + 60), "kmeans": 4 * 10 * 6 * 8}
+    got = flops.count(shape, [6, 0], method=method, iterations=4).clustering * 1e9
+    assert got == pytest.approx(first[method.removeprefix("w")])
+
+
 def test_tome_cost_worked_out_by_hand():
     """Width 8, 2 heads: metric D = 4. 10 -> 6 is one round (r = 4 <= 5): keys averaged
     10 * 8, norms 10 * 4, similarities 5 * 5 * 4, merge 10 * 8 = 300; 6 -> 3 (r = 3 <= 3):
