@@ -285,3 +285,30 @@ def test_flops_are_written_in_the_unit_of_the_base_models_magnitude() -> None:
     assert unit(1.0) == "GFLOPs" and unit(0.999) == "MFLOPs"
     assert unit(5e-4) == "kFLOPs"
     assert reproduce.flops_unit({"base": {"gflops": 0.015}})[0] == 1e3
+
+
+def test_a_search_interrupted_midway_starts_afresh_where_it_was(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """The search refuses --resume and a folder holding a run (train's check), so the files an
+    interrupted search left must be gone when the rerun starts; other files stay."""
+    from reference_models import search_schedule, train
+
+    out = tmp_path / "search-lam0.3"
+    out.mkdir()
+    for name in ("config.json", "log.jsonl", "checkpoint.pt"):
+        (out / name).write_text("left by an interrupted run\n")
+    (out / "notes.txt").write_text("the user's\n")
+    seen: list[list[str]] = []
+
+    def search(argv: list[str]) -> int:
+        seen.append(sorted(p.name for p in out.iterdir()))
+        (out / "schedule.json").write_text('{"keep": [1]}\n')
+        return 0
+
+    monkeypatch.setattr(search_schedule, "main", search)
+    job = reproduce.Job("search", str(out), ("--lam", "0.3"))
+    assert not job.done()
+    reproduce._execute(job)
+    assert seen == [["notes.txt", "stdout.txt"]]
+    assert not any((out / name).exists() for name in train.RUN_FILES)
+    assert job.done() and (out / "notes.txt").read_text() == "the user's\n"
