@@ -34,7 +34,7 @@ import re
 import shutil
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -269,6 +269,26 @@ def check_launch(source: KernelSource, launch: Launch, *, device: int | None = N
     return named
 
 
+def check_extents(lowered_name: str, args: dict[str, Any]) -> None:
+    """Each array holds what the kernel indexes in it (read from its source: one problem's
+    slice is at ``problem * extent``), so that a short buffer cannot pass unseen on the
+    host. Parameter names as in kmedoids.cu."""
+    b, n, m, k = (int(args[name]) for name in ("n_problems", "n", "m", "k"))
+    extents = {"x": b * n * m, "mean": b * m, "weights": b * n, "tokens": b * k * m,
+               "sizes": b * k}
+    if "max_iter" in args:  # kmedoids
+        shared_matrix = lowered_name.endswith("true>")
+        extents.update(init=b * k, labels_out=b * n, medoids_out=b * k, iterations=b,
+                       history=b * (int(args["max_iter"]) + 1),
+                       workspace=0 if shared_matrix else b * n * (n | 1))
+    else:  # merge
+        extents.update(labels=b * n, carried=b * n, objective=b, workspace=0,
+                       fallback=b * n if int(args["has_fallback"]) else 0)
+    for name, array in args.items():
+        if isinstance(array, np.ndarray):
+            assert array.size == extents[name], (lowered_name, name, array.shape)
+
+
 # ---------------------------------------------------------------------------------------------
 # Running one recorded launch on the host build
 
@@ -375,14 +395,18 @@ def marshal(argument: Any) -> bytes:
 
 @dataclass
 class HostLauncher:
-    """``FakeCupy.execute``: runs each recorded launch on the host build; keeps each launch
-    with the highest byte of dynamic shared memory it wrote."""
+    """``FakeCupy.execute``: runs each recorded launch on the host build, after ``check``
+    (where given: a launch that does not fit its kernel must fail, not corrupt memory); keeps
+    each launch with the highest byte of dynamic shared memory it wrote."""
 
     library: ctypes.CDLL
+    check: Callable[[Launch], Any] | None = None
     executed: list[tuple[Launch, int]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, launch: Launch) -> None:
+        if self.check is not None:
+            self.check(launch)
         assert len(launch.grid) == len(launch.block) == 1, "the host runs 1-D launches only"
         buffers = [ctypes.create_string_buffer(marshal(a) + _PADDING) for a in launch.arguments]
         params = (ctypes.c_void_p * max(1, len(buffers)))(
@@ -420,11 +444,16 @@ class GlueOnHost:
     SHARED_LIMIT = 1 << 40
 
     def __init__(self, library: ctypes.CDLL, cache: Path) -> None:
-        self.launcher = HostLauncher(library)
+        self.source = KernelSource.read()
+        self.launcher = HostLauncher(library, self._check)
         self.fake = FakeCupy({0: self.SHARED_LIMIT}, execute=self.launcher)
         self.cache = cache
         self.functions: dict[tuple[str, int], Any] = {}
-        self.source = KernelSource.read()
+
+    def _check(self, launch: Launch) -> None:
+        named = check_launch(self.source, launch, device=0, stream=None,
+                             shared_limit=self.SHARED_LIMIT)
+        check_extents(launch.lowered_name, named)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[FakeCupy]:
@@ -440,7 +469,6 @@ class GlueOnHost:
 
     def _check_last(self) -> None:
         launch, high_water = self.launcher.executed[-1]
-        check_launch(self.source, launch, device=0, stream=None, shared_limit=self.SHARED_LIMIT)
         assert high_water == launch.shared_mem, (launch.lowered_name, launch.shared_mem,
                                                  high_water)
 

@@ -39,6 +39,7 @@ from tests.host_cuda import (
     HostLauncher,
     KernelSource,
     build_library,
+    check_extents,
     check_launch,
     check_shared_layout,
     kernel_signatures,
@@ -97,30 +98,11 @@ def glue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, library: Any,
     monkeypatch.setenv(_cupy.CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     monkeypatch.setattr(_cupy, "_functions", {})
     _cupy._max_shared_bytes.cache_clear()
-    launcher = HostLauncher(library)
+    launcher = HostLauncher(library, lambda launch: check_extents(
+        launch.lowered_name, check_launch(source, launch)))
     fake = FakeCupy({0: H100, 1: A100}, execute=launcher).install(monkeypatch)
     yield Glue(fake, launcher, source)
     _cupy._max_shared_bytes.cache_clear()
-
-
-def check_extents(lowered_name: str, args: dict[str, Any]) -> None:
-    """Each array holds what the kernel indexes in it (read from its source: one problem's
-    slice is at ``problem * extent``), so that a short buffer cannot pass unseen on the
-    host. Parameter names as in kmedoids.cu."""
-    b, n, m, k = (int(args[name]) for name in ("n_problems", "n", "m", "k"))
-    extents = {"x": b * n * m, "mean": b * m, "weights": b * n, "tokens": b * k * m,
-               "sizes": b * k}
-    if "max_iter" in args:  # kmedoids
-        shared_matrix = lowered_name.endswith("true>")
-        extents.update(init=b * k, labels_out=b * n, medoids_out=b * k, iterations=b,
-                       history=b * (int(args["max_iter"]) + 1),
-                       workspace=0 if shared_matrix else b * n * (n | 1))
-    else:  # merge
-        extents.update(labels=b * n, carried=b * n, objective=b, workspace=0,
-                       fallback=b * n if int(args["has_fallback"]) else 0)
-    for name, array in args.items():
-        if isinstance(array, np.ndarray):
-            assert array.size == extents[name], (lowered_name, name, array.shape)
 
 
 # ---------------------------------------------------------------------------------------------
