@@ -255,6 +255,7 @@ def check_launch(source: KernelSource, launch: Launch, *, device: int | None = N
     instantiation = launch.lowered_name.removeprefix(LOWERED_PREFIX)
     named = check_arguments(source, instantiation, launch.arguments)
     assert launch.grid == (int(named["n_problems"]),), (launch.grid, named["n_problems"])
+    assert launch.grid[0] >= 1, "a grid of no blocks is an invalid launch"
     assert launch.block == (source.block_threads,), launch.block
     if device is not None:
         assert launch.device == device
