@@ -393,3 +393,24 @@ def test_torch_weighted_means_entry(glue):
     glue.check(0, stream=99)
     np.testing.assert_allclose(got.numpy(), loop_weighted_means(values, labels, 6, weights,
                                                                 empty), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("arrays", ["cupy", "torch"])
+def test_shapes_neither_kernel_covers_take_the_generic_code(glue, arrays):
+    # 2 KiB of shared memory: no plan for either kernel; nothing is compiled or launched,
+    # and pool gives the generic results.
+    glue.fake.shared_limits[0] = 2048
+    x, scores, _ = problem(np.random.default_rng(8), 2, 30, 7)
+    options = dict(scores=scores, return_info=True, init="random", seed=4)
+    want = tokenpool_ops.pool(x, 7, "wkmedoids", fast_paths=False, **options)
+    if arrays == "cupy":
+        with cupy_fast_paths():
+            got = tokenpool_ops.pool(on_device(glue.fake, x), 7, "wkmedoids", **options)
+    else:
+        with torch_through_the_fake(glue, stream=5) as torch:
+            options["scores"] = torch.as_tensor(scores)
+            got = tokenpool_ops.pool(torch.as_tensor(x), 7, "wkmedoids", **options)
+        got = SimpleNamespace(**{name: getattr(got, name).numpy() for name in (
+            "assignment", "medoids", "sizes", "tokens", "objective")})
+    assert glue.launched() == [] and glue.fake.compiles == []
+    assert_pool_equal(got, want, 1e-12)
