@@ -1,7 +1,9 @@
 """A stand-in for the few parts of CuPy that backends/_cupy.py uses, recording each call, so
 that the glue's device, stream, compile and attribute handling runs on a machine without a
 GPU (tests/test_cuda_glue.py). Arrays are NumPy arrays that remember the device they were
-made on, as CuPy's do; nothing is launched.
+made on, as CuPy's do. Each launch is recorded with its argument tuple as the glue passed it;
+``FakeCupy.execute``, where set, then runs it (tests/host_cuda.py runs it on the host build of
+the kernels, tests/test_cuda_launches.py checks it against the kernel's signature).
 
 Use: ``monkeypatch.setitem(sys.modules, "cupy", FakeCupy(...))``, and the same for
 ``cupy.cuda`` and ``cupy.cuda.compiler`` (see :meth:`FakeCupy.install`).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +47,10 @@ class Launch:
     block: tuple[int, ...]
     shared_mem: int
     argument_devices: set[int]  # devices of the array arguments
+    arguments: tuple[Any, ...] = ()  # the argument tuple, as the glue passed it
+    opted_in: int | None = None  # the function's max dynamic shared memory at the launch
+    static_shared: int = 0  # the function's static shared memory
+    stream_argument: Any = None  # the ``stream`` keyword (None: the current stream)
 
 
 class FakeFunction:
@@ -54,9 +61,14 @@ class FakeFunction:
 
     def __call__(self, grid: tuple[int, ...], block: tuple[int, ...], args: tuple[Any, ...],
                  shared_mem: int = 0, stream: Any = None) -> None:
-        self.cupy.launches.append(Launch(
+        launch = Launch(
             self.lowered_name, self.cupy.current_device(), self.cupy.current_stream(), grid,
-            block, shared_mem, {a.device_id for a in args if isinstance(a, FakeArray)}))
+            block, shared_mem, {a.device_id for a in args if isinstance(a, FakeArray)},
+            arguments=args, opted_in=self.attributes.get(self.cupy.MAX_DYNAMIC_SHARED),
+            static_shared=self.attributes[self.cupy.SHARED_SIZE], stream_argument=stream)
+        self.cupy.launches.append(launch)
+        if self.cupy.execute is not None:
+            self.cupy.execute(launch)
 
 
 class FakeModule:
@@ -87,6 +99,8 @@ class FakeCupy:
     set_attributes: list[tuple[int, int, int]] = field(default_factory=list)  # (ptr, attr, v)
     launches: list[Launch] = field(default_factory=list)
     asked_limits: list[int] = field(default_factory=list)
+    #: Runs each launch after recording it (None: nothing runs).
+    execute: Callable[[Launch], None] | None = None
 
     SHARED_SIZE = 1  # CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES's stand-in
     MAX_DYNAMIC_SHARED = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES's stand-in
@@ -137,6 +151,7 @@ class FakeCupy:
         def funcSetAttribute(ptr: int, attribute: int, value: int) -> None:
             with fake._lock:
                 fake.set_attributes.append((ptr, attribute, value))
+                fake.functions[ptr].attributes[attribute] = value
 
         self.functions: dict[int, FakeFunction] = {}  # by ptr
         self.compiler = SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc)
@@ -184,6 +199,11 @@ class FakeCupy:
                 and (dtype is None or np.dtype(dtype) == array.dtype)):
             return array  # as CuPy: no copy, wherever it is
         return self._here(np.ascontiguousarray(array, dtype=dtype))
+
+    def from_dlpack(self, tensor: Any) -> FakeArray:
+        """A view of a (CPU) tensor's memory, on the current device, as CuPy's from_dlpack
+        gives a view of a CUDA tensor's."""
+        return self._here(np.from_dlpack(tensor))
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> FakeCupy:
         """Makes ``import cupy`` (and its submodules the glue imports) give this fake."""

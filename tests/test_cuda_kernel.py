@@ -43,6 +43,7 @@ from hypothesis import strategies as st
 from tokenpool_ops.backends import _cupy
 
 import tokenpool_ops
+from tests.host_cuda import GlueOnHost, build_library
 from tokenpool_ops import backends
 
 #: Dynamic shared memory per block on an H100 (opt-in limit): the plan of a real GPU.
@@ -59,8 +60,9 @@ SCHEMES = ["plan", "shared", "global"]
 class HostKernels:
     """The CPU build of kmedoids.cu, called as the GPU glue calls the GPU build."""
 
-    def __init__(self, library: ctypes.CDLL) -> None:
+    def __init__(self, library: ctypes.CDLL, glue: GlueOnHost) -> None:
         self.library = library
+        self.glue = glue  # the glue's own launches, run on the host (tests/host_cuda.py)
         for suffix in _cupy.CXX_TYPES:
             function = getattr(library, f"tp_kmedoids_{suffix}")
             function.restype = None
@@ -83,24 +85,12 @@ class HostKernels:
 
     def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
                max_iter: int) -> None:
-        """A ``_cupy.KMedoidsLauncher``: the instantiation the plan names, on the host."""
-        n_problems, n, m = args.x.shape
-        k = args.init.shape[1]
-        getattr(self.library, f"tp_kmedoids_{_element_type(plan.kernel)}")(
-            args.x.ctypes.data, args.mean.ctypes.data, args.init.ctypes.data,
-            args.weights.ctypes.data, n_problems, n, m, k, max_iter, int(plan.shared_matrix),
-            args.workspace.ctypes.data, args.labels.ctypes.data, args.medoids.ctypes.data,
-            args.history.ctypes.data, args.iterations.ctypes.data)
+        """A ``_cupy.KMedoidsLauncher``: ``_cupy._launch`` itself, run on the host."""
+        self.glue.launch(args, plan, max_iter)
 
     def launch_merge(self, args: _cupy.MergeArguments, with_objective: bool) -> None:
-        """A ``_cupy.MergeLauncher`` on the host."""
-        n_problems, n, m = args.x.shape
-        getattr(self.library, f"tp_merge_{_element_type(args.kernel)}")(
-            args.x.ctypes.data, args.mean.ctypes.data, args.labels.ctypes.data,
-            args.weights.ctypes.data, args.fallback.ctypes.data, args.carried.ctypes.data,
-            n_problems, n, m, args.tokens.shape[1], int(args.has_fallback),
-            int(with_objective), args.workspace.ctypes.data, args.tokens.ctypes.data,
-            args.sizes.ctypes.data, args.objective.ctypes.data)
+        """A ``_cupy.MergeLauncher``: ``_cupy._launch_merge`` itself, run on the host."""
+        self.glue.launch_merge(args, with_objective)
 
     def run(self, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
             max_iter: int, stop_early: bool, scheme: str = "plan",
@@ -118,7 +108,8 @@ class HostKernels:
         plan = self.plan(x.shape[1], init.shape[-1], dtype_name, scheme)
         stand_in = x.view(np.float16) if dtype_name == "bfloat16" else x  # same item size
         args = _cupy.kernel_arguments(np, stand_in, mean, init, weights, max_iter, plan)
-        self.launch(dataclasses.replace(args, x=np.ascontiguousarray(x)), plan, max_iter)
+        if x.shape[0] > 0:  # as the glue: a grid of no blocks is an invalid launch
+            self.launch(dataclasses.replace(args, x=np.ascontiguousarray(x)), plan, max_iter)
         return _cupy.kernel_results(args, max_iter, stop_early)
 
     def merge(self, x: np.ndarray, mean: np.ndarray, labels: np.ndarray, k: int,
@@ -129,12 +120,6 @@ class HostKernels:
                                    k, weights, fallback, carried, True)
         assert merged is not None, "every test shape is one the merge kernel covers"
         return merged
-
-
-def _element_type(kernel: str) -> str:
-    """The dtype name of an instantiation's element type ("tokenpool::kmedoids<float, ...")."""
-    cxx_type = kernel.split("<", 1)[1].split(",")[0].rstrip(">")
-    return next(name for name, cxx in _cupy.CXX_TYPES.items() if cxx == cxx_type)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +135,8 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
                str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
-    return HostKernels(ctypes.CDLL(str(library)))
+    glue = tmp_path_factory.mktemp("glue_on_host")
+    return HostKernels(ctypes.CDLL(str(library)), GlueOnHost(build_library(glue), glue / "cache"))
 
 
 @contextlib.contextmanager

@@ -4,10 +4,18 @@ Each property is a statement the paper (or our documented contract) makes about 
 the objective never increases (§4, Appendix A), the medoid constraint holds bit-exactly,
 pooled tokens are the weighted means of their members (Algorithm 1, line 6), problems in a
 batch are independent, and rescaling scores or translating tokens changes nothing it should
-not. Inputs come from strategies (see ``problems``): coarse integers made tie-free by a
+not. Inputs come from strategies (see ``problems``): coarse integers made distinct by a
 fixed irrational offset per token, so that a failure shrinks to a readable input. The
 clustering properties draw 2 <= k <= N - 1; k = N (the identity) and k = 0 have their own
 tests.
+
+Tie-free only up to rounding: no two tokens coincide and token distances differ, but the
+algorithms also compare sums of distances over clusters (the medoid costs of Eq. 17) and
+distances to cluster means (K-Means), and two of those can come within rounding of each
+other. Ruling that out by construction would need values whose subset sums all differ by
+more than the rounding error (super-increasing: a range near 2^(N^2) for N^2 distances),
+far beyond float64 at N = 128, so the properties that compare assignments across different
+arithmetic (translated tokens; float32 against float64) rely on such near-ties being rare.
 """
 
 from __future__ import annotations
