@@ -623,6 +623,31 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
             np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.parametrize("m", [64, 66, 72])
+def test_whole_chunks_copied_by_16_bytes_or_by_element_give_the_same_bits(host, m, rng):
+    # The shared variant copies a whole chunk of 32 features 16 bytes at a time where every
+    # token's row allows it (M a multiple of 4 float32 or 8 float16 elements), else one
+    # element a lane, and a last partial chunk element by element; the global variant reads
+    # x straight from memory. M = 64: 16-byte copies for both types; 66: element copies;
+    # 72: 16-byte copies for float32 and float16, then a partial chunk of 8. Every pair runs
+    # to the same bits, and float16 to the bits of its exact float32 values.
+    n, k = 45, 11
+    x32 = rng.normal(size=(2, n, m)).astype(np.float32)
+    half = x32.astype(np.float16)
+    weights = rng.exponential(size=(2, n)).astype(np.float32)
+    init = distinct_init(rng, 2, n, k)
+    for tokens, dtype_name in ((x32, None), (half, None)):
+        mean = tokens.astype(np.float32).mean(axis=1, keepdims=True)
+        runs = [host.run(tokens, mean, init, weights, 6, True, scheme, dtype_name)
+                for scheme in ("shared", "global")]
+        runs.append(host.run(tokens.astype(np.float32), mean, init, weights, 6, True,
+                             "shared", None))
+        for got, want in zip(runs[0], runs[1], strict=True):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(runs[0], runs[2], strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # The merge kernel (Algorithm 1, line 6) equals the generic merge
 

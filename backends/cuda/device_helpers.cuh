@@ -63,7 +63,7 @@ constexpr int kRawStride = kFeatureChunk + 8;
 constexpr int kStageGroupStride = kFeatureChunk * kTile + kTile;
 
 //: Features the distance loop takes per step of one tile slot (its loads issued together,
-//: ahead of their FP32 work; one address step per kFeatureUnroll features).
+//: ahead of their FP32 work; one address step a step).
 constexpr int kFeatureUnroll = 8;
 
 // kTile values of the stage, loaded at once (one 128-bit load for float).
@@ -202,6 +202,28 @@ __device__ __forceinline__ void copy_async(T* shared_target, const T* source) {
   }
 #endif
   *shared_target = *source;
+#endif
+}
+
+// 16 bytes, as copy_async does (cp.async.cg on sm_80 and later; a plain 16-byte load and
+// store elsewhere): both addresses 16-byte aligned, which the caller checks.
+struct alignas(16) Bytes16 {
+  unsigned int words[4];
+};
+template <typename T>
+__device__ __forceinline__ void copy_async_16(T* shared_target, const T* source) {
+#if defined(TP_HOST_EMULATION)
+  tp_host::copy_async(shared_target, source, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned int target;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+      : "=r"(target) : "l"(shared_target));
+  unsigned long long global;
+  asm("cvta.to.global.u64 %0, %1;" : "=l"(global) : "l"(source));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(target), "l"(global)
+               : "memory");
+#else
+  *reinterpret_cast<Bytes16*>(shared_target) = *reinterpret_cast<const Bytes16*>(source);
 #endif
 }
 

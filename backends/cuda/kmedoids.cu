@@ -146,11 +146,37 @@ __device__ __forceinline__ int used_slots(int first, int tiles, int round_tiles)
 // row stride kRawStride): asynchronous on sm_80+ (cp.async), see copy_async. Consecutive
 // threads take consecutive features of a token: coalesced reads, and for a whole chunk
 // (width = kFeatureChunk) each warp writes one raw row, 32 consecutive words (no conflict).
+// A whole chunk (every chunk but a last, partial one) goes 16 bytes a copy where the rows
+// allow it (x 16-byte aligned, M a multiple of the elements in 16 bytes; the raw rows are:
+// kRawStride * sizeof(T) is a multiple of 16, see the static_assert), else one feature of a
+// token a lane, a warp a token (no division).
 template <typename T>
 __device__ void start_chunk(const Problem<T>& p, int start, int width, T* raw) {
-  for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
-    const int i = e / width, q = e % width;
-    copy_async(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+  constexpr int kVector = 16 / static_cast<int>(sizeof(T));  // elements a 16-byte copy
+  constexpr int kVectors = kFeatureChunk / kVector;           // 16-byte copies a token
+  static_assert(kRawStride * sizeof(T) % 16 == 0 && kFeatureChunk % kVector == 0,
+                "raw rows in 16-byte pieces");
+  const bool whole = width == kFeatureChunk;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  if (whole && p.m % kVector == 0 && reinterpret_cast<unsigned long long>(p.x) % 16 == 0) {
+    // Uniform. A warp takes kTokens tokens a step, each lane the same 16 bytes of each.
+    constexpr int kTokens = kWarpSize / kVectors;
+    static_assert(kWarpSize % kVectors == 0, "whole tokens a warp");
+    const int q = lane % kVectors * kVector;
+    for (int i = warp * kTokens + lane / kVectors; i < p.n; i += kWarps * kTokens) {
+      copy_async_16(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+    }
+  } else if (whole) {
+    static_assert(kFeatureChunk == kWarpSize, "a warp copies a token's chunk");
+    for (int i = warp; i < p.n; i += kWarps) {
+      copy_async(raw + i * kRawStride + lane, p.x + static_cast<long long>(i) * p.m + start + lane);
+    }
+  } else {
+    for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
+      const int i = e / width, q = e % width;
+      copy_async(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+    }
   }
   commit_copies();
 }
@@ -160,28 +186,44 @@ __device__ void start_chunk(const Problem<T>& p, int start, int width, T* raw) {
 // for token kTile g + r (zero for the padding tokens of the last group). From the raw buffer
 // (`raw`, row stride kRawStride: the pipelined fill) or else straight from global memory
 // (the global variant, where the other block on the SM computes while this one loads).
-// A warp takes one group's kTile tokens x 8 features (lane: r = lane / 8, q = lane mod 8 +
-// const): its stage stores are 32 distinct banks (kTile q + r + const), its raw reads too
-// (row stride 8 mod 32: 8 r + q + const), and its global reads are one 32-byte sector a
-// token.
+// A warp takes one group's kTile tokens x kSpan = 8 features (lane: r = lane / 8,
+// q = lane mod 8 + const): its stage stores are 32 distinct banks (kTile q + r + const), its
+// raw reads too (row stride 8 mod 32: 8 r + q + const), and its global reads are one 32-byte
+// sector a token. In a whole chunk from the raw buffer each thread keeps one feature (and its
+// mean) throughout; the global variant takes the general path (with the other, its 128
+// registers spill on sm_80).
 template <typename T>
 __device__ void centre_stage(const Problem<T>& p, int start, int width, const T* raw) {
-  constexpr int kSpan = kWarpSize / kTile;  // features a warp takes of its group
-  const int spans = (width + kSpan - 1) / kSpan;
+  using Acc = typename Accumulator<T>::type;
+  constexpr int kSpan = kWarpSize / kTile;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int r = lane / kSpan;
   const int groups = (p.n + kTile - 1) / kTile;
-  for (int e = threadIdx.x; e < groups * spans * kWarpSize; e += kBlockThreads) {
-    const int group = e / (spans * kWarpSize), lane = e % kWarpSize;
-    const int r = lane / kSpan;
-    const int q = (e / kWarpSize) % spans * kSpan + lane % kSpan;
-    if (q >= width) continue;
+  auto centre = [&](int group, int q, Acc mean) {
     const int i = group * kTile + r;
-    typename Accumulator<T>::type value = 0;
+    Acc value = 0;
     if (i < p.n) {
-      const T element =
-          raw != nullptr ? raw[i * kRawStride + q] : p.x[static_cast<long long>(i) * p.m + start + q];
-      value = to_accumulator(element) - p.mean[start + q];
+      value = to_accumulator(raw != nullptr ? raw[i * kRawStride + q]
+                                            : p.x[static_cast<long long>(i) * p.m + start + q]) -
+              mean;
     }
     p.stage[group * kStageGroupStride + q * kTile + r] = value;
+  };
+  if (width == kFeatureChunk && raw != nullptr) {  // uniform; warp w: span w mod kSpans
+    constexpr int kSpans = kFeatureChunk / kSpan;
+    static_assert(kWarps % kSpans == 0, "each warp keeps one span");
+    const int q = warp % kSpans * kSpan + lane % kSpan;
+    const Acc mean = p.mean[start + q];
+    for (int group = warp / kSpans; group < groups; group += kWarps / kSpans) {
+      centre(group, q, mean);
+    }
+  } else {  // a last, partial chunk
+    const int spans = (width + kSpan - 1) / kSpan;
+    for (int slot = warp; slot < groups * spans; slot += kWarps) {
+      const int group = slot / spans, q = slot % spans * kSpan + lane % kSpan;
+      if (q < width) centre(group, q, p.mean[start + q]);
+    }
   }
 }
 
@@ -243,10 +285,10 @@ TP_UNROLL
 
 // The running sums of one thread's tiles over the features of the stage (one chunk), slot by
 // slot: `row_values[j]` and `column_values[j]` point at the stage groups of slot j's tile
-// (the same for every chunk). Within a slot, kFeatureUnroll features a step, each tile's
-// values at a fixed offset from the pointers (immediates in the loads, one address step a
-// step), their loads issued together ahead of the arithmetic. Each cell still sums its
-// features in feature order: the order of the slots does not change any sum.
+// (the same for every chunk). Within a slot, kFeatureUnroll features a step,
+// each tile's values at a fixed offset from the pointers (immediates in the loads, one
+// address step a step), their loads issued together ahead of the arithmetic. Each cell
+// still sums its features in feature order: the order of the slots does not change any sum.
 template <typename Acc, int RoundTiles>
 __device__ __forceinline__ void add_chunk(int width, int slots,
                                           const TileValues<Acc>* const (&row_values)[RoundTiles],
