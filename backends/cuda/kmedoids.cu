@@ -309,7 +309,9 @@ TP_UNROLL
         column_tile[u] = b[q + u];
       }
 TP_UNROLL
-      for (int u = 0; u < kFeatureUnroll; ++u) add_tile_feature(row_tile[u], column_tile[u], sum[j]);
+      for (int u = 0; u < kFeatureUnroll; ++u) {
+        add_tile_feature(row_tile[u], column_tile[u], sum[j]);
+      }
     }
 TP_LOOP
     for (; q < width; ++q) add_tile_feature(a[q], b[q], sum[j]);  // a last, partial chunk
