@@ -70,7 +70,9 @@ def kernel_name(dtype_name: str, shared_matrix: bool) -> str:
 #: Tiles each thread sums per round of fill_matrix (TP_ROUND_TILES), by where the matrix is.
 ROUND_TILES = {True: 7, False: 4}
 #: Row stride of the raw feature buffers (kRawStride).
-RAW_STRIDE = FEATURE_CHUNK + 1
+RAW_STRIDE = FEATURE_CHUNK + 8
+#: Elements of one tile group of the (tile-major) stage (kStageGroupStride).
+STAGE_GROUP_STRIDE = FEATURE_CHUNK * TILE + TILE
 #: Bytes of one element of each element type.
 ELEMENT_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -87,25 +89,26 @@ def matrix_stride(n: int) -> int:
 def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) -> int:
     """Dynamic shared memory of one block: ``KMedoidsLayout<T>::bytes()`` of the kernel.
 
-    A region for the distance fill: a (kFeatureChunk, stride) stage of centred features (the
-    stride: N rounded up to TILE, then to 8 mod 32) and, with ``shared_matrix``, two
+    A region for the distance fill: a stage of centred features (ceil(N / TILE) groups of
+    STAGE_GROUP_STRIDE elements) and, with ``shared_matrix``, two
     (N, RAW_STRIDE) raw buffers of ``dtype_name`` elements and the (N, matrix_stride(N))
     distances, which overlay that region when the fill runs in one round (else they follow
     it). Then each cluster's least cost key (K, 8
     bytes), the weights and medoid costs (N each), a reduction scratch (WARPS), and four int
     arrays (labels and the medoid of each token: N; medoids and each cluster's best member:
-    K).
+    K); with ``shared_matrix``, each cluster's members as a bit set (K, ceil(N / 32) words).
     """
     accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
     side = -(-n // TILE)
-    stride = 8 if side * TILE <= 8 else -(-(side * TILE - 8) // 32) * 32 + 8
     per_round = ROUND_TILES[shared_matrix] * BLOCK_THREADS
     rounds = -(-(side * (side + 1) // 2) // per_round)
     raw = 2 * n * RAW_STRIDE * ELEMENT_BYTES[dtype_name] if shared_matrix else 0
-    fill = _round16(stride * FEATURE_CHUNK * accumulator_bytes + raw)
+    fill = _round16(side * STAGE_GROUP_STRIDE * accumulator_bytes + raw)
     matrix = _round16(n * matrix_stride(n) * accumulator_bytes) if shared_matrix else 0
     region = max(fill, matrix) if shared_matrix and rounds == 1 else fill + matrix
-    return region + 8 * k + (2 * n + WARPS) * accumulator_bytes + (2 * n + 2 * k) * 4
+    member_words = -(-n // 32) if shared_matrix else 0
+    return (region + 8 * k + (2 * n + WARPS) * accumulator_bytes
+            + (2 * n + 2 * k + k * member_words) * 4)
 
 
 @dataclass(frozen=True)
@@ -133,10 +136,11 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (N up to 236 in float32 on
-        Hopper, 201 on Ampere), else in a global (B, N, N | 1) workspace as long as a chunk of
-        every token's features fits in shared memory (float32 N up to about 1600 on Hopper,
-        1150 on Ampere; float64 about 810 and 585); None beyond, and the generic code runs.
+        The N x N distances in shared memory where they fit (float32 N up to 236 on Hopper,
+        201 on Ampere, for small K; 233 and 196 at K = N), else in a global (B, N, N | 1)
+        workspace as long as a chunk of every token's features fits in shared memory
+        (float32 N up to about 1570 on Hopper, 1120 on Ampere; float64 about 800 and 575);
+        None beyond, and the generic code runs.
     """
     if dtype_name not in CXX_TYPES or not 1 <= k <= n <= MAX_TOKENS:
         return None

@@ -295,15 +295,22 @@ def test_plan_chooses_a_scheme_or_declines():
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
     # KMedoidsLayout::bytes(). With the matrix: N = 236, K = 1 fills in one round
     # (59 * 60 / 2 = 1770 <= 7 * 256 tiles), so the matrix overlays the fill region:
-    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2) * 4 = 227552 bytes;
-    # N = 237 takes two rounds (1830 tiles), matrix beside the fill region: 324896. In the
-    # workspace (stage stride 8 mod 32, no raw buffers), N = 1608 (stride 1608) needs
-    # 1608*32*4 + 8 + (2*1608 + 8) * 4 + (2*1608 + 2) * 4 = 231600; N = 1609 (stride 1640)
-    # needs 235712.
+    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8) * 4 = 227584
+    # bytes (the last 8 words: the one cluster's member bits); N = 237 takes two rounds
+    # (1830 tiles), matrix beside the fill region: 324928. In the workspace (a tile-major
+    # stage of ceil(N / 4) groups of 132 elements, no raw buffers, no member bits),
+    # N = 1568 (392 groups) needs 392*132*4 + 8 + (2*1568 + 8) * 4 + (2*1568 + 2) * 4 =
+    # 232112; N = 1569 (393 groups) needs 232656, over 232448 - 64.
+    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 227584
+    assert _cupy.kmedoids_shared_bytes(1568, 1, "float32", False) == 232112
     assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert not _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert _cupy.kmedoids_plan(1608, 1, "float32", H100_SHARED_BYTES) is not None
-    assert _cupy.kmedoids_plan(1609, 1, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_plan(1568, 1, "float32", H100_SHARED_BYTES) is not None
+    assert _cupy.kmedoids_plan(1569, 1, "float32", H100_SHARED_BYTES) is None
+    # The issue's shape, B=256, N=197, K=98: 197 * 197 * 4 = 155236 -> 155248 (16-byte
+    # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7) * 4 = 162744, under the A100's
+    # 166912 - 64 too.
+    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 162744
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
@@ -599,6 +606,31 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
         runs = [host.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
                 for tokens, dtype_name, scheme in (first, second)]
         for got, want in zip(*runs, strict=True):
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("m", [64, 66, 72])
+def test_whole_chunks_copied_by_16_bytes_or_by_element_give_the_same_bits(host, m, rng):
+    # The shared variant copies a whole chunk of 32 features 16 bytes at a time where every
+    # token's row allows it (M a multiple of 4 float32 or 8 float16 elements), else one
+    # element a lane, and a last partial chunk element by element; the global variant reads
+    # x straight from memory. M = 64: 16-byte copies for both types; 66: element copies;
+    # 72: 16-byte copies for float32 and float16, then a partial chunk of 8. Every pair runs
+    # to the same bits, and float16 to the bits of its exact float32 values.
+    n, k = 45, 11
+    x32 = rng.normal(size=(2, n, m)).astype(np.float32)
+    half = x32.astype(np.float16)
+    weights = rng.exponential(size=(2, n)).astype(np.float32)
+    init = distinct_init(rng, 2, n, k)
+    for tokens, dtype_name in ((x32, None), (half, None)):
+        mean = tokens.astype(np.float32).mean(axis=1, keepdims=True)
+        runs = [host.run(tokens, mean, init, weights, 6, True, scheme, dtype_name)
+                for scheme in ("shared", "global")]
+        runs.append(host.run(tokens.astype(np.float32), mean, init, weights, 6, True,
+                             "shared", None))
+        for got, want in zip(runs[0], runs[1], strict=True):
+            np.testing.assert_array_equal(got, want)
+        for got, want in zip(runs[0], runs[2], strict=True):
             np.testing.assert_array_equal(got, want)
 
 

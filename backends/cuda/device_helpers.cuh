@@ -11,10 +11,14 @@
 
 // Full unrolling where the GPU needs it (register arrays indexed by the loop variable);
 // g++ unrolls on its own or not at all.
+// TP_LOOP keeps a loop a loop (its body small enough for the instruction cache), where
+// nvcc would unroll a loop of few trips in full.
 #if defined(TP_HOST_EMULATION)
 #define TP_UNROLL
+#define TP_LOOP
 #else
 #define TP_UNROLL _Pragma("unroll")
+#define TP_LOOP _Pragma("unroll 1")
 #endif
 
 namespace tokenpool {
@@ -44,9 +48,23 @@ constexpr int kTile = 4;
 //: round for K = 98, N = 197 (25 x 50 tiles).
 constexpr int kMergeRoundTiles = 5;
 
-//: Row stride of the raw (token-major) feature buffers: odd, so that the threads of a warp
-//: reading one feature of 32 consecutive tokens hit 32 distinct banks.
-constexpr int kRawStride = kFeatureChunk + 1;
+//: Row stride of the raw (token-major) feature buffers: 8 mod 32, so that a warp reading
+//: 8 features of 4 consecutive tokens (centre_stage) hits 32 distinct banks,
+//: 8 r + q + const.
+constexpr int kRawStride = kFeatureChunk + 8;
+
+//: The stage of fill_matrix is tile-major: the kFeatureChunk x kTile values of the tokens of
+//: one tile (group g: tokens kTile g ... kTile g + kTile - 1) lie together, feature after
+//: feature, so a tile's values at feature q are kTile consecutive elements at a fixed offset
+//: q * kTile from the group's start: the distance loop addresses them with immediates, no
+//: pointer steps. Groups are kStageGroupStride elements apart: one kTile-element quad more
+//: than the group, so that 8 consecutive groups' quads at one feature fall in 8 distinct
+//: bank quads (the column loads of a quarter-warp: conflict-free).
+constexpr int kStageGroupStride = kFeatureChunk * kTile + kTile;
+
+//: Features the distance loop takes per step of one tile slot (its loads issued together,
+//: ahead of their FP32 work; one address step a step).
+constexpr int kFeatureUnroll = 8;
 
 // kTile values of the stage, loaded at once (one 128-bit load for float).
 template <typename Acc>
@@ -187,6 +205,28 @@ __device__ __forceinline__ void copy_async(T* shared_target, const T* source) {
 #endif
 }
 
+// 16 bytes, as copy_async does (cp.async.cg on sm_80 and later; a plain 16-byte load and
+// store elsewhere): both addresses 16-byte aligned, which the caller checks.
+struct alignas(16) Bytes16 {
+  unsigned int words[4];
+};
+template <typename T>
+__device__ __forceinline__ void copy_async_16(T* shared_target, const T* source) {
+#if defined(TP_HOST_EMULATION)
+  tp_host::copy_async(shared_target, source, 16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  unsigned int target;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }"
+      : "=r"(target) : "l"(shared_target));
+  unsigned long long global;
+  asm("cvta.to.global.u64 %0, %1;" : "=l"(global) : "l"(source));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(target), "l"(global)
+               : "memory");
+#else
+  *reinterpret_cast<Bytes16*>(shared_target) = *reinterpret_cast<const Bytes16*>(source);
+#endif
+}
+
 // Closes this thread's group of copies.
 __device__ __forceinline__ void commit_copies() {
 #if defined(TP_HOST_EMULATION)
@@ -211,28 +251,23 @@ __device__ __forceinline__ void wait_copies() {
 // array is aligned for its type. The Python glue (backends/_cupy.py, kmedoids_shared_bytes)
 // reproduces `bytes()`; a test compares the two through the host build.
 //
-// First a region for fill_matrix: the stage (kFeatureChunk, stage_stride) of centred
-// features and, with the matrix in shared memory, two raw buffers (N, kRawStride) of tokens'
-// features as they come; then, with the matrix in shared memory, the (N, matrix_stride) distances. fill_matrix stores the
+// First a region for fill_matrix: the stage (tile_side() groups of kStageGroupStride, see
+// kStageGroupStride) of centred features and, with the matrix in shared memory, two raw
+// buffers (N, kRawStride) of tokens' features as they come; then, with the matrix in shared
+// memory, the (N, matrix_stride) distances. fill_matrix stores the
 // distances only after its last feature, so when it runs in one round the matrix overlays
 // the region (the larger of the two). Then each cluster's least cost key (K, 8 bytes), the
 // weights and medoid costs (N each), the reduction scratch (kWarps); four int arrays
-// (labels and the medoid of each token: N; medoids and each cluster's best member: K).
+// (labels and the medoid of each token: N; medoids and each cluster's best member: K); with
+// the matrix in shared memory, each cluster's members as a bit set (K, member_words()).
 template <typename T>
 struct KMedoidsLayout {
   using Acc = typename Accumulator<T>::type;
   int n, k;
   bool shared_matrix;  // the N x N distances live in shared memory (else in a workspace)
 
-  // Tiles of kTile tokens along a side of the matrix.
+  // Tiles of kTile tokens along a side of the matrix (= the stage's groups).
   __device__ int tile_side() const { return (n + kTile - 1) / kTile; }
-  // The stage's rows cover whole tiles, and the stride is 8 mod 32, so that the direct
-  // copy's stores (8 tokens x 4 features a warp, centre_from_global) hit 32 distinct banks:
-  // 8 q + i, q < 4, i < 8.
-  __device__ int stage_stride() const {
-    const int tiles = tile_side() * kTile;
-    return tiles <= 8 ? 8 : (tiles - 8 + 31) / 32 * 32 + 8;
-  }
   // Odd, so that the mirrored stores of fill_matrix hit distinct banks.
   __device__ int matrix_stride() const { return n | 1; }
   __device__ long long rounds() const {
@@ -241,7 +276,7 @@ struct KMedoidsLayout {
     return (side * (side + 1) / 2 + per_round - 1) / per_round;
   }
   __device__ long long stage_count() const {
-    return static_cast<long long>(stage_stride()) * kFeatureChunk;
+    return static_cast<long long>(tile_side()) * kStageGroupStride;
   }
   __device__ long long raw_count() const {  // elements of T in one raw buffer
     return static_cast<long long>(n) * kRawStride;
@@ -263,9 +298,12 @@ struct KMedoidsLayout {
     if (!matrix_overlays_fill()) return fill_bytes() + matrix_bytes();
     return fill_bytes() > matrix_bytes() ? fill_bytes() : matrix_bytes();
   }
+  // 32-bit words of one cluster's member set (a bit a token); none in the global variant.
+  __device__ int member_words() const { return shared_matrix ? (n + 31) / 32 : 0; }
   __device__ long long bytes() const {
     return region_bytes() + 8LL * k +
-           (2LL * n + kWarps) * static_cast<long long>(sizeof(Acc)) + (2LL * n + 2LL * k) * 4;
+           (2LL * n + kWarps) * static_cast<long long>(sizeof(Acc)) +
+           (2LL * n + 2LL * k + static_cast<long long>(k) * member_words()) * 4;
   }
 };
 

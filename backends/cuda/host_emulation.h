@@ -174,6 +174,13 @@ inline int atomicOr(int* address, int value) {
   return std::atomic_ref<int>(*address).fetch_or(value);
 }
 
+inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
+  return std::atomic_ref<unsigned int>(*address).fetch_or(value);
+}
+
+// 1 + the index of the least significant set bit; 0 for 0.
+inline int __ffs(int value) { return __builtin_ffs(value); }
+
 inline int atomicMin(int* address, int value) {
   std::atomic_ref<int> target(*address);
   int seen = target.load();

@@ -19,11 +19,13 @@
 // tiles from features staged in shared memory, and stored once (fill_matrix). The matrix
 // (row stride N | 1) lives
 // * in shared memory where it fits (SharedMatrix; float32 N <= 236 in the 227 KiB of
-//   Hopper, 201 on Ampere), so every later distance is a shared-memory read;
+//   Hopper, 201 on Ampere, for small K: 233 and 196 at K = N), so every later distance is
+//   a shared-memory read;
 // * else in a global workspace (B, N, N | 1), read through L2 with the same access patterns
-//   (float32 N up to about 1150 on Ampere and 1600 on Hopper, where a chunk of every token's
+//   (float32 N up to about 1120 on Ampere and 1570 on Hopper, where a chunk of every token's
 //   features still fits in shared memory for the tiles; the glue declines larger N).
-// Both give the same bits: the code is the same but for where the matrix is.
+// Both give the same bits: the code is the same but for where the matrix is (and how the
+// medoid update finds a cluster's members: a bit set, or a scan of the labels).
 // benchmarks/README.md models the speed (bytes, FLOPs, wavefronts, barriers, registers).
 #if defined(__CUDACC__)
 // Dynamic shared memory; host_emulation.h defines the same name for the CPU build.
@@ -39,14 +41,13 @@ template <typename T>
 struct Problem {
   using Acc = typename Accumulator<T>::type;
   int n, m, k;
-  int stride;  // of the stage: N rounded up to whole tiles
   int matrix_stride;  // of the matrix's rows: N or N + 1, odd
   int raw_count;  // elements of one raw buffer
   const T* __restrict__ x;      // (N, M)
   const Acc* __restrict__ mean;  // (M,)
   Acc* matrix;    // (N, matrix_stride) distances: in shared memory or the global workspace
   // shared memory
-  Acc* stage;     // (kFeatureChunk, stride) centred features
+  Acc* stage;     // (tile side, kStageGroupStride) centred features, tile-major
   T* raw;         // two (N, kRawStride) buffers of features as they come
   Acc* weights;   // (N,)
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
@@ -56,6 +57,10 @@ struct Problem {
   int* medoid_of; // (N,) cluster whose medoid the token is, kNotAMedoid otherwise
   int* medoids;   // (K,)
   int* best_member;  // (K,) the lowest member of that cost
+  // (K, member_words) each cluster's members, bit i % 32 of word i / 32 for token i (with
+  // the matrix in shared memory); nullptr in the global variant, which scans the labels.
+  unsigned int* members;
+  int member_words;
 
   __device__ Acc distance(int i, int j) const { return matrix[i * matrix_stride + j]; }
   __device__ Acc to_medoid(int c, int i) const {
@@ -76,7 +81,6 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.k = k;
   p.x = x;
   p.mean = mean;
-  p.stride = layout.stage_stride();
   p.matrix_stride = layout.matrix_stride();
   p.raw_count = static_cast<int>(layout.raw_count());
   p.stage = reinterpret_cast<Acc*>(shared);
@@ -93,6 +97,8 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.medoid_of = p.labels + n;
   p.medoids = p.medoid_of + n;
   p.best_member = p.medoids + k;
+  p.member_words = layout.member_words();
+  p.members = SharedMatrix ? reinterpret_cast<unsigned int*>(p.best_member + k) : nullptr;
   return p;
 }
 
@@ -140,44 +146,84 @@ __device__ __forceinline__ int used_slots(int first, int tiles, int round_tiles)
 // row stride kRawStride): asynchronous on sm_80+ (cp.async), see copy_async. Consecutive
 // threads take consecutive features of a token: coalesced reads, and for a whole chunk
 // (width = kFeatureChunk) each warp writes one raw row, 32 consecutive words (no conflict).
+// A whole chunk (every chunk but a last, partial one) goes 16 bytes a copy where the rows
+// allow it (x 16-byte aligned, M a multiple of the elements in 16 bytes; the raw rows are:
+// kRawStride * sizeof(T) is a multiple of 16, see the static_assert), else one feature of a
+// token a lane, a warp a token (no division).
 template <typename T>
 __device__ void start_chunk(const Problem<T>& p, int start, int width, T* raw) {
-  for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
-    const int i = e / width, q = e % width;
-    copy_async(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+  constexpr int kVector = 16 / static_cast<int>(sizeof(T));  // elements a 16-byte copy
+  constexpr int kVectors = kFeatureChunk / kVector;           // 16-byte copies a token
+  static_assert(kRawStride * sizeof(T) % 16 == 0 && kFeatureChunk % kVector == 0,
+                "raw rows in 16-byte pieces");
+  const bool whole = width == kFeatureChunk;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  if (whole && p.m % kVector == 0 && reinterpret_cast<unsigned long long>(p.x) % 16 == 0) {
+    // Uniform. A warp takes kTokens tokens a step, each lane the same 16 bytes of each.
+    constexpr int kTokens = kWarpSize / kVectors;
+    static_assert(kWarpSize % kVectors == 0, "whole tokens a warp");
+    const int q = lane % kVectors * kVector;
+    for (int i = warp * kTokens + lane / kVectors; i < p.n; i += kWarps * kTokens) {
+      copy_async_16(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+    }
+  } else if (whole) {
+    static_assert(kFeatureChunk == kWarpSize, "a warp copies a token's chunk");
+    for (int i = warp; i < p.n; i += kWarps) {
+      copy_async(raw + i * kRawStride + lane, p.x + static_cast<long long>(i) * p.m + start + lane);
+    }
+  } else {
+    for (int e = threadIdx.x; e < p.n * width; e += kBlockThreads) {
+      const int i = e / width, q = e % width;
+      copy_async(raw + i * kRawStride + q, p.x + static_cast<long long>(i) * p.m + start + q);
+    }
   }
   commit_copies();
 }
 
-// The stage (feature-major, row stride p.stride) from a raw chunk: converted to the
-// accumulator type and centred; the padding tokens are zero. Consecutive threads write
-// consecutive stage words (no conflict) and read raw words 33 apart (distinct banks).
+// The stage from one chunk of features [start, start + width): each token's value converted
+// to the accumulator type and centred, at stage element g * kStageGroupStride + q * kTile + r
+// for token kTile g + r (zero for the padding tokens of the last group). From the raw buffer
+// (`raw`, row stride kRawStride: the pipelined fill) or else straight from global memory
+// (the global variant, where the other block on the SM computes while this one loads).
+// A warp takes one group's kTile tokens x kSpan = 8 features (lane: r = lane / 8,
+// q = lane mod 8 + const): its stage stores are 32 distinct banks (kTile q + r + const), its
+// raw reads too (row stride 8 mod 32: 8 r + q + const), and its global reads are one 32-byte
+// sector a token. In a whole chunk from the raw buffer each thread keeps one feature (and its
+// mean) throughout; the global variant takes the general path (with the other, its 128
+// registers spill on sm_80).
 template <typename T>
-__device__ void centre_chunk(const Problem<T>& p, int start, int width, const T* raw) {
-  for (int e = threadIdx.x; e < width * p.stride; e += kBlockThreads) {
-    const int q = e / p.stride, i = e % p.stride;
-    p.stage[e] = i < p.n ? to_accumulator(raw[i * kRawStride + q]) - p.mean[start + q]
-                         : typename Accumulator<T>::type(0);
-  }
-}
-
-// The stage straight from global memory (the global variant, where the other block on the
-// SM computes while this one loads). A warp takes 8 tokens x 4 features: 16-byte runs of
-// each token's row (the rest of its 32-byte sectors comes with the next 4 features), and
-// stage words 8 q + i (+ const, the stride being 8 mod 32): 32 distinct banks.
-template <typename T>
-__device__ void centre_from_global(const Problem<T>& p, int start, int width) {
-  const int feature_groups = (width + 3) / 4;
-  const int token_groups = (p.stride + 7) / 8;
-  for (int e = threadIdx.x; e < token_groups * feature_groups * kWarpSize; e += kBlockThreads) {
-    const int group = e / kWarpSize, lane = e % kWarpSize;
-    const int i = group / feature_groups * 8 + lane / 4;
-    const int q = group % feature_groups * 4 + lane % 4;
-    if (q >= width || i >= p.stride) continue;
-    p.stage[q * p.stride + i] =
-        i < p.n ? to_accumulator(p.x[static_cast<long long>(i) * p.m + start + q]) -
-                      p.mean[start + q]
-                : typename Accumulator<T>::type(0);
+__device__ void centre_stage(const Problem<T>& p, int start, int width, const T* raw) {
+  using Acc = typename Accumulator<T>::type;
+  constexpr int kSpan = kWarpSize / kTile;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int r = lane / kSpan;
+  const int groups = (p.n + kTile - 1) / kTile;
+  auto centre = [&](int group, int q, Acc mean) {
+    const int i = group * kTile + r;
+    Acc value = 0;
+    if (i < p.n) {
+      value = to_accumulator(raw != nullptr ? raw[i * kRawStride + q]
+                                            : p.x[static_cast<long long>(i) * p.m + start + q]) -
+              mean;
+    }
+    p.stage[group * kStageGroupStride + q * kTile + r] = value;
+  };
+  if (width == kFeatureChunk && raw != nullptr) {  // uniform; warp w: span w mod kSpans
+    constexpr int kSpans = kFeatureChunk / kSpan;
+    static_assert(kWarps % kSpans == 0, "each warp keeps one span");
+    const int q = warp % kSpans * kSpan + lane % kSpan;
+    const Acc mean = p.mean[start + q];
+    for (int group = warp / kSpans; group < groups; group += kWarps / kSpans) {
+      centre(group, q, mean);
+    }
+  } else {  // a last, partial chunk
+    const int spans = (width + kSpan - 1) / kSpan;
+    for (int slot = warp; slot < groups * spans; slot += kWarps) {
+      const int group = slot / spans, q = slot % spans * kSpan + lane % kSpan;
+      if (q < width) centre(group, q, p.mean[start + q]);
+    }
   }
 }
 
@@ -237,32 +283,38 @@ TP_UNROLL
   }
 }
 
-// The running sums of one thread's tiles over the features of the stage (one chunk).
+// The running sums of one thread's tiles over the features of the stage (one chunk), slot by
+// slot: `row_values[j]` and `column_values[j]` point at the stage groups of slot j's tile
+// (the same for every chunk). Within a slot, kFeatureUnroll features a step,
+// each tile's values at a fixed offset from the pointers (immediates in the loads, one
+// address step a step), their loads issued together ahead of the arithmetic. Each cell
+// still sums its features in feature order: the order of the slots does not change any sum.
 template <typename Acc, int RoundTiles>
-__device__ __forceinline__ void add_chunk(const Acc* stage, int stride, int width, int slots,
-                                          const int (&rows)[RoundTiles],
-                                          const int (&columns)[RoundTiles],
+__device__ __forceinline__ void add_chunk(int width, int slots,
+                                          const TileValues<Acc>* const (&row_values)[RoundTiles],
+                                          const TileValues<Acc>* const (&column_values)[RoundTiles],
                                           Acc (&sum)[RoundTiles][kTile][kTile]) {
-  // One pointer a load, moved a stage row a feature (-1, past the last tile: tile 0).
-  const TileValues<Acc>* row_values[RoundTiles];
-  const TileValues<Acc>* column_values[RoundTiles];
 TP_UNROLL
   for (int j = 0; j < RoundTiles; ++j) {
-    row_values[j] = reinterpret_cast<const TileValues<Acc>*>(stage + (rows[j] < 0 ? 0 : rows[j]));
-    column_values[j] =
-        reinterpret_cast<const TileValues<Acc>*>(stage + (rows[j] < 0 ? 0 : columns[j]));
-  }
-  const int step = stride / kTile;  // a stage row, in TileValues (stride: a multiple of 8)
-  for (int q = 0; q < width; ++q) {
+    if (j >= slots) break;  // uniform across the block
+    const TileValues<Acc>* a = row_values[j];
+    const TileValues<Acc>* b = column_values[j];
+    int q = 0;
+TP_LOOP
+    for (; q + kFeatureUnroll <= width; q += kFeatureUnroll) {
+      TileValues<Acc> row_tile[kFeatureUnroll], column_tile[kFeatureUnroll];
 TP_UNROLL
-    for (int j = 0; j < RoundTiles; ++j) {
-      if (j >= slots) break;  // uniform across the block
-      const TileValues<Acc> a = *row_values[j];
-      const TileValues<Acc> b = *column_values[j];
-      row_values[j] += step;
-      column_values[j] += step;
-      add_tile_feature(a, b, sum[j]);
+      for (int u = 0; u < kFeatureUnroll; ++u) {
+        row_tile[u] = a[q + u];
+        column_tile[u] = b[q + u];
+      }
+TP_UNROLL
+      for (int u = 0; u < kFeatureUnroll; ++u) {
+        add_tile_feature(row_tile[u], column_tile[u], sum[j]);
+      }
     }
+TP_LOOP
+    for (; q < width; ++q) add_tile_feature(a[q], b[q], sum[j]);  // a last, partial chunk
   }
 }
 
@@ -287,6 +339,17 @@ __device__ void fill_matrix(const Problem<T>& p) {
   for (int first = 0; first < tiles; first += RoundTiles * kBlockThreads) {
     int rows[RoundTiles], columns[RoundTiles];
     round_tiles<RoundTiles>(first, tiles, side, rows, columns);
+    // Each slot's tile groups in the stage (tile 0 for a slot past the last tile).
+    const TileValues<Acc>* row_values[RoundTiles];
+    const TileValues<Acc>* column_values[RoundTiles];
+TP_UNROLL
+    for (int j = 0; j < RoundTiles; ++j) {
+      const int row = rows[j] < 0 ? 0 : rows[j], column = rows[j] < 0 ? 0 : columns[j];
+      row_values[j] = reinterpret_cast<const TileValues<Acc>*>(
+          p.stage + row / kTile * kStageGroupStride);
+      column_values[j] = reinterpret_cast<const TileValues<Acc>*>(
+          p.stage + column / kTile * kStageGroupStride);
+    }
     Acc sum[RoundTiles][kTile][kTile] = {};
     __syncthreads();  // the previous round no longer reads the stage or the raw buffers
     if (Pipelined) start_chunk(p, 0, width_at(0), p.raw);
@@ -302,14 +365,10 @@ __device__ void fill_matrix(const Problem<T>& p) {
         }
       }
       __syncthreads();  // every thread's copies of chunk c; the stage is no longer read
-      if (Pipelined) {
-        centre_chunk(p, start, width_at(start), p.raw + (c % 2) * p.raw_count);
-      } else {
-        centre_from_global(p, start, width_at(start));
-      }
+      centre_stage(p, start, width_at(start), Pipelined ? p.raw + (c % 2) * p.raw_count : nullptr);
       __syncthreads();
-      add_chunk<Acc, RoundTiles>(p.stage, p.stride, width_at(start),
-                                 used_slots(first, tiles, RoundTiles), rows, columns, sum);
+      add_chunk<Acc, RoundTiles>(width_at(start), used_slots(first, tiles, RoundTiles),
+                                 row_values, column_values, sum);
     }
     __syncthreads();  // the stage and raw buffers may share memory with the matrix
 TP_UNROLL
@@ -321,13 +380,17 @@ TP_UNROLL
 }
 
 // medoid_of from medoids: the lowest cluster wins a token that init repeats. Also clears
-// each cluster's best member for the next update_medoids.
+// each cluster's best member for the next update_medoids, and the member sets for the next
+// assign.
 template <typename T>
 __device__ void index_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) {
     p.best_key[c] = kNoKey;
     p.best_member[c] = kNotAMedoid;
+  }
+  if (p.members != nullptr) {  // uniform
+    for (int e = threadIdx.x; e < p.k * p.member_words; e += kBlockThreads) p.members[e] = 0;
   }
   __syncthreads();
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) atomicMin(&p.medoid_of[p.medoids[c]], c);
@@ -358,6 +421,9 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
     }
     any_change |= label != p.labels[i];
     p.labels[i] = label;
+    if (p.members != nullptr) {
+      atomicOr(&p.members[label * p.member_words + i / 32], 1u << (i % 32));
+    }
     objective = multiply_add(p.weights[i], best, objective);
   }
   if (any_change) atomicOr(changed, 1);
@@ -376,10 +442,19 @@ __device__ void update_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
     const int cluster = p.labels[i];
     Acc total = 0;
-    for (int j = 0; j < p.n; ++j) {
-      if (p.labels[j] != cluster) continue;
-      // Column i: the entries the assignment read for a medoid i (the matrix is symmetric).
-      total = multiply_add(p.weights[j], p.distance(j, i), total);
+    // Column i: the entries the assignment read for a medoid i (the matrix is symmetric).
+    if (p.members != nullptr) {  // uniform: the members from their bit set, in token order
+      const unsigned int* words = p.members + cluster * p.member_words;
+      for (int w = 0; w < p.member_words; ++w) {
+        for (unsigned int bits = words[w]; bits != 0; bits &= bits - 1) {
+          const int j = w * 32 + __ffs(static_cast<int>(bits)) - 1;
+          total = multiply_add(p.weights[j], p.distance(j, i), total);
+        }
+      }
+    } else {  // every token, in token order, the members taking part
+      for (int j = 0; j < p.n; ++j) {
+        if (p.labels[j] == cluster) total = multiply_add(p.weights[j], p.distance(j, i), total);
+      }
     }
     p.cost[i] = total;
     if (total < infinity<Acc>()) atomicMin(&p.best_key[cluster], order_key(total));
