@@ -126,7 +126,7 @@ class HostKernels:
 def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     compiler = shutil.which("g++")
     if compiler is None:
-        pytest.skip("g++ not found: the host build of the CUDA kernel cannot be compiled")
+        pytest.skip("g++ not found: the host build of the kernel source cannot be compiled")
     library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
     # No implicit multiply-add: the GPU build has none either (-fmad=false, see
     # _cupy.FLOAT_MODEL), so both round every operation the same way.
