@@ -58,6 +58,7 @@ from ._patching import (
     STATE,
     TokenPoolState,
     new_state,
+    one_op_applies,
     pool_patch_tokens,
     received_attention,
     reset_state,
@@ -65,6 +66,7 @@ from ._patching import (
     tome_schedule,
 )
 from ._pool import MATCHING_METHODS, USES_SCORES, Method
+from .backends._torch_ops import attention_with_scores
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
@@ -103,7 +105,12 @@ class TokenPoolAttention(Attention):
 
         scores = None
         training = torch.is_grad_enabled() and q.requires_grad
-        if self._tp_needs_scores and (training or q.device.type in MATERIALISED_DEVICES):
+        materialise = training or q.device.type in MATERIALISED_DEVICES
+        if (self._tp_needs_scores and materialise and not training
+                and (not self.training or self.attn_drop.p == 0) and one_op_applies(state, q)):
+            # Traced inference: the same computation as one operator (see one_op_applies).
+            x, scores = attention_with_scores(q, k, v, bias, self.scale, state["num_prefix"])
+        elif self._tp_needs_scores and materialise:
             # One attention matrix serves the output, the scores and the backward pass (SDPA
             # plus a checkpointed score pass measured 2x slower in training on the CPU).
             logits = (q * self.scale) @ k.transpose(-2, -1)
