@@ -216,6 +216,67 @@ def _numba_available() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# The merge (Algorithm 1, line 6, without gradients): the CUDA merge kernel
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merge", mutates_args=())
+def merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+          fallback: Tensor | None, carried: Tensor, with_objective: bool
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``Primitives.merge`` (``_pool._pool_by_clustering``): of tokens ``x`` (B, N, M) in
+    the compute dtype, with their mean (B, 1, M) for an empty cluster, the weighted means
+    (B, k, M), the summed ``carried`` sizes (B, k) and, ``with_objective``, Eq. 13 of the
+    means (B,); without it an empty (0,) tensor. All in ``x``'s dtype.
+
+    The merge kernel on CUDA tensors (``_cupy.torch_merge``); where it declines, and on
+    other devices, the PyTorch code of ``_pool._merge``, with the same results.
+    """
+    x, mean, labels, weights, carried = (t.detach().contiguous()
+                                         for t in (x, mean, labels, weights, carried))
+    fallback = None if fallback is None else fallback.detach().contiguous()
+    fused = None
+    if _on_cuda(x):
+        from . import _cupy
+
+        fused = _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried,
+                                  with_objective)
+    if fused is None:
+        fused = _plain_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
+    tokens, sizes, objective = fused
+    if objective is None:
+        objective = x.new_empty(0)
+    return tokens.to(x.dtype), sizes.to(x.dtype), objective.to(x.dtype)
+
+
+@merge.register_fake
+def _(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+      fallback: Tensor | None, carried: Tensor, with_objective: bool
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    batch, _, m = x.shape
+    return (x.new_empty(batch, k, m), x.new_empty(batch, k),
+            x.new_empty(batch if with_objective else 0))
+
+
+def _plain_merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+                 fallback: Tensor | None, carried: Tensor, with_objective: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_pool._merge`` by PyTorch's primitives, an empty cluster taking the mean token."""
+    from tokenpool_ops._clustering import (
+        effective_weights,
+        reconstruction_objective,
+        weighted_means,
+    )
+
+    prims = _plain_primitives()
+    token_weights = effective_weights(prims, labels, k, weights, fallback)
+    tokens = weighted_means(prims, x, labels, k, token_weights, mean)
+    sizes = prims.segment_sum(prims.xp, carried[:, :, None], labels, k)[:, :, 0]
+    objective = (reconstruction_objective(prims, x, mean, tokens, weights)
+                 if with_objective else None)
+    return tokens, sizes, objective
+
+
+# ---------------------------------------------------------------------------------------------
 # A block's whole pooling plan (clustering or selection, and the merge), for traced models
 
 

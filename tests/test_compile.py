@@ -352,3 +352,76 @@ def test_attention_with_scores_op_passes_opcheck_and_equals_a_reference(with_bia
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scores, weights.sum(dim=(1, 2))[:, 2:].float(),
                                rtol=1e-5, atol=1e-6)
+
+
+def _merge_args(rng: np.random.Generator, with_fallback: bool) -> tuple[Any, ...]:
+    x = torch.as_tensor(rng.normal(size=(3, 20, 4)), dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 6, size=(3, 20)))  # some clusters empty
+    weights = torch.as_tensor(rng.integers(0, 3, size=(3, 20)), dtype=torch.float32)
+    carried = torch.as_tensor(rng.integers(1, 4, size=(3, 20)), dtype=torch.float32)
+    return (x, x.mean(dim=1, keepdim=True), labels, 7, weights,
+            carried if with_fallback else None, carried)
+
+
+@pytest.mark.parametrize("with_objective", [True, False])
+@pytest.mark.parametrize("route", ["cpu", "cuda-kernel", "cuda-declined"])
+def test_merge_op_passes_opcheck_and_equals_a_reference(route, with_objective, rng):
+    # The CUDA route on the CPU: tensors routed as CUDA tensors and _cupy.torch_merge a
+    # stand-in that returns the reference (as the kernel does) or declines.
+    from tokenpool_ops.backends import _cupy, _torch
+
+    args = _merge_args(rng, with_fallback=True)
+    x, mean, labels, k, weights, fallback, carried = args
+    # Independent reference: a loop over clusters (weights, then the sizes, then the mean).
+    want_tokens, want_sizes = torch.empty(3, k, 4), torch.empty(3, k)
+    for b in range(3):
+        for c in range(k):
+            member = labels[b] == c
+            use = weights[b, member] if weights[b, member].sum() > 0 else fallback[b, member]
+            want_tokens[b, c] = ((use[:, None] * x[b, member]).sum(0) / use.sum()
+                                 if use.sum() > 0 else mean[b, 0])
+            want_sizes[b, c] = carried[b, member].sum()
+    # Eq. 13 of the means: each token's squared distance to its nearest mean, weighted.
+    nearest = (x[:, :, None, :] - want_tokens[:, None, :, :]).square().sum(-1).amin(-1)
+    want_objective = (weights * nearest).sum(1)
+    calls = []
+
+    def kernel(*given):
+        calls.append(route)
+        if route == "cuda-declined":
+            return None
+        return want_tokens, want_sizes, want_objective if given[-1] else None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch, "_on_cuda", lambda tensor: route != "cpu")
+        patch.setattr(_cupy, "torch_merge", kernel)
+        torch.library.opcheck(torch.ops.tokenpool_ops.merge, (*args, with_objective))
+        tokens, sizes, objective = torch.ops.tokenpool_ops.merge(*args, with_objective)
+    assert bool(calls) == (route != "cpu")
+    torch.testing.assert_close(tokens, want_tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sizes, want_sizes, rtol=0, atol=0)
+    if with_objective:
+        torch.testing.assert_close(objective, want_objective, rtol=1e-5, atol=1e-6)
+    else:
+        assert objective.shape == (0,)
+
+
+def test_traced_cuda_route_of_pool_calls_the_merge_op(monkeypatch):
+    # pool() compiled on its own (no patched model, so no plan operator): with CuPy and CUDA
+    # tensors the K-Medoids kernel and the merge kernel are one operator each in the graph
+    # (on the CPU: the CUDA route forced, the kernels' entries stand-ins that decline).
+    from tokenpool_ops.backends import _cupy, _torch
+
+    from tokenpool_ops import pool
+
+    x = torch.as_tensor(np.random.default_rng(3).normal(size=(2, 16, 8)), dtype=torch.float32)
+    want = pool(x, 5, "kmedoids", stop_early=False)
+    monkeypatch.setattr(_torch, "_on_cuda", lambda tensor: True)
+    monkeypatch.setattr(_torch, "CUPY_INSTALLED", True)
+    for entry in ("torch_kmedoids", "torch_weighted_means", "torch_merge"):
+        monkeypatch.setattr(_cupy, entry, lambda *args: None)
+    counter = GraphCounter()
+    got = torch.compile(lambda t: pool(t, 5, "kmedoids"), backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    assert counter.op_calls("kmedoids") == 1 and counter.op_calls("merge") == 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
