@@ -359,21 +359,23 @@ def plan_applies(x: Tensor, init: object, fast_paths: bool) -> bool:
 @torch.library.custom_op(f"{NAMESPACE}::attention_with_scores", mutates_args=())
 def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
                           num_prefix: int) -> tuple[Tensor, Tensor]:
-    """``softmax(scale q k^T + bias) v`` (B, H, N, D) and the Eq. 5 scores of the keys after
-    the ``num_prefix`` first (B, N - num_prefix), from one attention matrix, as a patched
-    block computes them eagerly on the CPU (``tokenpool_ops._patching.MATERIALISED_DEVICES``).
-    No autograd: for inference."""
+    """``softmax(scale q k^T + bias) v`` with the heads merged, (B, N, H, D) contiguous (the
+    layout the block's projection reads: no copy after the operator), and the Eq. 5 scores
+    of the keys after the ``num_prefix`` first (B, N - num_prefix), from one attention
+    matrix, as a patched block computes them eagerly on the CPU
+    (``tokenpool_ops._patching.MATERIALISED_DEVICES``). No autograd: for inference."""
     from tokenpool_ops._measures import significance_scores
 
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     attn = logits.softmax(dim=-1)
-    return attn @ v, significance_scores(attn[..., num_prefix:])
+    return (attn @ v).transpose(1, 2).contiguous(), significance_scores(attn[..., num_prefix:])
 
 
 @attention_with_scores.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
       num_prefix: int) -> tuple[Tensor, Tensor]:
-    return (q.new_empty(*q.shape[:-1], v.shape[-1]),
-            q.new_empty(q.shape[0], k.shape[-2] - num_prefix))
+    batch, heads, n = q.shape[:3]
+    return (q.new_empty(batch, n, heads, v.shape[-1]),
+            q.new_empty(batch, k.shape[-2] - num_prefix))

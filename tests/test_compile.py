@@ -348,7 +348,7 @@ def test_attention_with_scores_op_passes_opcheck_and_equals_a_reference(with_bia
     if bias is not None:
         logits = logits + bias.double()
     weights = logits.exp() / logits.exp().sum(-1, keepdim=True)
-    torch.testing.assert_close(out, torch.einsum("bhqk,bhkd->bhqd", weights, v64).float(),
+    torch.testing.assert_close(out, torch.einsum("bhqk,bhkd->bqhd", weights, v64).float(),
                                rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(scores, weights.sum(dim=(1, 2))[:, 2:].float(),
                                rtol=1e-5, atol=1e-6)

@@ -110,6 +110,7 @@ class TokenPoolAttention(Attention):
                 and (not self.training or self.attn_drop.p == 0) and one_op_applies(state, q)):
             # Traced inference: the same computation as one operator (see one_op_applies).
             x, scores = attention_with_scores(q, k, v, bias, self.scale, state["num_prefix"])
+            x = x.transpose(1, 2)  # the operator merged the heads: (B, N, H, D) in memory
         elif self._tp_needs_scores and materialise:
             # One attention matrix serves the output, the scores and the backward pass (SDPA
             # plus a checkpointed score pass measured 2x slower in training on the CPU).
