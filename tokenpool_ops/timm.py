@@ -210,8 +210,9 @@ def patch_timm(
 
     Under ``torch.compile`` (``fullgraph=True`` works, in inference and training) and
     ``torch.export`` the defaults are fine: the clustering runs its ``max_iter`` iterations
-    without host reads, and the fused kernels (Numba on the CPU, CUDA with CuPy) are custom
-    operators inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
+    without host reads; where the fused kernels serve the device (Numba on the CPU, CUDA
+    with CuPy) each block's plan, and in inference its attention with scores, is one custom
+    operator inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
 
     Returns
     -------
