@@ -186,12 +186,19 @@ def cuda_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tenso
                weights: torch.Tensor, fallback: torch.Tensor | None, carried: torch.Tensor,
                with_objective: bool) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
     """``Primitives.merge`` by the merge kernel (``_cupy.torch_merge``); None (the PyTorch
-    code runs) off CUDA, where the kernel declines and where gradients are needed."""
+    code runs) off CUDA, where the kernel declines and where gradients are needed. Traced,
+    the operator ``_torch_ops.merge`` (with CuPy installed; it runs the PyTorch code itself
+    where the kernel declines)."""
     given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
-    if not _on_cuda(x) or _needs_grad(*given) or torch.compiler.is_compiling():
-        # On the host the Numba means and the PyTorch sums are as lean. Traced, the PyTorch
-        # code: the merge kernel is no custom operator yet (kmedoids and the means are).
+    if not _on_cuda(x) or _needs_grad(*given):
+        # On the host the Numba means and the PyTorch sums are as lean.
         return None
+    if torch.compiler.is_compiling():
+        if not _kernel_op_traced():
+            return None
+        tokens, sizes, objective = _torch_ops.merge(x, mean, labels, k, weights, fallback,
+                                                    carried, with_objective)
+        return tokens, sizes, objective if with_objective else None
     from . import _cupy
 
     return _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried, with_objective)

@@ -213,3 +213,169 @@ def _numba_available() -> bool:
     from . import numba_available
 
     return numba_available()
+
+
+# ---------------------------------------------------------------------------------------------
+# The merge (Algorithm 1, line 6, without gradients): the CUDA merge kernel
+
+
+@torch.library.custom_op(f"{NAMESPACE}::merge", mutates_args=())
+def merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+          fallback: Tensor | None, carried: Tensor, with_objective: bool
+          ) -> tuple[Tensor, Tensor, Tensor]:
+    """``Primitives.merge`` (``_pool._pool_by_clustering``): of tokens ``x`` (B, N, M) in
+    the compute dtype, with their mean (B, 1, M) for an empty cluster, the weighted means
+    (B, k, M), the summed ``carried`` sizes (B, k) and, ``with_objective``, Eq. 13 of the
+    means (B,); without it an empty (0,) tensor. All in ``x``'s dtype.
+
+    The merge kernel on CUDA tensors (``_cupy.torch_merge``); where it declines, and on
+    other devices, the PyTorch code of ``_pool._merge``, with the same results.
+    """
+    x, mean, labels, weights, carried = (t.detach().contiguous()
+                                         for t in (x, mean, labels, weights, carried))
+    fallback = None if fallback is None else fallback.detach().contiguous()
+    fused = None
+    if _on_cuda(x):
+        from . import _cupy
+
+        fused = _cupy.torch_merge(x, mean, labels, k, weights, fallback, carried,
+                                  with_objective)
+    if fused is None:
+        fused = _plain_merge(x, mean, labels, k, weights, fallback, carried, with_objective)
+    tokens, sizes, objective = fused
+    if objective is None:
+        objective = x.new_empty(0)
+    return tokens.to(x.dtype), sizes.to(x.dtype), objective.to(x.dtype)
+
+
+@merge.register_fake
+def _(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+      fallback: Tensor | None, carried: Tensor, with_objective: bool
+      ) -> tuple[Tensor, Tensor, Tensor]:
+    batch, _, m = x.shape
+    return (x.new_empty(batch, k, m), x.new_empty(batch, k),
+            x.new_empty(batch if with_objective else 0))
+
+
+def _plain_merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
+                 fallback: Tensor | None, carried: Tensor, with_objective: bool
+                 ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``_pool._merge`` by PyTorch's primitives, an empty cluster taking the mean token."""
+    from tokenpool_ops._clustering import (
+        effective_weights,
+        reconstruction_objective,
+        weighted_means,
+    )
+
+    prims = _plain_primitives()
+    token_weights = effective_weights(prims, labels, k, weights, fallback)
+    tokens = weighted_means(prims, x, labels, k, token_weights, mean)
+    sizes = prims.segment_sum(prims.xp, carried[:, :, None], labels, k)[:, :, 0]
+    objective = (reconstruction_objective(prims, x, mean, tokens, weights)
+                 if with_objective else None)
+    return tokens, sizes, objective
+
+
+# ---------------------------------------------------------------------------------------------
+# A block's whole pooling plan (clustering or selection, and the merge), for traced models
+
+
+def plan_fields(method: str, k: int, lean: bool) -> tuple[bool, bool]:
+    """Whether the plan of ``method`` keeping ``k`` tokens has an assignment and medoids
+    (``tokenpool_ops.nn.plan``: a lean selection has no assignment, K-Means and 'tome' no
+    medoids, and no plan of zero tokens has medoids)."""
+    from tokenpool_ops._methods import SELECTION_METHODS
+
+    has_assignment = not (lean and method in SELECTION_METHODS and k > 0)
+    has_medoids = k > 0 and method not in ("kmeans", "wkmeans", "tome")
+    return has_assignment, has_medoids
+
+
+@torch.library.custom_op(f"{NAMESPACE}::plan", mutates_args=())
+def plan(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | None,
+         metric: Tensor | None, lean: bool, init: str | None, max_iter: int, seed: int,
+         fast_paths: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``tokenpool_ops.nn.plan`` of tokens ``x`` (..., N, M) to ``0 <= k < N``, values
+    unchecked and ``stop_early=False`` (as traced code runs it: no host read, so the operator
+    can sit in a CUDA graph; the kernels stop each problem at its fixed point anyway).
+
+    Returns the tokens (..., k, M) in ``x``'s dtype, the sizes (..., k) in the compute dtype,
+    the assignment (..., N) and the medoids (..., k) as indices; an assignment or medoids the
+    plan does not have (:func:`plan_fields`) come back with a last axis of length 0.
+    """
+    from tokenpool_ops.nn import plan as run_plan
+
+    result = run_plan(x, k, method,  # type: ignore[arg-type]
+                      scores=scores, sizes=sizes, metric=metric, lean=lean, init=init,
+                      max_iter=max_iter, seed=seed, check_values=False, stop_early=False,
+                      fast_paths=fast_paths)
+    def absent() -> Tensor:
+        return x.new_empty((*x.shape[:-2], 0), dtype=torch.int64)
+
+    # No output may alias an input: the tokens of k = 0 are a slice of x (an empty copy).
+    tokens = result.tokens.clone() if k == 0 else result.tokens
+    assignment = absent() if result.assignment is None else result.assignment
+    medoids = absent() if result.medoids is None else result.medoids
+    return tokens, result.sizes, assignment, medoids
+
+
+@plan.register_fake
+def _(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | None,
+      metric: Tensor | None, lean: bool, init: str | None, max_iter: int, seed: int,
+      fast_paths: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lead, (n, m) = x.shape[:-2], x.shape[-2:]
+    has_assignment, has_medoids = plan_fields(method, k, lean)
+    work = torch.float32 if torch.finfo(x.dtype).bits < 32 else x.dtype  # _compat.compute_dtype
+    return (x.new_empty(*lead, k, m), x.new_empty(*lead, k, dtype=work),
+            x.new_empty(*lead, n if has_assignment else 0, dtype=torch.int64),
+            x.new_empty(*lead, k if has_medoids else 0, dtype=torch.int64))
+
+
+def plan_applies(x: Tensor, init: object, fast_paths: bool) -> bool:
+    """Whether a traced model (``torch.compile``, ``torch.export``) takes a block's plan as
+    the one operator :func:`plan`: where the fused kernels serve ``x``'s device (Numba for
+    CPU tensors, the CUDA kernels with CuPy for CUDA tensors), with the fast paths on and a
+    named ``init``. Elsewhere the plan's PyTorch code is traced.
+
+    Why one operator: the plan's PyTorch code around the kernels (flattening, initial
+    centres, weights, merge, sizes) is hundreds of graph nodes per block, which inductor
+    compiles for every block anew (each block has its own token count); as one operator the
+    block's pooling costs the compiler nothing, and the kernels run as they do eagerly.
+    """
+    from . import _compiled_paths, _torch
+
+    if not (torch.compiler.is_compiling() and fast_paths and (init is None or
+                                                              isinstance(init, str))):
+        return False
+    if _torch._on_cuda(x):
+        return _torch._kernel_op_traced()
+    return x.device.type == "cpu" and bool(_compiled_paths("torch"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with Eq. 5 scores from one materialised matrix (a traced block's inference)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::attention_with_scores", mutates_args=())
+def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                          num_prefix: int) -> tuple[Tensor, Tensor]:
+    """``softmax(scale q k^T + bias) v`` with the heads merged, (B, N, H, D) contiguous (the
+    layout the block's projection reads: no copy after the operator), and the Eq. 5 scores
+    of the keys after the ``num_prefix`` first (B, N - num_prefix), from one attention
+    matrix, as a patched block computes them eagerly on the CPU
+    (``tokenpool_ops._patching.MATERIALISED_DEVICES``). No autograd: for inference."""
+    from tokenpool_ops._measures import significance_scores
+
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    attn = logits.softmax(dim=-1)
+    return (attn @ v).transpose(1, 2).contiguous(), significance_scores(attn[..., num_prefix:])
+
+
+@attention_with_scores.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+      num_prefix: int) -> tuple[Tensor, Tensor]:
+    batch, heads, n = q.shape[:3]
+    return (q.new_empty(batch, n, heads, v.shape[-1]),
+            q.new_empty(batch, k.shape[-2] - num_prefix))

@@ -27,9 +27,8 @@ from tokenpool_ops.timm import patch_timm  # noqa: E402
 
 #: Patch tokens after each block of the tiny ViT (16 patches): every block pools.
 SCHEDULE = [12, 9, 6, 4]
-#: The operators a block's plan calls, per method, where Numba is installed.
-OPS_OF = {"kmedoids": "kmedoids", "wkmedoids": "kmedoids", "kmeans": "kmeans",
-          "wkmeans": "kmeans"}
+#: The methods whose blocks compute Eq. 5 scores (with 'wkmeans' and 'wkmedoids').
+SCORED = ("wkmeans", "wkmedoids", "topk", "importance")
 
 
 def tiny_vit(method: str, training: bool = False, schedule: list[int] = SCHEDULE,
@@ -85,8 +84,11 @@ def test_inference_compiles_to_one_graph_with_the_eager_logits(method):
     assert len(counter.graphs) == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if method in OPS_OF and numba_installed():  # the Numba kernel: one op per block
-        assert counter.op_calls(OPS_OF[method]) == len(SCHEDULE)
+    if numba_installed():  # each block's plan one operator, its attention and scores another
+        assert counter.op_calls("plan") == len(SCHEDULE)
+        assert counter.op_calls("attention_with_scores") == (
+            len(SCHEDULE) if method in SCORED else 0)
+        assert counter.op_calls("kmedoids") == counter.op_calls("kmeans") == 0  # in the plan
 
 
 @pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "topk", "tome"])
@@ -107,6 +109,9 @@ def test_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method
     assert not counters["recompiles"] and not counters["graph_break"]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    if numba_installed():  # the plan an operator; attention and merge traced (autograd)
+        assert counter.op_calls("plan") == len(SCHEDULE)
+        assert counter.op_calls("attention_with_scores") == 0
 
 
 def test_calls_again_and_new_batch_sizes_never_recompile_per_block():
@@ -133,7 +138,8 @@ def test_without_numba_the_generic_path_is_traced():
         want = model(x)
         got = torch.compile(model, backend=counter, fullgraph=True)(x)
     assert len(counter.graphs) == 1
-    assert counter.op_calls("kmedoids") == 0 and counter.op_calls("weighted_means") == 0
+    for name in ("plan", "attention_with_scores", "kmedoids", "weighted_means"):
+        assert counter.op_calls(name) == 0, name
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -161,9 +167,8 @@ def test_export_gives_the_eager_logits(method):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, want, rtol=0, atol=0)
     assert all(block._tp_state is model._tokenpool for block in model.blocks)
-    if method in OPS_OF and numba_installed():
-        # The plan runs with autocast off: a nested graph (wrap_with_autocast) holds it.
-        target = torch.ops.tokenpool_ops.kmedoids.default
+    if numba_installed():
+        target = torch.ops.tokenpool_ops.plan.default
         calls = sum(node.target == target for module in program.graph_module.modules()
                     if isinstance(module, torch.fx.GraphModule) for node in module.graph.nodes)
         assert calls == len(SCHEDULE)
@@ -275,10 +280,11 @@ def test_cuda_route_of_the_ops_passes_opcheck(rng):
         torch.testing.assert_close(got, want)
 
 
-def test_traced_cuda_route_calls_the_kmedoids_op_once_per_block(monkeypatch):
-    # Under torch.compile, CUDA tensors with CuPy installed take the kernel as the operator
-    # (on the CPU: the CUDA route forced, the kernel's entry a stand-in that declines, so
-    # the operator's PyTorch fallback computes); the logits are the eager ones.
+def test_traced_cuda_route_calls_the_plan_op_once_per_block(monkeypatch):
+    # Under torch.compile, CUDA tensors with CuPy installed take each block's plan as one
+    # operator, which calls the kernels (on the CPU: the CUDA route forced, the kernels'
+    # entries stand-ins that decline, so the PyTorch code computes); the logits are the
+    # eager ones.
     from tokenpool_ops.backends import _cupy, _torch
 
     model, x = tiny_vit("wkmedoids"), images()
@@ -291,5 +297,131 @@ def test_traced_cuda_route_calls_the_kmedoids_op_once_per_block(monkeypatch):
     counter = GraphCounter()
     with torch.no_grad():
         got = torch.compile(model, backend=counter, fullgraph=True)(x)
-    assert len(counter.graphs) == 1 and counter.op_calls("kmedoids") == len(SCHEDULE)
+    assert len(counter.graphs) == 1 and counter.op_calls("plan") == len(SCHEDULE)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("method", "k", "lean", "with_sizes"), [
+    ("wkmedoids", 7, True, True), ("kmeans", 7, True, False), ("wkmeans", 7, False, True),
+    ("topk", 7, True, True), ("importance", 5, False, True), ("random", 7, True, False),
+    ("tome", 9, True, True), ("kmedoids", 0, True, True)])
+def test_plan_op_passes_opcheck_and_packs_the_plan(method, k, lean, with_sizes, rng):
+    # The operator is nn.plan (values unchecked, fixed iterations) packed into four tensors;
+    # the fields the plan lacks come back empty, as plan_fields says.
+    from tokenpool_ops.nn import plan
+
+    x = torch.as_tensor(rng.normal(size=(3, 16, 4)), dtype=torch.float32)
+    scores = torch.as_tensor(rng.random((3, 16)), dtype=torch.float32)
+    sizes = torch.as_tensor(rng.integers(1, 4, size=(3, 16)), dtype=torch.float32)
+    sizes = sizes if with_sizes else None
+    metric = x[..., :2] + 1 if method == "tome" else None
+    args = (x, k, method, scores, sizes, metric, lean, None, 4, 0, True)
+    torch.library.opcheck(torch.ops.tokenpool_ops.plan, args)
+    tokens, out_sizes, assignment, medoids = torch.ops.tokenpool_ops.plan(*args)
+    want = plan(x, k, method, scores=scores, sizes=sizes, metric=metric, lean=lean,
+                max_iter=4, check_values=False, stop_early=False)
+    has_assignment, has_medoids = _torch_ops.plan_fields(method, k, lean)
+    assert has_assignment == (want.assignment is not None)
+    assert has_medoids == (want.medoids is not None)
+    torch.testing.assert_close(tokens, want.tokens, rtol=0, atol=0)
+    torch.testing.assert_close(out_sizes, want.sizes, rtol=0, atol=0)
+    assert assignment.shape == (3, 16 if has_assignment else 0)
+    assert medoids.shape == (3, k if has_medoids else 0)
+    if has_assignment:
+        torch.testing.assert_close(assignment, want.assignment, rtol=0, atol=0)
+    if has_medoids:
+        torch.testing.assert_close(medoids, want.medoids, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_attention_with_scores_op_passes_opcheck_and_equals_a_reference(with_bias, rng):
+    q, k, v = (torch.as_tensor(rng.normal(size=(2, 3, 6, 4)), dtype=torch.float32)
+               for _ in range(3))
+    bias = (torch.as_tensor(rng.random((2, 1, 1, 6)), dtype=torch.float32).log()
+            if with_bias else None)
+    torch.library.opcheck(torch.ops.tokenpool_ops.attention_with_scores,
+                          (q, k, v, bias, 0.5, 2))
+    out, scores = torch.ops.tokenpool_ops.attention_with_scores(q, k, v, bias, 0.5, 2)
+    # Independent reference in float64: per problem and head, the softmax written out.
+    q64, k64, v64 = q.double(), k.double(), v.double()
+    logits = torch.einsum("bhqd,bhkd->bhqk", q64, k64) * 0.5
+    if bias is not None:
+        logits = logits + bias.double()
+    weights = logits.exp() / logits.exp().sum(-1, keepdim=True)
+    torch.testing.assert_close(out, torch.einsum("bhqk,bhkd->bqhd", weights, v64).float(),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores, weights.sum(dim=(1, 2))[:, 2:].float(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _merge_args(rng: np.random.Generator, with_fallback: bool) -> tuple[Any, ...]:
+    x = torch.as_tensor(rng.normal(size=(3, 20, 4)), dtype=torch.float32)
+    labels = torch.as_tensor(rng.integers(0, 6, size=(3, 20)))  # some clusters empty
+    weights = torch.as_tensor(rng.integers(0, 3, size=(3, 20)), dtype=torch.float32)
+    carried = torch.as_tensor(rng.integers(1, 4, size=(3, 20)), dtype=torch.float32)
+    return (x, x.mean(dim=1, keepdim=True), labels, 7, weights,
+            carried if with_fallback else None, carried)
+
+
+@pytest.mark.parametrize("with_objective", [True, False])
+@pytest.mark.parametrize("route", ["cpu", "cuda-kernel", "cuda-declined"])
+def test_merge_op_passes_opcheck_and_equals_a_reference(route, with_objective, rng):
+    # The CUDA route on the CPU: tensors routed as CUDA tensors and _cupy.torch_merge a
+    # stand-in that returns the reference (as the kernel does) or declines.
+    from tokenpool_ops.backends import _cupy, _torch
+
+    args = _merge_args(rng, with_fallback=True)
+    x, mean, labels, k, weights, fallback, carried = args
+    # Independent reference: a loop over clusters (weights, then the sizes, then the mean).
+    want_tokens, want_sizes = torch.empty(3, k, 4), torch.empty(3, k)
+    for b in range(3):
+        for c in range(k):
+            member = labels[b] == c
+            use = weights[b, member] if weights[b, member].sum() > 0 else fallback[b, member]
+            want_tokens[b, c] = ((use[:, None] * x[b, member]).sum(0) / use.sum()
+                                 if use.sum() > 0 else mean[b, 0])
+            want_sizes[b, c] = carried[b, member].sum()
+    # Eq. 13 of the means: each token's squared distance to its nearest mean, weighted.
+    nearest = (x[:, :, None, :] - want_tokens[:, None, :, :]).square().sum(-1).amin(-1)
+    want_objective = (weights * nearest).sum(1)
+    calls = []
+
+    def kernel(*given):
+        calls.append(route)
+        if route == "cuda-declined":
+            return None
+        return want_tokens, want_sizes, want_objective if given[-1] else None
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_torch, "_on_cuda", lambda tensor: route != "cpu")
+        patch.setattr(_cupy, "torch_merge", kernel)
+        torch.library.opcheck(torch.ops.tokenpool_ops.merge, (*args, with_objective))
+        tokens, sizes, objective = torch.ops.tokenpool_ops.merge(*args, with_objective)
+    assert bool(calls) == (route != "cpu")
+    torch.testing.assert_close(tokens, want_tokens, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sizes, want_sizes, rtol=0, atol=0)
+    if with_objective:
+        torch.testing.assert_close(objective, want_objective, rtol=1e-5, atol=1e-6)
+    else:
+        assert objective.shape == (0,)
+
+
+def test_traced_cuda_route_of_pool_calls_the_merge_op(monkeypatch):
+    # pool() compiled on its own (no patched model, so no plan operator): with CuPy and CUDA
+    # tensors the K-Medoids kernel and the merge kernel are one operator each in the graph
+    # (on the CPU: the CUDA route forced, the kernels' entries stand-ins that decline).
+    from tokenpool_ops.backends import _cupy, _torch
+
+    from tokenpool_ops import pool
+
+    x = torch.as_tensor(np.random.default_rng(3).normal(size=(2, 16, 8)), dtype=torch.float32)
+    want = pool(x, 5, "kmedoids", stop_early=False)
+    monkeypatch.setattr(_torch, "_on_cuda", lambda tensor: True)
+    monkeypatch.setattr(_torch, "CUPY_INSTALLED", True)
+    for entry in ("torch_kmedoids", "torch_weighted_means", "torch_merge"):
+        monkeypatch.setattr(_cupy, entry, lambda *args: None)
+    counter = GraphCounter()
+    got = torch.compile(lambda t: pool(t, 5, "kmedoids"), backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    assert counter.op_calls("kmedoids") == 1 and counter.op_calls("merge") == 1
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -438,3 +438,29 @@ def test_compiles_as_one_graph() -> None:
         compiled = torch.compile(model, fullgraph=True, backend="eager")
         torch.testing.assert_close(compiled(x).logits, expected, rtol=1e-6, atol=1e-6)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.export
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_export_gives_the_eager_outputs_and_leaves_the_state_clean(implementation) -> None:
+    # Under export transformers materialises its all-attend mask, which the layers drop; the
+    # fake sizes and sources of the traced pass are forgotten (no fake tensor outlives it),
+    # and the model and its layers still share one state.
+    model = patch_transformers(make("deit_teacher", implementation), SCHEDULE,
+                               trace_source=True)
+    x = images()
+    with torch.no_grad():
+        want = model(x).logits
+        program = torch.export.export(model, (x,))
+        assert model._tokenpool["sizes"] is None and model._tokenpool["source"] is None
+        got = program.module()(x).logits
+        again = model(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    assert model._tokenpool["source"].shape == (2, PATCHES)  # eager passes keep theirs
+    assert all(layer._tp_state is model._tokenpool for layer in model.deit.layers)
+    with pytest.raises(ValueError, match="no attention_mask"):
+        model(x, attention_mask=torch.ones(2, PATCHES + 2))

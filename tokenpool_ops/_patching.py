@@ -17,8 +17,15 @@ from typing import TypedDict, cast
 import torch
 from torch import Tensor
 
-from ._pool import MATCHING_METHODS, METHODS, USES_SCORES, Method, PoolResult
-from .nn import PoolOptions, pool_with_grad
+from ._pool import (
+    DEFAULT_MAX_ITER,
+    MATCHING_METHODS,
+    METHODS,
+    USES_SCORES,
+    Method,
+    PoolResult,
+)
+from .nn import PoolOptions, merge, pool_with_grad
 
 __all__ = [
     "MATERIALISED_DEVICES",
@@ -29,6 +36,7 @@ __all__ = [
     "guide_kind",
     "keep_schedule",
     "new_state",
+    "one_op_applies",
     "pool_patch_tokens",
     "received_attention",
     "reset_state",
@@ -191,8 +199,10 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
         # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
         sizes = sizes.to(scores.dtype)
         scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
-    tokens, result = pool(patches, k, state["method"], scores=scores, sizes=sizes,
-                          metric=metric, lean=not state["trace_source"], **state["options"])
+    planned = _plan_in_one_op(patches, k, state, scores, sizes, metric)
+    tokens, result = planned if planned is not None else pool(
+        patches, k, state["method"], scores=scores, sizes=sizes, metric=metric,
+        lean=not state["trace_source"], **state["options"])
     state["sizes"] = result.sizes.float()
     if state["trace_source"]:
         source = state["source"]
@@ -201,3 +211,47 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
         state["source"] = (torch.full_like(source, -1) if k == 0 else
                            torch.gather(result.assignment, 1, source))
     return torch.cat([x[:, :p], tokens], dim=1)
+
+
+def _plan_in_one_op(patches: Tensor, k: int, state: TokenPoolState, scores: Tensor | None,
+                    sizes: Tensor | None, metric: Tensor | None
+                    ) -> tuple[Tensor, PoolResult] | None:
+    """What ``pool_with_grad`` returns, with the plan as one custom operator
+    (``torch.ops.tokenpool_ops.plan``) where a traced model can take it (see
+    ``backends._torch_ops.plan_applies``: the fused kernels at hand); else None. The merge
+    that carries gradients (training) stays traced: it is :func:`tokenpool_ops.nn.merge`."""
+    from .backends import _torch_ops
+
+    if not one_op_applies(state, patches):
+        return None
+    options, method, lean = state["options"], state["method"], not state["trace_source"]
+    fast_paths = options.get("fast_paths", True)
+    given = [None if t is None else t.detach() for t in (patches, scores, sizes, metric)]
+    tokens, sizes_out, assignment, medoids = _torch_ops.plan(  # no autograd: a plan
+        given[0], k, method, *given[1:], lean, cast(str | None, options.get("init")),
+        options.get("max_iter", DEFAULT_MAX_ITER), options.get("seed", 0), fast_paths)
+    has_assignment, has_medoids = _torch_ops.plan_fields(method, k, lean)
+    result = PoolResult(tokens, assignment if has_assignment else None, sizes_out,
+                        medoids if has_medoids else None, None, None, 0)
+    live = (patches, scores, sizes)
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in live)):
+        return tokens, result
+    return merge(patches, result, method, scores=scores, sizes=sizes,
+                 fast_paths=fast_paths), result
+
+
+def one_op_applies(state: TokenPoolState, x: Tensor) -> bool:
+    """Whether a traced block (``torch.compile``, ``torch.export``) computes its plan, and in
+    inference its attention with Eq. 5 scores, as one custom operator each
+    (``backends._torch_ops.plan`` and ``attention_with_scores``) rather than as the traced
+    PyTorch code: where the fused kernels serve ``x``'s device (``plan_applies``).
+
+    The traced code of a block's pooling is hundreds of graph nodes that inductor compiles
+    into a dozen kernels per block, anew for every block (each has its own token count: no
+    kernel is shared); as operators they cost the compiler nothing and run as they do
+    eagerly. Without the kernels (no Numba on the CPU, no CuPy on CUDA) the code is traced.
+    """
+    from .backends import _torch_ops
+
+    options = state["options"]
+    return _torch_ops.plan_applies(x, options.get("init"), options.get("fast_paths", True))

@@ -58,6 +58,7 @@ from ._patching import (
     STATE,
     TokenPoolState,
     new_state,
+    one_op_applies,
     pool_patch_tokens,
     received_attention,
     reset_state,
@@ -65,6 +66,7 @@ from ._patching import (
     tome_schedule,
 )
 from ._pool import MATCHING_METHODS, USES_SCORES, Method
+from .backends._torch_ops import attention_with_scores
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
@@ -103,7 +105,13 @@ class TokenPoolAttention(Attention):
 
         scores = None
         training = torch.is_grad_enabled() and q.requires_grad
-        if self._tp_needs_scores and (training or q.device.type in MATERIALISED_DEVICES):
+        materialise = training or q.device.type in MATERIALISED_DEVICES
+        if (self._tp_needs_scores and materialise and not training
+                and (not self.training or self.attn_drop.p == 0) and one_op_applies(state, q)):
+            # Traced inference: the same computation as one operator (see one_op_applies).
+            x, scores = attention_with_scores(q, k, v, bias, self.scale, state["num_prefix"])
+            x = x.transpose(1, 2)  # the operator merged the heads: (B, N, H, D) in memory
+        elif self._tp_needs_scores and materialise:
             # One attention matrix serves the output, the scores and the backward pass (SDPA
             # plus a checkpointed score pass measured 2x slower in training on the CPU).
             logits = (q * self.scale) @ k.transpose(-2, -1)
@@ -202,8 +210,9 @@ def patch_timm(
 
     Under ``torch.compile`` (``fullgraph=True`` works, in inference and training) and
     ``torch.export`` the defaults are fine: the clustering runs its ``max_iter`` iterations
-    without host reads, and the fused kernels (Numba on the CPU, CUDA with CuPy) are custom
-    operators inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
+    without host reads; where the fused kernels serve the device (Numba on the CPU, CUDA
+    with CuPy) each block's plan, and in inference its attention with scores, is one custom
+    operator inside the graph (``backends/_torch_ops.py``); the whole model is one graph.
 
     Returns
     -------

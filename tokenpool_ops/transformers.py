@@ -150,7 +150,10 @@ class TokenPoolLayer(nn.Module):
         if implementation not in IMPLEMENTATIONS:  # (set_attn_implementation after patching)
             raise ValueError(f"a patched layer runs attn_implementation 'eager' or 'sdpa', "
                              f"not {implementation!r}")
-        if attention_mask is not None:
+        if attention_mask is not None and not torch.compiler.is_exporting():
+            # Under torch.export transformers materialises its all-attend mask (it cannot
+            # tell it away while tracing); a caller's mask was refused by the model's own
+            # pre-hook (_refuse_attention_mask), so the one here can be dropped.
             raise ValueError("Token Pooling changes the number of tokens; a patched model "
                              "takes no attention_mask")
         if self.gradient_checkpointing and self.training:
@@ -291,6 +294,22 @@ def _reset_before_first_layer(layer: nn.Module, args: tuple[Any, ...]) -> None:
     reset_state(cast(TokenPoolLayer, layer)._tp_state)
 
 
+def _reset_after_export(layer: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Forward hook of a patched model's last layer: under ``torch.export`` the sizes and
+    sources the pass left are fake tensors, forgotten at once (as ``patch_timm`` does)."""
+    if torch.compiler.is_exporting():
+        reset_state(cast(TokenPoolLayer, layer)._tp_state)
+
+
+def _refuse_attention_mask(model: nn.Module, args: tuple[Any, ...],
+                           kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook of a patched model: the caller's ``attention_mask`` cannot follow
+    the pooled tokens (refused here, before transformers turns it into its own mask)."""
+    if kwargs.get("attention_mask") is not None:
+        raise ValueError("Token Pooling changes the number of tokens; a patched model "
+                         "takes no attention_mask")
+
+
 def patch_transformers(
     model: PreTrainedModel, keep: int | Sequence[int], method: Method = "wkmedoids",
     prop_attn: bool = True, trace_source: bool = False, placement: str = "attn",
@@ -339,6 +358,8 @@ def patch_transformers(
         tp_layer._tp_state = tp_layer.attention._tp_state = state
         tp_layer._tp_keep = k
     layers[0].register_forward_pre_hook(_reset_before_first_layer)
+    layers[-1].register_forward_hook(_reset_after_export)
+    model.register_forward_pre_hook(_refuse_attention_mask, with_kwargs=True)
     setattr(model, STATE, state)
     return model
 
@@ -350,9 +371,12 @@ def unpatch_transformers(model: PreTrainedModel) -> PreTrainedModel:
         raise ValueError("model is not patched by patch_transformers")
     family = SUPPORTED_MODELS[type(model)]
     layers = _layers(model, family)
-    hooks = layers[0]._forward_pre_hooks
-    for key in [key for key, hook in hooks.items() if hook is _reset_before_first_layer]:
-        del hooks[key]
+    for hooks, added in ((layers[0]._forward_pre_hooks, _reset_before_first_layer),
+                         (layers[-1]._forward_hooks, _reset_after_export),
+                         (model._forward_pre_hooks, _refuse_attention_mask)):
+        for key in [key for key, hook in hooks.items() if hook is added]:
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
     for layer in layers:
         tp_layer = cast(TokenPoolLayer, layer)
         del tp_layer._tp_state, tp_layer._tp_keep, tp_layer.attention._tp_state
