@@ -6,10 +6,12 @@ single module (the pattern of array-api-extra's ``_lib/_compat.py``).
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
 import array_api_compat
+import numpy as np
 from array_api_compat import (
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -53,18 +55,28 @@ def _is_tensor(x: object) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+# NumPy arrays too: a pool call asks for namespaces and devices a few times, and each answer
+# from array-api-compat tries every library it knows (a tenth of a B = 1 call's time).
+def _is_ndarray(x: object) -> bool:
+    return type(x) is np.ndarray  # subclasses (np.matrix, masked arrays) go the long way
+
+
 def array_namespace(*arrays: Array) -> Namespace:
     """The array API namespace of ``arrays`` (TypeError if they mix libraries)."""
     if arrays and all(_is_tensor(a) for a in arrays):
         from array_api_compat import torch as torch_namespace
 
         return torch_namespace
+    if arrays and all(_is_ndarray(a) for a in arrays):
+        from array_api_compat import numpy as numpy_namespace
+
+        return numpy_namespace
     return array_api_compat.array_namespace(*arrays)
 
 
 def is_array_api_obj(x: object) -> bool:
     """Whether ``x`` is an array of a library array-api-compat supports."""
-    return _is_tensor(x) or array_api_compat.is_array_api_obj(x)
+    return _is_tensor(x) or _is_ndarray(x) or array_api_compat.is_array_api_obj(x)
 
 
 def is_traced(*arrays: Array) -> bool:
@@ -82,11 +94,25 @@ def is_traced(*arrays: Array) -> bool:
 
 def device(x: Array) -> Any:
     """The device ``x`` lives on."""
+    if _is_ndarray(x):
+        return "cpu"  # as array-api-compat says
     return x.device if _is_tensor(x) else array_api_compat.device(x)
 
 
 def backend_name(xp: Namespace) -> str:
     """Short name of the library behind ``xp``, used to pick fast paths and in messages."""
+    try:
+        return _cached_backend_name(xp)
+    except TypeError:  # an unhashable namespace object
+        return _backend_name(xp)
+
+
+@functools.cache  # namespaces are modules: one answer each, asked a few times a call
+def _cached_backend_name(xp: Namespace) -> str:
+    return _backend_name(xp)
+
+
+def _backend_name(xp: Namespace) -> str:
     if getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch"):  # see _is_tensor
         return "torch"
     for name, test in (
