@@ -6,7 +6,6 @@ single module (the pattern of array-api-extra's ``_lib/_compat.py``).
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
@@ -101,20 +100,22 @@ def device(x: Array) -> Any:
 
 def backend_name(xp: Namespace) -> str:
     """Short name of the library behind ``xp``, used to pick fast paths and in messages."""
-    try:
-        return _cached_backend_name(xp)
-    except TypeError:  # an unhashable namespace object
-        return _backend_name(xp)
+    if getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch"):  # see _is_tensor
+        return "torch"
+    known = _BACKEND_NAMES.get(id(xp))  # a few times a pool call: once per namespace
+    if known is not None and known[0] is xp:
+        return known[1]
+    name = _backend_name(xp)
+    _BACKEND_NAMES[id(xp)] = (xp, name)  # kept alive with its name: its id is not reused
+    return name
 
 
-@functools.cache  # namespaces are modules: one answer each, asked a few times a call
-def _cached_backend_name(xp: Namespace) -> str:
-    return _backend_name(xp)
+#: Names found by :func:`backend_name`, by namespace id (a plain dict, not functools.cache:
+#: torch.compile warns at every lru_cache-wrapped function it traces).
+_BACKEND_NAMES: dict[int, tuple[Namespace, str]] = {}
 
 
 def _backend_name(xp: Namespace) -> str:
-    if getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch"):  # see _is_tensor
-        return "torch"
     for name, test in (
         ("numpy", is_numpy_namespace),
         ("torch", is_torch_namespace),
