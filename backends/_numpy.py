@@ -97,27 +97,41 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     Serial kernels: OpenBLAS threads keep spinning after each matrix product, and parallel
     Numba threads competing with them for the same cores ran 5-10x slower.
     """
+    from . import _numba  # noqa: F401  (ImportError here without Numba, as documented)
+
+    return {"kmedoids": _kmedoids, "kmeans": _kmeans, "weighted_means": _weighted_means,
+            "segment_sum": _segment_sum}
+
+
+# The entries of compiled_paths, defined once (not per call: primitives are looked up at every
+# pool call). Each imports _numba when first called, which compiled_paths has already done.
+
+
+def _kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
+              max_iter: int, stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     from . import _numba
 
-    def kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
-                 weights: np.ndarray, max_iter: int,
-                 stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
-        return _numba.kmedoids(x, mean, gram, init, weights, max_iter, stop_early, False)
+    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
+    return _numba.kmedoids(x, mean, gram, init, weights, max_iter, stop_early, False)
 
-    def kmeans(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
-               weights: np.ndarray, fallback: np.ndarray | None, max_iter: int,
-               stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        gram = _numba.centred_gram(x, mean, BLOCK_BYTES, _matmul_transposed, False)
-        return _numba.kmeans(x, mean, gram, init, weights, fallback, max_iter, stop_early,
-                             False)
 
-    def weighted_means(xp: Any, values: np.ndarray, labels: np.ndarray, k: int,
-                       weights: np.ndarray, empty: np.ndarray) -> np.ndarray:
-        return _numba.weighted_means(values, labels, k, weights, empty, False)
+def _kmeans(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights: np.ndarray,
+            fallback: np.ndarray | None, max_iter: int,
+            stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    from . import _numba
 
-    def segment_sum(xp: Any, values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-        return _numba.segment_sum(values, labels, k)
+    gram = _numba.centred_gram(x, mean, BLOCK_BYTES, _matmul_transposed, False)
+    return _numba.kmeans(x, mean, gram, init, weights, fallback, max_iter, stop_early, False)
 
-    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": weighted_means,
-            "segment_sum": segment_sum}
+
+def _weighted_means(xp: Any, values: np.ndarray, labels: np.ndarray, k: int,
+                    weights: np.ndarray, empty: np.ndarray) -> np.ndarray:
+    from . import _numba
+
+    return _numba.weighted_means(values, labels, k, weights, empty, False)
+
+
+def _segment_sum(xp: Any, values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    from . import _numba
+
+    return _numba.segment_sum(values, labels, k)

@@ -5,12 +5,16 @@ iterations after it only O(B (N^2 + N K)). Run: ``python benchmarks/pool_vs_gram
 (``--batches 1 64 --shape 0 197 384``: issue 23's shapes; B of ``--shape`` is then ignored).
 The asv suite of this folder tracks performance over time; this script answers one question
 in one run: how far above the floor is the whole operator, per backend? The two calls take
-turns, so the ratio holds on a loaded machine where the milliseconds do not.
+turns, so the ratio holds on a loaded machine where the milliseconds do not. ``--calls``
+counts instead of timing: the Python function calls (cProfile) and, on PyTorch, the torch
+function calls (a ``TorchFunctionMode``) of one pool call, figures no load changes.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections.abc import Callable
 
@@ -44,9 +48,56 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", metavar="B",
                         help="time these batch sizes in turn (replaces the B of --shape)")
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--calls", action="store_true",
+                        help="count the function calls of one pool call instead of timing")
     args = parser.parse_args()
     for b in args.batches or [args.shape[0]]:
-        time_shape((b, *args.shape[1:]), args.k, args.repeat)
+        if args.calls:
+            count_calls((b, *args.shape[1:]), args.k)
+        else:
+            time_shape((b, *args.shape[1:]), args.k, args.repeat)
+
+
+def count_calls(shape: tuple[int, ...], k: int) -> None:
+    """Python function calls (cProfile's count, builtins included) of one pool call, and
+    on PyTorch the calls a TorchFunctionMode sees (operators and tensor attributes)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(np.float32)
+    s = rng.random(shape[:2]).astype(np.float32)
+    rows: list[tuple[str, object, object]] = [("numpy", x, s)]
+    try:
+        import torch
+
+        rows.append(("torch-cpu", torch.from_numpy(x), torch.from_numpy(s)))
+    except ImportError:
+        torch = None
+    print(f"x: float32 {tuple(shape)}, k={k}: calls of one pool(x, k, 'wkmedoids', scores=s)")
+    print(f"{'backend':<11}{'python calls':>14}{'torch calls':>13}")
+    for name, xa, sa in rows:
+        def call(xa: object = xa, sa: object = sa) -> object:
+            return tokenpool_ops.pool(xa, k, "wkmedoids", scores=sa)
+
+        call()  # warm-up: lazy imports and first-call caches are not the per-call cost
+        profile = cProfile.Profile()
+        profile.runcall(call)
+        python_calls = pstats.Stats(profile).total_calls  # type: ignore[attr-defined]
+        torch_calls = "" if name == "numpy" else str(_torch_calls(torch, call))
+        print(f"{name:<11}{python_calls:>14}{torch_calls:>13}")
+
+
+def _torch_calls(torch: object, call: Callable[[], object]) -> int:
+    from torch.overrides import TorchFunctionMode
+
+    class Counter(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Counter.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        call()
+    return Counter.calls
 
 
 def time_shape(shape: tuple[int, ...], k: int, repeat: int) -> None:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ._compat import Array, Namespace, backend_name, compute_dtype, device, index_dtype
 from ._primitives import Primitives
 from .backends import primitives_for
+
+if TYPE_CHECKING:
+    from ._results import Clustering, PoolResult
+
+R = TypeVar("R", "Clustering", "PoolResult")
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class Batch:
     def xp(self) -> Namespace:
         return self.prims.xp
 
+    @property
+    def n(self) -> int:
+        """Tokens per problem, N."""
+        return int(self.x.shape[1])
+
     def centred(self) -> Array:
         """A fresh copy of the tokens minus their problem's mean, (B, N, M)."""
         return self.x - self.mean
@@ -41,8 +51,10 @@ class Batch:
         """Per-token (..., N) or per-centre (..., K) values as (B, ·), in the compute dtype."""
         if values is None:
             return None
-        flat = self.xp.reshape(values, (self.x.shape[0], values.shape[-1]))
-        return self.xp.astype(flat, self.x.dtype, copy=False)  # integer sizes too
+        xp, dtype = self.xp, self.x.dtype
+        if values.ndim != 2:  # (B, ·) already when x is (B, N, M): a call less
+            values = xp.reshape(values, (self.x.shape[0], values.shape[-1]))
+        return values if values.dtype == dtype else xp.astype(values, dtype)  # integer sizes too
 
     def flat_tokens(self, tokens: Array) -> Array:
         """Other tokens (..., K, M) of the same batch as (B, K, M), in the compute dtype."""
@@ -52,10 +64,29 @@ class Batch:
 
     def unflat(self, values: Array) -> Array:
         """Back from (B, ...) to the caller's batch shape."""
+        if len(self.batch_shape) == 1:  # the caller's batch shape is (B,): nothing to undo
+            return values
         return self.xp.reshape(values, (*self.batch_shape, *values.shape[1:]))
 
     def index_dtype(self) -> Any:
         return index_dtype(self.xp, self.x)
+
+    def ones(self) -> Array:
+        """Unit weights (B, N): the sizes of tokens that stand for themselves alone."""
+        return self.xp.ones(self.x.shape[:2], dtype=self.x.dtype, device=device(self.x))
+
+    def to_caller(self, result: R) -> R:
+        """A result of (B, ...) arrays back in the caller's batch shape, tokens in their
+        dtype: the inverse of :func:`flatten`."""
+        changes = {}
+        for field in fields(result):
+            value = getattr(result, field.name)
+            if value is None or field.name == "n_iter":
+                continue
+            if field.name in ("tokens", "centres") and value.dtype != self.out_dtype:
+                value = self.xp.astype(value, self.out_dtype)
+            changes[field.name] = self.unflat(value)
+        return replace(result, **changes)  # type: ignore[type-var]
 
     def widened(self) -> Batch | None:
         """The same problems computed in float64; None where they already are, or where the
@@ -82,13 +113,19 @@ def no_overflow_warnings(xp: Namespace) -> AbstractContextManager[object]:
 
 def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
     """Wrap tokens ``x`` (..., N, M) as a :class:`Batch`."""
-    batch_shape = tuple(x.shape[:-2])
+    flat, mean = flat_with_mean(xp, x)
+    return Batch(primitives_for(xp, fast_paths), tuple(x.shape[:-2]), flat, mean, x.dtype)
+
+
+def flat_with_mean(xp: Namespace, x: Array) -> tuple[Array, Array]:
+    """Tokens ``x`` (..., N, M) as (B, N, M) in the compute dtype, and each problem's mean
+    token (B, 1, M)."""
     n, m = x.shape[-2], x.shape[-1]
-    flat = xp.astype(xp.reshape(x, (math.prod(batch_shape), n, m)), compute_dtype(xp, x.dtype),
-                     copy=False)  # never written to: a view is enough
+    flat = xp.astype(xp.reshape(x, (math.prod(x.shape[:-2]), n, m)),
+                     compute_dtype(xp, x.dtype), copy=False)  # never written to: a view
     if n == 0:
         mean = xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat))
     else:
         with no_overflow_warnings(xp):
             mean = xp.mean(flat, axis=1, keepdims=True)
-    return Batch(primitives_for(xp, fast_paths), batch_shape, flat, mean, x.dtype)
+    return flat, mean

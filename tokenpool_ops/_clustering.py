@@ -156,6 +156,18 @@ def run_kmeans(
     return FlatClustering(centres, labels, None, xp.stack(history, axis=-1), len(history) - 1)
 
 
+def cluster(
+    prims: Primitives, method: str, x: Array, mean: Array, init: Array, weights: Array,
+    fallback: Array | None, max_iter: int, stop_early: bool = True,
+) -> FlatClustering:
+    """K-Means (``method`` ending in 'kmeans') or K-Medoids of the tokens ``x`` (B, N, M)
+    from the token indices ``init`` (B, K); ``fallback`` as in :func:`effective_weights`
+    (K-Means only: a medoid's cluster is never empty nor of zero weight)."""
+    if method.endswith("kmeans"):
+        return cluster_means(prims, x, mean, init, weights, fallback, max_iter, stop_early)
+    return cluster_medoids(prims, x, mean, init, weights, max_iter, stop_early)
+
+
 def cluster_means(
     prims: Primitives, x: Array, mean: Array, init: Array, weights: Array,
     fallback: Array | None, max_iter: int, stop_early: bool = True,

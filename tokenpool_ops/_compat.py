@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import array_api_compat
+import numpy as np
 from array_api_compat import (
     is_array_api_strict_namespace,
     is_cupy_namespace,
@@ -53,18 +54,28 @@ def _is_tensor(x: object) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+# NumPy arrays too: a pool call asks for namespaces and devices a few times, and each answer
+# from array-api-compat tries every library it knows (a tenth of a B = 1 call's time).
+def _is_ndarray(x: object) -> bool:
+    return type(x) is np.ndarray  # subclasses (np.matrix, masked arrays) go the long way
+
+
 def array_namespace(*arrays: Array) -> Namespace:
     """The array API namespace of ``arrays`` (TypeError if they mix libraries)."""
     if arrays and all(_is_tensor(a) for a in arrays):
         from array_api_compat import torch as torch_namespace
 
         return torch_namespace
+    if arrays and all(_is_ndarray(a) for a in arrays):
+        from array_api_compat import numpy as numpy_namespace
+
+        return numpy_namespace
     return array_api_compat.array_namespace(*arrays)
 
 
 def is_array_api_obj(x: object) -> bool:
     """Whether ``x`` is an array of a library array-api-compat supports."""
-    return _is_tensor(x) or array_api_compat.is_array_api_obj(x)
+    return _is_tensor(x) or _is_ndarray(x) or array_api_compat.is_array_api_obj(x)
 
 
 def is_traced(*arrays: Array) -> bool:
@@ -82,6 +93,8 @@ def is_traced(*arrays: Array) -> bool:
 
 def device(x: Array) -> Any:
     """The device ``x`` lives on."""
+    if _is_ndarray(x):
+        return "cpu"  # as array-api-compat says
     return x.device if _is_tensor(x) else array_api_compat.device(x)
 
 
@@ -89,6 +102,20 @@ def backend_name(xp: Namespace) -> str:
     """Short name of the library behind ``xp``, used to pick fast paths and in messages."""
     if getattr(xp, "__name__", None) in ("torch", "array_api_compat.torch"):  # see _is_tensor
         return "torch"
+    known = _BACKEND_NAMES.get(id(xp))  # a few times a pool call: once per namespace
+    if known is not None and known[0] is xp:
+        return known[1]
+    name = _backend_name(xp)
+    _BACKEND_NAMES[id(xp)] = (xp, name)  # kept alive with its name: its id is not reused
+    return name
+
+
+#: Names found by :func:`backend_name`, by namespace id (a plain dict, not functools.cache:
+#: torch.compile warns at every lru_cache-wrapped function it traces).
+_BACKEND_NAMES: dict[int, tuple[Namespace, str]] = {}
+
+
+def _backend_name(xp: Namespace) -> str:
     for name, test in (
         ("numpy", is_numpy_namespace),
         ("torch", is_torch_namespace),

@@ -7,7 +7,8 @@ from typing import Literal
 from ._compat import Array
 
 __all__ = ["CLUSTERING_METHODS", "INITS", "MATCHING_METHODS", "MERGING_METHODS", "METHODS",
-           "NEEDS_SCORES", "SELECTION_METHODS", "USES_SCORES", "Detail", "Init", "Method"]
+           "NEEDS_SCORES", "SELECTION_METHODS", "USES_SCORES", "WEIGHTED_METHODS", "Detail",
+           "Init", "Method"]
 
 Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance",
                  "tome"]
@@ -27,6 +28,9 @@ MERGING_METHODS = CLUSTERING_METHODS + MATCHING_METHODS
 METHODS = CLUSTERING_METHODS + SELECTION_METHODS + MATCHING_METHODS
 #: Methods that weigh or rank tokens by significance scores when they are given.
 USES_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
+#: Methods whose weights are the scores (times the sizes), Eq. 13; the others weigh every
+#: token by its size alone.
+WEIGHTED_METHODS = ("wkmeans", "wkmedoids")
 #: Methods that have no meaning without scores. The w-methods without scores treat every
 #: token as equally significant, i.e. they are their unweighted forms.
 NEEDS_SCORES = ("topk", "importance")

@@ -17,15 +17,15 @@ back) raises an OverflowError that names the problem and its largest value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import fields, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from ._batching import Batch
-from ._compat import Array, Namespace
-from ._validation import Deferred, settle_counting
+from ._batching import Batch, no_overflow_warnings
+from ._compat import Array, Namespace, device
+from ._validation import Deferred
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -37,6 +37,24 @@ Result = TypeVar("Result", bound="DataclassInstance")
 def _arrays(result: Any) -> dict[str, Array]:
     return {f.name: getattr(result, f.name) for f in fields(result)
             if f.name != "n_iter" and getattr(result, f.name) is not None}
+
+
+def guarded(batch: Batch, compute: Callable[[Batch], Result], checks: list[Deferred] | None,
+            returned: tuple[str, ...] | None = None, overflows: bool = True,
+            **values: Array | None) -> Result:
+    """``compute(batch)``, with the value ``checks`` of the input (None: values unchecked)
+    read together with the finite check of the result, in one host read, and overflowed
+    problems redone in float64 (finite input gives finite output): the one reader of the
+    checks. ``returned``: the fields the caller sees (all when None); ``values``: the
+    per-token inputs, named in an OverflowError. ``overflows=False`` for results that
+    cannot overflow (the trivial ones): only the checks are read."""
+    if not overflows:
+        settle(batch.xp, checks)
+        return compute(batch)
+    if checks is None:
+        return read_iterations(compute(batch))
+    with no_overflow_warnings(batch.xp):
+        return without_overflow(batch, compute, compute(batch), returned, values, checks)
 
 
 def finite_problems(xp: Namespace, result: Any, exact: bool = True) -> Array | None:
@@ -91,6 +109,34 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     if finite is None or bool(xp.all(finite)):
         return result
     raise _overflow_error(batch, seen, finite, wide_result, values)
+
+
+def settle(xp: Namespace, checks: Sequence[Deferred] | None) -> None:
+    """Read the verdicts of ``checks`` in one host read and raise the error of the first
+    that failed (None or none: nothing to read)."""
+    settle_counting(xp, checks or [], [])
+
+
+def settle_counting(xp: Namespace, checks: Sequence[Deferred], flags: Sequence[Array],
+                    count: Array | None = None) -> tuple[list[bool], int | None]:
+    """:func:`settle`, also reading the 0-d boolean ``flags`` and a non-negative 0-d integer
+    ``count`` in the same read (packed above the verdict bits): the flags and the count
+    (None without one)."""
+    verdicts = [check.passed for check in checks] + list(flags)
+    if not verdicts and count is None:
+        return [], None
+    dtype = xp.int32 if count is None else xp.int64  # int64: JAX without x64 has no counts
+    values = [xp.astype(v, dtype) for v in verdicts]
+    if count is not None:
+        values.append(xp.astype(count, dtype))
+    packed = xp.stack(values)  # verdict i at bit i, the count above them
+    powers = xp.arange(packed.shape[0], dtype=dtype, device=device(packed))
+    bits = int(xp.sum(packed << powers))  # the one synchronisation
+    read = [bool(bits >> i & 1) for i in range(len(verdicts))]
+    for check, passed in zip(checks, read, strict=False):
+        if not passed:
+            check.confirm()
+    return read[len(checks):], (None if count is None else bits >> len(verdicts))
 
 
 def unread_iterations(result: Any) -> Array | None:

@@ -1,137 +1,40 @@
-"""The public operators: ``pool`` (Algorithm 1), ``kmeans``, ``kmedoids`` and ``unpool``."""
+"""The public operators: ``pool`` (Algorithm 1), ``kmeans``, ``kmedoids`` and ``unpool``.
+
+Each entry point reads as one pipeline: validate the arguments, flatten the batch, make the
+value checks (on the device), answer the trivial cases, choose the tokens or the initial
+centres, compute (weights, then select, cluster or match, then merge) guarded against bad
+values and overflow, and hand the result back in the caller's shape.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import fields, replace
-from typing import Literal, TypeVar
+from typing import Literal
 
-from ._batching import Batch, flatten, no_overflow_warnings
-from ._clustering import (
-    cluster_means,
-    cluster_medoids,
-    effective_weights,
-    reconstruction_objective,
-    sq_errors,
-    weighted_means,
-    weighted_objective,
-)
-from ._compat import Array, device, is_array_api_obj, is_traced, take_along_axis
+from ._batching import Batch, flatten
+from ._clustering import cluster
+from ._compat import Array, is_traced, take_along_axis
+from ._merge import merge_clusters, merge_matches, select, token_weights
 from ._methods import CLUSTERING_METHODS as CLUSTERING_METHODS  # re-exports ("X as X"):
 from ._methods import (  # timm, nn, demo, visualize and tests import them from here
-    INITS,
     MATCHING_METHODS,
-    METHODS,
-    NEEDS_SCORES,
     SELECTION_METHODS,
+    WEIGHTED_METHODS,
     Detail,
     Init,
 )
 from ._methods import MERGING_METHODS as MERGING_METHODS
+from ._methods import METHODS as METHODS
 from ._methods import USES_SCORES as USES_SCORES
 from ._methods import Method as Method
-from ._overflow import read_iterations, without_overflow
-from ._primitives import assign_to_medoids
-from ._results import Clustering, PoolResult
-from ._selection import draw_without_replacement, spread, top_k
+from ._overflow import guarded
+from ._results import Clustering, PoolResult, clustering_of, kept_all, kept_none, no_clusters
+from ._selection import choose
 from ._tome import match_tokens
-from ._validation import (
-    Deferred,
-    check_count,
-    check_init_indices,
-    check_is_array,
-    check_metric,
-    check_same_device,
-    check_token_values,
-    check_tokens,
-    finite_tokens_deferred,
-    namespace_of,
-    settle,
-    token_values_deferred,
-)
+from ._validation import check_same_device, namespace_of, validate, value_checks
 
 __all__ = ["Clustering", "PoolResult", "kmeans", "kmedoids", "pool", "unpool"]
 
 DEFAULT_MAX_ITER = 10
-R = TypeVar("R", "Clustering", "PoolResult")
-
-
-def _resolve_init(
-    batch: Batch, init: Init, order_by: Array | None, k: int, seed: int, order_name: str
-) -> Array:
-    """Starting token indices (B, k) from an ``init`` already checked by :func:`_prepare`."""
-    xp = batch.xp
-    n_problems, n = batch.x.shape[0], batch.x.shape[1]
-    if init is None:
-        init = "topk" if order_by is not None else "spread"
-    if not isinstance(init, str):
-        return xp.astype(xp.reshape(init, (n_problems, init.shape[-1])), batch.index_dtype())
-    if init == "topk":
-        if order_by is None:
-            raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
-                             "or choose init='spread' or 'random'")
-        return top_k(xp, order_by, k)
-    if init == "random":
-        return draw_without_replacement(xp, None, k, seed, batch.x)
-    return spread(xp, n_problems, n, k, batch.x)
-
-
-def _host_reads(check_values: bool, stop_early: bool, *arrays: Array | None
-                ) -> tuple[bool, bool]:
-    """``check_values`` and ``stop_early`` as the call can honour them: under a tracer
-    (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``, ``torch.export``) no value can be
-    read on the host, so the values go unchecked and the clustering runs its ``max_iter``
-    iterations (a fused kernel still stops each problem at its fixed point)."""
-    if is_traced(*arrays):
-        return False, False
-    return check_values, stop_early
-
-
-def _prepare(
-    x: Array, k: object, max_iter: object, init: Init, check_values: bool, fast_paths: bool,
-    metric: Array | None = None, **per_token: Array | None,
-) -> tuple[Batch, int, int, list[Deferred] | None]:
-    """Check the arguments shared by every entry point; return the flattened batch, k,
-    max_iter and the value checks of x, the ``metric`` (..., N, D) and the per-token arrays
-    (..., N), still on the device (None without ``check_values``): :func:`_computed` reads
-    them with its overflow check, in one host synchronisation (a bad value cannot crash the
-    computation before; see _overflow). An ``init`` array is checked here, before it can
-    index anything."""
-    check_is_array(x, "x")
-    for name, values in {"metric": metric, **per_token}.items():
-        if values is not None:
-            check_is_array(values, name)
-    if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
-        raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
-                        f"got {type(init).__name__}")
-    init_array = None if init is None or isinstance(init, str) else init
-    xp = namespace_of(x=x, init=init_array, metric=metric, **per_token)
-    check_tokens(xp, x, check_values=False)
-    batch = flatten(xp, x, fast_paths)
-    check_same_device(xp, "x", x=x, init=init_array, metric=metric, **per_token)
-    k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
-    check_metric(xp, metric, tuple(x.shape[:-1]))
-    for name, values in per_token.items():
-        check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values=False)
-    pending = None
-    if check_values:  # x from the means, which the batch computes anyway
-        pending = [finite_tokens_deferred(xp, batch.x, batch.mean)]
-        if metric is not None:  # the metric likewise, from its own means
-            features = flatten(xp, metric, fast_paths)
-            pending.append(finite_tokens_deferred(xp, features.x, features.mean, "metric"))
-        pending += [token_values_deferred(xp, values, name)
-                    for name, values in per_token.items() if values is not None]
-    if isinstance(init, str) and init not in INITS:
-        raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
-                         f"got {init!r}")
-    if init_array is not None:
-        check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k, check_values)
-    return batch, k, max_iter, pending
-
-
-# ---------------------------------------------------------------------------------------------
-# Clustering alone
 
 
 def _cluster(
@@ -139,83 +42,22 @@ def _cluster(
     init: Init, max_iter: int, seed: int, check_values: bool, stop_early: bool,
     fast_paths: bool,
 ) -> Clustering:
-    check_values, stop_early = _host_reads(check_values, stop_early, x, weights)
-    batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
-                                           weights=weights)
-    k = min(k, batch.x.shape[1])
-    given = batch.flat(weights)
-    start = _resolve_init(batch, init, given, k, seed, "weights")
+    """:func:`kmeans` and :func:`kmedoids`, as the pipeline of :func:`pool_result`."""
+    call = validate(x, k, max_iter, init, check_values, stop_early, weights=weights)
+    batch = flatten(call.xp, x, fast_paths)
+    checks = value_checks(batch, call.check_values, weights=weights)
+    given, k = batch.flat(weights), min(call.k, batch.n)
+    start = choose(batch, algorithm, init, given, k, seed, "weights")
     if k == 0:
-        settle(batch.xp, pending)
-        return _to_caller(batch, _empty_clustering(batch))
+        return batch.to_caller(guarded(batch, no_clusters, checks, overflows=False))
 
     def compute(b: Batch) -> Clustering:
-        return _clustering(b, algorithm, start, b.flat(given), max_iter, stop_early)
+        w = token_weights(b.xp, b.x, b.flat(given), None)
+        return clustering_of(b, cluster(b.prims, algorithm, b.x, b.mean, start, w.weights,
+                                         w.fallback, call.max_iter, call.stop_early))
 
-    return _to_caller(batch, _computed(batch, compute, pending, weights=given))
+    return batch.to_caller(guarded(batch, compute, checks, weights=given))
 
-
-def _clustering(batch: Batch, algorithm: str, start: Array, given: Array | None,
-                max_iter: int, stop_early: bool) -> Clustering:
-    """K-Means or K-Medoids of a flattened batch; a Clustering of (B, ...) arrays."""
-    xp, prims = batch.xp, batch.prims
-    w = _ones(batch) if given is None else given
-    if algorithm == "kmeans":
-        fallback = None if given is None else _ones(batch)
-        flat = cluster_means(prims, batch.x, batch.mean, start, w, fallback, max_iter,
-                             stop_early)
-        centres = flat.centres + batch.mean
-    else:
-        flat = cluster_medoids(prims, batch.x, batch.mean, start, w, max_iter, stop_early)
-        centres = prims.gather_rows(xp, batch.x, flat.medoids)  # input tokens, bit for bit
-    return Clustering(centres, flat.assignment, flat.medoids, flat.history[:, -1],
-                      flat.history, flat.n_iter)
-
-
-def _computed(batch: Batch, compute: Callable[[Batch], R], pending: list[Deferred] | None,
-              returned: tuple[str, ...] | None = None, **values: Array | None) -> R:
-    """``compute(batch)``; with the ``pending`` value checks (None: values unchecked) read
-    together with the finite check of the result, and overflowed problems redone in float64
-    (see _overflow: finite input gives finite output). ``returned``: the fields the caller
-    sees (all when None); ``values``: the per-token inputs, named in an OverflowError."""
-    if pending is None:
-        return read_iterations(compute(batch))
-    with no_overflow_warnings(batch.xp):
-        return without_overflow(batch, compute, compute(batch), returned, values, pending)
-
-
-def _to_caller(batch: Batch, result: R) -> R:
-    """A result of (B, ...) arrays back in the caller's batch shape, tokens in their dtype."""
-    xp = batch.xp
-    changes = {}
-    for field in fields(result):  # type: ignore[arg-type]
-        value = getattr(result, field.name)
-        if value is None or field.name == "n_iter":
-            continue
-        if field.name in ("tokens", "centres"):
-            value = xp.astype(value, batch.out_dtype, copy=False)
-        changes[field.name] = batch.unflat(value)
-    return replace(result, **changes)  # type: ignore[type-var]
-
-
-def _ones(batch: Batch) -> Array:
-    return batch.xp.ones(batch.x.shape[:2], dtype=batch.x.dtype, device=device(batch.x))
-
-
-def _empty_clustering(batch: Batch) -> Clustering:
-    xp = batch.xp
-    n_problems, n = batch.x.shape[:2]
-    objective = _empty_objective(batch)
-    labels = xp.full((n_problems, n), -1, dtype=batch.index_dtype(), device=device(batch.x))
-    return Clustering(centres=batch.x[:, :0, :], assignment=labels, medoids=None,
-                      objective=objective, history=objective[:, None], n_iter=0)
-
-
-def _empty_objective(batch: Batch) -> Array:
-    """Eq. 9 with no centres: +inf wherever there is a token to reconstruct."""
-    value = math.inf if batch.x.shape[1] > 0 else 0.0
-    return batch.xp.full(batch.x.shape[:1], value, dtype=batch.x.dtype,
-                         device=device(batch.x))
 
 
 def kmeans(
@@ -431,158 +273,35 @@ def pool_result(
     stop_early: bool = True, fast_paths: bool = True,
 ) -> PoolResult:
     """:func:`pool` as a PoolResult holding the fields of ``detail`` (see ``Detail``)."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
-    if method in NEEDS_SCORES and scores is None:
-        raise ValueError(f"method {method!r} needs scores (see significance_scores)")
-    if metric is not None and method not in MATCHING_METHODS:
-        raise ValueError(f"metric applies to method 'tome' only, not {method!r}")
-    check_values, stop_early = _host_reads(check_values, stop_early, x, scores, sizes, metric)
-    batch, k, max_iter, pending = _prepare(x, k, max_iter, init, check_values, fast_paths,
-                                           metric=metric, scores=scores, sizes=sizes)
-    s, given_sizes = batch.flat(scores), batch.flat(sizes)
-    if k >= batch.x.shape[1]:
-        settle(batch.xp, pending)
-        return _identity(batch, x, given_sizes)
+    call = validate(x, k, max_iter, init, check_values, stop_early, method, metric,
+                    scores=scores, sizes=sizes)
+    batch = flatten(call.xp, x, fast_paths)
+    checks = value_checks(batch, call.check_values, metric, scores=scores, sizes=sizes)
+    s, given_sizes, k = batch.flat(scores), batch.flat(sizes), call.k
+    if k >= batch.n:  # Algorithm 1, line 1: x itself
+        return guarded(batch, lambda b: kept_all(b, x, given_sizes), checks, overflows=False)
     if k == 0:
-        settle(batch.xp, pending)
-        result = _nothing_kept(batch)
-    else:
-        with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
-            indices = (_choose(batch, method, s, k, seed) if method in SELECTION_METHODS
-                       else None if method in MATCHING_METHODS
-                       else _resolve_init(batch, init, s, k, seed, "scores"))
+        return batch.to_caller(guarded(batch, kept_none, checks, overflows=False))
+    start = choose(batch, method, init, s, k, seed)
 
-        def compute(b: Batch) -> PoolResult:
-            if method in MATCHING_METHODS:
-                features = b.x if metric is None else b.flat_tokens(metric)
-                return _pool_by_matching(b, features, k, b.flat(given_sizes), detail)
-            return _pool_flat(b, method, indices, b.flat(s), b.flat(given_sizes), max_iter,
-                              stop_early, detail)
+    def compute(b: Batch) -> PoolResult:
+        w = token_weights(b.xp, b.x, b.flat(s) if method in WEIGHTED_METHODS else None,
+                          b.flat(given_sizes))
+        if method in SELECTION_METHODS:
+            return select(b, start, w, detail)
+        if method in MATCHING_METHODS:
+            features = b.x if metric is None else b.flat_tokens(metric)
+            labels = match_tokens(b.prims, features, w.carried, sizes is not None, k,
+                                  b.index_dtype())
+            return merge_matches(b, labels, k, w, detail)
+        clusters = cluster(b.prims, method, b.x, b.mean, start, w.weights, w.fallback,
+                           call.max_iter, call.stop_early)
+        return merge_clusters(b, clusters, k, w, detail)
 
-        result = _computed(batch, compute, pending, ("tokens",) if detail == "tokens" else None,
-                           scores=s, sizes=given_sizes)
-    return _to_caller(batch, result)
+    result = guarded(batch, compute, checks, ("tokens",) if detail == "tokens" else None,
+                     scores=s, sizes=given_sizes)
+    return batch.to_caller(result)
 
-
-def _identity(batch: Batch, x: Array, given_sizes: Array | None) -> PoolResult:
-    """Algorithm 1, line 1: k >= N keeps every token (``x`` itself, in the caller's shape)."""
-    xp = batch.xp
-    n_problems, n = batch.x.shape[:2]
-    carried = _ones(batch) if given_sizes is None else given_sizes
-    ids = xp.arange(n, dtype=batch.index_dtype(), device=device(batch.x))
-    ids = xp.broadcast_to(ids[None, :], (n_problems, n))
-    zero = xp.zeros((n_problems, 1), dtype=batch.x.dtype, device=device(batch.x))
-    return PoolResult(x, batch.unflat(ids), batch.unflat(carried), batch.unflat(ids),
-                      batch.unflat(zero[:, 0]), batch.unflat(zero), 0)
-
-
-def _nothing_kept(batch: Batch) -> PoolResult:
-    empty = _empty_clustering(batch)
-    no_sizes = batch.xp.zeros((batch.x.shape[0], 0), dtype=batch.x.dtype,
-                              device=device(batch.x))
-    return PoolResult(empty.centres, empty.assignment, no_sizes, None, empty.objective,
-                      empty.history, 0)
-
-
-def _choose(batch: Batch, method: str, scores: Array | None, k: int, seed: int) -> Array:
-    """The k tokens (B, k) a baseline of §5 keeps, ascending."""
-    if method == "topk":
-        return top_k(batch.xp, scores, k)
-    weights = scores if method == "importance" else None
-    return draw_without_replacement(batch.xp, weights, k, seed, batch.x)
-
-
-def _pool_flat(batch: Batch, method: str, indices: Array, scores: Array | None,
-               given_sizes: Array | None, max_iter: int, stop_early: bool,
-               detail: Detail) -> PoolResult:
-    """Token Pooling of a flattened batch from its chosen tokens or starting centres
-    ``indices`` (B, k); a PoolResult of (B, ...) arrays."""
-    carried = _ones(batch) if given_sizes is None else given_sizes
-    # Without scores every token is equally significant: the w-methods are unweighted.
-    weights = scores * carried if scores is not None and method.startswith("w") else carried
-    if method in SELECTION_METHODS:
-        return _select(batch, indices, carried, weights, detail)
-    # Cluster means fall back to the sizes where weights sum to zero; unit weights cannot.
-    fallback = None if given_sizes is None and weights is carried else carried
-    return _pool_by_clustering(batch, method, indices, weights, carried, fallback, max_iter,
-                               stop_early, detail)
-
-
-def _select(batch: Batch, chosen: Array, carried: Array, weights: Array,
-            detail: Detail) -> PoolResult:
-    """The baselines of §5: keep the ``chosen`` input tokens, in their original order."""
-    xp, prims = batch.xp, batch.prims
-    tokens = prims.gather_rows(xp, batch.x, chosen)
-    sizes = take_along_axis(xp, carried, chosen, axis=-1)
-    if detail != "info":
-        medoids = chosen if detail == "plan" else None
-        return PoolResult(tokens, None, sizes, medoids, None, None, 0)
-    centred = batch.centred()
-    to_kept = prims.sq_distances(xp, centred, prims.gather_rows(xp, centred, chosen))
-    labels, _ = assign_to_medoids(xp, to_kept, chosen)
-    objective = weighted_objective(xp, weights, sq_errors(prims, batch.x, tokens, labels))
-    return PoolResult(tokens, labels, sizes, chosen, objective, objective[:, None], 0)
-
-
-def _pool_by_clustering(batch: Batch, method: str, start: Array, weights: Array,
-                        carried: Array, fallback: Array | None, max_iter: int,
-                        stop_early: bool, detail: Detail) -> PoolResult:
-    """Cluster, then return the weighted mean of each cluster (Algorithm 1, line 6)."""
-    prims = batch.prims
-    k = start.shape[1]
-    if method.endswith("kmeans"):
-        flat = cluster_means(prims, batch.x, batch.mean, start, weights, fallback, max_iter,
-                             stop_early)
-    else:
-        flat = cluster_medoids(prims, batch.x, batch.mean, start, weights, max_iter, stop_early)
-    labels = flat.assignment
-    with_objective = detail == "info"
-    fused = (prims.merge(batch.xp, batch.x, batch.mean, labels, k, weights, fallback, carried,
-                         with_objective)
-             if prims.merge is not None and flat.centres is None else None)
-    if fused is not None:  # one launch for the means, sizes and objective (CUDA)
-        tokens, sizes, objective = fused
-    else:
-        # Only K-Means clusters can be empty (a medoid belongs to its own cluster).
-        empty = batch.mean if flat.centres is None else flat.centres + batch.mean
-        tokens, sizes, objective = _merge(batch, labels, k, weights, fallback, carried, empty,
-                                          with_objective)
-    # The history is kept in every detail: an overflow in the clustering shows there first
-    # (see _overflow).
-    return PoolResult(tokens, labels, sizes, flat.medoids, objective, flat.history,
-                      flat.n_iter)
-
-
-def _pool_by_matching(batch: Batch, metric: Array, k: int, given_sizes: Array | None,
-                      detail: Detail) -> PoolResult:
-    """ToMe's bipartite soft matching (see _tome), then the size-weighted mean of each
-    group of merged tokens, as for clusters; scores play no part. No clustering history:
-    one entry, the objective, as for the selection baselines."""
-    carried = _ones(batch) if given_sizes is None else given_sizes
-    labels = match_tokens(batch.prims, metric, carried, given_sizes is not None, k,
-                          batch.index_dtype())
-    fallback = None if given_sizes is None else carried
-    tokens, sizes, objective = _merge(batch, labels, k, carried, fallback, carried,
-                                      batch.mean, detail == "info")
-    history = None if objective is None else objective[:, None]
-    return PoolResult(tokens, labels, sizes, None, objective, history, 0)
-
-
-def _merge(batch: Batch, labels: Array, k: int, weights: Array, fallback: Array | None,
-           carried: Array, empty: Array, with_objective: bool
-           ) -> tuple[Array, Array, Array | None]:
-    """Algorithm 1, line 6: the weighted mean of each group ``labels`` (B, N) in [0, k) of
-    the tokens (``empty`` for a group with no member), the carried sizes summed, and the
-    objective (Eq. 9/13 of the means, weights ``weights``) when asked (else None)."""
-    prims = batch.prims
-    token_weights = effective_weights(prims, labels, k, weights, fallback)
-    # Means of the original (not centred) tokens, so that they are the members' exact means.
-    tokens = weighted_means(prims, batch.x, labels, k, token_weights, empty)
-    sizes = prims.segment_sum(batch.xp, carried[:, :, None], labels, k)[:, :, 0]
-    objective = (reconstruction_objective(prims, batch.x, batch.mean, tokens, weights)
-                 if with_objective else None)
-    return tokens, sizes, objective
 
 
 def unpool(tokens: Array, assignment: Array) -> Array:

@@ -150,7 +150,7 @@ class Primitives:
     #: (centres, labels, history, n_iter); None where it does not apply.
     kmeans: Callable[..., tuple[Array, Array, Array, int] | None] | None = None
     #: Algorithm 1, line 6 fused for the medoid methods: ``(tokens, sizes, objective)`` of
-    #: clusters ``labels`` as ``_pool._pool_by_clustering`` computes them from the same
+    #: clusters ``labels`` as ``_merge.merge_clusters`` computes them from the same
     #: arguments (objective None unless asked); None where it does not apply.
     merge: Callable[..., tuple[Array, Array, Array | None] | None] | None = None
     name: str = "generic"

@@ -1,10 +1,17 @@
-"""What the public operators return: :class:`PoolResult` and :class:`Clustering`."""
+"""What the public operators return: :class:`PoolResult` and :class:`Clustering`, and
+the results that need no computation (k >= N, k = 0)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ._compat import Array
+from ._compat import Array, device
+
+if TYPE_CHECKING:
+    from ._batching import Batch
+    from ._clustering import FlatClustering
 
 __all__ = ["Clustering", "PoolResult"]
 
@@ -80,3 +87,48 @@ class PoolResult:
     objective: Array
     history: Array
     n_iter: int
+
+
+def clustering_of(batch: Batch, flat: FlatClustering) -> Clustering:
+    """The Clustering of a flattened batch's run, centres back in the tokens' frame (the
+    medoids' tokens themselves, bit for bit)."""
+    if flat.centres is None:
+        centres = batch.prims.gather_rows(batch.xp, batch.x, flat.medoids)
+    else:
+        centres = flat.centres + batch.mean
+    return Clustering(centres, flat.assignment, flat.medoids, flat.history[:, -1],
+                      flat.history, flat.n_iter)
+
+
+def kept_all(batch: Batch, x: Array, sizes: Array | None) -> PoolResult:
+    """Algorithm 1, line 1: k >= N keeps every token (``x`` itself, in the caller's shape,
+    as is every field here)."""
+    xp = batch.xp
+    n_problems, n = batch.x.shape[:2]
+    carried = batch.ones() if sizes is None else sizes
+    ids = xp.arange(n, dtype=batch.index_dtype(), device=device(batch.x))
+    ids = xp.broadcast_to(ids[None, :], (n_problems, n))
+    zero = xp.zeros((n_problems, 1), dtype=batch.x.dtype, device=device(batch.x))
+    return PoolResult(x, batch.unflat(ids), batch.unflat(carried), batch.unflat(ids),
+                      batch.unflat(zero[:, 0]), batch.unflat(zero), 0)
+
+
+def kept_none(batch: Batch) -> PoolResult:
+    """k = 0: no token, every label -1, objective +inf (see :func:`no_clusters`)."""
+    empty = no_clusters(batch)
+    no_sizes = batch.xp.zeros((batch.x.shape[0], 0), dtype=batch.x.dtype,
+                              device=device(batch.x))
+    return PoolResult(empty.centres, empty.assignment, no_sizes, None, empty.objective,
+                      empty.history, 0)
+
+
+def no_clusters(batch: Batch) -> Clustering:
+    """K = 0 clusters: no centre, every label -1, and Eq. 9 with no centres: +inf wherever
+    there is a token to reconstruct."""
+    xp = batch.xp
+    n_problems, n = batch.x.shape[:2]
+    value = math.inf if n > 0 else 0.0
+    objective = xp.full((n_problems,), value, dtype=batch.x.dtype, device=device(batch.x))
+    labels = xp.full((n_problems, n), -1, dtype=batch.index_dtype(), device=device(batch.x))
+    return Clustering(centres=batch.x[:, :0, :], assignment=labels, medoids=None,
+                      objective=objective, history=objective[:, None], n_iter=0)

@@ -6,8 +6,51 @@ Ties are broken towards the lower token index.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ._batching import no_overflow_warnings
 from ._compat import Array, Namespace, constant, device, index_dtype, take_along_axis
+from ._methods import MATCHING_METHODS, SELECTION_METHODS, Init
 from ._random import uniforms
+
+if TYPE_CHECKING:
+    from ._batching import Batch
+
+
+def choose(batch: Batch, method: str, init: Init, order_by: Array | None, k: int, seed: int,
+           order_name: str = "scores") -> Array | None:
+    """The tokens (B, k) a baseline of §5 keeps, or the clustering's initial centres from
+    ``init`` (already validated), ranked by ``order_by`` (the scores; the weights of
+    ``kmeans`` and ``kmedoids``, named ``order_name``); None for 'tome', which matches."""
+    if method in MATCHING_METHODS:
+        return None
+    if method in SELECTION_METHODS:
+        if method == "topk":
+            return top_k(batch.xp, order_by, k)
+        weights = order_by if method == "importance" else None
+        with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
+            return draw_without_replacement(batch.xp, weights, k, seed, batch.x)
+    return initial_centres(batch, init, order_by, k, seed, order_name)
+
+
+def initial_centres(batch: Batch, init: Init, order_by: Array | None, k: int, seed: int,
+                    order_name: str) -> Array:
+    """Starting token indices (B, k): an ``init`` array as it is, or the named
+    initialisation (by default 'topk' where ``order_by`` is given, 'spread' otherwise)."""
+    xp = batch.xp
+    n_problems, n = batch.x.shape[0], batch.x.shape[1]
+    if init is None:
+        init = "topk" if order_by is not None else "spread"
+    if not isinstance(init, str):
+        return xp.astype(xp.reshape(init, (n_problems, init.shape[-1])), batch.index_dtype())
+    if init == "topk":
+        if order_by is None:
+            raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
+                             "or choose init='spread' or 'random'")
+        return top_k(xp, order_by, k)
+    if init == "random":
+        return draw_without_replacement(xp, None, k, seed, batch.x)
+    return spread(xp, n_problems, n, k, batch.x)
 
 
 def top_k(xp: Namespace, keys: Array, k: int) -> Array:

@@ -3,12 +3,110 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._compat import Array, Namespace, array_namespace, backend_name, device, is_array_api_obj
+from ._batching import flat_with_mean
+from ._compat import (
+    Array,
+    Namespace,
+    array_namespace,
+    backend_name,
+    device,
+    is_array_api_obj,
+    is_traced,
+)
+from ._methods import INITS, MATCHING_METHODS, METHODS, NEEDS_SCORES, Init
 from .backends import primitives_for
+
+if TYPE_CHECKING:
+    from ._batching import Batch
+
+
+class Checked(NamedTuple):
+    """What :func:`validate` settles: the namespace, ``k`` and ``max_iter`` as ints, and
+    the host reads the call can make (see :func:`host_reads`)."""
+
+    xp: Namespace
+    k: int
+    max_iter: int
+    check_values: bool
+    stop_early: bool
+
+
+def validate(
+    x: Array, k: object, max_iter: object, init: Init, check_values: bool, stop_early: bool,
+    method: str | None = None, metric: Array | None = None, **per_token: Array | None,
+) -> Checked:
+    """Every eager check of a public entry point, in one order: ``method`` (None: the
+    clustering entry points), the arrays' kinds, library, shapes, dtypes and devices, ``k``,
+    ``max_iter`` and ``init``; an ``init`` array is checked on its values too (with
+    ``check_values``), before it can index anything. The values of x, the ``metric``
+    (..., N, D) and the per-token arrays (..., N) are checked later, on the device
+    (:func:`value_checks`)."""
+    if method is not None:
+        _check_method(method, per_token.get("scores"), metric)
+    check_values, stop_early = host_reads(check_values, stop_early, x, metric,
+                                          *per_token.values())
+    check_is_array(x, "x")
+    for name, values in {"metric": metric, **per_token}.items():
+        if values is not None:
+            check_is_array(values, name)
+    if init is not None and not isinstance(init, str) and not is_array_api_obj(init):
+        raise TypeError(f"init must be 'topk', 'random', 'spread' or an integer array, "
+                        f"got {type(init).__name__}")
+    init_array = None if init is None or isinstance(init, str) else init
+    xp = namespace_of(x=x, init=init_array, metric=metric, **per_token)
+    check_tokens(xp, x, check_values=False)
+    check_same_device(xp, "x", x=x, init=init_array, metric=metric, **per_token)
+    k, max_iter = check_count(k, "k"), check_count(max_iter, "max_iter")
+    check_metric(xp, metric, tuple(x.shape[:-1]))
+    for name, values in per_token.items():
+        check_token_values(xp, values, name, tuple(x.shape[:-1]), check_values=False)
+    if isinstance(init, str) and init not in INITS:
+        raise ValueError(f"init must be 'topk', 'random', 'spread' or an integer array, "
+                         f"got {init!r}")
+    if init_array is not None:
+        check_init_indices(xp, init_array, tuple(x.shape[:-2]), x.shape[-2], k, check_values)
+    return Checked(xp, k, max_iter, check_values, stop_early)
+
+
+def _check_method(method: str, scores: Array | None, metric: Array | None) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    if method in NEEDS_SCORES and scores is None:
+        raise ValueError(f"method {method!r} needs scores (see significance_scores)")
+    if metric is not None and method not in MATCHING_METHODS:
+        raise ValueError(f"metric applies to method 'tome' only, not {method!r}")
+
+
+def host_reads(check_values: bool, stop_early: bool, *arrays: Array | None
+               ) -> tuple[bool, bool]:
+    """``check_values`` and ``stop_early`` as the call can honour them: under a tracer
+    (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``, ``torch.export``) no value can be
+    read on the host, so the values go unchecked and the clustering runs its ``max_iter``
+    iterations (a fused kernel still stops each problem at its fixed point)."""
+    if is_traced(*arrays):
+        return False, False
+    return check_values, stop_early
+
+
+def value_checks(batch: Batch, check_values: bool, metric: Array | None = None,
+                 **per_token: Array | None) -> list[Deferred] | None:
+    """The value checks of x, the ``metric`` and the per-token arrays, still on the device
+    (None without ``check_values``): the only place they are made. ``_overflow.guarded``
+    reads them with its overflow check, in one host synchronisation (a bad value cannot
+    crash the computation before; see _overflow)."""
+    if not check_values:
+        return None
+    xp = batch.xp
+    checks = [finite_tokens_deferred(xp, batch.x, batch.mean)]  # from the batch's means
+    if metric is not None:  # the metric likewise, from its own means
+        checks.append(finite_tokens_deferred(xp, *flat_with_mean(xp, metric), "metric"))
+    checks += [token_values_deferred(xp, values, name)
+               for name, values in per_token.items() if values is not None]
+    return checks
 
 
 def namespace_of(**arrays: Array | None) -> Namespace:
@@ -57,8 +155,8 @@ def check_finite_tokens(xp: Namespace, x: Array, mean: Array, name: str = "x") -
 
 @dataclass(frozen=True)
 class Deferred:
-    """A value check whose verdict stays on the device until :func:`settle` reads it together
-    with the others: one host synchronisation for all of them.
+    """A value check whose verdict stays on the device until ``_overflow.guarded`` reads it
+    together with the others: one host synchronisation for all of them.
 
     ``passed`` is a 0-d boolean array. ``confirm`` is the check done on the host: it raises
     the check's error, or returns where the input is fine after all (a non-finite mean can
@@ -87,32 +185,6 @@ def token_values_deferred(xp: Namespace, values: Array, name: str) -> Deferred:
     return Deferred(xp.all(valid), confirm)
 
 
-def settle(xp: Namespace, checks: Sequence[Deferred] | None) -> None:
-    """Read the verdicts of ``checks`` in one host read and raise the error of the first
-    that failed (None or none: nothing to read)."""
-    settle_counting(xp, checks or [], [])
-
-
-def settle_counting(xp: Namespace, checks: Sequence[Deferred], flags: Sequence[Array],
-                    count: Array | None = None) -> tuple[list[bool], int | None]:
-    """:func:`settle`, also reading the 0-d boolean ``flags`` and a non-negative 0-d integer
-    ``count`` in the same read (packed above the verdict bits): the flags and the count
-    (None without one)."""
-    verdicts = [check.passed for check in checks] + list(flags)
-    if not verdicts and count is None:
-        return [], None
-    dtype = xp.int32 if count is None else xp.int64  # int64: JAX without x64 has no counts
-    mask = sum(xp.astype(v, dtype) * (1 << i) for i, v in enumerate(verdicts))
-    if count is not None:
-        mask = mask + xp.astype(count, dtype) * (1 << len(verdicts))
-    bits = int(mask)  # the one synchronisation
-    read = [bool(bits >> i & 1) for i in range(len(verdicts))]
-    for check, passed in zip(checks, read, strict=False):
-        if not passed:
-            check.confirm()
-    return read[len(checks):], (None if count is None else bits >> len(verdicts))
-
-
 def _non_finite(name: str) -> ValueError:
     return ValueError(f"{name} contains NaN or infinity (check_values=False skips this check)")
 
@@ -138,8 +210,10 @@ def check_token_values(
     if tuple(values.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "
                          f"axis), got {tuple(values.shape)}")
-    if check_values:
-        settle(xp, [token_values_deferred(xp, values, name)])
+    if check_values:  # eager (reconstruction_error): read at once
+        check = token_values_deferred(xp, values, name)
+        if not bool(check.passed):
+            check.confirm()
 
 
 def check_init_indices(xp: Namespace, init: Array, batch_shape: tuple[int, ...], n: int,

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from ._clustering import effective_weights, weighted_means
 from ._compat import array_namespace
+from ._merge import token_weights
+from ._methods import WEIGHTED_METHODS
 from ._pool import DEFAULT_MAX_ITER, MERGING_METHODS, Init, Method, PoolResult, pool_result
 from .backends import primitives_for
 
@@ -52,6 +54,10 @@ def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
     if not torch.amp.is_autocast_available(x.device.type):
         return nullcontext()
     return torch.autocast(x.device.type, enabled=False)
+
+
+def _flat(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t.reshape(-1, n).float()
 
 
 def _detached(t: Tensor | None) -> Tensor | None:
@@ -104,17 +110,15 @@ def merge(
 
     flat_x = x.reshape(-1, n, x.shape[-1]).float()
     labels = result.assignment.reshape(-1, n)
-    carried = torch.ones_like(flat_x[..., 0]) if sizes is None else sizes.reshape(-1, n).float()
-    weights = carried
-    if method.startswith("w") and scores is not None:  # without scores: unweighted, as pool
-        weights = scores.reshape(-1, n).float() * carried
     # The core's own weighting and fallbacks, on live tensors: its torch ops are differentiable.
-    prims = primitives_for(array_namespace(flat_x), fast_paths)
-    fallback = None if sizes is None and weights is carried else carried
+    xp = array_namespace(flat_x)
+    w = token_weights(xp, flat_x, _flat(scores, n) if method in WEIGHTED_METHODS else None,
+                      _flat(sizes, n))
+    prims = primitives_for(xp, fast_paths)
     empty = result.tokens.reshape(flat_x.shape[0], k, x.shape[-1]).to(flat_x.dtype)
     with _autocast_off(x):  # sums stay float32 under autocast
-        token_weights = effective_weights(prims, labels, k, weights, fallback)
-        tokens = weighted_means(prims, flat_x, labels, k, token_weights, empty)
+        weights = effective_weights(prims, labels, k, w.weights, w.fallback)
+        tokens = weighted_means(prims, flat_x, labels, k, weights, empty)
     return tokens.reshape(*x.shape[:-2], k, x.shape[-1]).to(x.dtype)
 
 
