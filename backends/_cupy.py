@@ -621,7 +621,7 @@ def run_merge(x: Any, mean: Any, labels: Any, k: int, weights: Any, fallback: An
               ) -> tuple[Any, Any, Any | None] | None:
     """Algorithm 1, line 6 on CuPy arrays: pooled tokens (B, K, M), their sizes (B, K) and,
     ``with_objective``, Eq. 13 of the pooled tokens (B,); None where the kernel does not
-    apply. Arguments as in ``_pool._pool_by_clustering`` (``fallback`` None: the weights are
+    apply. Arguments as in ``_merge.merge_clusters`` (``fallback`` None: the weights are
     all positive); results in the accumulator dtype, allocated by ``allocate`` (CuPy's
     pool by default), on ``x``'s device as :func:`run_kmedoids` does.
     """

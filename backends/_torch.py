@@ -147,7 +147,7 @@ def cuda_kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tens
             return None
         labels, medoids, history, _ = _torch_ops.kmedoids(x, mean, init, weights, max_iter,
                                                           stop_early)
-        return labels, medoids, history, max_iter  # traced: never stop_early (_host_reads)
+        return labels, medoids, history, max_iter  # traced: never stop_early
     from . import _cupy
 
     return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, stop_early)

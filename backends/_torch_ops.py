@@ -10,7 +10,7 @@ Their results never depend on the data for their shapes, so that they can be tra
 objective history always has ``max_iter + 1`` entries (a problem that reached its fixed
 point repeats its final value, as the kernels write it) and the most iterations any problem
 ran comes back as a 0-d int64 tensor, which the core reads with its value checks (eager,
-``stop_early``) or not at all (traced: ``max_iter`` iterations, see ``_pool._host_reads``).
+``stop_early``) or not at all (traced: ``max_iter`` iterations, see ``_validation.host_reads``).
 
 Where a kernel does not cover a call (the CUDA kernel declines some shapes; Numba or CuPy
 missing at run time) the operator runs the PyTorch code of the generic loop instead, with
@@ -223,7 +223,7 @@ def _numba_available() -> bool:
 def merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
           fallback: Tensor | None, carried: Tensor, with_objective: bool
           ) -> tuple[Tensor, Tensor, Tensor]:
-    """``Primitives.merge`` (``_pool._pool_by_clustering``): of tokens ``x`` (B, N, M) in
+    """``Primitives.merge`` (``_merge.merge_clusters``): of tokens ``x`` (B, N, M) in
     the compute dtype, with their mean (B, 1, M) for an empty cluster, the weighted means
     (B, k, M), the summed ``carried`` sizes (B, k) and, ``with_objective``, Eq. 13 of the
     means (B,); without it an empty (0,) tensor. All in ``x``'s dtype.

@@ -464,3 +464,11 @@ def test_export_gives_the_eager_outputs_and_leaves_the_state_clean(implementatio
     assert all(layer._tp_state is model._tokenpool for layer in model.deit.layers)
     with pytest.raises(ValueError, match="no attention_mask"):
         model(x, attention_mask=torch.ones(2, PATCHES + 2))
+    # Under export the layers drop the mask transformers builds, so a caller's mask must be
+    # refused before: by position as by keyword (forward(pixel_values,
+    # interpolate_pos_encoding, attention_mask)).
+    mask = torch.ones(2, PATCHES + 2)
+    with pytest.raises(ValueError, match="no attention_mask"):
+        torch.export.export(model, (x, False, mask))
+    with pytest.raises(ValueError, match="no attention_mask"):
+        torch.export.export(model, (x,), {"attention_mask": mask})

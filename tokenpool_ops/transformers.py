@@ -41,6 +41,7 @@ pooled token once), so ``keep`` must leave at least one there.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -301,11 +302,24 @@ def _reset_after_export(layer: nn.Module, args: tuple[Any, ...], output: Any) ->
         reset_state(cast(TokenPoolLayer, layer)._tp_state)
 
 
+#: Where ``forward`` of each patched model class takes ``attention_mask`` positionally
+#: (recorded at patch time: the hook must not inspect signatures under a tracer).
+_MASK_POSITION: dict[type, int] = {}
+
+
+def _mask_position(model_type: type) -> int:
+    parameters = list(inspect.signature(model_type.forward).parameters)
+    return parameters.index("attention_mask") - 1 if "attention_mask" in parameters else -1
+
+
 def _refuse_attention_mask(model: nn.Module, args: tuple[Any, ...],
                            kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook of a patched model: the caller's ``attention_mask`` cannot follow
-    the pooled tokens (refused here, before transformers turns it into its own mask)."""
-    if kwargs.get("attention_mask") is not None:
+    """Forward pre-hook of a patched model: the caller's ``attention_mask``, by keyword or
+    by position, cannot follow the pooled tokens (refused here, before transformers turns
+    it into its own mask)."""
+    position = _MASK_POSITION.get(type(model), -1)
+    by_position = args[position] if 0 <= position < len(args) else None
+    if kwargs.get("attention_mask") is not None or by_position is not None:
         raise ValueError("Token Pooling changes the number of tokens; a patched model "
                          "takes no attention_mask")
 
@@ -359,6 +373,7 @@ def patch_transformers(
         tp_layer._tp_keep = k
     layers[0].register_forward_pre_hook(_reset_before_first_layer)
     layers[-1].register_forward_hook(_reset_after_export)
+    _MASK_POSITION[type(model)] = _mask_position(type(model))
     model.register_forward_pre_hook(_refuse_attention_mask, with_kwargs=True)
     setattr(model, STATE, state)
     return model

@@ -550,7 +550,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merge (Algorithm 1, line 6), as tokenpool_ops._pool._pool_by_clustering computes it:
+// Merge (Algorithm 1, line 6), as tokenpool_ops._merge.merge_clusters computes it:
 // * cluster c's token is the mean of its members weighted by the effective weights of
 //   _clustering.effective_weights: `weights` if they sum to more than zero over the
 //   cluster, else `fallback` (the sizes) if those do, else ones; without `fallback` the
