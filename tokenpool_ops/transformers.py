@@ -307,7 +307,7 @@ def _reset_after_export(layer: nn.Module, args: tuple[Any, ...], output: Any) ->
 _MASK_POSITION: dict[type, int] = {}
 
 
-def _mask_position(model_type: type) -> int:
+def _mask_position(model_type: type[nn.Module]) -> int:
     parameters = list(inspect.signature(model_type.forward).parameters)
     return parameters.index("attention_mask") - 1 if "attention_mask" in parameters else -1
 
