@@ -73,11 +73,9 @@ def features_by_hand(model: torch.nn.Module, images: torch.Tensor, method: str, 
     for block, keep in zip(model.blocks, KEEP, strict=True):
         bias = None
         if carry and sizes is not None:
-            # The patched block keeps the sizes as float32 counts (exact) and takes their log
-            # in float32, whatever the model's dtype: in this float64 model that rounds the
-            # bias to float32 (a relative 3e-8 in the output), so the reference does too.
-            ones = torch.ones(x.shape[0], prefix, dtype=torch.float32)
-            bias = torch.cat([ones, sizes.float()], dim=1).log().double()
+            # log(size) in the model's float64 (Appendix E's bias, prefix tokens size 1).
+            ones = torch.ones(x.shape[0], prefix, dtype=torch.float64)
+            bias = torch.cat([ones, sizes], dim=1).log()
         out, probabilities, keys = attention_by_hand(block.attn, block.norm1(x), bias)
         x = x + out
         patches = x[:, prefix:]

@@ -203,7 +203,9 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     tokens, result = planned if planned is not None else pool(
         patches, k, state["method"], scores=scores, sizes=sizes, metric=metric,
         lean=not state["trace_source"], **state["options"])
-    state["sizes"] = result.sizes.float()
+    # Counts stay exact: at least float32 (half types would round sizes above 256), and the
+    # model's float64 where it computes in it, so log(size) is taken at its precision.
+    state["sizes"] = result.sizes.to(torch.promote_types(result.sizes.dtype, torch.float32))
     if state["trace_source"]:
         source = state["source"]
         if source is None:
