@@ -8,7 +8,6 @@ tests check every fast path against its generic counterpart.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -38,10 +37,20 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     return {}
 
 
-@functools.cache
+#: numba_available's answer once known. A plain dict, not functools.cache: dynamo traces
+#: through a cache wrapper and warns about it in every compiled model that asks.
+_numba_answer: dict[str, bool] = {}
+
+
 def numba_available() -> bool:
     """Whether the compiled CPU kernels can run. Numba is a dependency; where it cannot be
     imported (a platform without wheels, a broken install), say once what that costs."""
+    if "numba" not in _numba_answer:
+        _numba_answer["numba"] = _import_numba()
+    return _numba_answer["numba"]
+
+
+def _import_numba() -> bool:
     try:
         import numba  # noqa: F401
     except Exception as error:  # ImportError, or llvmlite failing to load its library

@@ -349,7 +349,7 @@ def test_missing_numba_warns_once_and_falls_back(monkeypatch):
     import tokenpool_ops.backends as backends
 
     monkeypatch.setitem(sys.modules, "numba", None)  # "import numba" now raises ImportError
-    backends.numba_available.cache_clear()
+    backends._numba_answer.clear()
     try:
         with pytest.warns(RuntimeWarning, match=r"Numba could not be imported .* about 3x "
                                                 r"slower for K-Medoids and 6x for K-Means"):
@@ -361,4 +361,4 @@ def test_missing_numba_warns_once_and_falls_back(monkeypatch):
         np.testing.assert_array_equal(tokenpool_ops.pool(x, 4, "kmedoids"),
                                       tokenpool_ops.pool(x, 4, "kmedoids", fast_paths=False))
     finally:
-        backends.numba_available.cache_clear()
+        backends._numba_answer.clear()
