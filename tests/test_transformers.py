@@ -399,10 +399,10 @@ def test_rejects_unsupported_input() -> None:
         unpatch_transformers(model)
     with pytest.raises(ValueError, match="averages the patch tokens"):
         patch_transformers(make("dinov2_cls"), [8, 4, 0])
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         patch_transformers(model, 4)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     model.config._attn_implementation = "flex_attention"
     with pytest.raises(ValueError, match="'eager' or 'sdpa'"):
         patch_transformers(model, 4)

@@ -160,7 +160,7 @@ class TokenPoolLayer(nn.Module):
         if self.gradient_checkpointing and self.training:
             raise ValueError("Token Pooling does not support gradient checkpointing (its "
                              "recomputation would pool again); call "
-                             "model.gradient_checkpointing_disable()")
+                             "model.activation_checkpointing_disable()")
         state, x = self._tp_state, hidden_states
         guide = guide_kind(state, x.shape[1] - state["num_prefix"], self._tp_keep)
         y, found = self._attention_branch(x, guide, **kwargs)
@@ -280,7 +280,7 @@ def _checked_family(model: PreTrainedModel) -> _Family:
     if model.is_activation_checkpointing:
         raise ValueError("Token Pooling does not support gradient checkpointing (its "
                          "recomputation would pool again); call "
-                         "model.gradient_checkpointing_disable() first")
+                         "model.activation_checkpointing_disable() first")
     for i, layer in enumerate(_layers(model, family)):
         if type(layer) is not family.layer or type(layer.attention) is not family.attention:
             raise TypeError(f"layer {i} is {type(layer).__name__} with "
