@@ -303,7 +303,6 @@ def pool_result(
     return batch.to_caller(result)
 
 
-
 def unpool(tokens: Array, assignment: Array) -> Array:
     """Nearest-neighbour upsampling: token i becomes ``tokens[assignment[i]]`` (u in Eq. 8).
 
