@@ -32,7 +32,9 @@ import statistics
 import time
 
 import torch
-from timm_speedup import precision, synchronise  # this script's sibling (benchmarks/)
+
+# timm_speedup: this script's sibling (benchmarks/)
+from timm_speedup import parse_methods, precision, synchronise
 
 from reference_models.schedules import PAPER_SCHEDULES
 from tokenpool_ops._pool import METHODS
@@ -96,10 +98,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     args = parser.parse_args()
-    args.methods = list(METHODS) if args.methods == "all" else args.methods.split(",")
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    args.methods = parse_methods(parser, args.methods, METHODS)
     return args
 
 

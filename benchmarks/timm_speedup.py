@@ -30,7 +30,7 @@ import contextlib
 import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import timm
@@ -182,11 +182,19 @@ def parse_args() -> argparse.Namespace:
                                  "max-autotune-no-cudagraphs"),
                         help="torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
     args = parser.parse_args()
-    args.methods = METHODS if args.methods == "all" else args.methods.split(",")
-    unknown = sorted(set(args.methods) - set(METHODS))
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {METHODS}")
+    args.methods = parse_methods(parser, args.methods, METHODS)
     return args
+
+
+def parse_methods(parser: argparse.ArgumentParser, text: str,
+                  known: Sequence[str]) -> list[str]:
+    """``--methods``: "all" (every one of ``known``) or a comma list of them; anything
+    else is the parser's usage error."""
+    methods = list(known) if text == "all" else text.split(",")
+    unknown = sorted(set(methods) - set(known))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(known)}")
+    return methods
 
 
 def main() -> None:
