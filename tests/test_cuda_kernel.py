@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from tokenpool_ops.backends import _cupy
 
 import tokenpool_ops
-from tests.host_cuda import GlueOnHost, build_library
+from tests.host_cuda import HOST_LIBRARY_OPTIONS, GlueOnHost, build_library, exported_symbols
 from tokenpool_ops import backends
 
 #: Dynamic shared memory per block on an H100 (opt-in limit): the plan of a real GPU.
@@ -128,10 +128,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     if compiler is None:
         pytest.skip("g++ not found: the host build of the kernel source cannot be compiled")
     library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
-    # No implicit multiply-add: the GPU build has none either (-fmad=false, see
-    # _cupy.FLOAT_MODEL), so both round every operation the same way.
-    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-               "-shared", "-fPIC", "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
+    command = [compiler, *HOST_LIBRARY_OPTIONS, str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
                str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
@@ -197,6 +194,21 @@ def assert_same_clustering(got: Any, want: Any, exact: bool) -> None:
         else:
             np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-10,
                                        atol=1e-10, err_msg=field)
+
+
+def test_host_libraries_export_only_their_entry_points(host):
+    # Both host builds live in the test process beside PyTorch and other C++ libraries. A
+    # process-wide unique symbol ("u": g++ makes inline variables and the statics of inline
+    # functions so, libstdc++'s std::barrier waiter pool among them) binds every library loaded
+    # after to the first definition, even under RTLD_LOCAL, whatever layout each was compiled
+    # with; none may be exported, and no function but the C entry points.
+    if shutil.which("nm") is None:
+        pytest.skip("nm not found: the host libraries' symbols cannot be listed")
+    for library, entries in ((host.library, "tp_"), (host.glue.launcher.library, "tp_test_")):
+        symbols = exported_symbols(Path(library._name))
+        assert not [s for s in symbols if s.startswith("u ")], symbols
+        functions = {s.split()[1] for s in symbols if s.startswith("T ")}
+        assert functions and all(name.startswith(entries) for name in functions), functions
 
 
 # ---------------------------------------------------------------------------------------------
