@@ -307,22 +307,23 @@ def test_plan_chooses_a_scheme_or_declines():
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
     # KMedoidsLayout::bytes(). With the matrix: N = 236, K = 1 fills in one round
     # (59 * 60 / 2 = 1770 <= 7 * 256 tiles), so the matrix overlays the fill region:
-    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8) * 4 = 227584
-    # bytes (the last 8 words: the one cluster's member bits); N = 237 takes two rounds
+    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8 + 1 + 236 + 2) * 4
+    # = 228540 bytes (the one cluster's 8 words of member bits, then the moved list, the
+    # search list and their two counts); N = 237 takes two rounds
     # (1830 tiles), matrix beside the fill region: 324928. In the workspace (a tile-major
     # stage of ceil(N / 4) groups of 132 elements, no raw buffers, no member bits),
     # N = 1568 (392 groups) needs 392*132*4 + 8 + (2*1568 + 8) * 4 + (2*1568 + 2) * 4 =
     # 232112; N = 1569 (393 groups) needs 232656, over 232448 - 64.
-    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 227584
+    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 228540
     assert _cupy.kmedoids_shared_bytes(1568, 1, "float32", False) == 232112
     assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert not _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert _cupy.kmedoids_plan(1568, 1, "float32", H100_SHARED_BYTES) is not None
     assert _cupy.kmedoids_plan(1569, 1, "float32", H100_SHARED_BYTES) is None
     # The issue's shape, B=256, N=197, K=98: 197 * 197 * 4 = 155236 -> 155248 (16-byte
-    # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7) * 4 = 162744, under the A100's
-    # 166912 - 64 too.
-    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 162744
+    # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7 + 98 + 197 + 2) * 4 = 163932,
+    # under the A100's 166912 - 64 too.
+    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 163932
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None

@@ -211,6 +211,10 @@ inline int atomicOr(int* address, int value) {
   return std::atomic_ref<int>(*address).fetch_or(value);
 }
 
+inline int atomicAdd(int* address, int value) {
+  return std::atomic_ref<int>(*address).fetch_add(value);
+}
+
 inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_or(value);
 }
