@@ -398,8 +398,8 @@ TP_UNROLL
 }
 
 // medoid_of from medoids: the lowest cluster wins a token that init repeats. Also clears
-// each cluster's best member for the next update_medoids, and the member sets for the next
-// assign.
+// each cluster's best member for the next update_medoids, and the member sets and the search
+// list for the next assign.
 template <typename T>
 __device__ void index_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
@@ -561,6 +561,7 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
 // depend on the order the threads come in, and it is the member a scan in token order with
 // a strict comparison would keep: the least cost, the lowest index among equals (-0 == +0);
 // a NaN or infinite cost never takes part. Three barriers; index_medoids cleared the keys.
+// A cluster whose medoid moves goes to p.moved (the shared variant), for assign.
 template <typename T>
 __device__ void update_medoids(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
