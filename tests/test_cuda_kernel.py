@@ -258,6 +258,45 @@ int main() {
 """
 
 
+_OVERRUN_PROGRAM = r"""
+#include "host_emulation.h"
+
+// One block whose first thread writes `past` bytes beyond its `bytes` of dynamic shared memory.
+void kernel(std::size_t bytes, std::size_t past) {
+  TP_DYNAMIC_SHARED(shared);
+  if (threadIdx.x == 0) shared[bytes + past - 1] = 0;
+}
+
+int main(int, char** argv) {
+  const std::size_t past = static_cast<std::size_t>(std::atoi(argv[1]));
+  tp_host::launch(1, 32, 100, [=] { kernel(100, past); });
+  std::puts("launched");
+  return 0;
+}
+"""
+
+
+def test_host_launch_stops_a_kernel_that_writes_past_its_shared_memory(tmp_path):
+    # A write past the layout lands in the guard after the buffer and stops the process at the
+    # launch's end, rather than corrupt the heap of the test process unseen; a write within
+    # the layout passes.
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found: the host emulation cannot be built")
+    program = tmp_path / "overrun.cpp"
+    program.write_text(_OVERRUN_PROGRAM)
+    binary = tmp_path / "overrun"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", f"-I{_cupy.KERNEL_DIR}",
+                            str(program), "-o", str(binary)], capture_output=True, text=True,
+                           check=False)
+    assert built.returncode == 0, built.stderr
+    within = subprocess.run([str(binary), "0"], capture_output=True, text=True, check=False)
+    assert (within.returncode, within.stdout) == (0, "launched\n"), within.stderr
+    past = subprocess.run([str(binary), "1"], capture_output=True, text=True, check=False)
+    assert past.returncode != 0 and "launched" not in past.stdout
+    assert "wrote past its dynamic shared memory" in past.stderr
+
+
 def test_helpers_defer_copies_and_order_keys_sort_numerically(tmp_path):
     # The host model of cp.async lands a copy only at the wait that covers it (so a kernel
     # reading its stage too early fails here as it might on a GPU); order_key sorts values as

@@ -83,6 +83,8 @@ inline std::vector<unsigned char> dynamic_shared;
 inline std::vector<std::unique_ptr<Barrier>> warp_barriers;  // one per warp
 inline std::vector<unsigned long long> exchange;  // a shuffle's slot per thread
 constexpr unsigned int kWarpSize = 32;
+constexpr std::size_t kSharedGuardBytes = 1 << 16;  // after a launch's dynamic shared memory
+constexpr unsigned char kSharedFill = 0xA5;
 
 inline void expect_no_pending_copies();  // below, with the copies
 
@@ -93,8 +95,9 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
   static std::mutex one_launch;
   std::lock_guard<std::mutex> lock(one_launch);
   // Garbage-filled, as on a GPU: a kernel that reads shared memory before writing it should
-  // not pass the tests by luck.
-  dynamic_shared.assign(shared_bytes, 0xA5);
+  // not pass the tests by luck. A guard follows, checked after the launch: a kernel that
+  // writes past its layout stops the process here rather than corrupt the heap unseen.
+  dynamic_shared.assign(shared_bytes + kSharedGuardBytes, kSharedFill);
   block_dim.x = threads;
   grid_dim.x = grid;
   Barrier barrier(static_cast<std::ptrdiff_t>(threads));
@@ -118,6 +121,12 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
     });
   }
   for (auto& thread : pool) thread.join();
+  for (std::size_t e = shared_bytes; e < dynamic_shared.size(); ++e) {
+    if (dynamic_shared[e] != kSharedFill) {
+      std::fputs("host emulation: a kernel wrote past its dynamic shared memory\n", stderr);
+      std::abort();
+    }
+  }
   block_barrier = nullptr;
 }
 
