@@ -96,7 +96,8 @@ def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) 
     it). Then each cluster's least cost key (K, 8
     bytes), the weights and medoid costs (N each), a reduction scratch (WARPS), and four int
     arrays (labels and the medoid of each token: N; medoids and each cluster's best member:
-    K); with ``shared_matrix``, each cluster's members as a bit set (K, ceil(N / 32) words).
+    K); with ``shared_matrix``, each cluster's members as a bit set (K, ceil(N / 32) words),
+    the clusters whose medoid moved (K ints), the tokens to search in full (N) and two counts.
     """
     accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
     side = -(-n // TILE)
@@ -107,8 +108,9 @@ def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) 
     matrix = _round16(n * matrix_stride(n) * accumulator_bytes) if shared_matrix else 0
     region = max(fill, matrix) if shared_matrix and rounds == 1 else fill + matrix
     member_words = -(-n // 32) if shared_matrix else 0
+    lists = k + n + 2 if shared_matrix else 0  # moved clusters, tokens to search, two counts
     return (region + 8 * k + (2 * n + WARPS) * accumulator_bytes
-            + (2 * n + 2 * k + k * member_words) * 4)
+            + (2 * n + 2 * k + k * member_words + lists) * 4)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
     -------
     KMedoidsPlan or None
         The N x N distances in shared memory where they fit (float32 N up to 236 on Hopper,
-        201 on Ampere, for small K; 233 and 196 at K = N), else in a global (B, N, N | 1)
+        201 on Ampere, for small K; 231 and 195 at K = N), else in a global (B, N, N | 1)
         workspace as long as a chunk of every token's features fits in shared memory
         (float32 N up to about 1570 on Hopper, 1120 on Ampere; float64 about 800 and 575);
         None beyond, and the generic code runs.

@@ -339,14 +339,30 @@ int launch(void (*kernel)(P...), unsigned grid, unsigned block, std::size_t byte
 }
 }  // namespace tests_host
 
-extern "C" int tp_test_launch(const char* name, unsigned grid, unsigned block,
-                              unsigned long long bytes, void** params, int count,
-                              long long* high_water) {
+TP_HOST_EXPORT int tp_test_launch(const char* name, unsigned grid, unsigned block,
+                                  unsigned long long bytes, void** params, int count,
+                                  long long* high_water) {
   const std::string_view wanted(name);
 %(entries)s
   return -1;
 }
 """
+
+
+#: g++ options of the host builds (a shared library for ctypes): no implicit multiply-add (the
+#: GPU build has none either, -fmad=false in _cupy.FLOAT_MODEL, so both round every operation
+#: the same way); hidden symbols but the C entry points (host_emulation.h, TP_HOST_EXPORT), so
+#: that the library neither serves nor takes another loaded library's definitions.
+HOST_LIBRARY_OPTIONS = ("-std=c++20", "-O2", "-ffp-contract=off", "-fvisibility=hidden", "-Wall",
+                        "-Wextra", "-Werror", "-shared", "-fPIC", "-pthread")
+
+
+def exported_symbols(library: Path) -> list[str]:
+    """``nm -D --defined-only`` of a built library: one "TYPE NAME" a defined dynamic symbol
+    (type "u" is a process-wide unique symbol, which binds across RTLD_LOCAL libraries)."""
+    listed = subprocess.run(["nm", "-D", "--defined-only", str(library)], capture_output=True,
+                            text=True, check=True).stdout
+    return [" ".join(line.split()[1:]) for line in listed.splitlines() if line.strip()]
 
 
 def build_library(folder: Path) -> ctypes.CDLL:
@@ -363,8 +379,7 @@ def build_library(folder: Path) -> ctypes.CDLL:
     program = folder / "host_launch.cpp"
     program.write_text(_PROGRAM % {"entries": entries})
     library = folder / "libtokenpool_host_launch.so"
-    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-               "-shared", "-fPIC", "-pthread", f"-I{KERNEL_DIR}", str(program), "-o",
+    command = [compiler, *HOST_LIBRARY_OPTIONS, f"-I{KERNEL_DIR}", str(program), "-o",
                str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host launcher build failed:\n{built.stderr[-5000:]}"

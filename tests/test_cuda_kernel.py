@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from tokenpool_ops.backends import _cupy
 
 import tokenpool_ops
-from tests.host_cuda import GlueOnHost, build_library
+from tests.host_cuda import HOST_LIBRARY_OPTIONS, GlueOnHost, build_library, exported_symbols
 from tokenpool_ops import backends
 
 #: Dynamic shared memory per block on an H100 (opt-in limit): the plan of a real GPU.
@@ -128,10 +128,7 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     if compiler is None:
         pytest.skip("g++ not found: the host build of the kernel source cannot be compiled")
     library = tmp_path_factory.mktemp("cuda_host") / "libtokenpool_cuda_host.so"
-    # No implicit multiply-add: the GPU build has none either (-fmad=false, see
-    # _cupy.FLOAT_MODEL), so both round every operation the same way.
-    command = [compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-Wall", "-Wextra", "-Werror",
-               "-shared", "-fPIC", "-pthread", str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
+    command = [compiler, *HOST_LIBRARY_OPTIONS, str(_cupy.KERNEL_DIR / "host_build.cpp"), "-o",
                str(library)]
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
@@ -199,6 +196,21 @@ def assert_same_clustering(got: Any, want: Any, exact: bool) -> None:
                                        atol=1e-10, err_msg=field)
 
 
+def test_host_libraries_export_only_their_entry_points(host):
+    # Both host builds live in the test process beside PyTorch and other C++ libraries. A
+    # process-wide unique symbol ("u": g++ makes inline variables and the statics of inline
+    # functions so, libstdc++'s std::barrier waiter pool among them) binds every library loaded
+    # after to the first definition, even under RTLD_LOCAL, whatever layout each was compiled
+    # with; none may be exported, and no function but the C entry points.
+    if shutil.which("nm") is None:
+        pytest.skip("nm not found: the host libraries' symbols cannot be listed")
+    for library, entries in ((host.library, "tp_"), (host.glue.launcher.library, "tp_test_")):
+        symbols = exported_symbols(Path(library._name))
+        assert not [s for s in symbols if s.startswith("u ")], symbols
+        functions = {s.split()[1] for s in symbols if s.startswith("T ")}
+        assert functions and all(name.startswith(entries) for name in functions), functions
+
+
 # ---------------------------------------------------------------------------------------------
 # The glue's arithmetic agrees with the kernel's
 
@@ -244,6 +256,45 @@ int main() {
   return 0;
 }
 """
+
+
+_OVERRUN_PROGRAM = r"""
+#include "host_emulation.h"
+
+// One block whose first thread writes `past` bytes beyond its `bytes` of dynamic shared memory.
+void kernel(std::size_t bytes, std::size_t past) {
+  TP_DYNAMIC_SHARED(shared);
+  if (threadIdx.x == 0) shared[bytes + past - 1] = 0;
+}
+
+int main(int, char** argv) {
+  const std::size_t past = static_cast<std::size_t>(std::atoi(argv[1]));
+  tp_host::launch(1, 32, 100, [=] { kernel(100, past); });
+  std::puts("launched");
+  return 0;
+}
+"""
+
+
+def test_host_launch_stops_a_kernel_that_writes_past_its_shared_memory(tmp_path):
+    # A write past the layout lands in the guard after the buffer and stops the process at the
+    # launch's end, rather than corrupt the heap of the test process unseen; a write within
+    # the layout passes.
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ not found: the host emulation cannot be built")
+    program = tmp_path / "overrun.cpp"
+    program.write_text(_OVERRUN_PROGRAM)
+    binary = tmp_path / "overrun"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", f"-I{_cupy.KERNEL_DIR}",
+                            str(program), "-o", str(binary)], capture_output=True, text=True,
+                           check=False)
+    assert built.returncode == 0, built.stderr
+    within = subprocess.run([str(binary), "0"], capture_output=True, text=True, check=False)
+    assert (within.returncode, within.stdout) == (0, "launched\n"), within.stderr
+    past = subprocess.run([str(binary), "1"], capture_output=True, text=True, check=False)
+    assert past.returncode != 0 and "launched" not in past.stdout
+    assert "wrote past its dynamic shared memory" in past.stderr
 
 
 def test_helpers_defer_copies_and_order_keys_sort_numerically(tmp_path):
@@ -295,22 +346,23 @@ def test_plan_chooses_a_scheme_or_declines():
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
     # KMedoidsLayout::bytes(). With the matrix: N = 236, K = 1 fills in one round
     # (59 * 60 / 2 = 1770 <= 7 * 256 tiles), so the matrix overlays the fill region:
-    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8) * 4 = 227584
-    # bytes (the last 8 words: the one cluster's member bits); N = 237 takes two rounds
+    # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8 + 1 + 236 + 2) * 4
+    # = 228540 bytes (the one cluster's 8 words of member bits, then the moved list, the
+    # search list and their two counts); N = 237 takes two rounds
     # (1830 tiles), matrix beside the fill region: 324928. In the workspace (a tile-major
     # stage of ceil(N / 4) groups of 132 elements, no raw buffers, no member bits),
     # N = 1568 (392 groups) needs 392*132*4 + 8 + (2*1568 + 8) * 4 + (2*1568 + 2) * 4 =
     # 232112; N = 1569 (393 groups) needs 232656, over 232448 - 64.
-    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 227584
+    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 228540
     assert _cupy.kmedoids_shared_bytes(1568, 1, "float32", False) == 232112
     assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert not _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES).shared_matrix
     assert _cupy.kmedoids_plan(1568, 1, "float32", H100_SHARED_BYTES) is not None
     assert _cupy.kmedoids_plan(1569, 1, "float32", H100_SHARED_BYTES) is None
     # The issue's shape, B=256, N=197, K=98: 197 * 197 * 4 = 155236 -> 155248 (16-byte
-    # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7) * 4 = 162744, under the A100's
-    # 166912 - 64 too.
-    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 162744
+    # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7 + 98 + 197 + 2) * 4 = 163932,
+    # under the A100's 166912 - 64 too.
+    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 163932
     # Shapes and types the kernel does not cover: the generic code runs.
     assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
     assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None

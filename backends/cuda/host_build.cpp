@@ -2,7 +2,9 @@
 // C entry points for ctypes. Only the tests use this: it shows that the source the GPU runs
 // computes what the generic array-API code computes.
 //
-//   g++ -std=c++20 -O2 -shared -fPIC -pthread host_build.cpp -o libtokenpool_cuda_host.so
+//   g++ -std=c++20 -O2 -ffp-contract=off -fvisibility=hidden -shared -fPIC -pthread
+//       host_build.cpp -o libtokenpool_cuda_host.so
+// (tests/host_cuda.py, HOST_LIBRARY_OPTIONS; hidden symbols: see host_emulation.h)
 #include "host_emulation.h"
 
 #include "kmedoids.cu"
@@ -51,26 +53,26 @@ void run_merge(const void* x, const void* mean, const long long* labels, const v
 }
 
 #define TP_KMEDOIDS_ENTRY(suffix, T)                                                               \
-  extern "C" void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init,     \
-                                       const void* weights, int n_problems, int n, int m,          \
-                                       int k, int max_iter, int shared_matrix, void* workspace,    \
-                                       long long* labels, long long* medoids, void* history,       \
-                                       int* iterations) {                                          \
+  TP_HOST_EXPORT void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init, \
+                                           const void* weights, int n_problems, int n, int m,      \
+                                           int k, int max_iter, int shared_matrix,                 \
+                                           void* workspace, long long* labels, long long* medoids, \
+                                           void* history, int* iterations) {                       \
     run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, shared_matrix,          \
                     workspace, labels, medoids, history, iterations);                              \
   }                                                                                                \
-  extern "C" long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix) {        \
+  TP_HOST_EXPORT long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix) {    \
     return kmedoids_shared_bytes<T>(n, k, shared_matrix);                                          \
   }                                                                                                \
-  extern "C" void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,      \
-                                    const void* weights, const void* fallback,                     \
-                                    const void* carried, int n_problems, int n, int m, int k,      \
-                                    int has_fallback, int with_objective, void* workspace,         \
-                                    void* tokens, void* sizes, void* objective) {                  \
+  TP_HOST_EXPORT void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,  \
+                                        const void* weights, const void* fallback,                 \
+                                        const void* carried, int n_problems, int n, int m, int k,  \
+                                        int has_fallback, int with_objective, void* workspace,     \
+                                        void* tokens, void* sizes, void* objective) {              \
     run_merge<T>(x, mean, labels, weights, fallback, carried, n_problems, n, m, k,                 \
                  has_fallback, with_objective, workspace, tokens, sizes, objective);               \
   }                                                                                                \
-  extern "C" long long tp_merge_shared_bytes_##suffix(int n, int k, int with_objective) {          \
+  TP_HOST_EXPORT long long tp_merge_shared_bytes_##suffix(int n, int k, int with_objective) {      \
     using Acc = typename tokenpool::Accumulator<T>::type;                                          \
     return tokenpool::MergeLayout<Acc>{n, k, with_objective != 0}.bytes();                         \
   }
@@ -80,5 +82,5 @@ TP_KMEDOIDS_ENTRY(float32, float)
 TP_KMEDOIDS_ENTRY(float16, tokenpool::Half)
 TP_KMEDOIDS_ENTRY(bfloat16, tokenpool::BFloat16)
 
-extern "C" int tp_block_threads() { return tokenpool::kBlockThreads; }
-extern "C" int tp_feature_chunk() { return tokenpool::kFeatureChunk; }
+TP_HOST_EXPORT int tp_block_threads() { return tokenpool::kBlockThreads; }
+TP_HOST_EXPORT int tp_feature_chunk() { return tokenpool::kFeatureChunk; }

@@ -2,16 +2,25 @@
 // source that the GPU runs (tests/test_cuda_kernel.py builds it with g++, C++20).
 //
 // The model: a launch runs its blocks one after another; each CUDA thread of a block is a
-// std::thread; __syncthreads is a std::barrier of those threads. A `__shared__` variable
+// std::thread; __syncthreads is a barrier of those threads. A `__shared__` variable
 // becomes a function-level `static`, which all threads of the running block share (blocks
 // never overlap, so one copy serves them all); dynamic shared memory is one buffer reused by
 // every block. A warp shuffle is a store to a per-thread exchange slot between two waits on a
 // barrier of the warp's 32 threads (every lane of a block takes part, as in the kernels).
 // Atomics on shared memory map to std::atomic_ref.
+//
+// Built into a shared library that Python loads next to PyTorch and others, so nothing of it
+// may bind to another library's symbols or they to its: build with -fvisibility=hidden, and
+// export only the C entry points (TP_HOST_EXPORT). Its barriers are a mutex and a condition
+// variable, not std::barrier: libstdc++'s std::barrier waits through a pool of waiters that is
+// a header-defined static (std::__detail::__waiter_pool_base::_S_for(void const*)::__w),
+// which g++ exports as a process-wide unique symbol whatever the visibility; the first library
+// loaded that defines it would then serve every other one, whatever their libstdc++ headers
+// made of its layout.
 #pragma once
 
 #include <atomic>
-#include <barrier>
+#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -35,17 +44,47 @@ struct dim3_like {
   unsigned int x = 0;
 };
 
+//: The C entry points of a host build (the only symbols it exports, with -fvisibility=hidden).
+#define TP_HOST_EXPORT extern "C" __attribute__((visibility("default")))
+
 namespace tp_host {
+
+// A reusable barrier of `count` threads (std::barrier's arrive_and_wait, without its waiter
+// pool: see above).
+class Barrier {
+ public:
+  explicit Barrier(std::ptrdiff_t count) : count_(count) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const unsigned long long phase = phase_;
+    if (++arrived_ == count_) {
+      arrived_ = 0;
+      ++phase_;
+      released_.notify_all();
+      return;
+    }
+    released_.wait(lock, [&] { return phase_ != phase; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable released_;
+  const std::ptrdiff_t count_;
+  std::ptrdiff_t arrived_ = 0;
+  unsigned long long phase_ = 0;
+};
 
 inline thread_local dim3_like thread_index;
 inline thread_local dim3_like block_index;
 inline dim3_like block_dim;
 inline dim3_like grid_dim;
-inline std::barrier<>* block_barrier = nullptr;
+inline Barrier* block_barrier = nullptr;
 inline std::vector<unsigned char> dynamic_shared;
-inline std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;  // one per warp
+inline std::vector<std::unique_ptr<Barrier>> warp_barriers;  // one per warp
 inline std::vector<unsigned long long> exchange;  // a shuffle's slot per thread
 constexpr unsigned int kWarpSize = 32;
+constexpr std::size_t kSharedGuardBytes = 1 << 16;  // after a launch's dynamic shared memory
+constexpr unsigned char kSharedFill = 0xA5;
 
 inline void expect_no_pending_copies();  // below, with the copies
 
@@ -56,15 +95,16 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
   static std::mutex one_launch;
   std::lock_guard<std::mutex> lock(one_launch);
   // Garbage-filled, as on a GPU: a kernel that reads shared memory before writing it should
-  // not pass the tests by luck.
-  dynamic_shared.assign(shared_bytes, 0xA5);
+  // not pass the tests by luck. A guard follows, checked after the launch: a kernel that
+  // writes past its layout stops the process here rather than corrupt the heap unseen.
+  dynamic_shared.assign(shared_bytes + kSharedGuardBytes, kSharedFill);
   block_dim.x = threads;
   grid_dim.x = grid;
-  std::barrier<> barrier(static_cast<std::ptrdiff_t>(threads));
+  Barrier barrier(static_cast<std::ptrdiff_t>(threads));
   block_barrier = &barrier;
   warp_barriers.clear();
   for (unsigned int w = 0; w < (threads + kWarpSize - 1) / kWarpSize; ++w) {
-    warp_barriers.push_back(std::make_unique<std::barrier<>>(kWarpSize));
+    warp_barriers.push_back(std::make_unique<Barrier>(kWarpSize));
   }
   exchange.assign(threads, 0);
   std::vector<std::thread> pool;
@@ -81,6 +121,12 @@ void launch(unsigned int grid, unsigned int threads, std::size_t shared_bytes, K
     });
   }
   for (auto& thread : pool) thread.join();
+  for (std::size_t e = shared_bytes; e < dynamic_shared.size(); ++e) {
+    if (dynamic_shared[e] != kSharedFill) {
+      std::fputs("host emulation: a kernel wrote past its dynamic shared memory\n", stderr);
+      std::abort();
+    }
+  }
   block_barrier = nullptr;
 }
 
@@ -141,7 +187,7 @@ template <typename T>
 T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask) {
   static_assert(sizeof(T) <= sizeof(unsigned long long));
   const unsigned int t = tp_host::thread_index.x;
-  std::barrier<>& warp = *tp_host::warp_barriers[t / tp_host::kWarpSize];
+  tp_host::Barrier& warp = *tp_host::warp_barriers[t / tp_host::kWarpSize];
   std::memcpy(&tp_host::exchange[t], &value, sizeof(T));
   warp.arrive_and_wait();  // every lane has stored
   T other;
@@ -172,6 +218,10 @@ inline long long __double_as_longlong(double value) {
 
 inline int atomicOr(int* address, int value) {
   return std::atomic_ref<int>(*address).fetch_or(value);
+}
+
+inline int atomicAdd(int* address, int value) {
+  return std::atomic_ref<int>(*address).fetch_add(value);
 }
 
 inline unsigned int atomicOr(unsigned int* address, unsigned int value) {

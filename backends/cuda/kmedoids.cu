@@ -19,7 +19,7 @@
 // tiles from features staged in shared memory, and stored once (fill_matrix). The matrix
 // (row stride N | 1) lives
 // * in shared memory where it fits (SharedMatrix; float32 N <= 236 in the 227 KiB of
-//   Hopper, 201 on Ampere, for small K: 233 and 196 at K = N), so every later distance is
+//   Hopper, 201 on Ampere, for small K: 231 and 195 at K = N), so every later distance is
 //   a shared-memory read;
 // * else in a global workspace (B, N, N | 1), read through L2 with the same access patterns
 //   (float32 N up to about 1120 on Ampere and 1570 on Hopper, where a chunk of every token's
@@ -61,6 +61,12 @@ struct Problem {
   // the matrix in shared memory); nullptr in the global variant, which scans the labels.
   unsigned int* members;
   int member_words;
+  // With the matrix in shared memory (else nullptr): the clusters whose medoid the last
+  // update moved (K, in any order), the tokens assign searches in full (N), and their two
+  // counts (kMovedCount, kSearchCount).
+  int* moved;
+  int* search;
+  int* counts;
 
   __device__ Acc distance(int i, int j) const { return matrix[i * matrix_stride + j]; }
   __device__ Acc to_medoid(int c, int i) const {
@@ -99,6 +105,9 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.best_member = p.medoids + k;
   p.member_words = layout.member_words();
   p.members = SharedMatrix ? reinterpret_cast<unsigned int*>(p.best_member + k) : nullptr;
+  p.moved = SharedMatrix ? reinterpret_cast<int*>(p.members + k * p.member_words) : nullptr;
+  p.search = SharedMatrix ? p.moved + k : nullptr;
+  p.counts = SharedMatrix ? p.search + n : nullptr;
   return p;
 }
 
@@ -215,8 +224,17 @@ __device__ void centre_stage(const Problem<T>& p, int start, int width, const T*
     static_assert(kWarps % kSpans == 0, "each warp keeps one span");
     const int q = warp % kSpans * kSpan + lane % kSpan;
     const Acc mean = p.mean[start + q];
-    for (int group = warp / kSpans; group < groups; group += kWarps / kSpans) {
-      centre(group, q, mean);
+    // The groups whose token r exists (every group but perhaps the last) first, without a
+    // bound test an element (SASS: 33 instructions for 4 elements with it, 20 without);
+    // then the padding's zeros.
+    const int with_token = (p.n - r + kTile - 1) / kTile;  // groups g with kTile g + r < n
+    int group = warp / kSpans;
+    for (; group < with_token; group += kWarps / kSpans) {
+      p.stage[group * kStageGroupStride + q * kTile + r] =
+          to_accumulator(raw[(group * kTile + r) * kRawStride + q]) - mean;
+    }
+    for (; group < groups; group += kWarps / kSpans) {
+      p.stage[group * kStageGroupStride + q * kTile + r] = Acc(0);
     }
   } else {  // a last, partial chunk
     const int spans = (width + kSpan - 1) / kSpan;
@@ -380,8 +398,8 @@ TP_UNROLL
 }
 
 // medoid_of from medoids: the lowest cluster wins a token that init repeats. Also clears
-// each cluster's best member for the next update_medoids, and the member sets for the next
-// assign.
+// each cluster's best member for the next update_medoids, and the member sets and the search
+// list for the next assign.
 template <typename T>
 __device__ void index_medoids(const Problem<T>& p) {
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) p.medoid_of[i] = kNotAMedoid;
@@ -391,16 +409,37 @@ __device__ void index_medoids(const Problem<T>& p) {
   }
   if (p.members != nullptr) {  // uniform
     for (int e = threadIdx.x; e < p.k * p.member_words; e += kBlockThreads) p.members[e] = 0;
+    if (threadIdx.x == 0) p.counts[kSearchCount] = 0;
   }
   __syncthreads();
   for (int c = threadIdx.x; c < p.k; c += kBlockThreads) atomicMin(&p.medoid_of[p.medoids[c]], c);
   __syncthreads();
 }
 
-// Eq. 16. Writes labels; returns the objective of Eq. 13 (sum_i w_i d(i, own medoid)) and
-// sets *changed when a label differs from the previous one.
+// A token's new label: written, its bit set in its cluster's member set; whether it changed.
 template <typename T>
-__device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* changed) {
+__device__ __forceinline__ int record_label(const Problem<T>& p, int i, int label) {
+  const int change = label != p.labels[i];
+  p.labels[i] = label;
+  if (p.members != nullptr) {
+    atomicOr(&p.members[label * p.member_words + i / 32], 1u << (i % 32));
+  }
+  return change;
+}
+
+// Whether (d, c) comes before (best, label): the least distance, then the lowest cluster
+// index. The full scan in cluster order with a strict comparison keeps exactly that among the
+// finite distances, so any order of candidates reaches the same label. A NaN is never before.
+template <typename Acc>
+__device__ __forceinline__ bool nearer(Acc d, int c, Acc best, int label) {
+  return d < best || (d == best && c < label);
+}
+
+// Eq. 16 by a full scan of the medoids, a thread a token. Writes labels; returns the
+// objective of Eq. 13 (sum_i w_i d(i, own medoid)) and sets *changed when a label differs
+// from the previous one.
+template <typename T>
+__device__ typename Accumulator<T>::type assign_scan(const Problem<T>& p, int* changed) {
   using Acc = typename Accumulator<T>::type;
   Acc objective = 0;
   int any_change = 0;
@@ -419,15 +458,101 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
         }
       }
     }
-    any_change |= label != p.labels[i];
-    p.labels[i] = label;
-    if (p.members != nullptr) {
-      atomicOr(&p.members[label * p.member_words + i / 32], 1u << (i % 32));
-    }
+    any_change |= record_label(p, i, label);
     objective = multiply_add(p.weights[i], best, objective);
   }
   if (any_change) atomicOr(changed, 1);
   return block_sum(objective, p.scratch);  // its barriers also publish labels and *changed
+}
+
+// Eq. 16 after an update that moved few medoids (the shared variant), with the labels of
+// assign_scan. A token whose cluster kept its medoid had that medoid first among the
+// medoids that stayed (least distance, lowest index), so only the moved ones can take it
+// over; a token of a moved cluster (or of no finite distance) goes to the search list, and
+// the list is searched in full a warp a token (each lane a 32nd of the medoids, then the
+// first by `nearer` over the lanes). Each token's distance waits in `cost` (free between
+// updates) so that the objective is summed as assign_scan sums it: a thread's tokens in
+// token order, then block_sum.
+template <typename T>
+__device__ typename Accumulator<T>::type assign_moved(const Problem<T>& p, int* changed,
+                                                     int moved) {
+  using Acc = typename Accumulator<T>::type;
+  int any_change = 0;
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    int label = 0;
+    Acc best = 0;
+    if (p.medoid_of[i] != kNotAMedoid) {
+      label = p.medoid_of[i];
+    } else {
+      const int kept = p.labels[i];
+      label = kept;
+      best = p.to_medoid(kept, i);
+      bool search = !(best < infinity<Acc>());
+      for (int e = 0; e < moved && !search; ++e) {
+        const int c = p.moved[e];
+        search = c == kept;
+        const Acc d = p.to_medoid(c, i);
+        if (nearer(d, c, best, label)) {
+          best = d;
+          label = c;
+        }
+      }
+      if (search) {
+        p.search[atomicAdd(&p.counts[kSearchCount], 1)] = i;
+        continue;
+      }
+    }
+    p.cost[i] = best;
+    any_change |= record_label(p, i, label);
+  }
+  __syncthreads();
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int searches = p.counts[kSearchCount];
+  for (int e = static_cast<int>(threadIdx.x) / kWarpSize; e < searches; e += kWarps) {
+    const int i = p.search[e];  // the same for the whole warp
+    Acc best = infinity<Acc>();
+    int label = kNotAMedoid;  // after every cluster: no finite distance yet
+    for (int c = lane; c < p.k; c += kWarpSize) {
+      const Acc d = p.to_medoid(c, i);
+      if (d < best) {
+        best = d;
+        label = c;
+      }
+    }
+    for (int lanes = kWarpSize / 2; lanes > 0; lanes /= 2) {
+      const Acc other_best = __shfl_xor_sync(kFullWarp, best, lanes);
+      const int other_label = __shfl_xor_sync(kFullWarp, label, lanes);
+      if (nearer(other_best, other_label, best, label)) {
+        best = other_best;
+        label = other_label;
+      }
+    }
+    if (lane == 0) {
+      p.cost[i] = best;  // infinity where no distance is finite, as assign_scan
+      any_change |= record_label(p, i, label == kNotAMedoid ? 0 : label);
+    }
+  }
+  __syncthreads();
+  Acc objective = 0;
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    objective = multiply_add(p.weights[i], p.cost[i], objective);
+  }
+  if (any_change) atomicOr(changed, 1);
+  return block_sum(objective, p.scratch);
+}
+
+// Eq. 16. `after_update`: the medoids moved since the last assignment are in p.moved (the
+// shared variant); few of them (at most 1 in kMovedShare of the clusters), and only they
+// are compared (assign_moved), else every medoid (assign_scan). The same labels and
+// objective either way.
+template <typename T>
+__device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* changed,
+                                               bool after_update) {
+  if (after_update && p.moved != nullptr) {  // uniform
+    const int moved = p.counts[kMovedCount];
+    if (moved * kMovedShare <= p.k) return assign_moved(p, changed, moved);
+  }
+  return assign_scan(p, changed);
 }
 
 // Eq. 17 with the weights inside, over the whole block: each token's cost (one thread per
@@ -436,9 +561,11 @@ __device__ typename Accumulator<T>::type assign(const Problem<T>& p, int* change
 // depend on the order the threads come in, and it is the member a scan in token order with
 // a strict comparison would keep: the least cost, the lowest index among equals (-0 == +0);
 // a NaN or infinite cost never takes part. Three barriers; index_medoids cleared the keys.
+// A cluster whose medoid moves goes to p.moved (the shared variant), for assign.
 template <typename T>
 __device__ void update_medoids(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
+  if (p.counts != nullptr && threadIdx.x == 0) p.counts[kMovedCount] = 0;  // read after 2 barriers
   for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
     const int cluster = p.labels[i];
     Acc total = 0;
@@ -473,6 +600,7 @@ __device__ void update_medoids(const Problem<T>& p) {
     // cheaper: the current medoid stays on ties.
     if (challenger != kNotAMedoid && p.cost[challenger] < p.cost[p.medoids[c]]) {
       p.medoids[c] = challenger;
+      if (p.moved != nullptr) p.moved[atomicAdd(&p.counts[kMovedCount], 1)] = c;
     }
   }
   __syncthreads();
@@ -489,9 +617,9 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // SharedMatrix: where the distances live (a template parameter, so that each instantiation
 // has its addresses fixed). With the matrix in shared memory a block has an SM to itself
 // (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
-// accumulators of fill_matrix (it takes 209 on sm_90). The global variant asks for 2 blocks
-// per SM (128 registers; it takes them all, no spill), so that one block's loads overlap
-// the other's work.
+// accumulators of fill_matrix (it takes 224 on sm_90, 196 on sm_80). The global variant
+// asks for 2 blocks per SM (128 registers; it takes them all, no spill), so that one block's
+// loads overlap the other's work.
 template <typename T, bool SharedMatrix>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
@@ -522,7 +650,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   fill_matrix<T, TP_ROUND_TILES(SharedMatrix), SharedMatrix>(p);
   index_medoids(p);
   Acc* const out_history = history + static_cast<long long>(problem) * (max_iter + 1);
-  Acc objective = assign(p, &changed);
+  Acc objective = assign(p, &changed, false);
   if (threadIdx.x == 0) out_history[0] = objective;
   int done = 0;
   while (done < max_iter) {
@@ -530,7 +658,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
     index_medoids(p);
     if (threadIdx.x == 0) changed = 0;
     __syncthreads();
-    objective = assign(p, &changed);
+    objective = assign(p, &changed, true);
     ++done;
     if (threadIdx.x == 0) out_history[done] = objective;
     const bool converged = changed == 0;  // read by all after assign's barriers
