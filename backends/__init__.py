@@ -8,6 +8,14 @@ tests check every fast path against its generic counterpart.
 
 from __future__ import annotations
 
+if __name__ != "tokenpool_ops.backends":
+    # A source checkout also offers this folder as a top-level package. Imported by that
+    # name it would be a second copy, and its _torch_ops would register PyTorch's custom
+    # operators again: torch frees the first registrations, which the first copy still calls
+    # (a use-after-free that crashed a CI run at random, long after the import).
+    raise ImportError(f"import this folder as tokenpool_ops.backends, not as {__name__!r}: "
+                      f"a second copy would re-register the PyTorch custom operators")
+
 import warnings
 from collections.abc import Callable
 from dataclasses import replace

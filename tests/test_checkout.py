@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PROGRAM = ("import tokenpool_ops, numpy as np; "
            "print(tokenpool_ops.backends.__file__); "
@@ -45,3 +47,26 @@ def test_source_folder_without_backends_says_what_to_do(tmp_path):
     assert done.returncode != 0
     assert "ImportError: tokenpool_ops.backends is missing" in done.stderr
     assert "pip install -e ." in done.stderr
+
+
+def test_backends_by_its_folder_name_is_refused_before_it_registers_a_second_copy():
+    # In the repository root the folder is also a top-level package "backends". A second
+    # copy of backends._torch_ops would register the PyTorch custom operators again, freeing
+    # the registrations the first copy calls (a use-after-free that crashed CI at random).
+    pytest.importorskip("torch", reason="torch is not installed: it has no custom operators")
+    program = ("import torch, tokenpool_ops.backends._torch_ops\n"
+               "op = torch.ops.tokenpool_ops.weighted_means.default\n"
+               "try:\n"
+               "    import backends._torch\n"
+               "except ImportError as error:\n"
+               "    print(error)\n"
+               "values = torch.arange(6.0).reshape(1, 3, 2)\n"
+               "means = op(values, torch.tensor([[0, 0, 1]]), 2, torch.ones(1, 3),\n"
+               "           torch.zeros(1, 1, 2))\n"
+               "print(means.tolist())\n")
+    done = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    refusal, means = done.stdout.splitlines()
+    assert refusal.startswith("import this folder as tokenpool_ops.backends, not as 'backends'")
+    assert means == "[[[1.0, 2.0], [4.0, 5.0]]]"  # tokens 0 and 1 averaged; token 2

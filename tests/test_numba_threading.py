@@ -10,12 +10,13 @@ import pytest
 
 pytest.importorskip("numba", reason="Numba is not installed: its threading layer is moot")
 
-_REPORT = ("import backends._numba, numba, sys; "
+_REPORT = ("import tokenpool_ops.backends._numba, numba, sys; "
            "sys.stdout.write(numba.config.THREADING_LAYER)")
 
 
 def _layer_chosen(**env: str) -> str:
-    """numba.config.THREADING_LAYER after importing backends._numba in a fresh process."""
+    """numba.config.THREADING_LAYER after importing tokenpool_ops.backends._numba in a fresh
+    process."""
     clean = {k: v for k, v in os.environ.items()
              if k not in ("NUMBA_THREADING_LAYER", "NUMBA_THREADING_LAYER_PRIORITY",
                           "OMP_WAIT_POLICY")}

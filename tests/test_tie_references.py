@@ -26,6 +26,7 @@ entry and through PyTorch's CUDA branches).
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -312,7 +313,7 @@ def test_numba_kernels_run_and_equal_the_reference(backend_named, library, algor
     if not backends.numba_available():
         pytest.skip("numba is not importable: its kernels cannot run")
     backend = backend_named(library)
-    module = __import__(f"backends._{library.split('-')[0]}", fromlist=["compiled_paths"])
+    module = importlib.import_module(f"tokenpool_ops.backends._{library.split('-')[0]}")
     compiled = module.compiled_paths()
     calls = [0]
 
