@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ._clustering import effective_weights, weighted_means
 from ._compat import array_namespace
@@ -99,7 +100,9 @@ def merge(
     ``fast_paths`` as in :func:`tokenpool_ops.pool`.
     """
     n, k = x.shape[-2], result.tokens.shape[-2]
-    if k >= n:
+    # In a traced model both may be sizes known by their ranges only (the plan operator's,
+    # see backends._torch_ops._kept_size); undecided means a plan that reduces.
+    if guard_or_false(k >= n):
         return x
     if k == 0 or method not in MERGING_METHODS:
         if k == 0:
