@@ -334,16 +334,18 @@ def _(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | Non
 
 def _kept_size(k: int) -> Any:
     """The size of the kept-token axis of a traced plan: ``k`` as a size the tracer knows
-    only by its range [1, k] where it allows such sizes (``fullgraph=True``, export), else
-    ``k``.
+    only by its range [1, k] where it allows such sizes (``fullgraph=True``, export; torch
+    2.8 or later), else ``k``.
 
     Why: a traced model's blocks after pooling then have symbolic token counts, so that
     inductor compiles their layer norms, GELU and residual adds once for all of them
     instead of once for every block's own count. The operator returns exactly ``k``
     tokens, within the range.
     """
-    if k == 0:
-        return 0
+    from tokenpool_ops.nn import SYMBOLIC_SIZES
+
+    if k == 0 or not SYMBOLIC_SIZES:
+        return k
     try:
         return torch.library.get_ctx().new_dynamic_size(min=1, max=k)
     except torch._subclasses.fake_tensor.DynamicOutputShapeException:

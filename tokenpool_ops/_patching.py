@@ -16,7 +16,6 @@ from typing import TypedDict, cast
 
 import torch
 from torch import Tensor
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ._pool import (
     DEFAULT_MAX_ITER,
@@ -26,7 +25,7 @@ from ._pool import (
     Method,
     PoolResult,
 )
-from .nn import PoolOptions, merge, pool_with_grad
+from .nn import PoolOptions, guard_or_false, merge, pool_with_grad
 
 __all__ = [
     "MATERIALISED_DEVICES",

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, TypedDict, cast
 
 import torch
 from torch import Tensor, nn
-from torch.fx.experimental.symbolic_shapes import guard_or_false
 
 from ._clustering import effective_weights, weighted_means
 from ._compat import array_namespace
@@ -36,6 +35,18 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
 
 __all__ = ["TokenPooling", "merge", "plan", "pool_with_grad"]
+
+
+try:  # torch >= 2.8
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    #: Whether traced plans may give symbolic kept-token sizes (backends._torch_ops).
+    SYMBOLIC_SIZES = True
+except ImportError:  # older torch: traced sizes stay fixed, so conditions are plain bools
+    SYMBOLIC_SIZES = False
+
+    def guard_or_false(a: bool) -> bool:  # type: ignore[misc]
+        return bool(a)
 
 
 class PoolOptions(TypedDict, total=False):
