@@ -326,9 +326,30 @@ def _(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | Non
     lead, (n, m) = x.shape[:-2], x.shape[-2:]
     has_assignment, has_medoids = plan_fields(method, k, lean)
     work = torch.float32 if torch.finfo(x.dtype).bits < 32 else x.dtype  # _compat.compute_dtype
-    return (x.new_empty(*lead, k, m), x.new_empty(*lead, k, dtype=work),
+    kept = _kept_size(k)
+    return (x.new_empty(*lead, kept, m), x.new_empty(*lead, kept, dtype=work),
             x.new_empty(*lead, n if has_assignment else 0, dtype=torch.int64),
-            x.new_empty(*lead, k if has_medoids else 0, dtype=torch.int64))
+            x.new_empty(*lead, kept if has_medoids else 0, dtype=torch.int64))
+
+
+def _kept_size(k: int) -> Any:
+    """The size of the kept-token axis of a traced plan: ``k`` as a size the tracer knows
+    only by its range [1, k] where it allows such sizes (``fullgraph=True``, export; torch
+    2.8 or later), else ``k``.
+
+    Why: a traced model's blocks after pooling then have symbolic token counts, so that
+    inductor compiles their layer norms, GELU and residual adds once for all of them
+    instead of once for every block's own count. The operator returns exactly ``k``
+    tokens, within the range.
+    """
+    from tokenpool_ops.nn import SYMBOLIC_SIZES
+
+    if k == 0 or not SYMBOLIC_SIZES:
+        return k
+    try:
+        return torch.library.get_ctx().new_dynamic_size(min=1, max=k)
+    except torch._subclasses.fake_tensor.DynamicOutputShapeException:
+        return k
 
 
 def plan_applies(x: Tensor, init: object, fast_paths: bool) -> bool:

@@ -157,6 +157,82 @@ def test_inductor_compiles_the_pooled_model():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _cpp_kernels(schedule: list[int]) -> int:
+    """Distinct C++ kernels inductor writes for the tiny ViT with this schedule."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    model, x = tiny_vit("wkmedoids", schedule=schedule), images()
+    with torch.no_grad():
+        want = model(x)
+        got, sources = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    return sum(source.count("async_compile.cpp_pybinding(") for source in sources)
+
+
+@pytest.mark.skipif(not numba_installed(), reason="the plan operator needs Numba's kernels")
+def test_inductor_shares_the_kernels_of_blocks_after_pooling():
+    """SLOW (two inductor compilations, about 1 min): after a block's plan operator the
+    token count is a symbolic size, so blocks that get different counts share one kernel
+    for each of their layer norms, GELU and residual adds: two more pooling blocks add no
+    kernel (traced with their own counts, each block added its own)."""
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cached graph has no code
+        two, four = _cpp_kernels([12, 9]), _cpp_kernels([12, 9, 6, 4])
+    assert two > 0 and four == two
+
+
+def test_plan_sizes_are_symbolic_with_fullgraph_and_fixed_without():
+    # fullgraph=True lets the plan operator's kept-token axis be a size known by its range
+    # only; without fullgraph dynamo refuses such sizes, so the operator gives the fixed k
+    # and the model still compiles to one graph.
+    model, x = tiny_vit("wkmedoids"), images()
+    target = torch.ops.tokenpool_ops.plan.default
+    for fullgraph in (True, False):
+        torch._dynamo.reset()
+        counter = GraphCounter()
+        with torch.no_grad():
+            want = model(x)
+            got = torch.compile(model, backend=counter, fullgraph=fullgraph)(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        assert len(counter.graphs) == 1 and not counters["graph_break"]
+        if not numba_installed():
+            continue
+        kept = [node.meta["example_value"][0].shape[1] for gm in counter.graphs
+                for node in gm.graph.nodes if node.target == target]
+        assert len(kept) == len(SCHEDULE)
+        if fullgraph:
+            assert all(isinstance(size, torch.SymInt) for size in kept)
+        else:
+            assert kept == SCHEDULE
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_transformers_inference_compiles_to_one_graph_with_the_eager_logits(implementation):
+    # The transformers patch takes the same operators as timm's blocks: the plan, and under
+    # SDPA the attention with its scores (eager attention returns its probabilities, for
+    # output_attentions, so it keeps the model's own attention function).
+    transformers = pytest.importorskip("transformers", reason="the patch needs transformers")
+    from tokenpool_ops.transformers import patch_transformers
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8,
+                                    num_labels=5, attn_implementation=implementation)
+    torch.manual_seed(0)
+    model = patch_transformers(transformers.ViTForImageClassification(config).eval(),
+                               [12, 6, 3], "wkmedoids")
+    x, counter = images(), GraphCounter()
+    with torch.no_grad():
+        want = model(x).logits
+        got = torch.compile(model, backend=counter, fullgraph=True)(x).logits
+    assert len(counter.graphs) == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if numba_installed():
+        assert counter.op_calls("plan") == 3
+        assert counter.op_calls("attention_with_scores") == (3 if implementation == "sdpa"
+                                                             else 0)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.export
 

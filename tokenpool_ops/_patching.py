@@ -25,7 +25,7 @@ from ._pool import (
     Method,
     PoolResult,
 )
-from .nn import PoolOptions, merge, pool_with_grad
+from .nn import PoolOptions, guard_or_false, merge, pool_with_grad
 
 __all__ = [
     "MATERIALISED_DEVICES",
@@ -144,8 +144,9 @@ def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[
 def guide_kind(state: TokenPoolState, num_patches: int, keep: int) -> str | None:
     """What a block that gets ``num_patches`` patch tokens and keeps ``keep`` needs from its
     attention: 'scores' (Eq. 5), 'metric' (ToMe's keys) or None (it pools without, or does
-    not reduce)."""
-    if keep >= num_patches:
+    not reduce). Traced, ``num_patches`` may be a size known by its range only (see
+    :func:`pool_patch_tokens`): undecided means the block reduces."""
+    if guard_or_false(keep >= num_patches):
         return None
     if state["method"] in MATCHING_METHODS:
         return "metric"
@@ -191,7 +192,9 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     p = state["num_prefix"]
     patches = x[:, p:]
     n, k = patches.shape[1], keep
-    if k >= n:
+    # Traced after a plan operator, n is a size known by its range [1, previous keep] only
+    # (backends._torch_ops._kept_size): undecided means keep < previous keep = n, so pool.
+    if guard_or_false(k >= n):
         return x
     sizes = state["sizes"]
     if scores is not None and sizes is not None and state["prop_attn"]:

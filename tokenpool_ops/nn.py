@@ -37,6 +37,18 @@ if TYPE_CHECKING:
 __all__ = ["TokenPooling", "merge", "plan", "pool_with_grad"]
 
 
+try:  # torch >= 2.8
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
+
+    #: Whether traced plans may give symbolic kept-token sizes (backends._torch_ops).
+    SYMBOLIC_SIZES = True
+except ImportError:  # older torch: traced sizes stay fixed, so conditions are plain bools
+    SYMBOLIC_SIZES = False
+
+    def guard_or_false(a: bool) -> bool:  # type: ignore[misc]
+        return bool(a)
+
+
 class PoolOptions(TypedDict, total=False):
     """The keyword options of :func:`tokenpool_ops.pool` that :func:`plan` passes on."""
 
@@ -99,7 +111,9 @@ def merge(
     ``fast_paths`` as in :func:`tokenpool_ops.pool`.
     """
     n, k = x.shape[-2], result.tokens.shape[-2]
-    if k >= n:
+    # In a traced model both may be sizes known by their ranges only (the plan operator's,
+    # see backends._torch_ops._kept_size); undecided means a plan that reduces.
+    if guard_or_false(k >= n):
         return x
     if k == 0 or method not in MERGING_METHODS:
         if k == 0:

@@ -25,7 +25,9 @@ What differs is how a layer gets its guide:
   eager attention function (so eager and SDPA compute the same); otherwise (SDPA on a GPU,
   inference) SDPA's output plus :func:`~tokenpool_ops._patching.received_attention`, so no
   (B, H, N, N) matrix exists. In training with attention dropout, eager's probabilities are
-  the dropped-out ones the model used.
+  the dropped-out ones the model used. Traced (``torch.compile``, ``torch.export``) in
+  inference under SDPA on the CPU, the attention and its scores are one custom operator,
+  ``tokenpool_ops::attention_with_scores``, as in the timm patch.
 * ``prop_attn``: log(size) reaches the attention logits as the additive attention mask of
   the model's own attention function (eager or SDPA alike).
 * ToMe's metric: the keys averaged over heads.
@@ -61,6 +63,7 @@ from ._patching import (
     TokenPoolState,
     guide_kind,
     new_state,
+    one_op_applies,
     pool_patch_tokens,
     received_attention,
     reset_state,
@@ -68,6 +71,7 @@ from ._patching import (
     tome_schedule,
 )
 from ._pool import Method
+from .backends._torch_ops import attention_with_scores
 from .nn import PoolOptions, pool_with_grad
 
 if TYPE_CHECKING:
@@ -117,15 +121,20 @@ class TokenPoolAttention(nn.Module):
         training = torch.is_grad_enabled() and q.requires_grad
         materialise = guide == "scores" and (
             implementation == "eager" or training or q.device.type in MATERIALISED_DEVICES)
-        attend = (self._tp_eager if materialise else
-                  ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._tp_eager))
-        out, probabilities = attend(
-            self, q, k, v, mask, dropout=self.attention_dropout if self.training else 0.0,
-            scaling=self.scaling, **kwargs)
-
         p = state["num_prefix"]
         found = None
-        if guide == "scores":
+        if (materialise and not training and implementation == "sdpa"
+                and (attention_mask is None or bias is not None) and self._one_op(q)):
+            # SDPA returns no probabilities, so none are lost.
+            out, found = attention_with_scores(q, k, v, bias, self.scaling, p)
+            probabilities = None
+        else:
+            attend = (self._tp_eager if materialise else
+                      ALL_ATTENTION_FUNCTIONS.get_interface(implementation, self._tp_eager))
+            out, probabilities = attend(
+                self, q, k, v, mask, dropout=self.attention_dropout if self.training else 0.0,
+                scaling=self.scaling, **kwargs)
+        if guide == "scores" and found is None:
             found = (significance_scores(cast(Tensor, probabilities)[..., p:]) if materialise
                      else received_attention(q, k, mask, self.scaling)[:, p:])
         elif guide == "metric":
@@ -134,6 +143,13 @@ class TokenPoolAttention(nn.Module):
             probabilities = None  # as the configured implementation would return
         out = self.o_proj(out.reshape(*input_shape, -1).contiguous())
         return out, probabilities, found
+
+    def _one_op(self, q: Tensor) -> bool:
+        """Whether a traced layer takes its attention with Eq. 5 scores as the one operator
+        ``attention_with_scores``, as timm's blocks do (see ``one_op_applies``): without
+        dropout, where the fused kernels serve the device."""
+        return ((not self.training or self.attention_dropout == 0)
+                and one_op_applies(self._tp_state, q))
 
 
 class TokenPoolLayer(nn.Module):
