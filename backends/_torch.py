@@ -8,12 +8,14 @@ in the graph as one operator each.
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from tokenpool_ops._primitives import all_valid as generic_all_valid
 from tokenpool_ops._primitives import read_flags as generic_read_flags
 from tokenpool_ops._primitives import read_flags_on_host
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
@@ -108,6 +110,16 @@ def all_finite(xp: Any, x: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """Generic ``all_valid`` from one ``aminmax`` pass (NaN propagates into both), instead
+    of a boolean temporary per condition."""
+    if values.numel() == 0:
+        return generic_all_valid(xp, values, nonnegative)
+    low, high = torch.aminmax(values)
+    low_valid = low >= 0 if nonnegative else low > -math.inf
+    return low_valid & (high < math.inf)
 
 
 def read_flags(xp: Any, flags: list[torch.Tensor],
@@ -224,6 +236,7 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "weighted_means": fused_weighted_means,
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
+    "all_valid": all_valid,
     "gather_rows": gather_rows,
     "read_flags": read_flags,
     "kmedoids": cuda_kmedoids,

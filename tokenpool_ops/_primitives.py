@@ -129,6 +129,16 @@ def all_finite(xp: Namespace, x: Array) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
+def all_valid(xp: Namespace, values: Array, nonnegative: bool) -> Array:
+    """0-d boolean: every value is finite (integers always are) and, with ``nonnegative``,
+    at least 0; a NaN fails. The verdict of a value check, left on the device."""
+    valid = values >= 0 if nonnegative else None
+    if xp.isdtype(values.dtype, "real floating") or valid is None:
+        finite = xp.isfinite(values)
+        valid = finite if valid is None else valid & finite
+    return xp.all(valid)
+
+
 def read_flags(xp: Namespace, flags: Sequence[Array],
                count: Array | None) -> tuple[list[bool], int | None]:
     """0-d boolean ``flags`` and a non-negative 0-d integer ``count`` (or None) read on the
@@ -167,6 +177,7 @@ class Primitives:
     medoid_costs: Callable[..., Array] = medoid_costs
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
+    all_valid: Callable[..., Array] = all_valid
     read_flags: Callable[..., tuple[list[bool], int | None]] = read_flags
     gather_rows: Callable[..., Array] = gather_rows
     #: A fused K-Medoids (distances and iterations) for tokens on the host, with the result of
