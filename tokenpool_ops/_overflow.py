@@ -18,7 +18,7 @@ back) raises an OverflowError that names the problem and its largest value.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -26,6 +26,7 @@ import numpy as np
 from ._batching import Batch, no_overflow_warnings
 from ._compat import Array, Namespace
 from ._primitives import Primitives
+from ._results import array_fields
 from ._validation import Deferred
 
 if TYPE_CHECKING:
@@ -36,8 +37,8 @@ Result = TypeVar("Result", bound="DataclassInstance")
 
 
 def _arrays(result: Any) -> dict[str, Array]:
-    return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name != "n_iter" and getattr(result, f.name) is not None}
+    given = {name: getattr(result, name) for name in array_fields(result)}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def guarded(batch: Batch, compute: Callable[[Batch], Result], checks: list[Deferred] | None,

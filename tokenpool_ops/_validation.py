@@ -192,6 +192,8 @@ def _non_finite(name: str) -> ValueError:
 
 def check_count(value: Any, name: str) -> int:
     """``k`` or ``max_iter``: a non-negative integer (bools are refused)."""
+    if type(value) is int and value >= 0:  # the common case, without the ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
     if value < 0:
