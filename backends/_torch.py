@@ -1,8 +1,9 @@
 """PyTorch fast paths: fused distance assembly and ``index_add_`` segment sums.
 
 The fused kernels (Numba on the CPU, CUDA through CuPy) are reached through the custom
-operators of ``backends._torch_ops``, so that ``torch.compile`` and ``torch.export`` keep them
-in the graph as one operator each.
+operators of ``backends._torch_ops`` where a call is traced, so that ``torch.compile`` and
+``torch.export`` keep them in the graph as one operator each; eager calls on the CPU run the
+Numba kernels directly, without the operators' dispatch (see ``_eager``).
 """
 
 from __future__ import annotations
