@@ -16,9 +16,9 @@ if __name__ != "tokenpool_ops.backends":
     raise ImportError(f"import this folder as tokenpool_ops.backends, not as {__name__!r}: "
                       f"a second copy would re-register the PyTorch custom operators")
 
+import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from tokenpool_ops._compat import Namespace, backend_name
@@ -42,7 +42,7 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
         from . import _cupy
 
         return _cupy.FAST_PATHS
-    return {}
+    return _NO_PATHS
 
 
 #: numba_available's answer once known. A plain dict, not functools.cache: dynamo traces
@@ -72,25 +72,49 @@ def _import_numba() -> bool:
     return True
 
 
+#: No overrides: one shared table, so that primitives_for's cache recognises it.
+_NO_PATHS: dict[str, Callable[..., Any]] = {}
+#: The compiled paths of each library, built once (their entries are module functions).
+_compiled_by_name: dict[str, dict[str, Callable[..., Any]]] = {}
+
+
 def _compiled_paths(name: str) -> dict[str, Callable[..., Any]]:
     # The Numba kernels, for the libraries whose arrays Numba can read in place.
     if name not in ("numpy", "torch") or not numba_available():
-        return {}
-    if name == "numpy":
-        from . import _numpy
+        return _NO_PATHS
+    if name not in _compiled_by_name:
+        if name == "numpy":
+            from . import _numpy as module
+        else:
+            from . import _torch as module  # type: ignore[no-redef]
+        _compiled_by_name[name] = module.compiled_paths()
+    return _compiled_by_name[name]
 
-        return _numpy.compiled_paths()
-    from . import _torch
 
-    return _torch.compiled_paths()
+#: The primitives last built for each library, with the namespace and the two override
+#: tables they were built from: a pool call asks for them a few times, and building them
+#: (a dataclass of 17 fields) cost a tenth of a B = 1 call. The tables are constants; a
+#: table swapped (tests do) has another identity and rebuilds the primitives.
+_built: dict[str, tuple[Namespace, object, object, Primitives]] = {}
 
 
 def primitives_for(xp: Namespace, fast_paths: bool = True) -> Primitives:
     """The primitives to use for namespace ``xp``: fast paths where we have them, the
     library's own first, then the Numba kernels where Numba is installed."""
-    generic = Primitives(xp)
     if not fast_paths:
-        return generic
+        return Primitives(xp)
     name = backend_name(xp)
-    overrides = {**_fast_paths(name), **_compiled_paths(name)}
-    return replace(generic, name=name, **overrides) if overrides else generic
+    fast, compiled = _fast_paths(name), _compiled_paths(name)
+    built = _built.get(name)
+    if built is not None and built[0] is xp and built[1] is fast and built[2] is compiled:
+        return built[3]
+    overrides = {**fast, **compiled}
+    prims = Primitives(xp, name=name, **overrides) if overrides else Primitives(xp)
+    if not _tracing():  # no side effect in a traced function
+        _built[name] = (xp, fast, compiled, prims)
+    return prims
+
+
+def _tracing() -> bool:
+    torch = sys.modules.get("torch")  # never imports torch for other libraries
+    return torch is not None and bool(torch.compiler.is_compiling())

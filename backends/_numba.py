@@ -81,7 +81,8 @@ def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
         return _LAUNCH_LOCK
     return contextlib.nullcontext()
 
-__all__ = ["centred_gram", "kmeans", "kmedoids", "medoid_gram", "segment_sum", "weighted_means"]
+__all__ = ["centred_gram", "kmeans", "kmedoids", "medoid_gram", "merge", "segment_sum",
+           "weighted_means"]
 
 # Reassociation lets the distance loop vectorise; the result is still the same on every run.
 _FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -449,6 +450,49 @@ def _weighted_means_one(values: Any, labels: Any, weights: Any, empty: Any, out:
 
 
 @numba.njit(cache=True)
+def _merge_one(x: Any, labels: Any, weights: Any, fallback: Any, has_fallback: bool,
+               carried: Any, empty: Any, effective: Any, tokens: Any, sizes: Any) -> None:
+    """One problem's merge (Algorithm 1, line 6): the per-cluster totals of ``weights``,
+    ``fallback`` and ``carried`` in token order, each token's effective weight (the cluster's
+    ``weights``, else its ``fallback``, else one: ``_clustering.effective_weights``), then the
+    means of :func:`_weighted_means_one`. ``sizes`` gets the carried totals."""
+    k = tokens.shape[0]
+    weight_totals = np.zeros(k, weights.dtype)
+    fallback_totals = np.zeros(k, weights.dtype)
+    sizes[:] = 0
+    for i in range(x.shape[0]):
+        c = labels[i]
+        weight_totals[c] += weights[i]
+        fallback_totals[c] += fallback[i]
+        sizes[c] += carried[i]
+    for i in range(x.shape[0]):
+        c = labels[i]
+        if not has_fallback or weight_totals[c] > 0:
+            effective[i] = weights[i]
+        elif fallback_totals[c] > 0:
+            effective[i] = fallback[i]
+        else:
+            effective[i] = 1
+    _weighted_means_one(x, labels, effective, empty, tokens)
+
+
+@numba.njit(parallel=True, cache=True)
+def _merge_parallel(x, labels, weights, fallback, has_fallback, carried, empty, effective,
+                    tokens, sizes):  # type: ignore[no-untyped-def]
+    for p in numba.prange(x.shape[0]):
+        _merge_one(x[p], labels[p], weights[p], fallback[p], has_fallback, carried[p],
+                   empty[p], effective[p], tokens[p], sizes[p])
+
+
+@numba.njit(cache=True)
+def _merge_serial(x, labels, weights, fallback, has_fallback, carried, empty, effective,
+                  tokens, sizes):  # type: ignore[no-untyped-def]
+    for p in range(x.shape[0]):
+        _merge_one(x[p], labels[p], weights[p], fallback[p], has_fallback, carried[p],
+                   empty[p], effective[p], tokens[p], sizes[p])
+
+
+@numba.njit(cache=True)
 def _segment_sum_serial(values, labels, out):  # type: ignore[no-untyped-def]
     out[:] = 0
     for p in range(values.shape[0]):
@@ -633,6 +677,28 @@ def weighted_means(
     with _launching(parallel):
         kernel(values, labels, weights, empty, out)
     return out
+
+
+def merge(
+    x: np.ndarray, labels: np.ndarray, k: int, weights: np.ndarray,
+    fallback: np.ndarray | None, carried: np.ndarray, empty: np.ndarray, parallel: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Algorithm 1, line 6 in one pass per problem: the tokens (B, k, M) and sizes (B, k)
+    that ``_merge.merge`` computes from ``effective_weights``, :func:`weighted_means` and
+    :func:`segment_sum` (each total summed in token order in the weights' dtype, so the
+    results are the same bit for bit). ``empty`` (B, 1, M) or (B, k, M) as in
+    :func:`weighted_means`; ``fallback`` None declares the weights positive."""
+    n_problems = x.shape[0]
+    tokens = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
+    sizes = np.empty((n_problems, k), dtype=carried.dtype)
+    effective = np.empty(weights.shape, dtype=weights.dtype)
+    has_fallback = fallback is not None
+    parallel = _shared(parallel, n_problems)
+    kernel = _merge_parallel if parallel else _merge_serial
+    with _launching(parallel):
+        kernel(x, labels, weights, weights if fallback is None else fallback, has_fallback,
+               carried, empty, effective, tokens, sizes)
+    return tokens, sizes
 
 
 def segment_sum(values: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

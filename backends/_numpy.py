@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tokenpool_ops._primitives import read_flags_on_host
 from tokenpool_ops._primitives import sq_distances as generic_sq_distances
 
 
@@ -74,6 +75,7 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "self_sq_distances": self_sq_distances,
     "medoid_assignment": medoid_assignment,
     "gather_rows": gather_rows,
+    "read_flags": read_flags_on_host,
 }
 
 
@@ -100,7 +102,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     from . import _numba  # noqa: F401  (ImportError here without Numba, as documented)
 
     return {"kmedoids": _kmedoids, "kmeans": _kmeans, "weighted_means": _weighted_means,
-            "segment_sum": _segment_sum}
+            "segment_sum": _segment_sum, "merge": _merge}
 
 
 # The entries of compiled_paths, defined once (not per call: primitives are looked up at every
@@ -135,3 +137,18 @@ def _segment_sum(xp: Any, values: np.ndarray, labels: np.ndarray, k: int) -> np.
     from . import _numba
 
     return _numba.segment_sum(values, labels, k)
+
+
+def _merge(xp: Any, x: np.ndarray, mean: np.ndarray, labels: np.ndarray, k: int,
+           weights: np.ndarray, fallback: np.ndarray | None, carried: np.ndarray,
+           with_objective: bool) -> tuple[np.ndarray, np.ndarray, None] | None:
+    """``Primitives.merge``: the tokens and sizes in one Numba pass (``_numba.merge``), the
+    same bit for bit as the weights, means and sums above; None (the generic merge runs)
+    where the objective is asked for or the dtypes differ."""
+    from . import _numba
+
+    given = (x, mean, weights, carried) + (() if fallback is None else (fallback,))
+    if with_objective or any(a.dtype != x.dtype for a in given):
+        return None
+    tokens, sizes = _numba.merge(x, labels, k, weights, fallback, carried, mean, False)
+    return tokens, sizes, None

@@ -1,19 +1,24 @@
 """PyTorch fast paths: fused distance assembly and ``index_add_`` segment sums.
 
 The fused kernels (Numba on the CPU, CUDA through CuPy) are reached through the custom
-operators of ``backends._torch_ops``, so that ``torch.compile`` and ``torch.export`` keep them
-in the graph as one operator each.
+operators of ``backends._torch_ops`` where a call is traced, so that ``torch.compile`` and
+``torch.export`` keep them in the graph as one operator each; eager calls on the CPU run the
+Numba kernels directly, without the operators' dispatch (see ``_eager``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from tokenpool_ops._primitives import all_valid as generic_all_valid
+from tokenpool_ops._primitives import read_flags as generic_read_flags
+from tokenpool_ops._primitives import read_flags_on_host
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
 from tokenpool_ops._primitives import weighted_means as generic_weighted_means
 from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_segment_sums
@@ -106,6 +111,26 @@ def all_finite(xp: Any, x: torch.Tensor) -> bool:
         return True
     low, high = torch.aminmax(x)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+    """Generic ``all_valid`` from one ``aminmax`` pass (NaN propagates into both), instead
+    of a boolean temporary per condition."""
+    if values.numel() == 0:
+        return generic_all_valid(xp, values, nonnegative)
+    low, high = torch.aminmax(values)
+    low_valid = low >= 0 if nonnegative else low > -math.inf
+    return low_valid & (high < math.inf)
+
+
+def read_flags(xp: Any, flags: list[torch.Tensor],
+               count: torch.Tensor | None) -> tuple[list[bool], int | None]:
+    """Generic ``read_flags`` (one packed read) on a device; on the CPU, where reading costs
+    no synchronisation, each value read as it is (``read_flags_on_host``)."""
+    given = flags if count is None else [*flags, count]
+    if all(t.device.type == "cpu" for t in given):
+        return read_flags_on_host(xp, flags, count)
+    return generic_read_flags(xp, flags, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +237,9 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "weighted_means": fused_weighted_means,
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
+    "all_valid": all_valid,
     "gather_rows": gather_rows,
+    "read_flags": read_flags,
     "kmedoids": cuda_kmedoids,
     "merge": cuda_merge,
 }
@@ -237,17 +264,32 @@ def _bmm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     torch.bmm(torch.from_numpy(a), torch.from_numpy(b).mT, out=torch.from_numpy(out))
 
 
+def _host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """NumPy views of CPU tensors (copies only of non-contiguous ones), for the kernels."""
+    return [t.detach().contiguous().numpy() for t in tensors]
+
+
+def _eager(*tensors: torch.Tensor) -> bool:
+    """Whether a host kernel may run on these tensors directly, without its custom operator:
+    untraced and on the CPU. The operator's dispatch (autograd redispatch, dynamo's guard
+    around the implementation) cost about 0.1 ms per call on this machine, a third of one
+    Gram matrix of a B = 1 pool call; it is needed only where the call is traced."""
+    return not torch.compiler.is_compiling() and _on_host(*tensors)
+
+
 def compiled_paths() -> dict[str, Callable[..., Any]]:
     """The Numba kernels for CPU tensors (ImportError without Numba), over :data:`FAST_PATHS`.
 
-    Each is a custom operator (``backends._torch_ops``), eager and traced alike. Parallel
+    Traced, each is a custom operator (``backends._torch_ops``); eager calls run the same
+    kernels on NumPy views of the tensors, without the operator's dispatch. Parallel
     kernels: PyTorch's OpenMP threads go idle quickly after each operation, so Numba's
     threads can have the cores. Tensors elsewhere than on the CPU, or whose means need
     gradients, take what :data:`FAST_PATHS` gives them: the CUDA kernels for CUDA tensors
     where CuPy is installed, else the PyTorch code. The iteration count comes back unread
-    (a 0-d tensor) where ``stop_early`` asks for it: the core reads it with its value checks.
+    (a 0-d tensor) from the operators where ``stop_early`` asks for it: the core reads it
+    with its value checks.
     """
-    from . import _numba  # noqa: F401  (ImportError without Numba, as documented)
+    from . import _numba
 
     def kmedoids(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
                  weights: torch.Tensor, max_iter: int, stop_early: bool
@@ -256,7 +298,14 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
             return cuda_kmedoids(xp, x, mean, init, weights, max_iter, stop_early)
         if not _on_host(x, mean, init, weights):
             return None
-        # Assignments and medoids have no gradient.
+        if _eager(x):  # assignments and medoids have no gradient: detached views
+            x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
+            gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES,
+                                      _bmm_transposed, True)
+            labels, medoids, history, n_iter = _numba.kmedoids(
+                x_host, mean_host, gram, init_host, weights_host, max_iter, stop_early, True)
+            return (torch.from_numpy(labels), torch.from_numpy(medoids),
+                    torch.from_numpy(history), n_iter)
         labels, medoids, history, count = _torch_ops.kmedoids(
             x.detach(), mean.detach(), init, weights.detach(), max_iter, stop_early)
         return labels, medoids, history, count if stop_early else max_iter
@@ -267,6 +316,15 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         given = [t for t in (x, mean, init, weights, fallback) if t is not None]
         if not _on_host(*given) or _needs_grad(*given):
             return None  # the centres of kmeans() carry gradients on the PyTorch path
+        if _eager(x):
+            x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
+            gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
+            centres, labels, history, n_iter = _numba.kmeans(
+                x_host, mean_host, gram, init_host, weights_host,
+                None if fallback is None else _host_arrays(fallback)[0], max_iter,
+                stop_early, True)
+            return (torch.from_numpy(centres), torch.from_numpy(labels),
+                    torch.from_numpy(history), n_iter)
         centres, labels, history, count = _torch_ops.kmeans(
             x, mean, init, weights, fallback, max_iter, stop_early)
         return centres, labels, history, count if stop_early else max_iter
@@ -277,6 +335,35 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
                 or _needs_grad(values, weights, empty)
                 or not values.dtype == weights.dtype == empty.dtype):
             return fused_weighted_means(xp, values, labels, k, weights, empty)
+        if _eager(values):
+            values_host, labels_host, weights_host, empty_host = _host_arrays(
+                values, labels, weights, empty)
+            return torch.from_numpy(_numba.weighted_means(values_host, labels_host, k,
+                                                          weights_host, empty_host, True))
         return _torch_ops.weighted_means(values, labels, k, weights, empty)
 
-    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means}
+    def host_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor, k: int,
+                   weights: torch.Tensor, fallback: torch.Tensor | None,
+                   carried: torch.Tensor, with_objective: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, Any] | None:
+        """``Primitives.merge`` in one Numba pass (``_numba.merge``): the tokens and sizes,
+        the same bit for bit as the weights, means and sums of the PyTorch code with the
+        kernel's means. CUDA tensors take :func:`cuda_merge`; None (the PyTorch code runs)
+        where the objective is asked for, gradients are needed, dtypes differ or the call is
+        traced (there the means are the weighted_means operator)."""
+        if _on_cuda(x):
+            return cuda_merge(xp, x, mean, labels, k, weights, fallback, carried,
+                              with_objective)
+        given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
+        if (with_objective or not _eager(labels, *given) or _needs_grad(*given)
+                or any(t.dtype != x.dtype for t in given)):
+            return None
+        fallback_host = None if fallback is None else _host_arrays(fallback)[0]
+        x_host, labels_host, weights_host, carried_host, mean_host = _host_arrays(
+            x, labels, weights, carried, mean)
+        tokens, sizes = _numba.merge(x_host, labels_host, k, weights_host, fallback_host,
+                                     carried_host, mean_host, True)
+        return torch.from_numpy(tokens), torch.from_numpy(sizes), None
+
+    return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
+            "merge": host_merge}

@@ -7,7 +7,8 @@ The asv suite of this folder tracks performance over time; this script answers o
 in one run: how far above the floor is the whole operator, per backend? The two calls take
 turns, so the ratio holds on a loaded machine where the milliseconds do not. ``--calls``
 counts instead of timing: the Python function calls (cProfile) and, on PyTorch, the torch
-function calls (a ``TorchFunctionMode``) of one pool call, figures no load changes.
+function calls (a ``TorchFunctionMode``) of one pool call, figures no load changes;
+``--cpu-time`` times process CPU time instead of the wall clock.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import statistics
 import time
 from collections.abc import Callable
 
@@ -24,20 +26,24 @@ import tokenpool_ops
 
 
 def best_ms(calls: dict[str, Callable[[], object]], repeat: int,
-            sync: Callable[[], None]) -> dict[str, float]:
-    """Best milliseconds of each call. The calls take turns, one run each per round, so a
-    machine whose speed drifts (other jobs, clocks) slows them alike."""
+            sync: Callable[[], None], cpu_time: bool = False) -> dict[str, float]:
+    """Best milliseconds of each call (``cpu_time``: the median process CPU time of 20
+    calls in a row, per call). The calls take turns, one run each per round, so a machine
+    whose speed drifts (other jobs, clocks) slows them alike."""
     for call in calls.values():
         call()  # warm-up: allocations, thread pools, lazy imports
     sync()
+    clock, runs = (time.process_time, 20) if cpu_time else (time.perf_counter, 1)
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeat):
         for name, call in calls.items():
-            start = time.perf_counter()
-            call()
+            start = clock()
+            for _ in range(runs):
+                call()
             sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * min(seconds) for name, seconds in times.items()}
+            times[name].append((clock() - start) / runs)
+    pick = statistics.median if cpu_time else min
+    return {name: 1e3 * pick(seconds) for name, seconds in times.items()}
 
 
 def main() -> None:
@@ -50,12 +56,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--calls", action="store_true",
                         help="count the function calls of one pool call instead of timing")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="median process CPU time per call instead of the best wall "
+                             "clock: a loaded machine inflates it less (run it with one "
+                             "thread: OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 "
+                             "NUMBA_NUM_THREADS=1, or spinning threads count too)")
     args = parser.parse_args()
     for b in args.batches or [args.shape[0]]:
         if args.calls:
             count_calls((b, *args.shape[1:]), args.k)
         else:
-            time_shape((b, *args.shape[1:]), args.k, args.repeat)
+            time_shape((b, *args.shape[1:]), args.k, args.repeat, args.cpu_time)
 
 
 def count_calls(shape: tuple[int, ...], k: int) -> None:
@@ -100,7 +111,7 @@ def _torch_calls(torch: object, call: Callable[[], object]) -> int:
     return Counter.calls
 
 
-def time_shape(shape: tuple[int, ...], k: int, repeat: int) -> None:
+def time_shape(shape: tuple[int, ...], k: int, repeat: int, cpu_time: bool = False) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(np.float32)
     s = rng.random(shape[:2]).astype(np.float32)
@@ -117,12 +128,13 @@ def time_shape(shape: tuple[int, ...], k: int, repeat: int) -> None:
     except ImportError:
         print("torch is not installed: timing numpy only")
 
-    print(f"x: float32 {tuple(shape)}, k={k}, best of {repeat}, in turn")
+    how = f"median CPU time of {repeat} x 20 calls" if cpu_time else f"best of {repeat}"
+    print(f"x: float32 {tuple(shape)}, k={k}, {how}, in turn")
     print(f"{'backend':<11}{'pool wkmedoids ms':>19}{'x @ x.T ms':>12}{'ratio':>8}")
     for name, xa, sa, gram, sync in rows:
         best = best_ms({"pool": lambda xa=xa, sa=sa: tokenpool_ops.pool(
                             xa, k, "wkmedoids", scores=sa),
-                        "gram": lambda xa=xa, gram=gram: gram(xa)}, repeat, sync)
+                        "gram": lambda xa=xa, gram=gram: gram(xa)}, repeat, sync, cpu_time)
         pool_ms, gram_ms = best["pool"], best["gram"]
         print(f"{name:<11}{pool_ms:>19.3f}{gram_ms:>12.3f}{pool_ms / gram_ms:>8.2f}")
 

@@ -362,3 +362,121 @@ def test_missing_numba_warns_once_and_falls_back(monkeypatch):
                                       tokenpool_ops.pool(x, 4, "kmedoids", fast_paths=False))
     finally:
         backends._numba_answer.clear()
+
+
+def merge_cases(rng, dtype):
+    """(scores, sizes) pairs for the merge: zero-weight clusters falling back to the sizes
+    and to ones, absent scores or sizes, integer sizes, a NaN weight (values unchecked)."""
+    scores = rng.random((3, 30))
+    scores[0] = 0.0  # problem 0: every cluster falls back to its sizes
+    scores[1, :10] = 0.0
+    sizes = rng.integers(1, 4, size=(3, 30)).astype(float)
+    sizes[1, :5] = 0.0  # with labels below, cluster 0 of problem 1 falls back to ones
+    nan_scores = scores.copy()
+    nan_scores[2, 3] = np.nan
+    cases = [(scores, sizes), (scores, None), (None, sizes), (None, None), (nan_scores, sizes),
+             (scores, rng.random((3, 30)) * 3)]
+    return [(None if s is None else s.astype(dtype), None if z is None else z.astype(dtype))
+            for s, z in cases]
+
+
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_merge_equals_the_merge_it_replaces_bit_for_bit(backend_named, name, dtype,
+                                                                 rng):
+    # Primitives.merge on the host: one Numba pass for what effective_weights, the compiled
+    # weighted means and the segment sums compute (the same sums in the same order).
+    from dataclasses import replace
+
+    from tokenpool_ops._batching import flatten
+    from tokenpool_ops._merge import merge, token_weights
+
+    backend = backend_named(name)
+    xp = backend.xp
+    prims = compiled_primitives(backend)
+    assert prims.merge is not None
+    x = backend.asarray(rng.normal(size=(3, 30, 7)).astype(dtype))
+    labels = rng.integers(0, 6, size=(3, 30))  # cluster 6 of k = 7 stays empty
+    labels[1, :5] = 0
+    labels[1, 5:] = rng.integers(1, 6, size=25)
+    labels = backend.asarray(labels)
+    batch = flatten(xp, x)
+    without = replace(batch, prims=replace(batch.prims, merge=None))
+    for scores, sizes in merge_cases(rng, dtype):
+        w = token_weights(xp, batch.x, None if scores is None else backend.asarray(scores),
+                          None if sizes is None else backend.asarray(sizes))
+        fused = prims.merge(xp, batch.x, batch.mean, labels, 7, w.weights, w.fallback,
+                            w.carried, False)
+        assert fused is not None, "the host merge declined a CPU problem"
+        want = merge(without, labels, 7, w, batch.mean, False)
+        for got_part, want_part in zip(fused[:2], want[:2], strict=True):
+            np.testing.assert_array_equal(backend.to_numpy(got_part),
+                                          backend.to_numpy(want_part))
+        assert fused[2] is None
+        # The objective is the generic code's: the host merge declines it.
+        assert prims.merge(xp, batch.x, batch.mean, labels, 7, w.weights, w.fallback,
+                           w.carried, True) is None
+    # An independent check of one case: cluster 0 of problem 1 (zero scores and sizes) is
+    # the plain mean of its five tokens.
+    scores, sizes = merge_cases(rng, dtype)[0]
+    w = token_weights(xp, batch.x, backend.asarray(scores), backend.asarray(sizes))
+    tokens, _, _ = prims.merge(xp, batch.x, batch.mean, labels, 7, w.weights, w.fallback,
+                               w.carried, False)
+    np.testing.assert_allclose(backend.to_numpy(tokens)[1, 0],
+                               backend.to_numpy(x)[1, :5].mean(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("stop_early", [True, False])
+def test_eager_torch_kernels_equal_their_custom_operators(backend_named, stop_early, rng):
+    # Untraced CPU calls run the Numba kernels without the operator's dispatch; traced ones
+    # take the operator. Both must give the same results.
+    import torch
+
+    backend = backend_named("torch-cpu")
+    prims = compiled_primitives(backend)
+    x = torch.from_numpy(rng.normal(size=(3, 40, 5)).astype(np.float32))
+    mean = x.mean(dim=1, keepdim=True)
+    weights = torch.from_numpy(rng.random((3, 40)).astype(np.float32))
+    init = torch.from_numpy(np.stack([rng.choice(40, 6, replace=False) for _ in range(3)]))
+    eager = prims.kmedoids(backend.xp, x, mean, init, weights, 8, stop_early)
+    labels, medoids, history, count = torch.ops.tokenpool_ops.kmedoids(x, mean, init, weights,
+                                                                       8, stop_early)
+    assert isinstance(eager[3], int)
+    assert eager[3] == (int(count) if stop_early else 8)
+    for got, want in zip(eager[:3], (labels, medoids, history[:, : eager[3] + 1]), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    eager = prims.kmeans(backend.xp, x, mean, init, weights, weights, 8, stop_early)
+    centres, labels, history, count = torch.ops.tokenpool_ops.kmeans(x, mean, init, weights,
+                                                                     weights, 8, stop_early)
+    for got, want in zip(eager[:3], (centres, labels, history[:, : eager[3] + 1]), strict=True):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+    np.testing.assert_array_equal(
+        prims.weighted_means(backend.xp, x, labels, 6, weights, mean).numpy(),
+        torch.ops.tokenpool_ops.weighted_means(x, labels, 6, weights, mean).numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16", "int64", "uint8"])
+def test_torch_all_valid_equals_generic(dtype):
+    # One aminmax pass on PyTorch for the verdicts of the value checks; the verdicts must be
+    # the generic ones, NaN, infinities, negative values and -0.0 included.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+    from tokenpool_ops.backends import _torch
+
+    from tokenpool_ops._primitives import all_valid
+
+    floating = not dtype.startswith(("int", "uint"))
+    specials = [np.nan, np.inf, -np.inf, -1.0, -0.0] if floating else [-1, 0]
+    if dtype == "uint8":
+        specials = [0]
+    cases = [[0.5, 2.0, 3.0] if floating else [1, 2, 3], []]
+    cases += [[1, 2, value, 3] if not floating else [1.0, value, 2.0] for value in specials]
+    for values in cases:
+        tensor = torch.tensor(values, dtype=getattr(torch, dtype)).reshape(1, -1)
+        for nonnegative in (False, True):
+            got = _torch.all_valid(xp, tensor, nonnegative)
+            want = all_valid(xp, tensor, nonnegative)
+            assert bool(got) == bool(want), (values, nonnegative)
+            expected = all(np.isfinite(float(v)) and (not nonnegative or float(v) >= 0)
+                           for v in values)
+            assert bool(got) == expected, (values, nonnegative)

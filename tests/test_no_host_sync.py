@@ -91,10 +91,11 @@ CHECKED_CALLS = {
     "pool topk": lambda x, s: tokenpool_ops.pool(x, 7, "topk", scores=s, fast_paths=False),
     "pool tome": lambda x, s: tokenpool_ops.pool(x, 7, "tome", metric=x[..., :3], sizes=s + 1,
                                                  fast_paths=False),
-    "pool k >= N": lambda x, s: tokenpool_ops.pool(x, 30, "wkmedoids", scores=s),
+    "pool k >= N": lambda x, s: tokenpool_ops.pool(x, 30, "wkmedoids", scores=s,
+                                                   fast_paths=False),
     "kmeans": lambda x, s: tokenpool_ops.kmeans(x, 7, weights=s, stop_early=False,
                                                 fast_paths=False),
-    "kmedoids k = 0": lambda x, s: tokenpool_ops.kmedoids(x, 0, weights=s),
+    "kmedoids k = 0": lambda x, s: tokenpool_ops.kmedoids(x, 0, weights=s, fast_paths=False),
 }
 
 
@@ -110,6 +111,28 @@ def test_default_checks_read_the_host_once(monkeypatch, call):
     with host_reads_counted(monkeypatch, reads):
         CHECKED_CALLS[call](x, scores)
     assert reads == ["__int__"], reads
+
+
+def test_cpu_tensors_are_read_one_by_one_and_device_tensors_packed(monkeypatch):
+    """On the CPU a read costs no synchronisation, so PyTorch's fast path reads the flags
+    one by one (the packing costs half a dozen operations); elsewhere it packs them into
+    one read, as the generic code. Same answers either way."""
+    import array_api_compat.torch as xp
+    import tokenpool_ops.backends._torch as fast
+
+    from tokenpool_ops._primitives import read_flags
+    flags = [torch.tensor(True), torch.tensor(False), torch.tensor(True)]
+    count = torch.tensor(7)
+    assert fast.read_flags(xp, flags, count) == read_flags(xp, flags, count) == (
+        [True, False, True], 7)
+    assert fast.read_flags(xp, flags, None) == read_flags(xp, flags, None) == (
+        [True, False, True], None)
+    packed = []
+    monkeypatch.setattr(fast, "generic_read_flags",
+                        lambda *args: packed.append(args) or ([True], None))
+    on_meta = [torch.tensor(True, device="meta")]
+    assert fast.read_flags(xp, on_meta, None) == ([True], None)
+    assert len(packed) == 1
 
 
 @pytest.mark.parametrize("check_values", [True, False])

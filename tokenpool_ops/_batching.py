@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ._compat import Array, Namespace, backend_name, compute_dtype, device, index_dtype
 from ._primitives import Primitives
+from ._results import array_fields
 from .backends import primitives_for
 
 if TYPE_CHECKING:
@@ -79,13 +80,13 @@ class Batch:
         """A result of (B, ...) arrays back in the caller's batch shape, tokens in their
         dtype: the inverse of :func:`flatten`."""
         changes = {}
-        for field in fields(result):
-            value = getattr(result, field.name)
-            if value is None or field.name == "n_iter":
+        for name in array_fields(result):
+            value = getattr(result, name)
+            if value is None:
                 continue
-            if field.name in ("tokens", "centres") and value.dtype != self.out_dtype:
+            if name in ("tokens", "centres") and value.dtype != self.out_dtype:
                 value = self.xp.astype(value, self.out_dtype)
-            changes[field.name] = self.unflat(value)
+            changes[name] = self.unflat(value)
         return replace(result, **changes)  # type: ignore[type-var]
 
     def widened(self) -> Batch | None:

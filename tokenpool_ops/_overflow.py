@@ -18,13 +18,15 @@ back) raises an OverflowError that names the problem and its largest value.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import fields, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ._batching import Batch, no_overflow_warnings
-from ._compat import Array, Namespace, device
+from ._compat import Array, Namespace
+from ._primitives import Primitives
+from ._results import array_fields
 from ._validation import Deferred
 
 if TYPE_CHECKING:
@@ -35,8 +37,8 @@ Result = TypeVar("Result", bound="DataclassInstance")
 
 
 def _arrays(result: Any) -> dict[str, Array]:
-    return {f.name: getattr(result, f.name) for f in fields(result)
-            if f.name != "n_iter" and getattr(result, f.name) is not None}
+    given = {name: getattr(result, name) for name in array_fields(result)}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def guarded(batch: Batch, compute: Callable[[Batch], Result], checks: list[Deferred] | None,
@@ -49,7 +51,7 @@ def guarded(batch: Batch, compute: Callable[[Batch], Result], checks: list[Defer
     per-token inputs, named in an OverflowError. ``overflows=False`` for results that
     cannot overflow (the trivial ones): only the checks are read."""
     if not overflows:
-        settle(batch.xp, checks)
+        settle(batch.prims, checks)
         return compute(batch)
     if checks is None:
         return read_iterations(compute(batch))
@@ -78,6 +80,21 @@ def finite_problems(xp: Namespace, result: Any, exact: bool = True) -> Array | N
     return finite
 
 
+def finite_total(xp: Namespace, result: Any) -> Array | None:
+    """0-d: whether the sum of all floating values of the result is finite (None when it
+    holds no floating array). One reduction per field, whatever the batch: the check that
+    every call makes. A problem that is not finite in :func:`finite_problems` (exact=False)
+    makes the total not finite (its sum is infinite or NaN, and so is the total); a total
+    of finite problems that overflowed is a false alarm, which that per-problem check then
+    clears."""
+    total = None
+    for value in _arrays(result).values():
+        if xp.isdtype(value.dtype, "real floating"):
+            summed = xp.sum(value)
+            total = summed if total is None else total + summed
+    return None if total is None else xp.isfinite(total)
+
+
 def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: Result,
                      returned: tuple[str, ...] | None = None,
                      values: dict[str, Array | None] | None = None,
@@ -92,11 +109,15 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     the error message.
     """
     xp = batch.xp
-    finite = finite_problems(xp, result, exact=False)
-    flags = [] if finite is None else [xp.all(finite)]  # None: no floating result
-    verdicts, n_iter = settle_counting(xp, pending or [], flags, unread_iterations(result))
-    result = with_iterations(result, n_iter)
+    total = finite_total(xp, result)
+    flags = [] if total is None else [total]  # None: no floating result
+    verdicts, n_iter = settle_counting(batch.prims, pending or [], flags,
+                                       unread_iterations(result))
+    computed, result = result, with_iterations(result, n_iter)
     if all(verdicts):
+        return result
+    finite = finite_problems(xp, computed, exact=False)
+    if finite is None or bool(xp.all(finite)):  # the total overflowed, no problem did
         return result
     wide = batch.widened()
     wide_result = None if wide is None else read_iterations(compute(wide))
@@ -111,32 +132,23 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     raise _overflow_error(batch, seen, finite, wide_result, values)
 
 
-def settle(xp: Namespace, checks: Sequence[Deferred] | None) -> None:
+def settle(prims: Primitives, checks: Sequence[Deferred] | None) -> None:
     """Read the verdicts of ``checks`` in one host read and raise the error of the first
     that failed (None or none: nothing to read)."""
-    settle_counting(xp, checks or [], [])
+    settle_counting(prims, checks or [], [])
 
 
-def settle_counting(xp: Namespace, checks: Sequence[Deferred], flags: Sequence[Array],
+def settle_counting(prims: Primitives, checks: Sequence[Deferred], flags: Sequence[Array],
                     count: Array | None = None) -> tuple[list[bool], int | None]:
     """:func:`settle`, also reading the 0-d boolean ``flags`` and a non-negative 0-d integer
-    ``count`` in the same read (packed above the verdict bits): the flags and the count
-    (None without one)."""
-    verdicts = [check.passed for check in checks] + list(flags)
-    if not verdicts and count is None:
-        return [], None
-    dtype = xp.int32 if count is None else xp.int64  # int64: JAX without x64 has no counts
-    values = [xp.astype(v, dtype) for v in verdicts]
-    if count is not None:
-        values.append(xp.astype(count, dtype))
-    packed = xp.stack(values)  # verdict i at bit i, the count above them
-    powers = xp.arange(packed.shape[0], dtype=dtype, device=device(packed))
-    bits = int(xp.sum(packed << powers))  # the one synchronisation
-    read = [bool(bits >> i & 1) for i in range(len(verdicts))]
+    ``count`` in the same read (``prims.read_flags``): the flags and the count (None
+    without one)."""
+    read, n_iter = prims.read_flags(prims.xp, [check.passed for check in checks] + list(flags),
+                                    count)
     for check, passed in zip(checks, read, strict=False):
         if not passed:
             check.confirm()
-    return read[len(checks):], (None if count is None else bits >> len(verdicts))
+    return read[len(checks):], n_iter
 
 
 def unread_iterations(result: Any) -> Array | None:

@@ -7,7 +7,7 @@ tests check every replacement against the function here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ._compat import Array, Namespace, constant, device, take_along_axis
@@ -129,6 +129,41 @@ def all_finite(xp: Namespace, x: Array) -> bool:
     return bool(xp.all(xp.isfinite(x)))
 
 
+def all_valid(xp: Namespace, values: Array, nonnegative: bool) -> Array:
+    """0-d boolean: every value is finite (integers always are) and, with ``nonnegative``,
+    at least 0; a NaN fails. The verdict of a value check, left on the device."""
+    valid = values >= 0 if nonnegative else None
+    if xp.isdtype(values.dtype, "real floating") or valid is None:
+        finite = xp.isfinite(values)
+        valid = finite if valid is None else valid & finite
+    return xp.all(valid)
+
+
+def read_flags(xp: Namespace, flags: Sequence[Array],
+               count: Array | None) -> tuple[list[bool], int | None]:
+    """0-d boolean ``flags`` and a non-negative 0-d integer ``count`` (or None) read on the
+    host in one device synchronisation: packed into one integer, flag i at bit i and the
+    count above them."""
+    if not flags and count is None:
+        return [], None
+    dtype = xp.int32 if count is None else xp.int64  # int64: JAX without x64 has no counts
+    values = [xp.astype(v, dtype) for v in flags]
+    if count is not None:
+        values.append(xp.astype(count, dtype))
+    packed = xp.stack(values)
+    powers = xp.arange(packed.shape[0], dtype=dtype, device=device(packed))
+    bits = int(xp.sum(packed << powers))  # the one synchronisation
+    return [bool(bits >> i & 1) for i in range(len(flags))], (
+        None if count is None else bits >> len(flags))
+
+
+def read_flags_on_host(xp: Namespace, flags: Sequence[Array],
+                       count: Array | None) -> tuple[list[bool], int | None]:
+    """:func:`read_flags` for arrays in host memory, where a read costs no synchronisation:
+    each value read as it is, without the packing's half a dozen operations."""
+    return [bool(flag) for flag in flags], None if count is None else int(count)
+
+
 @dataclass(frozen=True)
 class Primitives:
     """The replaceable primitives of one backend; fields default to the generic versions."""
@@ -142,6 +177,8 @@ class Primitives:
     medoid_costs: Callable[..., Array] = medoid_costs
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
+    all_valid: Callable[..., Array] = all_valid
+    read_flags: Callable[..., tuple[list[bool], int | None]] = read_flags
     gather_rows: Callable[..., Array] = gather_rows
     #: A fused K-Medoids (distances and iterations) for tokens on the host, with the result of
     #: ``_clustering.run_kmedoids``; it returns None where it does not apply (e.g. on a GPU).

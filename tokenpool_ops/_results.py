@@ -4,8 +4,8 @@ the results that need no computation (k >= N, k = 0)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 from ._compat import Array, device
 
@@ -14,6 +14,20 @@ if TYPE_CHECKING:
     from ._clustering import FlatClustering
 
 __all__ = ["Clustering", "PoolResult"]
+
+#: The array fields (all but n_iter) of each result class, by class: dataclasses.fields
+#: walks the class's fields anew at every call, a few times per pool call.
+_ARRAY_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def array_fields(result: Any) -> tuple[str, ...]:
+    """The names of the array fields of a result (PoolResult, Clustering, FlatClustering):
+    every field but ``n_iter``, in their order."""
+    names = _ARRAY_FIELDS.get(type(result))
+    if names is None:
+        names = tuple(f.name for f in fields(result) if f.name != "n_iter")
+        _ARRAY_FIELDS[type(result)] = names
+    return names
 
 
 @dataclass(frozen=True)

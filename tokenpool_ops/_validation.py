@@ -22,6 +22,7 @@ from .backends import primitives_for
 
 if TYPE_CHECKING:
     from ._batching import Batch
+    from ._primitives import Primitives
 
 
 class Checked(NamedTuple):
@@ -100,11 +101,12 @@ def value_checks(batch: Batch, check_values: bool, metric: Array | None = None,
     crash the computation before; see _overflow)."""
     if not check_values:
         return None
-    xp = batch.xp
-    checks = [finite_tokens_deferred(xp, batch.x, batch.mean)]  # from the batch's means
+    prims = batch.prims
+    checks = [finite_tokens_deferred(prims, batch.x, batch.mean)]  # from the batch's means
     if metric is not None:  # the metric likewise, from its own means
-        checks.append(finite_tokens_deferred(xp, *flat_with_mean(xp, metric), "metric"))
-    checks += [token_values_deferred(xp, values, name)
+        checks.append(finite_tokens_deferred(prims, *flat_with_mean(prims.xp, metric),
+                                             "metric"))
+    checks += [token_values_deferred(prims, values, name)
                for name, values in per_token.items() if values is not None]
     return checks
 
@@ -167,22 +169,21 @@ class Deferred:
     confirm: Callable[[], None]
 
 
-def finite_tokens_deferred(xp: Namespace, x: Array, mean: Array, name: str = "x") -> Deferred:
+def finite_tokens_deferred(prims: Primitives, x: Array, mean: Array,
+                           name: str = "x") -> Deferred:
     """:func:`check_finite_tokens`, deferred: the verdict of the means alone."""
-    return Deferred(xp.all(xp.isfinite(mean)), lambda: check_finite_tokens(xp, x, mean, name))
+    xp = prims.xp
+    return Deferred(prims.all_valid(xp, mean, False),
+                    lambda: check_finite_tokens(xp, x, mean, name))
 
 
-def token_values_deferred(xp: Namespace, values: Array, name: str) -> Deferred:
+def token_values_deferred(prims: Primitives, values: Array, name: str) -> Deferred:
     """Per-token values (of a checked shape and dtype) finite and non-negative, deferred."""
-    valid = values >= 0  # False for NaN too
-    if xp.isdtype(values.dtype, "real floating"):
-        valid = valid & xp.isfinite(values)
-
     def confirm() -> None:
         raise ValueError(f"{name} must be finite and non-negative; it contains a negative, "
                          "NaN or infinite value")
 
-    return Deferred(xp.all(valid), confirm)
+    return Deferred(prims.all_valid(prims.xp, values, True), confirm)
 
 
 def _non_finite(name: str) -> ValueError:
@@ -191,6 +192,8 @@ def _non_finite(name: str) -> ValueError:
 
 def check_count(value: Any, name: str) -> int:
     """``k`` or ``max_iter``: a non-negative integer (bools are refused)."""
+    if type(value) is int and value >= 0:  # the common case, without the ABC check below
+        return value
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a non-negative integer, got {value!r}")
     if value < 0:
@@ -211,7 +214,7 @@ def check_token_values(
         raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "
                          f"axis), got {tuple(values.shape)}")
     if check_values:  # eager (reconstruction_error): read at once
-        check = token_values_deferred(xp, values, name)
+        check = token_values_deferred(primitives_for(xp), values, name)
         if not bool(check.passed):
             check.confirm()
 
