@@ -260,11 +260,11 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     scores) and so differ only in arithmetic. Float32 holds values near 1e4 on a grid of
     2^-10, which makes exact ties (duplicate tokens, a token midway between two centres):
     float64 breaks them by rounding where float32 computes them exactly. A spread of 16 puts
-    2^15 grid steps across each coordinate and two coordinates make such ties rare enough that
-    no input needs filtering: on 3,000 problems of this construction drawn outside Hypothesis
-    (M from 2 to 5, each method), float32 and float64 agreed on every one. With M = 1 one of
-    3,000 disagreed (a Hypothesis seed found another: two tokens on one grid point), and with
-    a spread of 1, 2 of 1,500.
+    2^15 grid steps across each coordinate and two coordinates make such ties rare: on 3,000
+    problems of this construction drawn outside Hypothesis (M from 2 to 5, each method),
+    float32 and float64 agreed on every one. Hypothesis aims at ties, though (it found a token
+    exactly as far from two medoids), so the medoid methods may differ at exact ties, checked
+    to be exact, and in the two clusters each touches.
     """
     problem = draw_problem(data, backend, min_n=2, min_m=2, clustered=True)
     x, scores, k, _ = problem
@@ -273,8 +273,26 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     single = run(backend, x32, k, method, scores=scores32)
     double = run(backend, x32.astype(np.float64), k, method, scores=scores32.astype(np.float64))
     assert single["tokens"].dtype == np.float32
-    np.testing.assert_array_equal(single["assignment"], double["assignment"])
-    np.testing.assert_allclose(single["tokens"], double["tokens"], rtol=1e-6)
+    differ = single["assignment"] != double["assignment"]
+    if single["medoids"] is not None:
+        # Hypothesis does find exact ties (a token as far from two medoids): there float32
+        # keeps the documented rule (lowest index) and float64 may not, having rounded while
+        # centring. Only such ties may differ, and only the clusters they touch.
+        np.testing.assert_array_equal(single["medoids"], double["medoids"])
+        for b, i in np.argwhere(differ):
+            assert exact_sq_distance(x32[b], i, single["medoids"][b, single["assignment"][b, i]]) \
+                == exact_sq_distance(x32[b], i, double["medoids"][b, double["assignment"][b, i]])
+    touched = np.zeros(single["tokens"].shape[:2], bool)
+    for b, i in np.argwhere(differ):
+        touched[b, [single["assignment"][b, i], double["assignment"][b, i]]] = True
+    assert not differ.any() or single["medoids"] is not None, "labels differ without a tie"
+    np.testing.assert_allclose(single["tokens"][~touched], double["tokens"][~touched], rtol=1e-6)
+
+
+def exact_sq_distance(tokens, i, j):
+    """|tokens[i] - tokens[j]|^2 without rounding: float32 values near 1e4 on a grid of 2^-10
+    that differ by at most 32 have differences, squares and sums exact in float64."""
+    return float(((tokens[i].astype(np.float64) - tokens[j].astype(np.float64)) ** 2).sum())
 
 
 @pytest.mark.parametrize("algorithm", ["kmeans", "kmedoids"])
