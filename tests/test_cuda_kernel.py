@@ -276,20 +276,28 @@ int main(int, char** argv) {
 """
 
 
-def test_host_launch_stops_a_kernel_that_writes_past_its_shared_memory(tmp_path):
-    # A write past the layout lands in the guard after the buffer and stops the process at the
-    # launch's end, rather than corrupt the heap of the test process unseen; a write within
-    # the layout passes.
+def _build_host_program(folder: Path, name: str, source: str, what: str) -> Path:
+    """``source`` built with g++ beside the kernel headers, as ``folder / name``; skips
+    without g++, saying ``what`` cannot be done."""
     compiler = shutil.which("g++")
     if compiler is None:
-        pytest.skip("g++ not found: the host emulation cannot be built")
-    program = tmp_path / "overrun.cpp"
-    program.write_text(_OVERRUN_PROGRAM)
-    binary = tmp_path / "overrun"
+        pytest.skip(f"g++ not found: {what}")
+    program = folder / f"{name}.cpp"
+    program.write_text(source)
+    binary = folder / name
     built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", f"-I{_cupy.KERNEL_DIR}",
                             str(program), "-o", str(binary)], capture_output=True, text=True,
                            check=False)
     assert built.returncode == 0, built.stderr
+    return binary
+
+
+def test_host_launch_stops_a_kernel_that_writes_past_its_shared_memory(tmp_path):
+    # A write past the layout lands in the guard after the buffer and stops the process at the
+    # launch's end, rather than corrupt the heap of the test process unseen; a write within
+    # the layout passes.
+    binary = _build_host_program(tmp_path, "overrun", _OVERRUN_PROGRAM,
+                                 "the host emulation cannot be built")
     within = subprocess.run([str(binary), "0"], capture_output=True, text=True, check=False)
     assert (within.returncode, within.stdout) == (0, "launched\n"), within.stderr
     past = subprocess.run([str(binary), "1"], capture_output=True, text=True, check=False)
@@ -301,16 +309,8 @@ def test_helpers_defer_copies_and_order_keys_sort_numerically(tmp_path):
     # The host model of cp.async lands a copy only at the wait that covers it (so a kernel
     # reading its stage too early fails here as it might on a GPU); order_key sorts values as
     # numbers, -0 as +0, and from_order_key inverts it (the atomicMin choices rely on both).
-    compiler = shutil.which("g++")
-    if compiler is None:
-        pytest.skip("g++ not found: the device helpers cannot be built for the host")
-    program = tmp_path / "helpers.cpp"
-    program.write_text(_HELPERS_PROGRAM)
-    binary = tmp_path / "helpers"
-    built = subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", f"-I{_cupy.KERNEL_DIR}",
-                            str(program), "-o", str(binary)], capture_output=True, text=True,
-                           check=False)
-    assert built.returncode == 0, built.stderr
+    binary = _build_host_program(tmp_path, "helpers", _HELPERS_PROGRAM,
+                                 "the device helpers cannot be built for the host")
     lines = subprocess.run([str(binary)], capture_output=True, text=True,
                            check=True).stdout.splitlines()
     assert lines[:2] == ["before wait -1", "after wait 7"]
