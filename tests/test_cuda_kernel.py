@@ -608,8 +608,10 @@ def test_empty_batch_and_single_token(host, scheme):
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 120), m=st.integers(1, 40),
        data=st.data())
 def test_pool_agrees_with_generic_on_float_tokens(host, seed, n, m, data):
-    # Gaussian tokens far from the origin, float64: the generic Gram distances and the
-    # kernel's differences round differently, but no comparison is that close.
+    # Gaussian tokens far from the origin, float64: the generic path and the kernel both
+    # take the Gram form of the centred tokens, but the generic matrix product sums in
+    # another order than the kernel's feature order, so they round differently; no
+    # comparison is that close.
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n - 1), label="k")
     scheme = data.draw(st.sampled_from(SCHEMES), label="scheme")
@@ -621,6 +623,30 @@ def test_pool_agrees_with_generic_on_float_tokens(host, seed, n, m, data):
         got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
     assert_same_clustering(got, want, exact=False)
     np.testing.assert_allclose(got.tokens, want.tokens, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("scheme", ["shared", "global"])
+def test_gram_distances_below_zero_are_clamped(host, scheme, rng):
+    # Two tight groups of float32 tokens on either side of the mean: the Gram form's
+    # cancellation leaves about a tenth of the within-group distances below zero before
+    # the generic clamp (checked here with NumPy's own Gram form). The kernel clamps them
+    # too: every objective in the history is a sum of weights times distances >= 0, and
+    # every token's medoid is in its own group (the groups are 200 apart, the noise 1e-3).
+    batch, n, m, k = 4, 24, 16, 6
+    side = np.where(np.arange(n) % 2 == 0, 1.0, -1.0)[None, :, None]
+    x = (side * rng.normal(scale=100.0, size=(batch, 1, m))
+         + rng.normal(scale=1e-3, size=(batch, n, m))).astype(np.float32)
+    mean = x.mean(axis=1, keepdims=True, dtype=np.float32)
+    centred = x - mean
+    norms = (centred * centred).sum(axis=-1)
+    unclamped = norms[:, :, None] + norms[:, None, :] - 2 * (centred @ centred.transpose(0, 2, 1))
+    assert (unclamped[:, ~np.eye(n, dtype=bool)] < 0).mean() > 0.05
+    weights = rng.exponential(size=(batch, n)).astype(np.float32)
+    labels, medoids, history, _ = host.run(x, mean, distinct_init(rng, batch, n, k), weights,
+                                           8, False, scheme)
+    assert (history >= 0).all(), history
+    own_medoid = np.take_along_axis(medoids, labels, axis=1)
+    np.testing.assert_array_equal(own_medoid % 2, np.broadcast_to(np.arange(n) % 2, (batch, n)))
 
 
 @pytest.mark.parametrize(("n", "k", "scheme"), [(1024, 1, "global"), (1024, 700, "plan"),

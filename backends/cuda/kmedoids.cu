@@ -14,10 +14,17 @@
 // are off): labels are always in [0, K), medoids in [0, N) and distinct whenever init is,
 // every loop is bounded, every access in range. A NaN is never "nearer" nor "cheaper".
 //
-// Distances are those of the centred tokens (x minus the problem's mean), each summed over
-// the features in feature order, all N x N of them computed once per problem in register
-// tiles from features staged in shared memory, and stored once (fill_matrix). The matrix
-// (row stride N | 1) lives
+// Distances are those of the centred tokens a_i = x_i - mean, in the Gram form of the generic
+// path (tokenpool_ops/_primitives.py, self_sq_distances, and the CPU Numba kernels):
+// d(i, j) = (|a_i|^2 + |a_j|^2) - 2 a_i.a_j clamped at 0, computed once for i < j and
+// mirrored (symmetric to the bit), 0 on the diagonal; each dot product and squared norm
+// summed over the features in feature order (one FMA a pair and feature), in register tiles
+// from features staged in shared memory, and stored once (fill_matrix). So on integer tokens
+// of mean zero (every product and sum exact) the distances, and so the labels, medoids and
+// history, are the generic path's bit for bit; on real-valued tokens they agree with it up
+// to rounding (its matrix product sums in another order), as the CPU Numba kernels do.
+// The centring keeps the cancellation of the Gram form small for tokens far from the origin.
+// The matrix (row stride N | 1) lives
 // * in shared memory where it fits (SharedMatrix; float32 N <= 236 in the 227 KiB of
 //   Hopper, 201 on Ampere, for small K: 231 and 195 at K = N), so every later distance is
 //   a shared-memory read;
@@ -51,6 +58,7 @@ struct Problem {
   T* raw;         // two (N, kRawStride) buffers of features as they come
   Acc* weights;   // (N,)
   Acc* cost;      // (N,) cost of each token as its cluster's medoid (Eq. 17)
+  Acc* norms;     // (N,) |a_i|^2 of the centred tokens, during fill_matrix (cost's memory)
   Acc* scratch;   // (kWarps,)
   unsigned long long* best_key;  // (K,) order_key of each cluster's least member cost
   int* labels;    // (N,)
@@ -97,6 +105,7 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   p.best_key = reinterpret_cast<unsigned long long*>(shared + layout.region_bytes());
   p.weights = reinterpret_cast<Acc*>(p.best_key + k);
   p.cost = p.weights + n;
+  p.norms = p.cost;  // the costs are first written after the fill
   p.scratch = p.cost + n;
   int* ints = reinterpret_cast<int*>(p.scratch + kWarps);
   p.labels = ints;
@@ -251,11 +260,36 @@ __device__ __forceinline__ Acc pick(const Acc (&v)[kTile], int s) {
   return s == 0 ? v[0] : s == 1 ? v[1] : s == 2 ? v[2] : v[3];
 }
 
-// Stores one tile of distances (upper triangle, i < j, and its mirror j, i; zero on the
-// diagonal). Lanes are staggered by (lane / 8): at each step lane L writes cell
-// (u + L / 8) mod 4 of its row, so a warp of one tile row writes 32 distinct banks, in the
-// direct store (bank 4 (L mod 8) + (u + L / 8) mod 4 + const) and in the mirrored one
-// (bank 4 (P L mod 8) + ..., a permutation since the row stride P is odd).
+// A tile's dot products a_i.a_j become distances, (|a_i|^2 + |a_j|^2) - 2 a_i.a_j (the
+// generic sq_distances, in its order: an overflow shows as an infinity or a NaN, never as a
+// finite value, see tokenpool_ops/_overflow.py), clamped at 0 against rounding (a NaN stays
+// NaN, as the generic clip does). Cells past the last token (norm 0 here) are never stored.
+template <typename T>
+__device__ __forceinline__ void tile_distances(const Problem<T>& p, int row, int column,
+                                               typename Accumulator<T>::type (&sum)[kTile][kTile]) {
+  using Acc = typename Accumulator<T>::type;
+  Acc row_norms[kTile], column_norms[kTile];
+TP_UNROLL
+  for (int t = 0; t < kTile; ++t) {
+    row_norms[t] = row + t < p.n ? p.norms[row + t] : Acc(0);
+    column_norms[t] = column + t < p.n ? p.norms[column + t] : Acc(0);
+  }
+TP_UNROLL
+  for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+    for (int s = 0; s < kTile; ++s) {
+      const Acc d = (row_norms[r] + column_norms[s]) - Acc(2) * sum[r][s];
+      sum[r][s] = d < Acc(0) ? Acc(0) : d;
+    }
+  }
+}
+
+// Stores one tile of distances (upper triangle, i < j, and its mirror j, i, so the matrix is
+// symmetric by construction; zero on the diagonal). Lanes are staggered by (lane / 8): at
+// each step lane L writes cell (u + L / 8) mod 4 of its row, so a warp of one tile row
+// writes 32 distinct banks, in the direct store (bank 4 (L mod 8) + (u + L / 8) mod 4 +
+// const) and in the mirrored one (bank 4 (P L mod 8) + ..., a permutation since the row
+// stride P is odd).
 template <typename T>
 __device__ void store_tile(const Problem<T>& p, int row, int column,
                            const typename Accumulator<T>::type (&sum)[kTile][kTile]) {
@@ -285,8 +319,20 @@ TP_UNROLL
   }
 }
 
+// sum[r][s] += a[r] b[s] over one tile: one feature of a 4 x 4 tile's dot products, one FMA a
+// cell (the fill's Gram form).
+template <typename Acc>
+__device__ __forceinline__ void add_tile_dot(const TileValues<Acc>& a, const TileValues<Acc>& b,
+                                             Acc (&sum)[kTile][kTile]) {
+TP_UNROLL
+  for (int r = 0; r < kTile; ++r) {
+TP_UNROLL
+    for (int s = 0; s < kTile; ++s) sum[r][s] = multiply_add(a.v[r], b.v[s], sum[r][s]);
+  }
+}
+
 // sum[r][s] += (a[r] - b[s])^2 over one tile: one feature of a 4 x 4 tile's squared distances
-// (the fill and the merge objective share it, so both sum in the same order).
+// from the differences (the merge objective's pooled tokens x tokens).
 template <typename Acc>
 __device__ __forceinline__ void add_tile_feature(const TileValues<Acc>& a,
                                                  const TileValues<Acc>& b,
@@ -328,23 +374,49 @@ TP_UNROLL
       }
 TP_UNROLL
       for (int u = 0; u < kFeatureUnroll; ++u) {
-        add_tile_feature(row_tile[u], column_tile[u], sum[j]);
+        add_tile_dot(row_tile[u], column_tile[u], sum[j]);
       }
     }
 TP_LOOP
-    for (; q < width; ++q) add_tile_feature(a[q], b[q], sum[j]);  // a last, partial chunk
+    for (; q < width; ++q) add_tile_dot(a[q], b[q], sum[j]);  // a last, partial chunk
+  }
+}
+
+// Each token's squared norm |a_i|^2 over one chunk of the stage, added to its running sum in
+// p.norms (from 0 at the first chunk), in feature order: the bits of the dot product
+// a_i.a_i in its diagonal tile. A thread a token; a warp reads 8 groups' quads at one
+// feature: words 132 g + 4 q + r, 32 distinct banks.
+template <typename T>
+__device__ void add_norms(const Problem<T>& p, int start, int width) {
+  using Acc = typename Accumulator<T>::type;
+  for (int i = threadIdx.x; i < p.n; i += kBlockThreads) {
+    const Acc* values = p.stage + i / kTile * kStageGroupStride + i % kTile;
+    Acc norm = start == 0 ? Acc(0) : p.norms[i];
+    if (width == kFeatureChunk) {  // uniform
+TP_UNROLL
+      for (int q = 0; q < kFeatureChunk; ++q) {
+        norm = multiply_add(values[q * kTile], values[q * kTile], norm);
+      }
+    } else {
+      for (int q = 0; q < width; ++q) {
+        norm = multiply_add(values[q * kTile], values[q * kTile], norm);
+      }
+    }
+    p.norms[i] = norm;
   }
 }
 
 // All N x N distances into the matrix (shared or global), each stored once. Each thread
 // owns RoundTiles tiles of kTile x kTile cells of the upper triangle per round (one round
-// for N <= 236 in the shared variant, N <= 180 in the global one) and sums each cell over
-// all M features in feature order, in registers: d(i, j) = sum_q ((x_iq - mean_q) -
-// (x_jq - mean_q))^2, the same bits in either variant and for any tile assignment
-// ((a - b)^2 == (b - a)^2, so the matrix is symmetric to the bit). Features come
-// kFeatureChunk at a time. Pipelined (the shared variant, one block an SM): through two raw
-// buffers, chunk c + 1 copied (cp.async) while chunk c is centred and used; else straight
-// from global memory, while the SM's other block computes. Two barriers a chunk.
+// for N <= 236 in the shared variant, N <= 180 in the global one) and sums each cell's dot
+// product a_i.a_j of the centred tokens over all M features in feature order, in registers;
+// the first round also sums each token's |a_i|^2 (add_norms). Each cell then becomes
+// (|a_i|^2 + |a_j|^2) - 2 a_i.a_j clamped at 0 (tile_distances), stored at (i, j) and
+// mirrored at (j, i): the same bits in either variant and for any tile assignment, and the
+// matrix symmetric to the bit. Features come kFeatureChunk at a time. Pipelined (the
+// shared variant, one block an SM): through two raw buffers, chunk c + 1 copied (cp.async)
+// while chunk c is centred and used; else straight from global memory, while the SM's other
+// block computes. Two barriers a chunk.
 template <typename T, int RoundTiles, bool Pipelined>
 __device__ void fill_matrix(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
@@ -385,13 +457,17 @@ TP_UNROLL
       __syncthreads();  // every thread's copies of chunk c; the stage is no longer read
       centre_stage(p, start, width_at(start), Pipelined ? p.raw + (c % 2) * p.raw_count : nullptr);
       __syncthreads();
+      if (first == 0) add_norms(p, start, width_at(start));  // uniform: the first round only
       add_chunk<Acc, RoundTiles>(width_at(start), used_slots(first, tiles, RoundTiles),
                                  row_values, column_values, sum);
     }
-    __syncthreads();  // the stage and raw buffers may share memory with the matrix
+    __syncthreads();  // the stage and raw buffers may share memory with the matrix; norms done
 TP_UNROLL
     for (int j = 0; j < RoundTiles; ++j) {
-      if (rows[j] >= 0) store_tile(p, rows[j], columns[j], sum[j]);
+      if (rows[j] >= 0) {
+        tile_distances(p, rows[j], columns[j], sum[j]);
+        store_tile(p, rows[j], columns[j], sum[j]);
+      }
     }
   }
   __syncthreads();
@@ -617,7 +693,7 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // SharedMatrix: where the distances live (a template parameter, so that each instantiation
 // has its addresses fixed). With the matrix in shared memory a block has an SM to itself
 // (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
-// accumulators of fill_matrix (it takes 224 on sm_90, 196 on sm_80). The global variant
+// accumulators of fill_matrix (it takes 253 on sm_90, 194 on sm_80). The global variant
 // asks for 2 blocks per SM (128 registers; it takes them all, no spill), so that one block's
 // loads overlap the other's work.
 template <typename T, bool SharedMatrix>
