@@ -32,7 +32,10 @@ if ! command -v "$nvcc" >/dev/null; then
 fi
 
 # One translation unit per element-type group, taking the address of each kernel so that
-# every instantiation is compiled: kmedoids<T, FullMatrix> and merge<T>.
+# every instantiation is compiled: kmedoids<T, SharedMatrix, TileRows> with both shapes of
+# fill_matrix's blocks (1: 4 x 4 tiles, the glue's choice before sm_90; 2: 8 x 4 pairs, from
+# sm_90 on; both are compiled for both architectures, so that each is checked for spills
+# wherever it could run) and merge<T>.
 instantiate() {  # file, element types...
   local file=$1
   shift
@@ -40,8 +43,10 @@ instantiate() {  # file, element types...
     echo '#include "kmedoids.cu"'
     echo 'void* tokenpool_kernels[] = {'
     for type in "$@"; do
-      echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, true>),"
-      echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, false>),"
+      for rows in 1 2; do
+        echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, true, $rows>),"
+        echo "  reinterpret_cast<void*>(&tokenpool::kmedoids<$type, false, $rows>),"
+      done
       echo "  reinterpret_cast<void*>(&tokenpool::merge<$type>),"
     done
     echo '};'

@@ -61,14 +61,36 @@ ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32",
                "bfloat16": "float32"}
 
 
-def kernel_name(dtype_name: str, shared_matrix: bool) -> str:
-    """The template instantiation for tokens of ``dtype_name``, e.g. ``float32``."""
+#: The shapes of fill_matrix's blocks of distances (TileRows): tile rows by one tile column.
+#: 1 (4 x 4 cells) where the fill is limited by arithmetic (sm_80, 86, 89: the A100); 2
+#: (8 x 4, two tiles sharing their column's loads) where shared-memory loads limit it
+#: (sm_90: the H100, H200). See benchmarks/README.md, CUDA.
+TILE_ROWS = (1, 2)
+
+
+def tile_rows(compute_capability: str) -> int:
+    """fill_matrix's tile rows for a device of ``compute_capability`` (CuPy's, e.g. "90"):
+    pairs (2) from sm_90 on, single tiles (1) before."""
+    return 2 if int(compute_capability) >= 90 else 1
+
+
+def kernel_name(dtype_name: str, shared_matrix: bool, rows: int) -> str:
+    """The template instantiation for tokens of ``dtype_name`` (e.g. ``float32``), the
+    distances in shared memory or not, and ``rows`` tile rows a block of the fill."""
     return (f"tokenpool::kmedoids<{CXX_TYPES[dtype_name]}, "
-            f"{'true' if shared_matrix else 'false'}>")
+            f"{'true' if shared_matrix else 'false'}, {rows}>")
 
 
-#: Tiles each thread sums per round of fill_matrix (TP_ROUND_TILES), by where the matrix is.
-ROUND_TILES = {True: 7, False: 4}
+#: Blocks each thread sums per round of fill_matrix (round_blocks), by where the matrix is
+#: and the blocks' tile rows.
+ROUND_BLOCKS = {(True, 1): 7, (False, 1): 4, (True, 2): 4, (False, 2): 2}
+
+
+def upper_blocks(side: int, rows: int) -> int:
+    """Blocks of ``rows`` tile rows by one tile column that cover the upper triangle of a
+    side x side grid of tiles (upper_blocks): block row P holds side - rows * P of them."""
+    block_rows = -(-side // rows)
+    return block_rows * side - rows * block_rows * (block_rows - 1) // 2
 #: Row stride of the raw feature buffers (kRawStride).
 RAW_STRIDE = FEATURE_CHUNK + 8
 #: Elements of one tile group of the (tile-major) stage (kStageGroupStride).
@@ -86,7 +108,8 @@ def matrix_stride(n: int) -> int:
     return n | 1
 
 
-def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) -> int:
+def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool,
+                          rows: int) -> int:
     """Dynamic shared memory of one block: ``KMedoidsLayout<T>::bytes()`` of the kernel.
 
     A region for the distance fill: a stage of centred features (ceil(N / TILE) groups of
@@ -98,11 +121,13 @@ def kmedoids_shared_bytes(n: int, k: int, dtype_name: str, shared_matrix: bool) 
     arrays (labels and the medoid of each token: N; medoids and each cluster's best member:
     K); with ``shared_matrix``, each cluster's members as a bit set (K, ceil(N / 32) words),
     the clusters whose medoid moved (K ints), the tokens to search in full (N) and two counts.
+    ``rows``, the fill's tile rows (:data:`TILE_ROWS`), decides whether the fill runs in one
+    round (:data:`ROUND_BLOCKS`).
     """
     accumulator_bytes = 8 if ACCUMULATOR[dtype_name] == "float64" else 4
     side = -(-n // TILE)
-    per_round = ROUND_TILES[shared_matrix] * BLOCK_THREADS
-    rounds = -(-(side * (side + 1) // 2) // per_round)
+    per_round = ROUND_BLOCKS[shared_matrix, rows] * BLOCK_THREADS
+    rounds = -(-upper_blocks(side, rows) // per_round)
     raw = 2 * n * RAW_STRIDE * ELEMENT_BYTES[dtype_name] if shared_matrix else 0
     fill = _round16(side * STAGE_GROUP_STRIDE * accumulator_bytes + raw)
     matrix = _round16(n * matrix_stride(n) * accumulator_bytes) if shared_matrix else 0
@@ -120,9 +145,11 @@ class KMedoidsPlan:
     kernel: str
     shared_matrix: bool  # N x N distances in shared memory; else in a (B, N, N | 1) workspace
     shared_bytes: int
+    tile_rows: int  # fill_matrix's blocks: tile rows by one tile column (TILE_ROWS)
 
 
-def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMedoidsPlan | None:
+def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int,
+                  rows: int) -> KMedoidsPlan | None:
     """The kernel's plan for problems of ``n`` tokens and ``k`` medoids; None where the kernel
     does not apply and the generic code runs (the "does it apply" test of the fast path).
 
@@ -134,12 +161,15 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
         Element type of the tokens, one of ``CXX_TYPES``.
     max_shared_bytes : int
         The device's opt-in limit of dynamic shared memory per block.
+    rows : int
+        The device's tile rows of the fill (:func:`tile_rows`).
 
     Returns
     -------
     KMedoidsPlan or None
-        The N x N distances in shared memory where they fit (float32 N up to 236 on Hopper,
-        201 on Ampere, for small K; 231 and 195 at K = N), else in a global (B, N, N | 1)
+        The N x N distances in shared memory where they fit (float32 N up to 237 on Hopper
+        with its pair tiles, 236 with single tiles; 201 on Ampere, for small K; 231 and 195
+        at K = N), else in a global (B, N, N | 1)
         workspace as long as a chunk of every token's features fits in shared memory
         (float32 N up to about 1570 on Hopper, 1120 on Ampere; float64 about 800 and 575);
         None beyond, and the generic code runs.
@@ -148,9 +178,10 @@ def kmedoids_plan(n: int, k: int, dtype_name: str, max_shared_bytes: int) -> KMe
         return None
     budget = max_shared_bytes - STATIC_SHARED_BYTES
     for shared_matrix in (True, False):
-        shared = kmedoids_shared_bytes(n, k, dtype_name, shared_matrix)
+        shared = kmedoids_shared_bytes(n, k, dtype_name, shared_matrix, rows)
         if shared <= budget:
-            return KMedoidsPlan(kernel_name(dtype_name, shared_matrix), shared_matrix, shared)
+            return KMedoidsPlan(kernel_name(dtype_name, shared_matrix, rows), shared_matrix,
+                                shared, rows)
     return None
 
 
@@ -329,7 +360,8 @@ def compile_options() -> tuple[str, ...]:
 
 def kernel_names() -> list[str]:
     """Every instantiation the glue may launch (each is compiled on its first launch)."""
-    return ([kernel_name(dtype, shared) for dtype in CXX_TYPES for shared in (True, False)]
+    return ([kernel_name(dtype, shared, rows) for dtype in CXX_TYPES
+             for shared in (True, False) for rows in TILE_ROWS]
             + [merge_name(dtype) for dtype in CXX_TYPES])
 
 
@@ -452,6 +484,14 @@ def _toolchain() -> str:
 
 
 @functools.cache
+def _tile_rows(device_id: int) -> int:
+    """fill_matrix's tile rows on this device (:func:`tile_rows` of its architecture)."""
+    import cupy
+
+    return tile_rows(str(cupy.cuda.Device(device_id).compute_capability))
+
+
+@functools.cache
 def _max_shared_bytes(device_id: int) -> int:
     """Dynamic shared memory one block may opt in to on this device."""
     from cupy.cuda import runtime
@@ -528,15 +568,16 @@ KMedoidsLauncher = Callable[[KernelArguments, KMedoidsPlan, int], None]
 MergeLauncher = Callable[["MergeArguments", bool], None]
 
 
-def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, x: Any,
-                   mean: Any, init: Any, weights: Any, max_iter: int, stop_early: bool,
-                   allocate: Allocator | None = None, most: Most | None = None
-                   ) -> tuple[Any, Any, Any, Any] | None:
+def fused_kmedoids(np_like: Any, launch: KMedoidsLauncher, max_shared_bytes: int, rows: int,
+                   x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
+                   stop_early: bool, allocate: Allocator | None = None,
+                   most: Most | None = None) -> tuple[Any, Any, Any, Any] | None:
     """:func:`run_kmedoids` for any array module and launcher (the tests run it with NumPy
-    and the host build of the kernel)."""
+    and the host build of the kernel), on a device of ``max_shared_bytes`` and fill tile
+    ``rows`` (:func:`tile_rows`)."""
     if x.ndim != 3:
         return None
-    plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name, max_shared_bytes)
+    plan = kmedoids_plan(x.shape[1], init.shape[-1], x.dtype.name, max_shared_bytes, rows)
     if plan is None:
         return None
     args = kernel_arguments(np_like, x, mean, init, weights, max_iter, plan, allocate)
@@ -577,15 +618,15 @@ def run_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int, stop
         ``(labels (B, N), medoids (B, K), history (B, T + 1), T)`` as
         ``_clustering.run_kmedoids`` returns them, on ``x``'s device, computed on its current
         stream; None where :func:`kmedoids_plan` declines (planned with that device's
-        shared memory, whichever device is current).
+        shared memory and tile rows, whichever device is current).
     """
     import cupy
 
     device_id = x.device.id
     with cupy.cuda.Device(device_id):
         return fused_kmedoids(cupy, functools.partial(_launch, device_id),
-                              _max_shared_bytes(device_id), x, mean, init, weights, max_iter,
-                              stop_early, allocate, most)
+                              _max_shared_bytes(device_id), _tile_rows(device_id), x, mean,
+                              init, weights, max_iter, stop_early, allocate, most)
 
 
 def fused_merge(np_like: Any, launch: MergeLauncher, max_shared_bytes: int, x: Any, mean: Any,

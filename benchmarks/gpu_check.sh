@@ -7,11 +7,13 @@
 #      launch-each; skipped, saying so, where the toolkit has no compute-sanitizer), then the
 #      CuPy and torch-cuda tests of the suite and the GPU tests of the CUDA kernel;
 #   3. the timings: pool at B=256, N=197, M=384, K=98, float32 (generic, CuPy kernel, torch
-#      kernel: benchmarks/benchmarks/bench_cuda.py), the whole DeiT-S at batch 256, plain
-#      against level-4 wkmedoids, topk and ToMe (tome), in bf16 then fp32 (timm_speedup.py),
-#      the Eq. 5 score pass (benchmarks/score_pass.py), the Hugging Face ViT (hf_speedup.py),
-#      then plain against level-4 wkmedoids at batch 256 in bf16 under torch.compile with
-#      CUDA graphs (mode reduce-overhead: timm_speedup.py --compile), eager and compiled;
+#      kernel: benchmarks/benchmarks/bench_cuda.py, which first prints the instantiation the
+#      kernel runs, and so its fill's tile shape: 8 x 4 pairs on sm_90, 4 x 4 before), the
+#      whole DeiT-S at batch 256, plain against level-4 wkmedoids, topk and ToMe (tome), in
+#      bf16 then fp32 (timm_speedup.py), the Eq. 5 score pass (benchmarks/score_pass.py),
+#      the Hugging Face ViT (hf_speedup.py), then plain against level-4 wkmedoids at batch
+#      256 in bf16 under torch.compile with CUDA graphs (mode reduce-overhead:
+#      timm_speedup.py --compile), eager and compiled;
 # and writes the same to benchmarks/results/gpu_check.md (or $GPU_CHECK_RESULTS), to be
 # committed.
 #

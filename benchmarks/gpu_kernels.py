@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import itertools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -49,10 +50,10 @@ def launches(np_like: Any, launch: _cupy.KMedoidsLauncher, launch_merge: _cupy.M
         stand_in = "float16" if dtype_name == "bfloat16" else dtype_name
         x = np_like.asarray(values.astype(stand_in))
         bits = np_like.asarray(_bfloat16_bits(values)) if dtype_name == "bfloat16" else x
-        for shared_matrix in (True, False):
+        for shared_matrix, rows in itertools.product((True, False), _cupy.TILE_ROWS):
             plan = _cupy.KMedoidsPlan(
-                _cupy.kernel_name(dtype_name, shared_matrix), shared_matrix,
-                _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared_matrix))
+                _cupy.kernel_name(dtype_name, shared_matrix, rows), shared_matrix,
+                _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared_matrix, rows), rows)
             args = _cupy.kernel_arguments(np_like, x, mean, init, weights, MAX_ITER, plan)
             launch(dataclasses.replace(args, x=bits), plan, MAX_ITER)
             yield plan.kernel

@@ -90,9 +90,11 @@ class FakeModule:
 
 @dataclass
 class FakeCupy:
-    """The fake ``cupy`` module. ``shared_limits``: each device's opt-in shared memory."""
+    """The fake ``cupy`` module. ``shared_limits``: each device's opt-in shared memory;
+    ``architectures``: each device's compute capability ("90", an H100's, where not given)."""
 
     shared_limits: dict[int, int]
+    architectures: dict[int, str] = field(default_factory=dict)
     __version__: str = "99.0.0-fake"
     compiles: list[tuple[str, tuple[str, ...], list[str]]] = field(default_factory=list)
     loads: list[tuple[bytes, int]] = field(default_factory=list)
@@ -113,7 +115,7 @@ class FakeCupy:
         class Device:
             def __init__(self, device_id: int | None = None) -> None:
                 self.id = fake.current_device() if device_id is None else device_id
-                self.compute_capability = "90"
+                self.compute_capability = fake.architectures.get(self.id, "90")
 
             def __enter__(self) -> Device:
                 fake._stack("devices").append(self.id)

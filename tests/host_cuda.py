@@ -162,7 +162,7 @@ def block_threads(header: str) -> int:
 
 
 def parse_instantiation(instantiation: str) -> tuple[str, list[str]]:
-    """``"tokenpool::kmedoids<float, true>"`` -> ``("kmedoids", ["float", "true"])``."""
+    """``"tokenpool::kmedoids<float, true, 2>"`` -> ``("kmedoids", ["float", "true", "2"])``."""
     match = re.fullmatch(r"(?:\w+::)*(\w+)\s*<(.*)>", instantiation.strip())
     if match is None:
         raise ValueError(f"not a template instantiation: {instantiation!r}")
@@ -278,7 +278,8 @@ def check_extents(lowered_name: str, args: dict[str, Any]) -> None:
     extents = {"x": b * n * m, "mean": b * m, "weights": b * n, "tokens": b * k * m,
                "sizes": b * k}
     if "max_iter" in args:  # kmedoids
-        shared_matrix = lowered_name.endswith("true>")
+        _, template_arguments = parse_instantiation(lowered_name.removeprefix(LOWERED_PREFIX))
+        shared_matrix = template_arguments[1] == "true"  # kmedoids<T, SharedMatrix, TileRows>
         extents.update(init=b * k, labels_out=b * n, medoids_out=b * k, iterations=b,
                        history=b * (int(args["max_iter"]) + 1),
                        workspace=0 if shared_matrix else b * n * (n | 1))
@@ -480,10 +481,12 @@ class GlueOnHost:
             patch.setattr(_cupy, "_functions", self.functions)
             patch.setenv(_cupy.CACHE_DIR_VARIABLE, str(self.cache))
             _cupy._max_shared_bytes.cache_clear()
+            _cupy._tile_rows.cache_clear()
             try:
                 yield self.fake
             finally:
                 _cupy._max_shared_bytes.cache_clear()
+                _cupy._tile_rows.cache_clear()
 
     def _check_last(self) -> None:
         launch, high_water = self.launcher.executed[-1]

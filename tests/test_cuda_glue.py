@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -34,13 +35,15 @@ H100, A100 = 232448, 166912
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeCupy:
-    """CuPy replaced by the fake, device 0 an H100 and device 1 an A100, an empty kernel
-    cache, and no kernel loaded in this process yet."""
+    """CuPy replaced by the fake, device 0 an H100 (sm_90) and device 1 an A100 (sm_80), an
+    empty kernel cache, and no kernel loaded in this process yet."""
     monkeypatch.setenv(_cupy.CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     monkeypatch.setattr(_cupy, "_functions", {})
     _cupy._max_shared_bytes.cache_clear()
-    yield FakeCupy({0: H100, 1: A100}).install(monkeypatch)
+    _cupy._tile_rows.cache_clear()
+    yield FakeCupy({0: H100, 1: A100}, {0: "90", 1: "80"}).install(monkeypatch)
     _cupy._max_shared_bytes.cache_clear()
+    _cupy._tile_rows.cache_clear()
 
 
 def _problem(fake: FakeCupy, device: int, n: int = 197, k: int = 98) -> tuple[Any, ...]:
@@ -62,8 +65,8 @@ def _instantiation(lowered_name: str) -> str:
 
 def test_cupy_entries_plan_and_launch_on_the_arrays_device(fake):
     # The current device is 0 (an H100); the arrays live on device 1 (an A100), whose
-    # shared memory cannot hold the N x N matrix: the plan, the loads, the outputs and the
-    # launches must all be device 1's.
+    # shared memory cannot hold the N x N matrix and whose fill takes 4 x 4 tiles: the plan,
+    # the loads, the outputs and the launches must all be device 1's.
     x, mean, init, weights = _problem(fake, device=1, n=210)
     labels, medoids, history, _ = _cupy.run_kmedoids(x, mean, init, weights, 5, True)
     tokens, sizes, objective = _cupy.run_merge(x, mean, labels, 98, weights, None, weights,
@@ -71,7 +74,7 @@ def test_cupy_entries_plan_and_launch_on_the_arrays_device(fake):
     assert fake.current_device() == 0  # the glue restored it
     assert set(fake.asked_limits) == {1}
     assert [_instantiation(launch.lowered_name) for launch in fake.launches] == [
-        "tokenpool::kmedoids<float, false>", "tokenpool::merge<float>"]
+        "tokenpool::kmedoids<float, false, 1>", "tokenpool::merge<float>"]
     for launch in fake.launches:
         assert launch.device == 1 and launch.argument_devices == {1}
     assert {device for _, device in fake.loads} == {1}
@@ -79,13 +82,35 @@ def test_cupy_entries_plan_and_launch_on_the_arrays_device(fake):
         assert output.device.id == 1
 
 
-def test_the_plan_follows_each_devices_shared_memory(fake):
-    for device, kernel in ((0, "tokenpool::kmedoids<float, true>"),
-                           (1, "tokenpool::kmedoids<float, false>")):
+def test_the_plan_follows_each_devices_shared_memory_and_architecture(fake):
+    # The H100 (sm_90) fills with 8 x 4 pair tiles, the A100 (sm_80) with 4 x 4 tiles.
+    for device, kernel in ((0, "tokenpool::kmedoids<float, true, 2>"),
+                           (1, "tokenpool::kmedoids<float, false, 1>")):
         _cupy.run_kmedoids(*_problem(fake, device, n=210), 5, False)
         launch = fake.launches[-1]
         assert (launch.device, _instantiation(launch.lowered_name)) == (device, kernel)
         assert launch.shared_mem <= fake.shared_limits[device] - 16  # beside static memory
+
+
+def test_bench_cuda_names_the_instantiation_and_tile_shape_each_case_runs(fake, monkeypatch):
+    # What gpu_check.sh's timing step prints first: on the current device, the instantiation
+    # the glue plans for each case, with its fill's tile shape.
+    spec = importlib.util.spec_from_file_location(
+        "bench_cuda", ROOT / "benchmarks" / "benchmarks" / "bench_cuda.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "_libraries", lambda: (fake, None, "", "no torch"))
+    assert list(bench.fill_shapes([(256, 197, 98), (64, 577, 144)])) == [
+        "kernel fill at 256x197/98, sm_90: 8 x 4 pair tiles, "
+        "tokenpool::kmedoids<float, true, 2>",
+        "kernel fill at 64x577/144, sm_90: 8 x 4 pair tiles, "
+        "tokenpool::kmedoids<float, false, 2>"]
+    with fake.cuda.Device(1):  # the A100
+        assert list(bench.fill_shapes([(256, 197, 98)])) == [
+            "kernel fill at 256x197/98, sm_80: 4 x 4 tiles, tokenpool::kmedoids<float, true, 1>"]
+    monkeypatch.setattr(bench, "_libraries", lambda: (None, None, "no CuPy", "no torch"))
+    assert list(bench.fill_shapes([(256, 197, 98)])) == ["kernel fill: not known (no CuPy)"]
 
 
 def test_torch_entries_launch_on_the_tensors_device_and_current_stream(fake, monkeypatch):
@@ -115,7 +140,7 @@ def test_each_call_compiles_only_its_instantiation_with_the_float_model(fake):
     labels = fake.asarray(np.zeros((2, 197), np.int64))
     _cupy.run_merge(x, mean, labels, 98, weights, None, weights, False)
     assert [names for _, _, names in fake.compiles] == [
-        ["tokenpool::kmedoids<float, true>"], ["tokenpool::merge<float>"]]
+        ["tokenpool::kmedoids<float, true, 2>"], ["tokenpool::merge<float>"]]
     source = (_cupy.KERNEL_DIR / "kmedoids.cu").read_text()
     for compiled, options, _ in fake.compiles:
         assert compiled == source
@@ -131,7 +156,7 @@ def test_check_cuda_compiles_with_the_glues_float_model():
 
 @pytest.mark.parametrize("threads", [1, 8])
 def test_shared_memory_opt_in_is_set_once_per_kernel_and_device(fake, threads):
-    # Launches of one instantiation at many N, from several threads, on two devices: each
+    # Launches at many N, from several threads, on two devices (one instantiation each): each
     # (kernel, device) is loaded once and opted in once, to the device's limit less the
     # kernel's static shared memory, before its first launch; no launch changes it again.
     start = threading.Barrier(threads)
@@ -155,7 +180,10 @@ def test_shared_memory_opt_in_is_set_once_per_kernel_and_device(fake, threads):
     assert not errors, errors
     assert len(fake.launches) == threads * len(sizes) * 2
     assert sorted(device for _, device in fake.loads) == [0, 1]
-    assert len(fake.compiles) == 1  # the second device reads the first one's binary
+    # One compilation per architecture, however many threads: the H100 (sm_90) runs the
+    # 8 x 4 pair tiles, the A100 (sm_80) the 4 x 4 tiles.
+    assert sorted(names for _, _, names in fake.compiles) == [
+        ["tokenpool::kmedoids<float, true, 1>"], ["tokenpool::kmedoids<float, true, 2>"]]
     assert sorted(value for _, _, value in fake.set_attributes) == [A100 - 16, H100 - 16]
     assert {attribute for _, attribute, _ in fake.set_attributes} == {fake.MAX_DYNAMIC_SHARED}
     assert {ptr for ptr, _, _ in fake.set_attributes} == set(fake.functions)
@@ -189,7 +217,7 @@ print(json.dumps({{"compiled": [names for _, _, names in fake.compiles],
         return json.loads(done.stdout.splitlines()[-1])
 
     first = first_call()
-    assert first["compiled"] == [["tokenpool::kmedoids<float, true>"]]
+    assert first["compiled"] == [["tokenpool::kmedoids<float, true, 2>"]]
     second = first_call()
     assert second == {"compiled": [], "loaded": first["loaded"]}
     (entry,) = cache.glob("*.kernel")

@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import functools
 import importlib.util
+import itertools
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -60,28 +61,34 @@ SCHEMES = ["plan", "shared", "global"]
 class HostKernels:
     """The CPU build of kmedoids.cu, called as the GPU glue calls the GPU build."""
 
-    def __init__(self, library: ctypes.CDLL, glue: GlueOnHost) -> None:
+    def __init__(self, library: ctypes.CDLL, glue: GlueOnHost, rows: int) -> None:
         self.library = library
         self.glue = glue  # the glue's own launches, run on the host (tests/host_cuda.py)
+        self.rows = rows  # fill_matrix's tile rows (_cupy.TILE_ROWS) its plans take
         for suffix in _cupy.CXX_TYPES:
             function = getattr(library, f"tp_kmedoids_{suffix}")
             function.restype = None
-            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 5
+            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 5
             getattr(library, f"tp_kmedoids_shared_bytes_{suffix}").restype = ctypes.c_longlong
             merge = getattr(library, f"tp_merge_{suffix}")
             merge.restype = None
             merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 4
             getattr(library, f"tp_merge_shared_bytes_{suffix}").restype = ctypes.c_longlong
 
+    def with_rows(self, rows: int) -> HostKernels:
+        """The same builds, planning fills of ``rows`` tile rows."""
+        return HostKernels(self.library, self.glue, rows)
+
     def plan(self, n: int, k: int, dtype_name: str, scheme: str) -> _cupy.KMedoidsPlan:
-        plan = _cupy.kmedoids_plan(n, k, dtype_name, H100_SHARED_BYTES)
+        plan = _cupy.kmedoids_plan(n, k, dtype_name, H100_SHARED_BYTES, self.rows)
         if scheme == "plan" and plan is not None:
             return plan
         # Forced, or beyond an H100's shared memory (float64 at large N): the host has no
         # such limit.
         shared = scheme == "shared"
-        return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, shared), shared,
-                                  _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared))
+        return _cupy.KMedoidsPlan(_cupy.kernel_name(dtype_name, shared, self.rows), shared,
+                                  _cupy.kmedoids_shared_bytes(n, k, dtype_name, shared,
+                                                              self.rows), self.rows)
 
     def launch(self, args: _cupy.KernelArguments, plan: _cupy.KMedoidsPlan,
                max_iter: int) -> None:
@@ -96,12 +103,12 @@ class HostKernels:
             max_iter: int, stop_early: bool, scheme: str = "plan",
             dtype_name: str | None = None) -> tuple[Any, Any, Any, int]:
         """The kernel on the host: with scheme "plan", exactly ``_cupy.run_kmedoids`` with
-        NumPy for CuPy and an H100's shared memory; else the distances forced into shared
-        or global memory at any N. ``dtype_name`` names the element type where NumPy has
-        none (bfloat16, passed as its uint16 bits)."""
+        NumPy for CuPy and an H100's shared memory (and ``rows``); else the distances forced
+        into shared or global memory at any N. ``dtype_name`` names the element type where
+        NumPy has none (bfloat16, passed as its uint16 bits)."""
         if scheme == "plan" and dtype_name is None:
-            fused = _cupy.fused_kmedoids(np, self.launch, H100_SHARED_BYTES, x, mean, init,
-                                         weights, max_iter, stop_early)
+            fused = _cupy.fused_kmedoids(np, self.launch, H100_SHARED_BYTES, self.rows, x,
+                                         mean, init, weights, max_iter, stop_early)
             if fused is not None:
                 return fused
         dtype_name = dtype_name or x.dtype.name
@@ -133,7 +140,16 @@ def host(tmp_path_factory: pytest.TempPathFactory) -> HostKernels:
     built = subprocess.run(command, capture_output=True, text=True, check=False)
     assert built.returncode == 0, f"host build failed:\n{built.stderr}"
     glue = tmp_path_factory.mktemp("glue_on_host")
-    return HostKernels(ctypes.CDLL(str(library)), GlueOnHost(build_library(glue), glue / "cache"))
+    return HostKernels(ctypes.CDLL(str(library)), GlueOnHost(build_library(glue), glue / "cache"),
+                       _cupy.tile_rows("90"))
+
+
+@pytest.fixture(scope="module", params=_cupy.TILE_ROWS,
+                ids=lambda rows: "4x4 tiles" if rows == 1 else "8x4 pair tiles")
+def tiles(host: HostKernels, request: pytest.FixtureRequest) -> HostKernels:
+    """The host build planning each shape of fill_matrix's blocks in turn (the A100's 4 x 4
+    tiles, the H100's 8 x 4 pairs): both must give the generic code's bits."""
+    return host.with_rows(request.param)
 
 
 @contextlib.contextmanager
@@ -222,10 +238,10 @@ def test_constants_and_layout_agree_with_the_kernel(host):
                                     ("bfloat16", 4)):
         entry = getattr(host.library, f"tp_kmedoids_shared_bytes_{dtype_name}")
         merge_entry = getattr(host.library, f"tp_merge_shared_bytes_{dtype_name}")
-        for n, k in ((1, 1), (197, 98), (577, 49), (4096, 4096)):
-            for shared in (True, False):
-                assert entry(n, k, int(shared)) == _cupy.kmedoids_shared_bytes(
-                    n, k, dtype_name, shared)
+        for n, k in ((1, 1), (197, 98), (237, 1), (253, 1), (577, 49), (4096, 4096)):
+            for shared, rows in itertools.product((True, False), _cupy.TILE_ROWS):
+                assert entry(n, k, int(shared), rows) == _cupy.kmedoids_shared_bytes(
+                    n, k, dtype_name, shared, rows)
             for objective in (True, False):
                 assert merge_entry(n, k, int(objective)) == _cupy.merge_shared_bytes(
                     n, k, accumulator, objective)
@@ -328,47 +344,58 @@ def test_helpers_defer_copies_and_order_keys_sort_numerically(tmp_path):
         assert [str(v) for v in back] == [str(abs(v)) if v == 0 else str(v) for v in values]
 
 
-def test_plan_chooses_a_scheme_or_declines():
+@pytest.mark.parametrize("rows", _cupy.TILE_ROWS)
+def test_plan_chooses_a_scheme_or_declines(rows):
     # The N x N matrix in shared memory where it fits, in the global workspace above.
-    plan = _cupy.kmedoids_plan(197, 98, "float32", H100_SHARED_BYTES)
-    assert plan is not None and plan.shared_matrix
-    assert plan.kernel == "tokenpool::kmedoids<float, true>"
+    plan = _cupy.kmedoids_plan(197, 98, "float32", H100_SHARED_BYTES, rows)
+    assert plan is not None and plan.shared_matrix and plan.tile_rows == rows
+    assert plan.kernel == f"tokenpool::kmedoids<float, true, {rows}>"
     assert plan.shared_bytes <= H100_SHARED_BYTES
     a100_limit = 166912
     # On an A100 too: the fill's stage and raw buffers overlay the matrix (one round).
-    assert _cupy.kmedoids_plan(197, 98, "float32", a100_limit).shared_matrix
-    assert not _cupy.kmedoids_plan(202, 98, "float32", a100_limit).shared_matrix
+    assert _cupy.kmedoids_plan(197, 98, "float32", a100_limit, rows).shared_matrix
+    assert not _cupy.kmedoids_plan(202, 98, "float32", a100_limit, rows).shared_matrix
     for n in (577, 1025):
-        plan = _cupy.kmedoids_plan(n, n // 2, "float32", a100_limit)
+        plan = _cupy.kmedoids_plan(n, n // 2, "float32", a100_limit, rows)
         assert plan is not None and not plan.shared_matrix
-    assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES).kernel == (
-        "tokenpool::kmedoids<tokenpool::Half, false>")
+    assert _cupy.kmedoids_plan(577, 98, "float16", H100_SHARED_BYTES, rows).kernel == (
+        f"tokenpool::kmedoids<tokenpool::Half, false, {rows}>")
     # The limits the README gives, float32 on an H100 (232448 - 64 bytes), worked out from
     # KMedoidsLayout::bytes(). With the matrix: N = 236, K = 1 fills in one round
     # (59 * 60 / 2 = 1770 <= 7 * 256 tiles), so the matrix overlays the fill region:
     # 236 * 237 * 4 = 223728, + 8 + (2*236 + 8) * 4 + (2*236 + 2 + 1 * 8 + 1 + 236 + 2) * 4
     # = 228540 bytes (the one cluster's 8 words of member bits, then the moved list, the
     # search list and their two counts); N = 237 takes two rounds
-    # (1830 tiles), matrix beside the fill region: 324928. In the workspace (a tile-major
+    # (1830 tiles) with 4 x 4 tiles, matrix beside the fill region (60 groups of 132 floats
+    # and two raw buffers, 107520 bytes): 337040. In the workspace (a tile-major
     # stage of ceil(N / 4) groups of 132 elements, no raw buffers, no member bits),
     # N = 1568 (392 groups) needs 392*132*4 + 8 + (2*1568 + 8) * 4 + (2*1568 + 2) * 4 =
     # 232112; N = 1569 (393 groups) needs 232656, over 232448 - 64.
-    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True) == 228540
-    assert _cupy.kmedoids_shared_bytes(1568, 1, "float32", False) == 232112
-    assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert not _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES).shared_matrix
-    assert _cupy.kmedoids_plan(1568, 1, "float32", H100_SHARED_BYTES) is not None
-    assert _cupy.kmedoids_plan(1569, 1, "float32", H100_SHARED_BYTES) is None
+    assert _cupy.kmedoids_shared_bytes(236, 1, "float32", True, rows) == 228540
+    assert _cupy.kmedoids_shared_bytes(1568, 1, "float32", False, rows) == 232112
+    assert _cupy.kmedoids_plan(236, 1, "float32", H100_SHARED_BYTES, rows).shared_matrix
+    # With 8 x 4 pairs (4 * 256 a round) N = 237 still fills in one round (60 tile rows: 30
+    # block rows, 30 * 60 - 2 * 30 * 29 / 2 = 930 pairs): 237 * 237 * 4 = 224676 -> 224688,
+    # + 8 + (2*237 + 8) * 4 + (2*237 + 2 + 8 + 1 + 237 + 2) * 4 = 229520 bytes. N = 238 in one
+    # round needs 238 * 239 * 4 = 227536 + 8 + 484 * 4 + 727 * 4 = 232388, 4 bytes over.
+    pairs = rows == 2
+    assert _cupy.kmedoids_shared_bytes(237, 1, "float32", True, rows) == (
+        229520 if pairs else 337040)
+    assert _cupy.kmedoids_plan(237, 1, "float32", H100_SHARED_BYTES, rows).shared_matrix == pairs
+    assert not _cupy.kmedoids_plan(238, 1, "float32", H100_SHARED_BYTES, rows).shared_matrix
+    assert _cupy.kmedoids_plan(1568, 1, "float32", H100_SHARED_BYTES, rows) is not None
+    assert _cupy.kmedoids_plan(1569, 1, "float32", H100_SHARED_BYTES, rows) is None
     # The issue's shape, B=256, N=197, K=98: 197 * 197 * 4 = 155236 -> 155248 (16-byte
     # round), + 8*98 + (2*197 + 8) * 4 + (2*197 + 2*98 + 98*7 + 98 + 197 + 2) * 4 = 163932,
     # under the A100's 166912 - 64 too.
-    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True) == 163932
+    assert _cupy.kmedoids_shared_bytes(197, 98, "float32", True, rows) == 163932
     # Shapes and types the kernel does not cover: the generic code runs.
-    assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES) is None
-    assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES) is None
-    assert _cupy.kmedoids_plan(_cupy.MAX_TOKENS + 1, 8, "float32", H100_SHARED_BYTES) is None
-    assert _cupy.kmedoids_plan(10, 3, "complex64", H100_SHARED_BYTES) is None
-    assert _cupy.kmedoids_plan(2048, 64, "float32", H100_SHARED_BYTES) is None  # no stage
+    assert _cupy.kmedoids_plan(10, 0, "float32", H100_SHARED_BYTES, rows) is None
+    assert _cupy.kmedoids_plan(10, 11, "float32", H100_SHARED_BYTES, rows) is None
+    assert _cupy.kmedoids_plan(_cupy.MAX_TOKENS + 1, 8, "float32", H100_SHARED_BYTES,
+                               rows) is None
+    assert _cupy.kmedoids_plan(10, 3, "complex64", H100_SHARED_BYTES, rows) is None
+    assert _cupy.kmedoids_plan(2048, 64, "float32", H100_SHARED_BYTES, rows) is None
 
 
 def _nvrtc() -> ctypes.CDLL:
@@ -419,7 +446,9 @@ def _nvrtc_ptx(nvrtc: ctypes.CDLL, name: str, options: tuple[str, ...]) -> tuple
     return ptx.value.decode(), lowered_name
 
 
-@pytest.mark.parametrize("name", ["tokenpool::kmedoids<float, true>", "tokenpool::merge<float>"])
+@pytest.mark.parametrize("name", ["tokenpool::kmedoids<float, true, 1>",
+                                  "tokenpool::kmedoids<float, true, 2>",
+                                  "tokenpool::merge<float>"])
 def test_nvrtc_compiles_one_instantiation_without_flush_to_zero(name):
     # With the glue's options, NVRTC compiles just the instantiation named, and its PTX keeps
     # subnormals and IEEE division and square root (the host build's arithmetic). CuPy's
@@ -483,7 +512,7 @@ def test_dispatch_offers_the_kernel_to_cupy_and_declines_off_cuda():
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 48), m=st.integers(1, 4),
        batch=st.integers(1, 3), data=st.data())
-def test_pool_equals_generic_exactly_on_integer_tokens(host, seed, n, m, batch, data):
+def test_pool_equals_generic_exactly_on_integer_tokens(tiles, seed, n, m, batch, data):
     rng = np.random.default_rng(seed)
     k = data.draw(st.integers(1, n), label="k")
     method = data.draw(st.sampled_from(["kmedoids", "wkmedoids"]), label="method")
@@ -497,7 +526,7 @@ def test_pool_equals_generic_exactly_on_integer_tokens(host, seed, n, m, batch, 
     kwargs = dict(scores=scores, init=init, max_iter=max_iter, stop_early=stop_early,
                   return_info=True)
     want = tokenpool_ops.pool(x.astype(dtype), k, method, fast_paths=False, **kwargs)
-    with kernel_as_fast_path(host, scheme) as calls:
+    with kernel_as_fast_path(tiles, scheme) as calls:
         got = tokenpool_ops.pool(x.astype(dtype), k, method, **kwargs)
     assert calls[0] == (1 if k < n else 0)  # k = n returns x itself (Algorithm 1, line 1)
     assert_same_clustering(got, want, exact=True)
@@ -506,7 +535,7 @@ def test_pool_equals_generic_exactly_on_integer_tokens(host, seed, n, m, batch, 
 
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), data=st.data())
-def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, seed, n, data):
+def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(tiles, seed, n, data):
     # kmedoids() itself (k = n runs the loop too), every k, weights with zero-weight clusters;
     # and init with repeated tokens, which only check_values=False lets through (the lowest
     # cluster keeps a shared medoid, the others stay empty).
@@ -520,7 +549,7 @@ def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, 
     kwargs = dict(weights=weights, init=init, seed=seed % 1000, max_iter=6,
                   check_values=not repeats)
     want = tokenpool_ops.kmedoids(x, k, fast_paths=False, **kwargs)
-    with kernel_as_fast_path(host, scheme) as calls:
+    with kernel_as_fast_path(tiles, scheme) as calls:
         got = tokenpool_ops.kmedoids(x, k, **kwargs)
     assert calls[0] == 1
     assert_same_clustering(got, want, exact=True)
@@ -532,7 +561,7 @@ def test_kmedoids_equals_generic_exactly_with_zero_weights_and_duplicates(host, 
 @example(seed=1, n=1024, batch=2)  # the largest N of issue #10, matrix in the workspace
 @example(seed=2, n=224, batch=1)  # the first N whose float32 matrix leaves shared memory
 @example(seed=3, n=577, batch=0)  # no problem at all
-def test_pool_equals_generic_exactly_at_every_size(host, seed, n, batch):
+def test_pool_equals_generic_exactly_at_every_size(tiles, seed, n, batch):
     # N over the kernel's range on an H100's plan, every K, tokens with many duplicates,
     # weights in {0, 1, 2}, and a problem whose scores are all zero: every cluster has zero
     # weight (the merge falls back to the sizes) and every medoid cost ties at 0.
@@ -548,7 +577,7 @@ def test_pool_equals_generic_exactly_at_every_size(host, seed, n, batch):
     kwargs = dict(scores=scores, init="random", seed=seed % 1000,
                   max_iter=int(rng.integers(0, 9)), return_info=True)
     want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **kwargs)
-    with kernel_as_fast_path(host, "plan") as calls:
+    with kernel_as_fast_path(tiles, "plan") as calls:
         got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
     assert calls[0] == (1 if k < n else 0)  # k = n returns x itself (Algorithm 1, line 1)
     assert_same_clustering(got, want, exact=True)
@@ -573,8 +602,8 @@ def test_shapes_beyond_the_kernel_take_the_generic_path(host, n, dtype, shared_l
 
     def kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
                  weights: np.ndarray, max_iter: int, stop_early: bool) -> Any:
-        return _cupy.fused_kmedoids(np, launch, shared_limit, x, mean, init, weights,
-                                    max_iter, stop_early)
+        return _cupy.fused_kmedoids(np, launch, shared_limit, host.rows, x, mean, init,
+                                    weights, max_iter, stop_early)
 
     x = zero_mean_integer_tokens(rng, 1, n, 2, spread=3).astype(dtype)
     kwargs = dict(scores=integer_weights(rng, 1, n).astype(dtype), max_iter=3,
@@ -626,7 +655,7 @@ def test_pool_agrees_with_generic_on_float_tokens(host, seed, n, m, data):
 
 
 @pytest.mark.parametrize("scheme", ["shared", "global"])
-def test_gram_distances_below_zero_are_clamped(host, scheme, rng):
+def test_gram_distances_below_zero_are_clamped(tiles, scheme, rng):
     # Two tight groups of float32 tokens on either side of the mean: the Gram form's
     # cancellation leaves about a tenth of the within-group distances below zero before
     # the generic clamp (checked here with NumPy's own Gram form). The kernel clamps them
@@ -642,7 +671,7 @@ def test_gram_distances_below_zero_are_clamped(host, scheme, rng):
     unclamped = norms[:, :, None] + norms[:, None, :] - 2 * (centred @ centred.transpose(0, 2, 1))
     assert (unclamped[:, ~np.eye(n, dtype=bool)] < 0).mean() > 0.05
     weights = rng.exponential(size=(batch, n)).astype(np.float32)
-    labels, medoids, history, _ = host.run(x, mean, distinct_init(rng, batch, n, k), weights,
+    labels, medoids, history, _ = tiles.run(x, mean, distinct_init(rng, batch, n, k), weights,
                                            8, False, scheme)
     assert (history >= 0).all(), history
     own_medoid = np.take_along_axis(medoids, labels, axis=1)
@@ -651,12 +680,12 @@ def test_gram_distances_below_zero_are_clamped(host, scheme, rng):
 
 @pytest.mark.parametrize(("n", "k", "scheme"), [(1024, 1, "global"), (1024, 700, "plan"),
                                                 (577, 98, "shared"), (300, 49, "plan")])
-def test_large_problems_agree_with_generic(host, n, k, scheme, rng):
+def test_large_problems_agree_with_generic(tiles, n, k, scheme, rng):
     x = rng.normal(size=(1, n, 3))
     scores = rng.exponential(size=(1, n))
     kwargs = dict(scores=scores, init="random", max_iter=4, return_info=True)
     want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **kwargs)
-    with kernel_as_fast_path(host, scheme) as calls:
+    with kernel_as_fast_path(tiles, scheme) as calls:
         got = tokenpool_ops.pool(x, k, "wkmedoids", **kwargs)
     assert calls[0] == 1
     assert_same_clustering(got, want, exact=False)
@@ -664,7 +693,7 @@ def test_large_problems_agree_with_generic(host, n, k, scheme, rng):
 
 @given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), m=st.integers(1, 70),
        data=st.data())
-def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m, data):
+def test_both_schemes_and_all_element_types_give_the_same_bits(tiles, seed, n, m, data):
     # The matrix in shared or in global memory: the same bits; float16 and bfloat16 tokens
     # are converted exactly to float32.
     rng = np.random.default_rng(seed)
@@ -681,7 +710,7 @@ def test_both_schemes_and_all_element_types_give_the_same_bits(host, seed, n, m,
              ((brain_bits, "bfloat16", "global"), (brain, None, "global"))]
     for first, second in pairs:
         mean = second[0].astype(np.float32).mean(axis=1, keepdims=True)
-        runs = [host.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
+        runs = [tiles.run(tokens, mean, init, weights, 8, True, scheme, dtype_name)
                 for tokens, dtype_name, scheme in (first, second)]
         for got, want in zip(*runs, strict=True):
             np.testing.assert_array_equal(got, want)
@@ -810,7 +839,8 @@ class TorchOnHost:
         """``_cupy.torch_kmedoids`` past its device test."""
         import torch
 
-        run = functools.partial(_cupy.fused_kmedoids, np, self.launch, H100_SHARED_BYTES)
+        run = functools.partial(_cupy.fused_kmedoids, np, self.launch, H100_SHARED_BYTES,
+                                self.host.rows)
         return _cupy.kmedoids_for_torch(run, self.to_array, torch.from_numpy, *args)
 
     def weighted_means(self, *args: Any) -> Any:

@@ -93,16 +93,18 @@ class Glue:
 @pytest.fixture
 def glue(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, library: Any,
          source: KernelSource) -> Iterator[Glue]:
-    """CuPy replaced by the fake (device 0 an H100, device 1 an A100), its launches run on
-    the host build; an empty kernel cache, no kernel loaded yet."""
+    """CuPy replaced by the fake (device 0 an H100, sm_90; device 1 an A100, sm_80), its
+    launches run on the host build; an empty kernel cache, no kernel loaded yet."""
     monkeypatch.setenv(_cupy.CACHE_DIR_VARIABLE, str(tmp_path / "cache"))
     monkeypatch.setattr(_cupy, "_functions", {})
     _cupy._max_shared_bytes.cache_clear()
+    _cupy._tile_rows.cache_clear()
     launcher = HostLauncher(library, lambda launch: check_extents(
         launch.lowered_name, check_launch(source, launch)))
-    fake = FakeCupy({0: H100, 1: A100}, execute=launcher).install(monkeypatch)
+    fake = FakeCupy({0: H100, 1: A100}, {0: "90", 1: "80"}, execute=launcher).install(monkeypatch)
     yield Glue(fake, launcher, source)
     _cupy._max_shared_bytes.cache_clear()
+    _cupy._tile_rows.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,9 +191,9 @@ def test_kmedoids_and_merge_launches_fit_the_kernels_and_equal_generic(glue, dty
     carried = on_device(glue.fake, np.ones((3, n), dtype), device)
     tokens, sizes, objective = _cupy.run_merge(data["x"], data["mean"], labels, k,
                                                data["weights"], carried, carried, True)
-    element = _cupy.CXX_TYPES[dtype]
-    assert glue.launched()[0] in (f"tokenpool::kmedoids<{element}, true>",
-                                  f"tokenpool::kmedoids<{element}, false>")
+    element, rows = _cupy.CXX_TYPES[dtype], (2, 1)[device]  # pair tiles on sm_90 only
+    assert glue.launched()[0] in (f"tokenpool::kmedoids<{element}, true, {rows}>",
+                                  f"tokenpool::kmedoids<{element}, false, {rows}>")
     assert glue.launched()[1:] == [f"tokenpool::merge<{element}>"]
     glue.check(device)
 
@@ -260,7 +262,7 @@ def test_pool_through_the_cupy_entries_equals_generic(glue, method, with_sizes):
     want = tokenpool_ops.pool(x, 9, method, fast_paths=False, **options)
     with cupy_fast_paths():
         got = tokenpool_ops.pool(on_device(glue.fake, x, 1), 9, method, **options)
-    assert glue.launched() == ["tokenpool::kmedoids<double, true>", "tokenpool::merge<double>"]
+    assert glue.launched() == ["tokenpool::kmedoids<double, true, 1>", "tokenpool::merge<double>"]
     named = glue.check(1)
     assert int(named[1]["has_fallback"]) == (with_sizes or method == "wkmedoids")
     assert_pool_equal(got, want, 1e-12)
@@ -278,7 +280,7 @@ def test_a_declined_merge_falls_back_to_the_generic_merge(glue):
     want = tokenpool_ops.pool(x, k, "wkmedoids", fast_paths=False, **options)
     with cupy_fast_paths():
         got = tokenpool_ops.pool(on_device(glue.fake, x, 1), k, "wkmedoids", **options)
-    assert glue.launched() == ["tokenpool::kmedoids<double, false>"]
+    assert glue.launched() == ["tokenpool::kmedoids<double, false, 1>"]
     glue.check(1)
     assert_pool_equal(got, want, 1e-12)
 
@@ -286,10 +288,10 @@ def test_a_declined_merge_falls_back_to_the_generic_merge(glue):
 def merge_declining_limit(n: int, k: int, m: int, dtype: str) -> int:
     """A device's shared memory that takes the K-Medoids kernel's plan for these shapes (the
     global workspace: N x N does not fit an H100) but not the merge kernel's."""
-    plan = _cupy.kmedoids_plan(n, k, dtype, H100)
+    plan = _cupy.kmedoids_plan(n, k, dtype, H100, _cupy.tile_rows("80"))  # device 1's fill
     assert plan is not None and not plan.shared_matrix
     limit = plan.shared_bytes + _cupy.STATIC_SHARED_BYTES
-    assert _cupy.kmedoids_plan(n, k, dtype, limit) == plan
+    assert _cupy.kmedoids_plan(n, k, dtype, limit, plan.tile_rows) == plan
     assert not _cupy.merge_applies(n, k, m, dtype, limit, True)
     return limit
 
@@ -367,7 +369,7 @@ def test_torch_pool_through_the_cuda_entries(glue, dtype, merge_fits):
         got = tokenpool_ops.pool(tensors["x"], k, "wkmedoids", **options)
     want = tokenpool_ops.pool(tensors["x"], k, "wkmedoids", fast_paths=False, **options)
     element = _cupy.CXX_TYPES[dtype]
-    assert glue.launched() == [f"tokenpool::kmedoids<{element}, {str(merge_fits).lower()}>"] + (
+    assert glue.launched() == [f"tokenpool::kmedoids<{element}, {str(merge_fits).lower()}, 2>"] + (
         [f"tokenpool::merge<{element}>"] if merge_fits else [])
     glue.check(0, stream=4242)
     tolerance = 1e-12 if dtype == "float64" else 1e-5

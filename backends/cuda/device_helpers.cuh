@@ -38,11 +38,35 @@ constexpr int kMaxTokens = 4096;
 //: bandwidth limit.
 constexpr int kTile = 4;
 
-//: Tiles each thread sums in registers per round of fill_matrix (kTile * kTile cells each):
-//: 7 * 256 tiles, one round up to N = 236, where the matrix is in shared memory (one block
-//: an SM: up to 255 registers); 4 in the global variant, which runs 2 blocks an SM (128
-//: registers). A macro, for __launch_bounds__ (see TP_BLOCK_THREADS).
-#define TP_ROUND_TILES(shared_matrix) ((shared_matrix) ? 7 : 4)
+//: The shape of the blocks of cells each thread of fill_matrix sums: TileRows tile rows by
+//: one tile column (TileRows * kTile x kTile cells), every tile row's values a feature
+//: multiplied by one load of the column's. 1 (4 x 4) on sm_80/86/89; 2 (8 x 4, "pair
+//: tiles") on sm_90, whose fill the shared-memory loads limit: a pair shares its column
+//: load, 3 loads for 32 cells a feature instead of 4 for 32 (the A100's fill is limited by
+//: arithmetic, which pairs raise by 20%: benchmarks/README.md, CUDA). The glue picks it by
+//: the device's architecture (backends/_cupy.py, tile_rows).
+__host__ __device__ constexpr bool valid_tile_rows(int tile_rows) {
+  return tile_rows == 1 || tile_rows == 2;
+}
+
+//: Blocks each thread sums in registers per round of fill_matrix: where the matrix is in
+//: shared memory (one block an SM: up to 255 registers) 7 4 x 4 tiles or 4 pairs (112 or
+//: 128 accumulators; one round up to N = 236 or 252); in the global variant, which runs 2
+//: blocks an SM (128 registers), 4 tiles or 2 pairs.
+__host__ __device__ constexpr int round_blocks(bool shared_matrix, int tile_rows) {
+  return tile_rows == 2 ? (shared_matrix ? 4 : 2) : (shared_matrix ? 7 : 4);
+}
+
+//: Blocks of TileRows tile rows by one tile column that cover the upper triangle (tile row
+//: <= tile column) of a side x side grid of tiles: block row P (tile rows TileRows P on)
+//: holds the side - TileRows P columns from TileRows P on.
+__host__ __device__ constexpr long long upper_blocks(long long side, int tile_rows) {
+  const long long block_rows = (side + tile_rows - 1) / tile_rows;
+  return block_rows * side - tile_rows * block_rows * (block_rows - 1) / 2;
+}
+
+//: Blocks an SM each variant is compiled for (above). A macro, for __launch_bounds__ (see
+//: TP_BLOCK_THREADS).
 #define TP_BLOCKS_PER_SM(shared_matrix) ((shared_matrix) ? 1 : 2)
 //: The same for the merge objective's (cluster, token) tiles: 5 * 256 tiles a round, one
 //: round for K = 98, N = 197 (25 x 50 tiles).
@@ -275,15 +299,15 @@ struct KMedoidsLayout {
   using Acc = typename Accumulator<T>::type;
   int n, k;
   bool shared_matrix;  // the N x N distances live in shared memory (else in a workspace)
+  int tile_rows;       // fill_matrix's blocks: tile rows by one tile column (1 or 2)
 
   // Tiles of kTile tokens along a side of the matrix (= the stage's groups).
   __device__ int tile_side() const { return (n + kTile - 1) / kTile; }
   // Odd, so that the mirrored stores of fill_matrix hit distinct banks.
   __device__ int matrix_stride() const { return n | 1; }
   __device__ long long rounds() const {
-    const long long side = tile_side();
-    const long long per_round = TP_ROUND_TILES(shared_matrix) * kBlockThreads;
-    return (side * (side + 1) / 2 + per_round - 1) / per_round;
+    const long long per_round = round_blocks(shared_matrix, tile_rows) * kBlockThreads;
+    return (upper_blocks(tile_side(), tile_rows) + per_round - 1) / per_round;
   }
   __device__ long long stage_count() const {
     return static_cast<long long>(tile_side()) * kStageGroupStride;

@@ -12,19 +12,29 @@
 namespace {
 
 template <typename T>
-long long kmedoids_shared_bytes(int n, int k, int shared_matrix) {
-  const tokenpool::KMedoidsLayout<T> layout{n, k, shared_matrix != 0};
+long long kmedoids_shared_bytes(int n, int k, int shared_matrix, int tile_rows) {
+  const tokenpool::KMedoidsLayout<T> layout{n, k, shared_matrix != 0, tile_rows};
   return layout.bytes();
+}
+
+// The instantiation for the matrix's place and fill_matrix's tile rows (1 or 2).
+template <typename T>
+auto kmedoids_kernel(int shared_matrix, int tile_rows) {
+  if (tile_rows == 2) {
+    return shared_matrix ? tokenpool::kmedoids<T, true, 2> : tokenpool::kmedoids<T, false, 2>;
+  }
+  return shared_matrix ? tokenpool::kmedoids<T, true, 1> : tokenpool::kmedoids<T, false, 1>;
 }
 
 template <typename T>
 void run_kmedoids(const void* x, const void* mean, const long long* init, const void* weights,
                   int n_problems, int n, int m, int k, int max_iter, int shared_matrix,
-                  void* workspace, long long* labels, long long* medoids, void* history,
-                  int* iterations) {
+                  int tile_rows, void* workspace, long long* labels, long long* medoids,
+                  void* history, int* iterations) {
   using Acc = typename tokenpool::Accumulator<T>::type;
-  const auto bytes = static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, shared_matrix));
-  const auto kernel = shared_matrix ? tokenpool::kmedoids<T, true> : tokenpool::kmedoids<T, false>;
+  const auto bytes =
+      static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, shared_matrix, tile_rows));
+  const auto kernel = kmedoids_kernel<T>(shared_matrix, tile_rows);
   tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
     kernel(static_cast<const T*>(x), static_cast<const Acc*>(mean), init,
            static_cast<const Acc*>(weights), n_problems, n, m, k, max_iter,
@@ -56,13 +66,14 @@ void run_merge(const void* x, const void* mean, const long long* labels, const v
   TP_HOST_EXPORT void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init, \
                                            const void* weights, int n_problems, int n, int m,      \
                                            int k, int max_iter, int shared_matrix,                 \
-                                           void* workspace, long long* labels, long long* medoids, \
-                                           void* history, int* iterations) {                       \
+                                           int tile_rows, void* workspace, long long* labels,      \
+                                           long long* medoids, void* history, int* iterations) {   \
     run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, shared_matrix,          \
-                    workspace, labels, medoids, history, iterations);                              \
+                    tile_rows, workspace, labels, medoids, history, iterations);                   \
   }                                                                                                \
-  TP_HOST_EXPORT long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix) {    \
-    return kmedoids_shared_bytes<T>(n, k, shared_matrix);                                          \
+  TP_HOST_EXPORT long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix,      \
+                                                             int tile_rows) {                      \
+    return kmedoids_shared_bytes<T>(n, k, shared_matrix, tile_rows);                               \
   }                                                                                                \
   TP_HOST_EXPORT void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,  \
                                         const void* weights, const void* fallback,                 \

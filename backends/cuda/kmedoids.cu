@@ -83,12 +83,12 @@ struct Problem {
 };
 
 // `workspace` is this problem's (N, N) slice of the global workspace, unless SharedMatrix.
-template <typename T, bool SharedMatrix>
+template <typename T, bool SharedMatrix, int TileRows>
 __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T* x,
                             const typename Accumulator<T>::type* mean,
                             typename Accumulator<T>::type* workspace) {
   using Acc = typename Accumulator<T>::type;
-  const KMedoidsLayout<T> layout{n, k, SharedMatrix};
+  const KMedoidsLayout<T> layout{n, k, SharedMatrix, TileRows};
   Problem<T> p;
   p.n = n;
   p.m = m;
@@ -120,44 +120,52 @@ __device__ Problem<T> carve(unsigned char* shared, int n, int m, int k, const T*
   return p;
 }
 
-// Tile t of the upper triangle (tile row <= tile column) of an R x R grid of tiles, rows
-// first: t = row * R - row * (row - 1) / 2 + (column - row).
-__device__ __forceinline__ void upper_tile(int t, int r, int* row, int* column) {
-  auto first = [r](int i) { return i * r - i * (i - 1) / 2; };
-  const float b = 2.0f * r + 1.0f;  // exact: r <= kMaxTokens / kTile
-  int i = static_cast<int>((b - sqrtf(b * b - 8.0f * t)) * 0.5f);
-  i = i < 0 ? 0 : i > r - 1 ? r - 1 : i;
+// Block t of the upper triangle's blocks of TileRows tile rows by one tile column (see
+// upper_blocks), rows first: block row P holds side - TileRows P blocks, from tile column
+// TileRows P on, so t = P side - TileRows P (P - 1) / 2 + (column - TileRows P). Every tile
+// of the upper triangle (tile row <= tile column) is in exactly one block; a block's tiles
+// below the diagonal or past the last tile row hold nothing that is stored (store_tile).
+template <int TileRows>
+__device__ __forceinline__ void upper_block(int t, int side, int* block_row, int* column) {
+  auto first = [side](int i) { return i * side - TileRows * i * (i - 1) / 2; };
+  const int block_rows = (side + TileRows - 1) / TileRows;
+  // The root of first(i) = t, exact in float (side <= kMaxTokens / kTile: every value
+  // below 2^24, and the discriminant at least 9).
+  const float b = 2.0f * side + TileRows;
+  int i = static_cast<int>((b - sqrtf(b * b - 8.0f * TileRows * t)) / (2.0f * TileRows));
+  i = i < 0 ? 0 : i > block_rows - 1 ? block_rows - 1 : i;
   while (i > 0 && first(i) > t) --i;  // sqrtf may round either way: settle exactly
-  while (i < r - 1 && first(i + 1) <= t) ++i;
-  *row = i;
-  *column = i + (t - first(i));
+  while (i < block_rows - 1 && first(i + 1) <= t) ++i;
+  *block_row = i;
+  *column = TileRows * i + (t - first(i));
 }
 
-// The tile rows and columns (element offsets in the stage) of this thread's RoundTiles tiles in
-// the round of tiles that starts at `first`; -1 for a slot past the last tile. Consecutive
-// threads take consecutive tiles (rows first), so a warp mostly shares one tile row: its
-// row loads are broadcasts.
-template <int RoundTiles>
-__device__ __forceinline__ void round_tiles(int first, int tiles, int side, int* rows,
-                                            int* columns) {
+// The top tile row and the tile column (element offsets in the stage) of this thread's
+// RoundBlocks blocks in the round of blocks that starts at `first`; -1 for a slot past the
+// last block. Consecutive threads take consecutive blocks (rows first), so a warp mostly
+// shares its tile rows: their loads are broadcasts.
+template <int RoundBlocks, int TileRows>
+__device__ __forceinline__ void round_blocks_of_thread(int first, int blocks, int side,
+                                                       int* rows, int* columns) {
 TP_UNROLL
-  for (int j = 0; j < RoundTiles; ++j) {
+  for (int j = 0; j < RoundBlocks; ++j) {
     const int t = first + j * kBlockThreads + static_cast<int>(threadIdx.x);
     rows[j] = columns[j] = -1;
-    if (t < tiles) {
-      upper_tile(t, side, &rows[j], &columns[j]);
-      rows[j] *= kTile;
+    if (t < blocks) {
+      upper_block<TileRows>(t, side, &rows[j], &columns[j]);
+      rows[j] *= TileRows * kTile;
       columns[j] *= kTile;
     }
   }
 }
 
-// Slots of this round that hold a tile in some thread: the same for the whole block, so the
-// loops over tiles stop with a uniform branch. A thread whose slot is past the last tile
-// (the last slot's tail) sums tile 0 instead, which costs nothing and is never stored.
-__device__ __forceinline__ int used_slots(int first, int tiles, int round_tiles) {
-  const int slots = (tiles - first + kBlockThreads - 1) / kBlockThreads;
-  return slots < round_tiles ? slots : round_tiles;
+// Slots of this round that hold a block in some thread: the same for the whole block, so
+// the loops over blocks stop with a uniform branch. A thread whose slot is past the last
+// block (the last slot's tail) sums block 0 instead, which costs nothing and is never
+// stored.
+__device__ __forceinline__ int used_slots(int first, int blocks, int round_blocks) {
+  const int slots = (blocks - first + kBlockThreads - 1) / kBlockThreads;
+  return slots < round_blocks ? slots : round_blocks;
 }
 
 // Starts copying features [start, start + width) of every token into `raw` (token-major,
@@ -347,38 +355,45 @@ TP_UNROLL
   }
 }
 
-// The running sums of one thread's tiles over the features of the stage (one chunk), slot by
-// slot: `row_values[j]` and `column_values[j]` point at the stage groups of slot j's tile
-// (the same for every chunk). Within a slot, kFeatureUnroll features a step,
-// each tile's values at a fixed offset from the pointers (immediates in the loads, one
-// address step a step), their loads issued together ahead of the arithmetic. Each cell
-// still sums its features in feature order: the order of the slots does not change any sum.
-template <typename Acc, int RoundTiles>
-__device__ __forceinline__ void add_chunk(int width, int slots,
-                                          const TileValues<Acc>* const (&row_values)[RoundTiles],
-                                          const TileValues<Acc>* const (&column_values)[RoundTiles],
-                                          Acc (&sum)[RoundTiles][kTile][kTile]) {
+// The running sums of one thread's blocks over the features of the stage (one chunk), slot
+// by slot: `row_values[j][r]` and `column_values[j]` point at the stage groups of slot j's
+// tile row r and tile column (the same for every chunk); the column's values serve every
+// tile row (TileRows + 1 loads for TileRows * 16 cells a feature). Within a slot,
+// kFeatureUnroll features a step, each tile's values at a fixed offset from the pointers
+// (immediates in the loads, one address step a step), their loads issued together ahead of
+// the arithmetic. Each cell still sums its features in feature order: the order of the
+// slots and tile rows does not change any sum.
+template <typename Acc, int RoundBlocks, int TileRows>
+__device__ __forceinline__ void add_chunk(
+    int width, int slots, const TileValues<Acc>* const (&row_values)[RoundBlocks][TileRows],
+    const TileValues<Acc>* const (&column_values)[RoundBlocks],
+    Acc (&sum)[RoundBlocks][TileRows][kTile][kTile]) {
 TP_UNROLL
-  for (int j = 0; j < RoundTiles; ++j) {
+  for (int j = 0; j < RoundBlocks; ++j) {
     if (j >= slots) break;  // uniform across the block
-    const TileValues<Acc>* a = row_values[j];
+    const TileValues<Acc>* const (&a)[TileRows] = row_values[j];
     const TileValues<Acc>* b = column_values[j];
     int q = 0;
 TP_LOOP
     for (; q + kFeatureUnroll <= width; q += kFeatureUnroll) {
-      TileValues<Acc> row_tile[kFeatureUnroll], column_tile[kFeatureUnroll];
+      TileValues<Acc> row_tile[kFeatureUnroll][TileRows], column_tile[kFeatureUnroll];
 TP_UNROLL
       for (int u = 0; u < kFeatureUnroll; ++u) {
-        row_tile[u] = a[q + u];
+TP_UNROLL
+        for (int r = 0; r < TileRows; ++r) row_tile[u][r] = a[r][q + u];
         column_tile[u] = b[q + u];
       }
 TP_UNROLL
       for (int u = 0; u < kFeatureUnroll; ++u) {
-        add_tile_dot(row_tile[u], column_tile[u], sum[j]);
+TP_UNROLL
+        for (int r = 0; r < TileRows; ++r) add_tile_dot(row_tile[u][r], column_tile[u], sum[j][r]);
       }
     }
 TP_LOOP
-    for (; q < width; ++q) add_tile_dot(a[q], b[q], sum[j]);  // a last, partial chunk
+    for (; q < width; ++q) {  // a last, partial chunk
+TP_UNROLL
+      for (int r = 0; r < TileRows; ++r) add_tile_dot(a[r][q], b[q], sum[j][r]);
+    }
   }
 }
 
@@ -407,8 +422,9 @@ TP_UNROLL
 }
 
 // All N x N distances into the matrix (shared or global), each stored once. Each thread
-// owns RoundTiles tiles of kTile x kTile cells of the upper triangle per round (one round
-// for N <= 236 in the shared variant, N <= 180 in the global one) and sums each cell's dot
+// owns RoundBlocks blocks of TileRows x 1 tiles (kTile x kTile cells each) of the upper
+// triangle per round (one round for N <= 236 with 4 x 4 tiles, 252 with pairs, in the shared
+// variant; 176 with either in the global one) and sums each cell's dot
 // product a_i.a_j of the centred tokens over all M features in feature order, in registers;
 // the first round also sums each token's |a_i|^2 (add_norms). Each cell then becomes
 // (|a_i|^2 + |a_j|^2) - 2 a_i.a_j clamped at 0 (tile_distances), stored at (i, j) and
@@ -417,30 +433,36 @@ TP_UNROLL
 // shared variant, one block an SM): through two raw buffers, chunk c + 1 copied (cp.async)
 // while chunk c is centred and used; else straight from global memory, while the SM's other
 // block computes. Two barriers a chunk.
-template <typename T, int RoundTiles, bool Pipelined>
+template <typename T, int RoundBlocks, int TileRows, bool Pipelined>
 __device__ void fill_matrix(const Problem<T>& p) {
   using Acc = typename Accumulator<T>::type;
   const int side = (p.n + kTile - 1) / kTile;
-  const int tiles = side * (side + 1) / 2;
+  const int blocks = static_cast<int>(upper_blocks(side, TileRows));
   const int chunks = (p.m + kFeatureChunk - 1) / kFeatureChunk;
   auto width_at = [&p](int start) {
     return p.m - start < kFeatureChunk ? p.m - start : kFeatureChunk;
   };
-  for (int first = 0; first < tiles; first += RoundTiles * kBlockThreads) {
-    int rows[RoundTiles], columns[RoundTiles];
-    round_tiles<RoundTiles>(first, tiles, side, rows, columns);
-    // Each slot's tile groups in the stage (tile 0 for a slot past the last tile).
-    const TileValues<Acc>* row_values[RoundTiles];
-    const TileValues<Acc>* column_values[RoundTiles];
+  for (int first = 0; first < blocks; first += RoundBlocks * kBlockThreads) {
+    int rows[RoundBlocks], columns[RoundBlocks];
+    round_blocks_of_thread<RoundBlocks, TileRows>(first, blocks, side, rows, columns);
+    // Each slot's tile groups in the stage (block 0 for a slot past the last block). A tile
+    // row past the last group (odd side) reads the last one's: never stored.
+    const TileValues<Acc>* row_values[RoundBlocks][TileRows];
+    const TileValues<Acc>* column_values[RoundBlocks];
 TP_UNROLL
-    for (int j = 0; j < RoundTiles; ++j) {
-      const int row = rows[j] < 0 ? 0 : rows[j], column = rows[j] < 0 ? 0 : columns[j];
-      row_values[j] = reinterpret_cast<const TileValues<Acc>*>(
-          p.stage + row / kTile * kStageGroupStride);
+    for (int j = 0; j < RoundBlocks; ++j) {
+      const int group = rows[j] < 0 ? 0 : rows[j] / kTile;
+      const int column = rows[j] < 0 ? 0 : columns[j] / kTile;
+TP_UNROLL
+      for (int r = 0; r < TileRows; ++r) {
+        const int row_group = group + r < side ? group + r : side - 1;
+        row_values[j][r] = reinterpret_cast<const TileValues<Acc>*>(
+            p.stage + row_group * kStageGroupStride);
+      }
       column_values[j] = reinterpret_cast<const TileValues<Acc>*>(
-          p.stage + column / kTile * kStageGroupStride);
+          p.stage + column * kStageGroupStride);
     }
-    Acc sum[RoundTiles][kTile][kTile] = {};
+    Acc sum[RoundBlocks][TileRows][kTile][kTile] = {};
     __syncthreads();  // the previous round no longer reads the stage or the raw buffers
     if (Pipelined) start_chunk(p, 0, width_at(0), p.raw);
     for (int c = 0; c < chunks; ++c) {
@@ -458,15 +480,19 @@ TP_UNROLL
       centre_stage(p, start, width_at(start), Pipelined ? p.raw + (c % 2) * p.raw_count : nullptr);
       __syncthreads();
       if (first == 0) add_norms(p, start, width_at(start));  // uniform: the first round only
-      add_chunk<Acc, RoundTiles>(width_at(start), used_slots(first, tiles, RoundTiles),
-                                 row_values, column_values, sum);
+      add_chunk<Acc, RoundBlocks, TileRows>(width_at(start),
+                                            used_slots(first, blocks, RoundBlocks), row_values,
+                                            column_values, sum);
     }
     __syncthreads();  // the stage and raw buffers may share memory with the matrix; norms done
 TP_UNROLL
-    for (int j = 0; j < RoundTiles; ++j) {
-      if (rows[j] >= 0) {
-        tile_distances(p, rows[j], columns[j], sum[j]);
-        store_tile(p, rows[j], columns[j], sum[j]);
+    for (int j = 0; j < RoundBlocks; ++j) {
+      if (rows[j] < 0) continue;
+TP_UNROLL
+      for (int r = 0; r < TileRows; ++r) {
+        const int row = rows[j] + r * kTile;
+        tile_distances(p, row, columns[j], sum[j][r]);
+        store_tile(p, row, columns[j], sum[j][r]);
       }
     }
   }
@@ -693,10 +719,11 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // SharedMatrix: where the distances live (a template parameter, so that each instantiation
 // has its addresses fixed). With the matrix in shared memory a block has an SM to itself
 // (160 KB at N = 197): 1 block per SM lets ptxas use up to 255 registers for the 7 x 16
-// accumulators of fill_matrix (it takes 253 on sm_90, 194 on sm_80). The global variant
-// asks for 2 blocks per SM (128 registers; it takes them all, no spill), so that one block's
-// loads overlap the other's work.
-template <typename T, bool SharedMatrix>
+// (or 4 x 32) accumulators of fill_matrix. The global variant asks for 2 blocks per SM (128
+// registers, no spill), so that one block's loads overlap the other's work. TileRows: the
+// shape of fill_matrix's blocks (round_blocks), which the glue picks by architecture; any
+// shape gives the same bits.
+template <typename T, bool SharedMatrix, int TileRows>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
 kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
@@ -709,7 +736,8 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   if (problem >= n_problems || n <= 0 || k <= 0 || max_iter < 0) return;  // uniform
   TP_DYNAMIC_SHARED(shared);
   __shared__ int changed;
-  const Problem<T> p = carve<T, SharedMatrix>(
+  static_assert(valid_tile_rows(TileRows), "fill_matrix's blocks: 1 or 2 tile rows");
+  const Problem<T> p = carve<T, SharedMatrix, TileRows>(
       shared, n, m, k, x + static_cast<long long>(problem) * n * m,
       mean + static_cast<long long>(problem) * m,
       SharedMatrix ? workspace
@@ -723,7 +751,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   }
   if (threadIdx.x == 0) changed = 0;
   __syncthreads();
-  fill_matrix<T, TP_ROUND_TILES(SharedMatrix), SharedMatrix>(p);
+  fill_matrix<T, round_blocks(SharedMatrix, TileRows), TileRows, SharedMatrix>(p);
   index_medoids(p);
   Acc* const out_history = history + static_cast<long long>(problem) * (max_iter + 1);
   Acc objective = assign(p, &changed, false);

@@ -107,6 +107,27 @@ def _calls(b: int, n: int, k: int) -> dict[str, Callable[[], object] | str]:
     return calls
 
 
+#: The shapes of the kernel's distance fill (backends/_cupy.py, TILE_ROWS), by tile rows.
+TILE_SHAPES = {1: "4 x 4 tiles", 2: "8 x 4 pair tiles"}
+
+
+def fill_shapes(cases: list[tuple[int, int, int]]) -> Iterator[str]:
+    """Which instantiation, and so which tile shape of the distance fill, the kernel runs
+    for each case on the current device (the glue picks the shape by architecture)."""
+    from tokenpool_ops.backends import _cupy
+
+    cupy, _, cupy_missing, _ = _libraries()
+    if cupy_missing:
+        yield f"kernel fill: not known ({cupy_missing})"
+        return
+    device = cupy.cuda.Device()
+    rows = _cupy._tile_rows(device.id)
+    for b, n, k in cases:
+        plan = _cupy.kmedoids_plan(n, k, "float32", _cupy._max_shared_bytes(device.id), rows)
+        used = f"{TILE_SHAPES[rows]}, {plan.kernel}" if plan else "kernel declines"
+        yield f"kernel fill at {b}x{n}/{k}, sm_{device.compute_capability}: {used}"
+
+
 def _uses_kernel(call: Callable[[], object]) -> bool:
     """Whether one call of ``call`` ran the kernel."""
     from tokenpool_ops.backends import _cupy
@@ -211,6 +232,8 @@ if __name__ == "__main__":
     parser.add_argument("--cases", type=parse_cases, default=CASES,
                         help="B x N / K cases, e.g. 256x197/98,64x577/144 (default: all)")
     options = parser.parse_args()
+    for line in fill_shapes(options.cases):
+        print(line)
     print(f"\nwkmedoids pool, float32, M = {FEATURES}, median ms (device awaited):\n")
     for line in table(options.cases):
         print(line, flush=True)
