@@ -389,8 +389,8 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
     from tokenpool_ops._measures import significance_scores
 
     logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
+    if bias is not None:  # in place: the operator's own (B, H, N, N) temporary, one less
+        logits += bias.to(logits.dtype)
     attn = logits.softmax(dim=-1)
     return (attn @ v).transpose(1, 2).contiguous(), significance_scores(attn[..., num_prefix:])
 
