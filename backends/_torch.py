@@ -277,6 +277,50 @@ def _eager(*tensors: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and _on_host(*tensors)
 
 
+def numba_kmedoids(x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+                   weights: torch.Tensor, max_iter: int, stop_early: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The Numba K-Medoids (``_numba.medoid_gram`` and ``_numba.kmedoids``) of CPU tensors,
+    on NumPy views of them: labels, medoids, the history (B, T + 1) and T, the most
+    iterations any problem ran (``max_iter`` without ``stop_early``). The one door to the
+    kernel of eager calls (:func:`compiled_paths`) and of the operator ``_torch_ops.kmedoids``."""
+    from . import _numba
+
+    x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
+    gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed, True)
+    labels, medoids, history, n_iter = _numba.kmedoids(
+        x_host, mean_host, gram, init_host, weights_host, max_iter, stop_early, True)
+    return torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history), n_iter
+
+
+def numba_kmeans(x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+                 weights: torch.Tensor, fallback: torch.Tensor | None, max_iter: int,
+                 stop_early: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """The Numba K-Means (``_numba.centred_gram`` and ``_numba.kmeans``) of CPU tensors:
+    centres, labels, history and T as :func:`numba_kmedoids`, for eager calls and the
+    operator ``_torch_ops.kmeans``."""
+    from . import _numba
+
+    x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
+    gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
+    centres, labels, history, n_iter = _numba.kmeans(
+        x_host, mean_host, gram, init_host, weights_host,
+        None if fallback is None else _host_arrays(fallback)[0], max_iter, stop_early, True)
+    return torch.from_numpy(centres), torch.from_numpy(labels), torch.from_numpy(history), n_iter
+
+
+def numba_weighted_means(values: torch.Tensor, labels: torch.Tensor, k: int,
+                         weights: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """The Numba weighted means (``_numba.weighted_means``) of CPU tensors of one dtype, for
+    eager calls and the operator ``_torch_ops.weighted_means``."""
+    from . import _numba
+
+    values_host, labels_host, weights_host, empty_host = _host_arrays(values, labels, weights,
+                                                                      empty)
+    return torch.from_numpy(_numba.weighted_means(values_host, labels_host, k, weights_host,
+                                                  empty_host, True))
+
+
 def compiled_paths() -> dict[str, Callable[..., Any]]:
     """The Numba kernels for CPU tensors (ImportError without Numba), over :data:`FAST_PATHS`.
 
@@ -299,13 +343,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         if not _on_host(x, mean, init, weights):
             return None
         if _eager(x):  # assignments and medoids have no gradient: detached views
-            x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
-            gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES,
-                                      _bmm_transposed, True)
-            labels, medoids, history, n_iter = _numba.kmedoids(
-                x_host, mean_host, gram, init_host, weights_host, max_iter, stop_early, True)
-            return (torch.from_numpy(labels), torch.from_numpy(medoids),
-                    torch.from_numpy(history), n_iter)
+            return numba_kmedoids(x, mean, init, weights, max_iter, stop_early)
         labels, medoids, history, count = _torch_ops.kmedoids(
             x.detach(), mean.detach(), init, weights.detach(), max_iter, stop_early)
         return labels, medoids, history, count if stop_early else max_iter
@@ -317,14 +355,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         if not _on_host(*given) or _needs_grad(*given):
             return None  # the centres of kmeans() carry gradients on the PyTorch path
         if _eager(x):
-            x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
-            gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
-            centres, labels, history, n_iter = _numba.kmeans(
-                x_host, mean_host, gram, init_host, weights_host,
-                None if fallback is None else _host_arrays(fallback)[0], max_iter,
-                stop_early, True)
-            return (torch.from_numpy(centres), torch.from_numpy(labels),
-                    torch.from_numpy(history), n_iter)
+            return numba_kmeans(x, mean, init, weights, fallback, max_iter, stop_early)
         centres, labels, history, count = _torch_ops.kmeans(
             x, mean, init, weights, fallback, max_iter, stop_early)
         return centres, labels, history, count if stop_early else max_iter
@@ -336,10 +367,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
                 or not values.dtype == weights.dtype == empty.dtype):
             return fused_weighted_means(xp, values, labels, k, weights, empty)
         if _eager(values):
-            values_host, labels_host, weights_host, empty_host = _host_arrays(
-                values, labels, weights, empty)
-            return torch.from_numpy(_numba.weighted_means(values_host, labels_host, k,
-                                                          weights_host, empty_host, True))
+            return numba_weighted_means(values, labels, k, weights, empty)
         return _torch_ops.weighted_means(values, labels, k, weights, empty)
 
     def host_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor, k: int,

@@ -75,13 +75,14 @@ def kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, max_iter: i
     medoids ``init`` (B, K) with token weights ``weights`` (B, N).
 
     Returns labels (B, N) and medoids (B, K) in ``init``'s dtype, the objective history
-    (B, max_iter + 1) in ``x``'s dtype and the most iterations any problem ran (0-d int64).
-    ``stop_early`` lets the PyTorch fallback read its convergence on the host (eager only);
-    the kernels stop each problem at its fixed point either way.
+    (B, max_iter + 1) in ``x``'s dtype and the most iterations any problem ran (0-d int64;
+    ``max_iter`` without ``stop_early``). ``stop_early`` lets the PyTorch fallback read its
+    convergence on the host (eager only); the kernels stop each problem at its fixed point
+    either way.
     """
     x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
     fused = _cuda_kmedoids(x, mean, init, weights, max_iter) if _on_cuda(x) else (
-        _numba_kmedoids(x, mean, init, weights, max_iter))
+        _numba_kmedoids(x, mean, init, weights, max_iter, stop_early))
     if fused is None:
         from tokenpool_ops._clustering import run_kmedoids
 
@@ -109,18 +110,13 @@ def _cuda_kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
     return _cupy.torch_kmedoids(x, mean, init, weights, max_iter, True)
 
 
-def _numba_kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
-                    max_iter: int) -> tuple[Any, Any, Any, int] | None:
+def _numba_kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, max_iter: int,
+                    stop_early: bool) -> tuple[Any, Any, Any, int] | None:
     if x.device.type != "cpu" or not _numba_available():
         return None
-    from . import _numba
-    from ._torch import BLOCK_BYTES, _bmm_transposed
+    from . import _torch
 
-    x_host, mean_host, init_host = x.numpy(), mean.numpy(), init.numpy()
-    gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed, True)
-    labels, medoids, history, n_iter = _numba.kmedoids(
-        x_host, mean_host, gram, init_host, weights.numpy(), max_iter, True, True)
-    return torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history), n_iter
+    return _torch.numba_kmedoids(x, mean, init, weights, max_iter, stop_early)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +134,8 @@ def kmeans(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, fallback: Ten
     """
     x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
     fallback = None if fallback is None else fallback.detach().contiguous()
-    fused = None if _on_cuda(x) else _numba_kmeans(x, mean, init, weights, fallback, max_iter)
+    fused = None if _on_cuda(x) else _numba_kmeans(x, mean, init, weights, fallback, max_iter,
+                                                         stop_early)
     if fused is None:
         from tokenpool_ops._clustering import run_kmeans
 
@@ -159,18 +156,13 @@ def _(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, fallback: Tensor |
 
 
 def _numba_kmeans(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor,
-                  fallback: Tensor | None, max_iter: int) -> tuple[Any, Any, Any, int] | None:
+                  fallback: Tensor | None, max_iter: int, stop_early: bool
+                  ) -> tuple[Any, Any, Any, int] | None:
     if x.device.type != "cpu" or not _numba_available():
         return None
-    from . import _numba
-    from ._torch import BLOCK_BYTES, _bmm_transposed
+    from . import _torch
 
-    x_host, mean_host = x.numpy(), mean.numpy()
-    gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
-    centres, labels, history, n_iter = _numba.kmeans(
-        x_host, mean_host, gram, init.numpy(), weights.numpy(),
-        None if fallback is None else fallback.numpy(), max_iter, True, True)
-    return torch.from_numpy(centres), torch.from_numpy(labels), torch.from_numpy(history), n_iter
+    return _torch.numba_kmeans(x, mean, init, weights, fallback, max_iter, stop_early)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,10 +183,9 @@ def weighted_means(values: Tensor, labels: Tensor, k: int, weights: Tensor,
 
         fused = _cupy.torch_weighted_means(values, labels, k, weights, empty)
     elif values.device.type == "cpu" and _numba_available():
-        from . import _numba
+        from . import _torch
 
-        fused = torch.from_numpy(_numba.weighted_means(
-            values.numpy(), labels.numpy(), k, weights.numpy(), empty.numpy(), True))
+        fused = _torch.numba_weighted_means(values, labels, k, weights, empty)
     if fused is None:
         import array_api_compat.torch as xp
 
@@ -294,62 +285,72 @@ def plan_fields(method: str, k: int, lean: bool) -> tuple[bool, bool]:
 @torch.library.custom_op(f"{NAMESPACE}::plan", mutates_args=())
 def plan(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | None,
          metric: Tensor | None, lean: bool, init: str | None, max_iter: int, seed: int,
-         fast_paths: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``tokenpool_ops.nn.plan`` of tokens ``x`` (..., N, M) to ``0 <= k < N``, values
-    unchecked and ``stop_early=False`` (as traced code runs it: no host read, so the operator
-    can sit in a CUDA graph; the kernels stop each problem at its fixed point anyway).
+         fast_paths: bool, num_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``tokenpool_ops.nn.plan`` of the tokens of ``x`` (..., P + N, M) after its first
+    ``num_prefix`` = P (the model's class and register tokens, which stay as they are) to
+    ``0 <= k < N``, values unchecked and ``stop_early=False`` (as traced code runs it: no
+    host read, so the operator can sit in a CUDA graph; the kernels stop each problem at its
+    fixed point anyway). ``scores``, ``sizes`` and ``metric`` are the N tokens' own.
 
-    Returns the tokens (..., k, M) in ``x``'s dtype, the sizes (..., k) in the compute dtype,
-    the assignment (..., N) and the medoids (..., k) as indices; an assignment or medoids the
-    plan does not have (:func:`plan_fields`) come back with a last axis of length 0.
+    Returns the new sequence (..., P + k, M): the prefix, then the pooled tokens, in ``x``'s
+    dtype; the sizes (..., k) in the compute dtype, the assignment (..., N) and the medoids
+    (..., k) as indices; an assignment or medoids the plan does not have (:func:`plan_fields`)
+    come back with a last axis of length 0.
     """
     from tokenpool_ops.nn import plan as run_plan
 
-    result = run_plan(x, k, method,  # type: ignore[arg-type]
+    result = run_plan(x[..., num_prefix:, :], k, method,  # type: ignore[arg-type]
                       scores=scores, sizes=sizes, metric=metric, lean=lean, init=init,
                       max_iter=max_iter, seed=seed, check_values=False, stop_early=False,
                       fast_paths=fast_paths)
+
     def absent() -> Tensor:
         return x.new_empty((*x.shape[:-2], 0), dtype=torch.int64)
 
-    # No output may alias an input: the tokens of k = 0 are a slice of x (an empty copy).
-    tokens = result.tokens.clone() if k == 0 else result.tokens
+    # A new tensor, never a view of x (no output may alias an input).
+    sequence = torch.cat([x[..., :num_prefix, :], result.tokens], dim=-2)
     assignment = absent() if result.assignment is None else result.assignment
     medoids = absent() if result.medoids is None else result.medoids
-    return tokens, result.sizes, assignment, medoids
+    return sequence, result.sizes, assignment, medoids
 
 
 @plan.register_fake
 def _(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | None,
       metric: Tensor | None, lean: bool, init: str | None, max_iter: int, seed: int,
-      fast_paths: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    lead, (n, m) = x.shape[:-2], x.shape[-2:]
+      fast_paths: bool, num_prefix: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    lead, (total, m) = x.shape[:-2], x.shape[-2:]
     has_assignment, has_medoids = plan_fields(method, k, lean)
     work = torch.float32 if torch.finfo(x.dtype).bits < 32 else x.dtype  # _compat.compute_dtype
-    kept = _kept_size(k)
-    return (x.new_empty(*lead, kept, m), x.new_empty(*lead, kept, dtype=work),
-            x.new_empty(*lead, n if has_assignment else 0, dtype=torch.int64),
+    length = _sequence_size(num_prefix, k)
+    kept = length - num_prefix
+    return (x.new_empty(*lead, length, m), x.new_empty(*lead, kept, dtype=work),
+            x.new_empty(*lead, total - num_prefix if has_assignment else 0, dtype=torch.int64),
             x.new_empty(*lead, kept if has_medoids else 0, dtype=torch.int64))
 
 
-def _kept_size(k: int) -> Any:
-    """The size of the kept-token axis of a traced plan: ``k`` as a size the tracer knows
-    only by its range [1, k] where it allows such sizes (``fullgraph=True``, export; torch
-    2.8 or later), else ``k``.
+def _sequence_size(num_prefix: int, k: int) -> Any:
+    """The length of a traced plan's new sequence, ``num_prefix + k``: a size the tracer
+    knows only by its range [num_prefix + 1, num_prefix + k] where it allows such sizes
+    (``fullgraph=True``, export; torch 2.8 or later), else the number.
 
     Why: a traced model's blocks after pooling then have symbolic token counts, so that
     inductor compiles their layer norms, GELU and residual adds once for all of them
-    instead of once for every block's own count. The operator returns exactly ``k``
-    tokens, within the range.
+    instead of once for every block's own count. Why one size for the whole sequence (not
+    the prefix plus a size for the pooled tokens): inductor reads the linear layers' input
+    (B, 1 + u, C) as (B + B u, C) without a copy only where it can prove the two agree, which
+    it cannot for a sum of sizes; with one size u it reshapes (B, u, C) to (B u, C) as a view
+    (measured: a copy of every MLP's hidden activations per block, 1.6 % of a DeiT-S pass).
+    The operator returns exactly ``num_prefix + k`` tokens, within the range.
     """
     from tokenpool_ops.nn import SYMBOLIC_SIZES
 
     if k == 0 or not SYMBOLIC_SIZES:
-        return k
+        return num_prefix + k
     try:
-        return torch.library.get_ctx().new_dynamic_size(min=1, max=k)
+        return torch.library.get_ctx().new_dynamic_size(min=num_prefix + 1,
+                                                         max=num_prefix + k)
     except torch._subclasses.fake_tensor.DynamicOutputShapeException:
-        return k
+        return num_prefix + k
 
 
 def plan_applies(x: Tensor, init: object, fast_paths: bool) -> bool:
@@ -388,8 +389,8 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
     from tokenpool_ops._measures import significance_scores
 
     logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.to(logits.dtype)
+    if bias is not None:  # in place: the operator's own (B, H, N, N) temporary, one less
+        logits += bias.to(logits.dtype)
     attn = logits.softmax(dim=-1)
     return (attn @ v).transpose(1, 2).contiguous(), significance_scores(attn[..., num_prefix:])
 

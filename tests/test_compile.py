@@ -197,13 +197,15 @@ def test_plan_sizes_are_symbolic_with_fullgraph_and_fixed_without():
         assert len(counter.graphs) == 1 and not counters["graph_break"]
         if not numba_installed():
             continue
-        kept = [node.meta["example_value"][0].shape[1] for gm in counter.graphs
-                for node in gm.graph.nodes if node.target == target]
-        assert len(kept) == len(SCHEDULE)
-        if fullgraph:
-            assert all(isinstance(size, torch.SymInt) for size in kept)
+        # The operator's first output is the new sequence: the class token and the kept ones.
+        lengths = [node.meta["example_value"][0].shape[1] for gm in counter.graphs
+                   for node in gm.graph.nodes if node.target == target]
+        assert len(lengths) == len(SCHEDULE)
+        if fullgraph:  # one symbol each, not 1 + a symbol: inductor reshapes it without a copy
+            assert all(isinstance(size, torch.SymInt) and size.node.expr.is_Symbol
+                       for size in lengths)
         else:
-            assert kept == SCHEDULE
+            assert lengths == [1 + k for k in SCHEDULE]
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -382,29 +384,33 @@ def test_traced_cuda_route_calls_the_plan_op_once_per_block(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("method", "k", "lean", "with_sizes"), [
-    ("wkmedoids", 7, True, True), ("kmeans", 7, True, False), ("wkmeans", 7, False, True),
-    ("topk", 7, True, True), ("importance", 5, False, True), ("random", 7, True, False),
-    ("tome", 9, True, True), ("kmedoids", 0, True, True)])
-def test_plan_op_passes_opcheck_and_packs_the_plan(method, k, lean, with_sizes, rng):
-    # The operator is nn.plan (values unchecked, fixed iterations) packed into four tensors;
+@pytest.mark.parametrize(("method", "k", "lean", "with_sizes", "prefix"), [
+    ("wkmedoids", 7, True, True, 1), ("kmeans", 7, True, False, 0),
+    ("wkmeans", 7, False, True, 2), ("topk", 7, True, True, 1), ("importance", 5, False, True, 0),
+    ("random", 7, True, False, 1), ("tome", 9, True, True, 1), ("kmedoids", 0, True, True, 1)])
+def test_plan_op_passes_opcheck_and_packs_the_plan(method, k, lean, with_sizes, prefix, rng):
+    # The operator is nn.plan (values unchecked, fixed iterations) of the tokens after the
+    # prefix, packed into four tensors: the prefix and the pooled tokens as one sequence;
     # the fields the plan lacks come back empty, as plan_fields says.
     from tokenpool_ops.nn import plan
 
-    x = torch.as_tensor(rng.normal(size=(3, 16, 4)), dtype=torch.float32)
+    x = torch.as_tensor(rng.normal(size=(3, prefix + 16, 4)), dtype=torch.float32)
+    patches = x[:, prefix:]
     scores = torch.as_tensor(rng.random((3, 16)), dtype=torch.float32)
     sizes = torch.as_tensor(rng.integers(1, 4, size=(3, 16)), dtype=torch.float32)
     sizes = sizes if with_sizes else None
-    metric = x[..., :2] + 1 if method == "tome" else None
-    args = (x, k, method, scores, sizes, metric, lean, None, 4, 0, True)
+    metric = patches[..., :2] + 1 if method == "tome" else None
+    args = (x, k, method, scores, sizes, metric, lean, None, 4, 0, True, prefix)
     torch.library.opcheck(torch.ops.tokenpool_ops.plan, args)
-    tokens, out_sizes, assignment, medoids = torch.ops.tokenpool_ops.plan(*args)
-    want = plan(x, k, method, scores=scores, sizes=sizes, metric=metric, lean=lean,
+    sequence, out_sizes, assignment, medoids = torch.ops.tokenpool_ops.plan(*args)
+    want = plan(patches, k, method, scores=scores, sizes=sizes, metric=metric, lean=lean,
                 max_iter=4, check_values=False, stop_early=False)
     has_assignment, has_medoids = _torch_ops.plan_fields(method, k, lean)
     assert has_assignment == (want.assignment is not None)
     assert has_medoids == (want.medoids is not None)
-    torch.testing.assert_close(tokens, want.tokens, rtol=0, atol=0)
+    assert sequence.shape == (3, prefix + k, 4)
+    torch.testing.assert_close(sequence[:, :prefix], x[:, :prefix], rtol=0, atol=0)
+    torch.testing.assert_close(sequence[:, prefix:], want.tokens, rtol=0, atol=0)
     torch.testing.assert_close(out_sizes, want.sizes, rtol=0, atol=0)
     assert assignment.shape == (3, 16 if has_assignment else 0)
     assert medoids.shape == (3, k if has_medoids else 0)

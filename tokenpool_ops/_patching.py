@@ -193,7 +193,7 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     patches = x[:, p:]
     n, k = patches.shape[1], keep
     # Traced after a plan operator, n is a size known by its range [1, previous keep] only
-    # (backends._torch_ops._kept_size): undecided means keep < previous keep = n, so pool.
+    # (backends._torch_ops._sequence_size): undecided means keep < previous keep = n, so pool.
     if guard_or_false(k >= n):
         return x
     sizes = state["sizes"]
@@ -202,10 +202,12 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
         # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
         sizes = sizes.to(scores.dtype)
         scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
-    planned = _plan_in_one_op(patches, k, state, scores, sizes, metric)
-    tokens, result = planned if planned is not None else pool(
-        patches, k, state["method"], scores=scores, sizes=sizes, metric=metric,
-        lean=not state["trace_source"], **state["options"])
+    planned = _plan_in_one_op(x, p, k, state, scores, sizes, metric)
+    if planned is None:
+        tokens, pooled = pool(patches, k, state["method"], scores=scores, sizes=sizes,
+                              metric=metric, lean=not state["trace_source"], **state["options"])
+        planned = torch.cat([x[:, :p], tokens], dim=1), pooled
+    sequence, result = planned
     # Counts stay exact: at least float32 (half types would round sizes above 256), and the
     # model's float64 where it computes in it, so log(size) is taken at its precision.
     state["sizes"] = result.sizes.to(torch.promote_types(result.sizes.dtype, torch.float32))
@@ -215,34 +217,35 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
             source = torch.arange(n, device=x.device).expand(x.shape[0], n)
         state["source"] = (torch.full_like(source, -1) if k == 0 else
                            torch.gather(result.assignment, 1, source))
-    return torch.cat([x[:, :p], tokens], dim=1)
+    return sequence
 
 
-def _plan_in_one_op(patches: Tensor, k: int, state: TokenPoolState, scores: Tensor | None,
+def _plan_in_one_op(x: Tensor, p: int, k: int, state: TokenPoolState, scores: Tensor | None,
                     sizes: Tensor | None, metric: Tensor | None
                     ) -> tuple[Tensor, PoolResult] | None:
-    """What ``pool_with_grad`` returns, with the plan as one custom operator
+    """The new sequence (the ``p`` prefix tokens of ``x``, then the pooled ones) and what
+    ``pool_with_grad`` returns, with the plan as one custom operator
     (``torch.ops.tokenpool_ops.plan``) where a traced model can take it (see
     ``backends._torch_ops.plan_applies``: the fused kernels at hand); else None. The merge
     that carries gradients (training) stays traced: it is :func:`tokenpool_ops.nn.merge`."""
     from .backends import _torch_ops
 
-    if not one_op_applies(state, patches):
+    if not one_op_applies(state, x):
         return None
     options, method, lean = state["options"], state["method"], not state["trace_source"]
     fast_paths = options.get("fast_paths", True)
-    given = [None if t is None else t.detach() for t in (patches, scores, sizes, metric)]
-    tokens, sizes_out, assignment, medoids = _torch_ops.plan(  # no autograd: a plan
+    given = [None if t is None else t.detach() for t in (x, scores, sizes, metric)]
+    sequence, sizes_out, assignment, medoids = _torch_ops.plan(  # no autograd: a plan
         given[0], k, method, *given[1:], lean, cast(str | None, options.get("init")),
-        options.get("max_iter", DEFAULT_MAX_ITER), options.get("seed", 0), fast_paths)
+        options.get("max_iter", DEFAULT_MAX_ITER), options.get("seed", 0), fast_paths, p)
     has_assignment, has_medoids = _torch_ops.plan_fields(method, k, lean)
-    result = PoolResult(tokens, assignment if has_assignment else None, sizes_out,
+    result = PoolResult(sequence[:, p:], assignment if has_assignment else None, sizes_out,
                         medoids if has_medoids else None, None, None, 0)
-    live = (patches, scores, sizes)
+    live = (x, scores, sizes)
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in live)):
-        return tokens, result
-    return merge(patches, result, method, scores=scores, sizes=sizes,
-                 fast_paths=fast_paths), result
+        return sequence, result
+    tokens = merge(x[:, p:], result, method, scores=scores, sizes=sizes, fast_paths=fast_paths)
+    return torch.cat([x[:, :p], tokens], dim=1), result
 
 
 def one_op_applies(state: TokenPoolState, x: Tensor) -> bool:

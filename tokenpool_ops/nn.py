@@ -112,7 +112,7 @@ def merge(
     """
     n, k = x.shape[-2], result.tokens.shape[-2]
     # In a traced model both may be sizes known by their ranges only (the plan operator's,
-    # see backends._torch_ops._kept_size); undecided means a plan that reduces.
+    # see backends._torch_ops._sequence_size); undecided means a plan that reduces.
     if guard_or_false(k >= n):
         return x
     if k == 0 or method not in MERGING_METHODS:
