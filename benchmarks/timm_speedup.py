@@ -11,6 +11,13 @@ time on a GPU, CPU time on the CPU).
 
     python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
         [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
+        [--slice]
+
+``--slice`` adds the row "slice": the plain model whose blocks keep their first tokens
+where patch_timm pools (after attention), a view that costs nothing: no scores, no
+clustering, no merge. Its speed-up is the most any pooling method can reach on this
+schedule and machine; the distance from it to a method's is what that method's pooling
+costs.
 
 The patched models run as patch_timm sets them up by default (values unchecked); on a GPU
 ``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the host.
@@ -71,6 +78,25 @@ def analytic_ratio(keep: list[int], prefix: int = 1, n: int = 196, dim: int = 38
         pooled += block_macs(tokens + prefix, after + prefix, dim)
         tokens = after
     return pooled / full
+
+
+class SlicedViT(torch.nn.Module):
+    """A plain timm ViT whose blocks keep their prefix and first ``keep[i]`` patch tokens
+    between attention and MLP (where ``patch_timm`` pools by default): pooling for free."""
+
+    def __init__(self, model: torch.nn.Module, keep: list[int]) -> None:
+        super().__init__()
+        self.model, self.keep = model, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m: Any = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        prefix = m.num_prefix_tokens
+        for block, k in zip(m.blocks, self.keep, strict=True):
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            x = x[:, :prefix + k]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return m.forward_head(m.norm(x))
 
 
 def synchronise(device: torch.device) -> None:
@@ -173,6 +199,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default="wkmedoids",
                         help="comma-separated methods of tokenpool_ops.pool, or 'all'")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes")
+    parser.add_argument("--slice", action="store_true",
+                        help="add the plain model with free pooling (a slice): the ceiling")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     parser.add_argument("--compile", action="store_true",
@@ -205,6 +233,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     options = {"stop_early": False} if args.no_sync else {}
     models = {"plain": timm.create_model(MODEL, pretrained=False).eval().to(device)}
+    if args.slice:
+        models["slice"] = SlicedViT(models["plain"], keep)
     for method in args.methods:
         models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
                                     keep, method=method, **options)
@@ -227,6 +257,9 @@ def main() -> None:
             print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {1.0:>11.3f}")
             continue
         ratio = flops(model, x[:1]) / f_plain
+        if name == "slice":  # no pooling to share the time
+            print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f}")
+            continue
         share = pooling_share(model, x, args.dtype)
         print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f} "
               f"{share:>13.1%}")
