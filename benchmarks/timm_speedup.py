@@ -11,7 +11,11 @@ time on a GPU, CPU time on the CPU).
 
     python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
         [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
-        [--slice]
+        [--slice] [--cpu-time]
+
+``--cpu-time`` times each pass by the process's CPU time (all its threads) instead of the
+wall clock: on a machine shared with other jobs, with one thread (``OMP_NUM_THREADS=1
+NUMBA_NUM_THREADS=1``), it counts this process's work only.
 
 ``--slice`` adds the row "slice": the plain model whose blocks keep their first tokens
 where patch_timm pools (after attention), a view that costs nothing: no scores, no
@@ -118,12 +122,12 @@ def cpu_seconds() -> float:
 
 
 def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
-               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None
-               ) -> dict[str, float]:
-    """Best seconds of one forward pass per model. The models take turns, one pass each per
-    round, so a machine whose speed drifts (other jobs, clocks) slows them alike. The
-    wall-clock and CPU seconds of each model's first call (the warm-up: compilation
-    included) go to ``first_calls``."""
+               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best seconds of one forward pass per model, by ``clock``. The models take turns, one
+    pass each per round, so a machine whose speed drifts (other jobs, clocks) slows them
+    alike. The wall-clock and CPU seconds of each model's first call (the warm-up:
+    compilation included) go to ``first_calls``."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
         for name, model in models.items():
@@ -135,10 +139,10 @@ def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int
         synchronise(x.device)
         for _ in range(repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = clock()
                 model(x)
                 synchronise(x.device)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: min(seconds) for name, seconds in times.items()}
 
 
@@ -201,6 +205,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes")
     parser.add_argument("--slice", action="store_true",
                         help="add the plain model with free pooling (a slice): the ceiling")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU time instead of the wall clock (on "
+                             "a shared machine, with one thread: OMP_NUM_THREADS=1 "
+                             "NUMBA_NUM_THREADS=1)")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     parser.add_argument("--compile", action="store_true",
@@ -243,12 +251,14 @@ def main() -> None:
         compiled = compile_models(models, x, args.compile_mode, args.dtype)
         seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls)
     else:
-        seconds = best_times(models, x, args.repeats, args.dtype)
+        seconds = best_times(models, x, args.repeats, args.dtype,
+                             clock=time.process_time if args.cpu_time else time.perf_counter)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {args.dtype}, batch {args.batch}, "
-          f"{MODEL} {args.schedule} {keep}; best of {args.repeats}, models in turn")
+          f"{MODEL} {args.schedule} {keep}; best of {args.repeats}"
+          f"{' by process CPU time' if args.cpu_time else ''}, models in turn")
     print(f"analytic FLOP ratio (Table 1 formula, pooling excluded): {analytic_ratio(keep):.3f}")
     print(f"{'model':<12} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
     for name, model in models.items():
