@@ -81,8 +81,8 @@ def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
         return _LAUNCH_LOCK
     return contextlib.nullcontext()
 
-__all__ = ["centred_gram", "kmeans", "kmedoids", "medoid_gram", "merge", "segment_sum",
-           "weighted_means"]
+__all__ = ["centred_gram", "kmeans", "kmedoids", "kmedoids_merge", "medoid_gram", "merge",
+           "segment_sum", "weighted_means"]
 
 # Reassociation lets the distance loop vectorise; the result is still the same on every run.
 _FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -519,6 +519,39 @@ def _kmedoids_serial(x, mean, gram, medoids, weights, labels, history, iteration
                                       labels[p], history[p], max_iter)
 
 
+@numba.njit(cache=True)
+def _kmedoids_merge_one(x, mean, gram, medoids, weights, labels, history, max_iter, fallback,
+                        has_fallback, carried, empty, effective, tokens,
+                        sizes):  # type: ignore[no-untyped-def]
+    """One problem's K-Medoids, then its merge while its tokens are still in cache: the
+    same two functions as the kernels of :func:`kmedoids` and :func:`merge`, on the same
+    arguments, so the same results bit for bit, with one pass over ``x`` from memory fewer."""
+    done = _kmedoids_one(x, mean, gram, medoids, weights, labels, history, max_iter)
+    _merge_one(x, labels, weights, fallback, has_fallback, carried, empty, effective, tokens,
+               sizes)
+    return done
+
+
+@numba.njit(parallel=True, cache=True)
+def _kmedoids_merge_parallel(x, mean, gram, medoids, weights, labels, history, iterations,
+                             max_iter, fallback, has_fallback, carried, empty, effective,
+                             tokens, sizes):  # type: ignore[no-untyped-def]
+    for p in numba.prange(x.shape[0]):
+        iterations[p] = _kmedoids_merge_one(
+            x[p], mean[p], gram[p], medoids[p], weights[p], labels[p], history[p], max_iter,
+            fallback[p], has_fallback, carried[p], empty[p], effective[p], tokens[p], sizes[p])
+
+
+@numba.njit(cache=True)
+def _kmedoids_merge_serial(x, mean, gram, medoids, weights, labels, history, iterations,
+                           max_iter, fallback, has_fallback, carried, empty, effective,
+                           tokens, sizes):  # type: ignore[no-untyped-def]
+    for p in range(x.shape[0]):
+        iterations[p] = _kmedoids_merge_one(
+            x[p], mean[p], gram[p], medoids[p], weights[p], labels[p], history[p], max_iter,
+            fallback[p], has_fallback, carried[p], empty[p], effective[p], tokens[p], sizes[p])
+
+
 @numba.njit(parallel=True, cache=True)
 def _kmeans_parallel(x, mean, gram, init, weights, fallback, labels, centres, history,
                      iterations, max_iter):  # type: ignore[no-untyped-def]
@@ -661,6 +694,35 @@ def kmedoids(
                max_iter)
     n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
     return labels, medoids, history[:, : n_iter + 1], n_iter
+
+
+def kmedoids_merge(
+    x: np.ndarray, mean: np.ndarray, gram: np.ndarray, init: np.ndarray, weights: np.ndarray,
+    fallback: np.ndarray | None, carried: np.ndarray, max_iter: int, stop_early: bool,
+    parallel: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
+    """:func:`kmedoids` then :func:`merge` of its clusters in one kernel, a problem at a
+    time (its tokens read from memory once for both): labels, medoids, history, T as
+    :func:`kmedoids`, then the tokens (B, K, M) and sizes (B, K) of :func:`merge` with the
+    same ``weights``, ``fallback`` and ``carried`` and the problems' ``mean`` (B, 1, M) for
+    an empty cluster (a medoid's cluster never is). The same results bit for bit."""
+    n_problems, n = x.shape[:2]
+    k = init.shape[1]
+    labels = np.empty((n_problems, n), dtype=init.dtype)
+    medoids = np.array(init, copy=True)
+    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
+    iterations = np.zeros(n_problems, dtype=np.int64)
+    tokens = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
+    sizes = np.empty((n_problems, k), dtype=carried.dtype)
+    effective = np.empty(weights.shape, dtype=weights.dtype)
+    parallel = _shared(parallel, n_problems)
+    kernel = _kmedoids_merge_parallel if parallel else _kmedoids_merge_serial
+    with _launching(parallel):
+        kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations, max_iter,
+               weights if fallback is None else fallback, fallback is not None, carried,
+               mean, effective, tokens, sizes)
+    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    return labels, medoids, history[:, : n_iter + 1], n_iter, tokens, sizes
 
 
 def weighted_means(

@@ -102,7 +102,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     from . import _numba  # noqa: F401  (ImportError here without Numba, as documented)
 
     return {"kmedoids": _kmedoids, "kmeans": _kmeans, "weighted_means": _weighted_means,
-            "segment_sum": _segment_sum, "merge": _merge}
+            "segment_sum": _segment_sum, "merge": _merge, "kmedoids_merge": _kmedoids_merge}
 
 
 # The entries of compiled_paths, defined once (not per call: primitives are looked up at every
@@ -152,3 +152,21 @@ def _merge(xp: Any, x: np.ndarray, mean: np.ndarray, labels: np.ndarray, k: int,
         return None
     tokens, sizes = _numba.merge(x, labels, k, weights, fallback, carried, mean, False)
     return tokens, sizes, None
+
+
+def _kmedoids_merge(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
+                    weights: np.ndarray, fallback: np.ndarray | None, carried: np.ndarray,
+                    max_iter: int, stop_early: bool
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray,
+                               np.ndarray] | None:
+    """``Primitives.kmedoids_merge``: :func:`_kmedoids` and :func:`_merge` in one Numba
+    kernel (``_numba.kmedoids_merge``); None where ``_merge`` would not apply (dtypes that
+    differ)."""
+    from . import _numba
+
+    given = (x, mean, weights, carried) + (() if fallback is None else (fallback,))
+    if any(a.dtype != x.dtype for a in given):
+        return None
+    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
+    return _numba.kmedoids_merge(x, mean, gram, init, weights, fallback, carried, max_iter,
+                                 stop_early, False)

@@ -393,5 +393,27 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
                                      carried_host, mean_host, True)
         return torch.from_numpy(tokens), torch.from_numpy(sizes), None
 
+    def host_kmedoids_merge(xp: Any, x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
+                            weights: torch.Tensor, fallback: torch.Tensor | None,
+                            carried: torch.Tensor, max_iter: int, stop_early: bool
+                            ) -> tuple[Any, ...] | None:
+        """``Primitives.kmedoids_merge``: ``kmedoids`` then ``host_merge`` in one Numba
+        kernel (``_numba.kmedoids_merge``), eagerly on the CPU only; None wherever
+        ``host_merge`` would not apply (then both run)."""
+        given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
+        if (not _eager(init, *given) or _needs_grad(*given)
+                or any(t.dtype != x.dtype for t in given)):
+            return None
+        fallback_host = None if fallback is None else _host_arrays(fallback)[0]
+        x_host, mean_host, init_host, weights_host, carried_host = _host_arrays(
+            x, mean, init, weights, carried)
+        gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed,
+                                  True)
+        labels, medoids, history, n_iter, tokens, sizes = _numba.kmedoids_merge(
+            x_host, mean_host, gram, init_host, weights_host, fallback_host, carried_host,
+            max_iter, stop_early, True)
+        return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
+                n_iter, torch.from_numpy(tokens), torch.from_numpy(sizes))
+
     return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
-            "merge": host_merge}
+            "merge": host_merge, "kmedoids_merge": host_kmedoids_merge}

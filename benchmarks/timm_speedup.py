@@ -11,6 +11,17 @@ time on a GPU, CPU time on the CPU).
 
     python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
         [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
+        [--slice] [--cpu-time]
+
+``--cpu-time`` times each pass by the process's CPU time (all its threads) instead of the
+wall clock: on a machine shared with other jobs, with one thread (``OMP_NUM_THREADS=1
+NUMBA_NUM_THREADS=1``), it counts this process's work only.
+
+``--slice`` adds the row "slice": the plain model whose blocks keep their first tokens
+where patch_timm pools (after attention), a view that costs nothing: no scores, no
+clustering, no merge. Its speed-up is the most any pooling method can reach on this
+schedule and machine; the distance from it to a method's is what that method's pooling
+costs.
 
 The patched models run as patch_timm sets them up by default (values unchecked); on a GPU
 ``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the host.
@@ -73,6 +84,25 @@ def analytic_ratio(keep: list[int], prefix: int = 1, n: int = 196, dim: int = 38
     return pooled / full
 
 
+class SlicedViT(torch.nn.Module):
+    """A plain timm ViT whose blocks keep their prefix and first ``keep[i]`` patch tokens
+    between attention and MLP (where ``patch_timm`` pools by default): pooling for free."""
+
+    def __init__(self, model: torch.nn.Module, keep: list[int]) -> None:
+        super().__init__()
+        self.model, self.keep = model, keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m: Any = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        prefix = m.num_prefix_tokens
+        for block, k in zip(m.blocks, self.keep, strict=True):
+            x = x + block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+            x = x[:, :prefix + k]
+            x = x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+        return m.forward_head(m.norm(x))
+
+
 def synchronise(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -92,12 +122,12 @@ def cpu_seconds() -> float:
 
 
 def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
-               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None
-               ) -> dict[str, float]:
-    """Best seconds of one forward pass per model. The models take turns, one pass each per
-    round, so a machine whose speed drifts (other jobs, clocks) slows them alike. The
-    wall-clock and CPU seconds of each model's first call (the warm-up: compilation
-    included) go to ``first_calls``."""
+               dtype: str, first_calls: dict[str, tuple[float, float]] | None = None,
+               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+    """Best seconds of one forward pass per model, by ``clock``. The models take turns, one
+    pass each per round, so a machine whose speed drifts (other jobs, clocks) slows them
+    alike. The wall-clock and CPU seconds of each model's first call (the warm-up:
+    compilation included) go to ``first_calls``."""
     times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
         for name, model in models.items():
@@ -109,10 +139,10 @@ def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int
         synchronise(x.device)
         for _ in range(repeats):
             for name, model in models.items():
-                start = time.perf_counter()
+                start = clock()
                 model(x)
                 synchronise(x.device)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     return {name: min(seconds) for name, seconds in times.items()}
 
 
@@ -173,6 +203,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--methods", default="wkmedoids",
                         help="comma-separated methods of tokenpool_ops.pool, or 'all'")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward passes")
+    parser.add_argument("--slice", action="store_true",
+                        help="add the plain model with free pooling (a slice): the ceiling")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time by the process's CPU time instead of the wall clock (on "
+                             "a shared machine, with one thread: OMP_NUM_THREADS=1 "
+                             "NUMBA_NUM_THREADS=1)")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     parser.add_argument("--compile", action="store_true",
@@ -205,6 +241,8 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 224, 224, device=device)
     options = {"stop_early": False} if args.no_sync else {}
     models = {"plain": timm.create_model(MODEL, pretrained=False).eval().to(device)}
+    if args.slice:
+        models["slice"] = SlicedViT(models["plain"], keep)
     for method in args.methods:
         models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
                                     keep, method=method, **options)
@@ -213,12 +251,14 @@ def main() -> None:
         compiled = compile_models(models, x, args.compile_mode, args.dtype)
         seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls)
     else:
-        seconds = best_times(models, x, args.repeats, args.dtype)
+        seconds = best_times(models, x, args.repeats, args.dtype,
+                             clock=time.process_time if args.cpu_time else time.perf_counter)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
           f"{torch.get_num_threads()} threads), {args.dtype}, batch {args.batch}, "
-          f"{MODEL} {args.schedule} {keep}; best of {args.repeats}, models in turn")
+          f"{MODEL} {args.schedule} {keep}; best of {args.repeats}"
+          f"{' by process CPU time' if args.cpu_time else ''}, models in turn")
     print(f"analytic FLOP ratio (Table 1 formula, pooling excluded): {analytic_ratio(keep):.3f}")
     print(f"{'model':<12} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
     for name, model in models.items():
@@ -227,6 +267,9 @@ def main() -> None:
             print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {1.0:>11.3f}")
             continue
         ratio = flops(model, x[:1]) / f_plain
+        if name == "slice":  # no pooling to share the time
+            print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f}")
+            continue
         share = pooling_share(model, x, args.dtype)
         print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f} "
               f"{share:>13.1%}")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from ._batching import Batch
 from ._clustering import (
     FlatClustering,
+    cluster,
     effective_weights,
     reconstruction_objective,
     sq_errors,
@@ -64,6 +65,24 @@ def select(batch: Batch, chosen: Array, w: TokenWeights, detail: Detail) -> Pool
     labels, _ = assign_to_medoids(xp, to_kept, chosen)
     objective = weighted_objective(xp, w.weights, sq_errors(prims, batch.x, tokens, labels))
     return PoolResult(tokens, labels, sizes, chosen, objective, objective[:, None], 0)
+
+
+def cluster_and_merge(batch: Batch, method: str, init: Array, k: int, w: TokenWeights,
+                      max_iter: int, stop_early: bool, detail: Detail) -> PoolResult:
+    """The clustering methods from the initial centres ``init`` (B, k): :func:`cluster`,
+    then :func:`merge_clusters`. For K-Medoids without the objective, a backend's
+    ``kmedoids_merge`` does both in one kernel, a problem at a time (the same results)."""
+    prims = batch.prims
+    if (prims.kmedoids_merge is not None and not method.endswith("kmeans")
+            and detail != "info"):
+        fused = prims.kmedoids_merge(prims.xp, batch.x, batch.mean, init, w.weights,
+                                     w.fallback, w.carried, max_iter, stop_early)
+        if fused is not None:
+            labels, medoids, history, n_iter, tokens, sizes = fused
+            return PoolResult(tokens, labels, sizes, medoids, None, history, n_iter)
+    clusters = cluster(prims, method, batch.x, batch.mean, init, w.weights, w.fallback,
+                       max_iter, stop_early)
+    return merge_clusters(batch, clusters, k, w, detail)
 
 
 def merge_clusters(batch: Batch, clusters: FlatClustering, k: int, w: TokenWeights,

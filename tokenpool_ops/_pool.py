@@ -13,7 +13,7 @@ from typing import Literal
 from ._batching import Batch, flatten
 from ._clustering import cluster
 from ._compat import Array, is_traced, take_along_axis
-from ._merge import merge_clusters, merge_matches, select, token_weights
+from ._merge import cluster_and_merge, merge_matches, select, token_weights
 from ._methods import CLUSTERING_METHODS as CLUSTERING_METHODS  # re-exports ("X as X"):
 from ._methods import (  # timm, nn, demo, visualize and tests import them from here
     MATCHING_METHODS,
@@ -294,9 +294,8 @@ def pool_result(
             labels = match_tokens(b.prims, features, w.carried, sizes is not None, k,
                                   b.index_dtype())
             return merge_matches(b, labels, k, w, detail)
-        clusters = cluster(b.prims, method, b.x, b.mean, start, w.weights, w.fallback,
-                           call.max_iter, call.stop_early)
-        return merge_clusters(b, clusters, k, w, detail)
+        return cluster_and_merge(b, method, start, k, w, call.max_iter, call.stop_early,
+                                 detail)
 
     result = guarded(batch, compute, checks, ("tokens",) if detail == "tokens" else None,
                      scores=s, sizes=given_sizes)

@@ -190,4 +190,9 @@ class Primitives:
     #: clusters ``labels`` as ``_merge.merge_clusters`` computes them from the same
     #: arguments (objective None unless asked); None where it does not apply.
     merge: Callable[..., tuple[Array, Array, Array | None] | None] | None = None
+    #: ``kmedoids`` then ``merge`` (no objective) in one kernel, a problem at a time, for
+    #: tokens on the host: ``(labels, medoids, history, n_iter, tokens, sizes)`` as those two
+    #: give them from the same arguments; None where it does not apply (then they run).
+    kmedoids_merge: Callable[..., tuple[Array, Array, Array, int, Array, Array] | None] | None = (
+        None)
     name: str = "generic"
