@@ -399,9 +399,10 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
                             ) -> tuple[Any, ...] | None:
         """``Primitives.kmedoids_merge``: ``kmedoids`` then ``host_merge`` in one Numba
         kernel (``_numba.kmedoids_merge``), eagerly on the CPU only; None wherever
-        ``host_merge`` would not apply (then both run)."""
+        ``host_merge`` would not apply (then both run), CUDA tensors included (their two
+        launches are ``kmedoids`` and ``host_merge``'s ``cuda_merge``)."""
         given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
-        if (not _eager(init, *given) or _needs_grad(*given)
+        if (_on_cuda(x) or not _eager(init, *given) or _needs_grad(*given)
                 or any(t.dtype != x.dtype for t in given)):
             return None
         fallback_host = None if fallback is None else _host_arrays(fallback)[0]
