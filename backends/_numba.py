@@ -643,6 +643,33 @@ def centred_gram(x: np.ndarray, mean: np.ndarray, block_bytes: int, matmul: Batc
     return out
 
 
+def _loop_outputs(x: np.ndarray, init: np.ndarray,
+                  max_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What every clustering kernel fills: labels (B, N), the objective history
+    (B, max_iter + 1) and each problem's iteration count (B,)."""
+    n_problems, n = x.shape[:2]
+    return (np.empty((n_problems, n), dtype=init.dtype),
+            np.empty((n_problems, max_iter + 1), dtype=x.dtype),
+            np.zeros(n_problems, dtype=np.int64))
+
+
+def _iterations_run(history: np.ndarray, iterations: np.ndarray, max_iter: int,
+                    stop_early: bool) -> tuple[np.ndarray, int]:
+    """The history up to T and T: the most iterations any problem ran with ``stop_early``
+    (each repeats its fixed point after it), else ``max_iter``."""
+    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    return history[:, : n_iter + 1], n_iter
+
+
+def _merge_outputs(x: np.ndarray, k: int, weights: np.ndarray,
+                   carried: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What every merge kernel fills: tokens (B, k, M), sizes (B, k) and its scratch of
+    effective weights (B, N)."""
+    return (np.empty((x.shape[0], k, x.shape[2]), dtype=x.dtype),
+            np.empty((x.shape[0], k), dtype=carried.dtype),
+            np.empty(weights.shape, dtype=weights.dtype))
+
+
 def kmeans(
     x: np.ndarray, mean: np.ndarray, gram: np.ndarray, init: np.ndarray, weights: np.ndarray,
     fallback: np.ndarray | None, max_iter: int, stop_early: bool, parallel: bool,
@@ -654,21 +681,16 @@ def kmeans(
     (B, K, M) in the centred frame, labels (B, N), the objective history (B, T + 1) and T,
     as :func:`kmedoids`.
     """
-    n_problems, n = x.shape[:2]
-    k = init.shape[1]
-    labels = np.empty((n_problems, n), dtype=init.dtype)
-    centres = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
-    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
-    iterations = np.zeros(n_problems, dtype=np.int64)
+    labels, history, iterations = _loop_outputs(x, init, max_iter)
+    centres = np.empty((x.shape[0], init.shape[1], x.shape[2]), dtype=x.dtype)
     # Without fallback the weights are positive (unit weights): the fallback is never read.
     fallback = weights if fallback is None else fallback
-    parallel = _shared(parallel, n_problems)
+    parallel = _shared(parallel, x.shape[0])
     kernel = _kmeans_parallel if parallel else _kmeans_serial
     with _launching(parallel):
         kernel(x, mean[:, 0, :], gram, init, weights, fallback, labels, centres, history,
                iterations, max_iter)
-    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
-    return centres, labels, history[:, : n_iter + 1], n_iter
+    return centres, labels, *_iterations_run(history, iterations, max_iter, stop_early)
 
 
 def kmedoids(
@@ -682,18 +704,14 @@ def kmedoids(
     as the generic loop: each problem stops at its fixed point and repeats it, so T is the
     most any problem needed (``max_iter`` when not ``stop_early``).
     """
-    n_problems, n = x.shape[:2]
-    labels = np.empty((n_problems, n), dtype=init.dtype)
+    labels, history, iterations = _loop_outputs(x, init, max_iter)
     medoids = np.array(init, copy=True)
-    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
-    iterations = np.zeros(n_problems, dtype=np.int64)
-    parallel = _shared(parallel, n_problems)
+    parallel = _shared(parallel, x.shape[0])
     kernel = _kmedoids_parallel if parallel else _kmedoids_serial
     with _launching(parallel):
         kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations,
                max_iter)
-    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
-    return labels, medoids, history[:, : n_iter + 1], n_iter
+    return labels, medoids, *_iterations_run(history, iterations, max_iter, stop_early)
 
 
 def kmedoids_merge(
@@ -706,23 +724,17 @@ def kmedoids_merge(
     :func:`kmedoids`, then the tokens (B, K, M) and sizes (B, K) of :func:`merge` with the
     same ``weights``, ``fallback`` and ``carried`` and the problems' ``mean`` (B, 1, M) for
     an empty cluster (a medoid's cluster never is). The same results bit for bit."""
-    n_problems, n = x.shape[:2]
-    k = init.shape[1]
-    labels = np.empty((n_problems, n), dtype=init.dtype)
+    labels, history, iterations = _loop_outputs(x, init, max_iter)
     medoids = np.array(init, copy=True)
-    history = np.empty((n_problems, max_iter + 1), dtype=x.dtype)
-    iterations = np.zeros(n_problems, dtype=np.int64)
-    tokens = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
-    sizes = np.empty((n_problems, k), dtype=carried.dtype)
-    effective = np.empty(weights.shape, dtype=weights.dtype)
-    parallel = _shared(parallel, n_problems)
+    tokens, sizes, effective = _merge_outputs(x, init.shape[1], weights, carried)
+    parallel = _shared(parallel, x.shape[0])
     kernel = _kmedoids_merge_parallel if parallel else _kmedoids_merge_serial
     with _launching(parallel):
         kernel(x, mean[:, 0, :], gram, medoids, weights, labels, history, iterations, max_iter,
                weights if fallback is None else fallback, fallback is not None, carried,
                mean, effective, tokens, sizes)
-    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
-    return labels, medoids, history[:, : n_iter + 1], n_iter, tokens, sizes
+    history, n_iter = _iterations_run(history, iterations, max_iter, stop_early)
+    return labels, medoids, history, n_iter, tokens, sizes
 
 
 def weighted_means(
@@ -750,12 +762,9 @@ def merge(
     :func:`segment_sum` (each total summed in token order in the weights' dtype, so the
     results are the same bit for bit). ``empty`` (B, 1, M) or (B, k, M) as in
     :func:`weighted_means`; ``fallback`` None declares the weights positive."""
-    n_problems = x.shape[0]
-    tokens = np.empty((n_problems, k, x.shape[2]), dtype=x.dtype)
-    sizes = np.empty((n_problems, k), dtype=carried.dtype)
-    effective = np.empty(weights.shape, dtype=weights.dtype)
+    tokens, sizes, effective = _merge_outputs(x, k, weights, carried)
     has_fallback = fallback is not None
-    parallel = _shared(parallel, n_problems)
+    parallel = _shared(parallel, x.shape[0])
     kernel = _merge_parallel if parallel else _merge_serial
     with _launching(parallel):
         kernel(x, labels, weights, weights if fallback is None else fallback, has_fallback,
