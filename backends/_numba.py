@@ -19,7 +19,10 @@ These kernels replace the passes over whole arrays that the generic code makes f
 All run per problem, in token order, so results do not depend on the thread count. Each
 kernel exists twice: parallel over problems (used next to PyTorch) and serial (used next to
 NumPy, whose OpenBLAS threads spin for a while after every matrix product and would fight
-Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores).
+Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores). (Sharing the
+serial K-Medoids+merge kernel of a NumPy batch between two Python threads was tried: it
+gained nothing on two idle cores and slowed the matrix products after it;
+benchmarks/results/pool_issue23c.md.)
 
 Threading layer: Numba's default picks OpenMP where TBB is absent, and OpenMP's worker
 threads keep spinning after each parallel loop (``OMP_WAIT_POLICY=active`` behaviour), on
@@ -82,7 +85,7 @@ def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
     return contextlib.nullcontext()
 
 __all__ = ["centred_gram", "kmeans", "kmedoids", "kmedoids_merge", "medoid_gram", "merge",
-           "segment_sum", "weighted_means"]
+           "segment_sum", "top_k", "weighted_means"]
 
 # Reassociation lets the distance loop vectorise; the result is still the same on every run.
 _FAST_MATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -592,6 +595,55 @@ def _weighted_means_serial(values, labels, weights, empty, out):  # type: ignore
         _weighted_means_one(values[p], labels[p], weights[p], empty[p], out[p])
 
 
+@numba.njit(cache=True)
+def _top_k_one(keys: Any, out: Any) -> bool:
+    """``out`` (k,): the indices of the k largest ``keys``, the lower index first among
+    equals, ascending; False (``out`` unset) where a key is NaN.
+
+    The first k of a stable sort of ``-keys`` are the tokens below the k-th smallest
+    negated key ``t``, then the lowest-index tokens equal to ``t`` until k are taken: one
+    selection and one pass in index order instead of a sort (no NaN: a sort places NaN
+    last, which a selection would not).
+    """
+    n, k = keys.shape[0], out.shape[0]
+    negated = np.empty(n, keys.dtype)
+    for i in range(n):
+        negated[i] = -keys[i]
+        if np.isnan(negated[i]):
+            return False
+    if k == 0:
+        return True
+    threshold = np.partition(negated, k - 1)[k - 1]
+    ties = k
+    for i in range(n):
+        if negated[i] < threshold:
+            ties -= 1
+    taken = 0
+    for i in range(n):
+        if negated[i] < threshold or (negated[i] == threshold and ties > 0):
+            if not negated[i] < threshold:
+                ties -= 1
+            out[taken] = i
+            taken += 1
+    return True
+
+
+@numba.njit(cache=True)
+def _top_k_serial(keys, out):  # type: ignore[no-untyped-def]
+    for p in range(keys.shape[0]):
+        if not _top_k_one(keys[p], out[p]):
+            return False
+    return True
+
+
+def top_k(keys: np.ndarray, k: int) -> np.ndarray | None:
+    """``_primitives.top_k`` of ``keys`` (B, N), float32 or float64, with 0 <= k <= N: the
+    same indices (B, k), int64, in O(N) per problem; None where a key is NaN (there the
+    generic sort decides). Serial: microseconds per problem."""
+    out = np.empty((keys.shape[0], k), dtype=np.int64)
+    return out if _top_k_serial(keys, out) else None
+
+
 #: Matrix product of stacks: ``matmul(a, b, out)`` sets ``out = a @ b^T``, (P, K, N - K).
 BatchMatmul = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
 
@@ -723,7 +775,10 @@ def kmedoids_merge(
     time (its tokens read from memory once for both): labels, medoids, history, T as
     :func:`kmedoids`, then the tokens (B, K, M) and sizes (B, K) of :func:`merge` with the
     same ``weights``, ``fallback`` and ``carried`` and the problems' ``mean`` (B, 1, M) for
-    an empty cluster (a medoid's cluster never is). The same results bit for bit."""
+    an empty cluster (a medoid's cluster never is). The same results bit for bit.
+
+    ``parallel``: Numba's parallel kernel (next to PyTorch); else the serial one (next to
+    NumPy)."""
     labels, history, iterations = _loop_outputs(x, init, max_iter)
     medoids = np.array(init, copy=True)
     tokens, sizes, effective = _merge_outputs(x, init.shape[1], weights, carried)

@@ -14,6 +14,7 @@ import numpy as np
 
 from tokenpool_ops._primitives import read_flags_on_host
 from tokenpool_ops._primitives import sq_distances as generic_sq_distances
+from tokenpool_ops._primitives import top_k as generic_top_k
 
 
 def sq_distances(xp: Any, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -102,7 +103,8 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
     from . import _numba  # noqa: F401  (ImportError here without Numba, as documented)
 
     return {"kmedoids": _kmedoids, "kmeans": _kmeans, "weighted_means": _weighted_means,
-            "segment_sum": _segment_sum, "merge": _merge, "kmedoids_merge": _kmedoids_merge}
+            "segment_sum": _segment_sum, "merge": _merge, "kmedoids_merge": _kmedoids_merge,
+            "top_k": _top_k}
 
 
 # The entries of compiled_paths, defined once (not per call: primitives are looked up at every
@@ -170,3 +172,15 @@ def _kmedoids_merge(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
     gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
     return _numba.kmedoids_merge(x, mean, gram, init, weights, fallback, carried, max_iter,
                                  stop_early, False)
+
+
+def _top_k(xp: Any, keys: np.ndarray, k: int) -> np.ndarray:
+    """``Primitives.top_k`` by selection (``_numba.top_k``), for float32 and float64 keys
+    without NaN; the generic sort otherwise. The same indices."""
+    from . import _numba
+
+    if keys.dtype in (np.float32, np.float64):
+        chosen = _numba.top_k(keys, k)
+        if chosen is not None:
+            return chosen
+    return generic_top_k(xp, keys, k)

@@ -20,6 +20,7 @@ from tokenpool_ops._primitives import all_valid as generic_all_valid
 from tokenpool_ops._primitives import read_flags as generic_read_flags
 from tokenpool_ops._primitives import read_flags_on_host
 from tokenpool_ops._primitives import segment_sum as generic_segment_sum
+from tokenpool_ops._primitives import top_k as generic_top_k
 from tokenpool_ops._primitives import weighted_means as generic_weighted_means
 from tokenpool_ops._primitives import weighted_segment_sums as generic_weighted_segment_sums
 
@@ -113,22 +114,39 @@ def all_finite(xp: Any, x: torch.Tensor) -> bool:
     return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
-def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor:
+def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor | np.ndarray:
     """Generic ``all_valid`` from one ``aminmax`` pass (NaN propagates into both), instead
-    of a boolean temporary per condition."""
+    of a boolean temporary per condition. Eager on the CPU, NumPy reads the tensor in place
+    and the verdict is a NumPy 0-d boolean, already on the host: at B = 1 the three tensor
+    operations and the read of a 0-d tensor cost twice the check (read_flags takes both)."""
     if values.numel() == 0:
         return generic_all_valid(xp, values, nonnegative)
-    low, high = torch.aminmax(values)
+    if values.dtype in _NUMPY_DTYPES and _eager(values):
+        host = values.detach().numpy()  # NaN propagates into both reductions
+        low, high = np.minimum.reduce(host, axis=None), np.maximum.reduce(host, axis=None)
+    else:
+        low, high = torch.aminmax(values)
     low_valid = low >= 0 if nonnegative else low > -math.inf
-    return low_valid & (high < math.inf)
+    verdict = low_valid & (high < math.inf)
+    return np.asarray(verdict) if isinstance(verdict, np.bool_) else verdict
 
 
-def read_flags(xp: Any, flags: list[torch.Tensor],
+#: The dtypes of the tensors NumPy can read in place (not bfloat16, which it lacks).
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8,
+                           torch.int16, torch.int32, torch.int64, torch.bool})
+
+
+def _on_the_host(value: torch.Tensor | np.ndarray) -> bool:
+    """Whether a flag is in host memory: a CPU tensor, or a verdict NumPy made (all_valid)."""
+    return isinstance(value, np.ndarray) or value.device.type == "cpu"
+
+
+def read_flags(xp: Any, flags: list[torch.Tensor | np.ndarray],
                count: torch.Tensor | None) -> tuple[list[bool], int | None]:
     """Generic ``read_flags`` (one packed read) on a device; on the CPU, where reading costs
     no synchronisation, each value read as it is (``read_flags_on_host``)."""
     given = flags if count is None else [*flags, count]
-    if all(t.device.type == "cpu" for t in given):
+    if all(_on_the_host(t) for t in given):
         return read_flags_on_host(xp, flags, count)
     return generic_read_flags(xp, flags, count)
 
@@ -416,5 +434,15 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         return (torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history),
                 n_iter, torch.from_numpy(tokens), torch.from_numpy(sizes))
 
+    def host_top_k(xp: Any, keys: torch.Tensor, k: int) -> torch.Tensor:
+        """``Primitives.top_k`` by selection (``_numba.top_k``) for eager float32 and
+        float64 keys on the CPU without NaN; the generic sort otherwise (traced calls too).
+        The same indices."""
+        if _eager(keys) and keys.dtype in (torch.float32, torch.float64):
+            chosen = _numba.top_k(_host_arrays(keys)[0], k)
+            if chosen is not None:
+                return torch.from_numpy(chosen)
+        return generic_top_k(xp, keys, k)
+
     return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
-            "merge": host_merge, "kmedoids_merge": host_kmedoids_merge}
+            "merge": host_merge, "kmedoids_merge": host_kmedoids_merge, "top_k": host_top_k}

@@ -80,19 +80,21 @@ def finite_problems(xp: Namespace, result: Any, exact: bool = True) -> Array | N
     return finite
 
 
-def finite_total(xp: Namespace, result: Any) -> Array | None:
+def finite_total(prims: Primitives, result: Any) -> Array | None:
     """0-d: whether the sum of all floating values of the result is finite (None when it
     holds no floating array). One reduction per field, whatever the batch: the check that
     every call makes. A problem that is not finite in :func:`finite_problems` (exact=False)
     makes the total not finite (its sum is infinite or NaN, and so is the total); a total
     of finite problems that overflowed is a false alarm, which that per-problem check then
-    clears."""
+    clears. The verdict is the backend's ``all_valid`` of the total (on the host, a host
+    value: no tensor read follows)."""
+    xp = prims.xp
     total = None
     for value in _arrays(result).values():
         if xp.isdtype(value.dtype, "real floating"):
             summed = xp.sum(value)
             total = summed if total is None else total + summed
-    return None if total is None else xp.isfinite(total)
+    return None if total is None else prims.all_valid(xp, total, False)
 
 
 def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: Result,
@@ -109,7 +111,7 @@ def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: R
     the error message.
     """
     xp = batch.xp
-    total = finite_total(xp, result)
+    total = finite_total(batch.prims, result)
     flags = [] if total is None else [total]  # None: no floating result
     verdicts, n_iter = settle_counting(batch.prims, pending or [], flags,
                                        unread_iterations(result))

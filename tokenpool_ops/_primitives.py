@@ -119,6 +119,15 @@ def medoid_assignment(xp: Namespace, token_dist: Array, medoids: Array) -> tuple
     return assign_to_medoids(xp, to_medoids, medoids)
 
 
+def top_k(xp: Namespace, keys: Array, k: int) -> Array:
+    """Indices (B, k) of the k largest ``keys`` (B, N), in ascending index order.
+
+    Among equal keys the lower index is taken (a stable sort of the negated keys).
+    """
+    order = xp.argsort(-keys, axis=-1, stable=True)
+    return xp.sort(order[:, :k], axis=-1)
+
+
 def gather_rows(xp: Namespace, values: Array, index: Array) -> Array:
     """``values[b, index[b, j], :]``: rows (B, K, C) picked from (B, N, C) by (B, K) indices."""
     return take_along_axis(xp, values, index[:, :, None], axis=1)
@@ -180,6 +189,7 @@ class Primitives:
     all_valid: Callable[..., Array] = all_valid
     read_flags: Callable[..., tuple[list[bool], int | None]] = read_flags
     gather_rows: Callable[..., Array] = gather_rows
+    top_k: Callable[..., Array] = top_k
     #: A fused K-Medoids (distances and iterations) for tokens on the host, with the result of
     #: ``_clustering.run_kmedoids``; it returns None where it does not apply (e.g. on a GPU).
     kmedoids: Callable[..., tuple[Array, Array, Array, int] | None] | None = None

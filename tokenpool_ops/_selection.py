@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ._batching import no_overflow_warnings
 from ._compat import Array, Namespace, constant, device, index_dtype, take_along_axis
 from ._methods import MATCHING_METHODS, SELECTION_METHODS, Init
+from ._primitives import top_k
 from ._random import uniforms
 
 if TYPE_CHECKING:
@@ -26,7 +27,7 @@ def choose(batch: Batch, method: str, init: Init, order_by: Array | None, k: int
         return None
     if method in SELECTION_METHODS:
         if method == "topk":
-            return top_k(batch.xp, order_by, k)
+            return batch.prims.top_k(batch.xp, order_by, k)
         weights = order_by if method == "importance" else None
         with no_overflow_warnings(batch.xp):  # a tiny score's race key is -inf, rightly
             return draw_without_replacement(batch.xp, weights, k, seed, batch.x)
@@ -47,19 +48,10 @@ def initial_centres(batch: Batch, init: Init, order_by: Array | None, k: int, se
         if order_by is None:
             raise ValueError(f"init='topk' ranks tokens by {order_name}; pass {order_name} "
                              "or choose init='spread' or 'random'")
-        return top_k(xp, order_by, k)
+        return batch.prims.top_k(xp, order_by, k)
     if init == "random":
         return draw_without_replacement(xp, None, k, seed, batch.x)
     return spread(xp, n_problems, n, k, batch.x)
-
-
-def top_k(xp: Namespace, keys: Array, k: int) -> Array:
-    """Indices (B, k) of the k largest ``keys`` (B, N), in ascending index order.
-
-    Among equal keys the lower index is taken (a stable sort of the negated keys).
-    """
-    order = xp.argsort(-keys, axis=-1, stable=True)
-    return xp.sort(order[:, :k], axis=-1)
 
 
 def spread(xp: Namespace, batch: int, n: int, k: int, like: Array) -> Array:
