@@ -375,7 +375,7 @@ def plan_applies(x: Tensor, init: object, fast_paths: bool) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Attention with Eq. 5 scores from one materialised matrix (a traced block's inference)
+# Attention with Eq. 5 scores from the materialised probabilities (a traced block's inference)
 
 
 @torch.library.custom_op(f"{NAMESPACE}::attention_with_scores", mutates_args=())
@@ -383,16 +383,14 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, 
                           num_prefix: int) -> tuple[Tensor, Tensor]:
     """``softmax(scale q k^T + bias) v`` with the heads merged, (B, N, H, D) contiguous (the
     layout the block's projection reads: no copy after the operator), and the Eq. 5 scores
-    of the keys after the ``num_prefix`` first (B, N - num_prefix), from one attention
-    matrix, as a patched block computes them eagerly on the CPU
-    (``tokenpool_ops._patching.MATERIALISED_DEVICES``). No autograd: for inference."""
-    from tokenpool_ops._measures import significance_scores
+    of the keys after the ``num_prefix`` first (B, N - num_prefix), from the attention
+    probabilities, a few batch elements at a time, as a patched block computes them eagerly
+    on the CPU (``tokenpool_ops._patching.attention_with_scores``). No autograd: for
+    inference."""
+    from tokenpool_ops._patching import attention_with_scores as materialised
 
-    logits = (q * scale) @ k.transpose(-2, -1)
-    if bias is not None:  # in place: the operator's own (B, H, N, N) temporary, one less
-        logits += bias.to(logits.dtype)
-    attn = logits.softmax(dim=-1)
-    return (attn @ v).transpose(1, 2).contiguous(), significance_scores(attn[..., num_prefix:])
+    out, scores = materialised(q, k, v, bias, scale, num_prefix)
+    return out.contiguous(), scores
 
 
 @attention_with_scores.register_fake

@@ -441,6 +441,23 @@ def test_attention_with_scores_op_passes_opcheck_and_equals_a_reference(with_bia
                                rtol=1e-5, atol=1e-6)
 
 
+def test_attention_with_scores_traces_as_one_graph_without_the_operator(rng, monkeypatch):
+    """Traced without the operator (no Numba, or fast paths off) a block's inference
+    attention with scores is its PyTorch code: one graph, as eager in steps of one image."""
+    import tokenpool_ops._patching as patching
+
+    monkeypatch.setattr(patching, "ATTENTION_CHUNK", 1)  # eagerly: one image a step
+    q, k, v = (torch.as_tensor(rng.normal(size=(3, 2, 5, 4)), dtype=torch.float32)
+               for _ in range(3))
+    bias = torch.as_tensor(rng.random((3, 1, 1, 5)), dtype=torch.float32).log()
+    torch._dynamo.reset()
+    traced = torch.compile(patching.attention_with_scores, fullgraph=True, backend="eager")
+    out, scores = traced(q, k, v, bias, 0.5, 1)
+    want_out, want_scores = patching.attention_with_scores(q, k, v, bias, 0.5, 1)
+    torch.testing.assert_close(out, want_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(scores, want_scores, rtol=1e-6, atol=1e-6)
+
+
 def _merge_args(rng: np.random.Generator, with_fallback: bool) -> tuple[Any, ...]:
     x = torch.as_tensor(rng.normal(size=(3, 20, 4)), dtype=torch.float32)
     labels = torch.as_tensor(rng.integers(0, 6, size=(3, 20)))  # some clusters empty

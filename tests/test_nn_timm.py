@@ -13,6 +13,7 @@ import warnings  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
+import tokenpool_ops._patching as tp_patching  # noqa: E402
 import tokenpool_ops.timm as tp_timm  # noqa: E402
 from tokenpool_ops._pool import METHODS  # noqa: E402
 from tokenpool_ops.nn import TokenPooling, merge, plan, pool_with_grad  # noqa: E402
@@ -346,13 +347,17 @@ def test_bfloat16_autocast_gives_finite_logits(images: torch.Tensor) -> None:
 
 
 def test_compile_patched_deit_tiny(images: torch.Tensor) -> None:
-    """SLOW (about a minute): torch.compile of a whole patched DeiT-Ti (inductor).
+    """torch.compile (inductor) of a patched DeiT-Ti cut to three blocks, the generic
+    pooling path traced: three pooling blocks of different sizes, the last keeping only the
+    class token, as the full schedule's does. (All twelve blocks took inductor about two
+    minutes and covered no more.)
 
     fullgraph=False: the model's own forward is not required to be one graph; the pooling
     step alone is checked for graph breaks in test_module_compiles_without_graph_breaks.
     """
-    model = make()
-    patch_timm(model, SCHEDULE, stop_early=False, check_values=False, fast_paths=False,
+    torch.manual_seed(0)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=3).eval()
+    patch_timm(model, [169, 73, 0], stop_early=False, check_values=False, fast_paths=False,
                max_iter=2)  # fewer unrolled iterations: compile time, not coverage
     with torch.no_grad():
         expected = model(images[:1])
@@ -434,14 +439,38 @@ def test_received_attention_equals_the_materialised_scores(n: int, with_bias: bo
     torch.testing.assert_close(got.sum(dim=1), torch.full((2,), 3.0 * n), rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("prop_attn", [False, True])
-def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch.Tensor,
-                                                  monkeypatch) -> None:
-    """Without autograd a GPU block scores by received_attention (forced here on the CPU,
-    which materialises by default); with autograd, by its attention matrix."""
-    monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
-    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
-    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids", prop_attn=prop_attn)
+@pytest.mark.parametrize("images", [1, 2, 5])  # per step: one, two of five (2, 2, 1), all
+@pytest.mark.parametrize("bias_batch", [None, 1, 5])
+def test_attention_with_scores_in_steps_equals_the_whole_matrix(
+        images: int, bias_batch: int | None, monkeypatch) -> None:
+    """The materialised inference attention, a few batch elements at a time: the output (heads
+    merged) and the scores of the keys after the prefix, against the whole matrix in float64."""
+    per_image, threads = 3 * 9 * 9, torch.get_num_threads()  # the chunk counts per thread
+    monkeypatch.setattr(tp_patching, "ATTENTION_CHUNK", -(-per_image * images // threads))
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(5, 3, 9, 4, generator=gen) for _ in range(3))
+    bias = (None if bias_batch is None else
+            (torch.rand(bias_batch, 1, 1, 9, generator=gen) * 3).log())
+    out, scores = tp_patching.attention_with_scores(q, k, v, bias, 0.35, 2)
+    logits = (q.double() * 0.35) @ k.double().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.double()
+    attn = logits.softmax(dim=-1)
+    assert out.shape == (5, 9, 3, 4) and scores.shape == (5, 7)
+    torch.testing.assert_close(out.double(), (attn @ v.double()).transpose(1, 2),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scores.double(), attn.sum(dim=(1, 2))[:, 2:], rtol=1e-5,
+                               atol=1e-6)
+    empty_out, empty_scores = tp_patching.attention_with_scores(
+        q[:0], k[:0], v[:0], None if bias is None else bias[:0 if bias_batch == 5 else 1],
+        0.35, 2)
+    assert empty_out.shape == (0, 9, 3, 4) and empty_scores.shape == (0, 7)
+
+
+def _assert_inference_equals_training(model: torch.nn.Module, batch: torch.Tensor,
+                                      monkeypatch) -> None:
+    """The scores the three pooling blocks pass to pool, and the logits, are the same
+    without autograd as with it (the path that materialises the whole attention matrix)."""
     seen: list[torch.Tensor] = []
     real = tp_timm.pool_with_grad
 
@@ -451,13 +480,34 @@ def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch
 
     monkeypatch.setattr(tp_timm, "pool_with_grad", spy)
     with torch.no_grad():
-        inferred = model(images)
-    scored_without_grad, seen[:] = list(seen), []
-    trained = model(images.clone().requires_grad_(True))  # autograd: the materialising path
-    assert len(seen) == len(scored_without_grad) == 3
-    for got, want in zip(scored_without_grad, seen, strict=True):
+        inferred = model(batch)
+    without_grad, seen[:] = list(seen), []
+    trained = model(batch.clone().requires_grad_(True))
+    assert len(seen) == len(without_grad) == 3
+    for got, want in zip(without_grad, seen, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(inferred, trained.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("prop_attn", [False, True])
+def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch.Tensor,
+                                                  monkeypatch) -> None:
+    """Without autograd a GPU block scores by received_attention (forced here on the CPU,
+    which materialises by default); with autograd, by its attention matrix."""
+    monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids", prop_attn=prop_attn)
+    _assert_inference_equals_training(model, images, monkeypatch)
+
+
+def test_inference_in_steps_equals_the_training_path(images: torch.Tensor, monkeypatch) -> None:
+    """On the CPU without autograd a block materialises its attention one image at a time
+    (forced here by a one-element chunk); each image keeps its own sizes' bias and scores."""
+    monkeypatch.setattr(tp_patching, "ATTENTION_CHUNK", 1)
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
+    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids")
+    # 4 images, each its own pooling
+    _assert_inference_equals_training(model, torch.cat([images, images.flip(0)]), monkeypatch)
 
 
 @pytest.mark.parametrize("materialised", [("cpu",), ()])

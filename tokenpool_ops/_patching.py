@@ -28,11 +28,13 @@ from ._pool import (
 from .nn import PoolOptions, guard_or_false, merge, pool_with_grad
 
 __all__ = [
+    "ATTENTION_CHUNK",
     "MATERIALISED_DEVICES",
     "PLACEMENTS",
     "SCORE_CHUNK",
     "STATE",
     "TokenPoolState",
+    "attention_with_scores",
     "guide_kind",
     "keep_schedule",
     "new_state",
@@ -50,6 +52,14 @@ PLACEMENTS = ("attn", "block")
 
 #: Queries per chunk of the score pass, at most: its float32 working set is (B, H, chunk, N).
 SCORE_CHUNK = 128
+
+#: Elements of the (b, H, N, N) attention probabilities that one step of
+#: :func:`attention_with_scores` holds at most per PyTorch thread (float32: 1 MiB, about a
+#: core's L2 cache).
+#: Materialised for a whole batch they went through main memory three times (logits,
+#: probabilities, scores): DeiT-S's attention at B=32, N=197 took 76 ms against SDPA's 35 ms,
+#: one batch element at a time 40 ms (one CPU thread, benchmarks/results/model_issue23c.md).
+ATTENTION_CHUNK = 2**18
 
 #: Device types on which a block that needs scores materialises its attention probabilities
 #: even without autograd: there one softmax serving the output and the scores beats SDPA plus
@@ -169,6 +179,51 @@ def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) 
             logits = logits + bias.to(logits.dtype)
         total = total + logits.float().softmax(dim=-1).sum(dim=(1, 2))
     return total
+
+
+def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
+                          scale: float, num_prefix: int) -> tuple[Tensor, Tensor]:
+    """``softmax(scale q k^T + bias) v`` with the heads merged, (B, N, H, D) (a transposed
+    view for a batch done in one step), and the Eq. 5 scores of the keys after the
+    ``num_prefix`` first, (B, N - num_prefix), from the attention probabilities.
+
+    The probabilities are materialised a few batch elements at a time (at most
+    ``ATTENTION_CHUNK`` elements per PyTorch thread), so they stay in cache; each batch
+    element's products, softmax and sums are the ones the whole batch would compute. For
+    inference: training materialises the whole matrix, which its backward pass keeps
+    (``TokenPoolAttention``).
+    """
+    if torch.compiler.is_compiling():
+        # Traced without the operator (see one_op_applies): one step, as an unrolled loop
+        # would be graph nodes per image; the compiler plans the memory itself.
+        return _attention_step(q, k, v, bias, scale, num_prefix)
+    batch, heads, n = q.shape[:3]
+    # ATTENTION_CHUNK per thread: PyTorch splits a step's products and softmax over its
+    # threads, and fewer, larger steps are fewer parallel regions to fork and join.
+    per_image = max(1, heads * n * k.shape[-2])
+    step = max(1, ATTENTION_CHUNK * torch.get_num_threads() // per_image)
+    if step >= batch:
+        return _attention_step(q, k, v, bias, scale, num_prefix)
+    steps = [_attention_step(q[rows], k[rows], v[rows],
+                             None if bias is None else bias[rows if bias.shape[0] > 1 else
+                                                            slice(None)],
+                             scale, num_prefix)
+             for rows in (slice(start, start + step) for start in range(0, batch, step))]
+    return torch.cat([out for out, _ in steps]), torch.cat([scores for _, scores in steps])
+
+
+def _attention_step(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float,
+                    num_prefix: int) -> tuple[Tensor, Tensor]:
+    """One step of :func:`attention_with_scores`: the output as a (b, N, H, D) view."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:  # in place: the step's own temporary
+        logits += bias.to(logits.dtype)
+    attn = logits.softmax(dim=-1)
+    # significance_scores (Eq. 5) on the view, without its array-API layer and its copy:
+    # half precision summed in float32, as there.
+    keys = attn[..., num_prefix:]
+    summed = keys.float() if keys.dtype in (torch.float16, torch.bfloat16) else keys
+    return (attn @ v).transpose(1, 2), summed.sum(dim=(1, 2)).to(attn.dtype)
 
 
 def size_bias(state: TokenPoolState, batch: int) -> Tensor | None:

@@ -17,7 +17,8 @@ second pass, :func:`received_attention`, that sums the attention probabilities a
 queries at a time, so no (B, H, N, N) matrix exists. Under autograd, and on the devices of
 ``MATERIALISED_DEVICES`` (the CPU), it materialises its attention probabilities instead: they
 serve the output, the scores (which stay differentiable: the w-methods' means depend on them)
-and the backward pass. The score of a
+and the backward pass; without autograd a few images at a time, so that they stay in cache
+(``attention_with_scores`` in ``tokenpool_ops._patching``). The score of a
 patch token is the attention it receives from *every* query, the class and distillation
 queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
 
@@ -65,6 +66,7 @@ from ._patching import (
     size_bias,
     tome_schedule,
 )
+from ._patching import attention_with_scores as materialised_attention
 from ._pool import MATCHING_METHODS, USES_SCORES, Method
 from .backends._torch_ops import attention_with_scores
 from .nn import PoolOptions, pool_with_grad
@@ -107,10 +109,13 @@ class TokenPoolAttention(Attention):
         training = torch.is_grad_enabled() and q.requires_grad
         materialise = training or q.device.type in MATERIALISED_DEVICES
         if (self._tp_needs_scores and materialise and not training
-                and (not self.training or self.attn_drop.p == 0) and one_op_applies(state, q)):
-            # Traced inference: the same computation as one operator (see one_op_applies).
-            x, scores = attention_with_scores(q, k, v, bias, self.scale, state["num_prefix"])
-            x = x.transpose(1, 2)  # the operator merged the heads: (B, N, H, D) in memory
+                and (not self.training or self.attn_drop.p == 0)):
+            # Inference: the probabilities a few batch elements at a time. Traced, the same
+            # computation is one operator (see one_op_applies).
+            with_scores = (attention_with_scores if one_op_applies(state, q)
+                           else materialised_attention)
+            x, scores = with_scores(q, k, v, bias, self.scale, state["num_prefix"])
+            x = x.transpose(1, 2)  # the heads come merged: (B, N, H, D) in memory
         elif self._tp_needs_scores and materialise:
             # One attention matrix serves the output, the scores and the backward pass (SDPA
             # plus a checkpointed score pass measured 2x slower in training on the CPU).
