@@ -4,7 +4,8 @@ Not a suite itself (no ``time_``/``peakmem_`` names). Environment variables:
 
 ``TOKENPOOL_ASV_GRID``
     ``full`` (default): B in {1, 64, 256}, N in {197, 577}, M in {192, 384, 768}.
-    ``ci``: B in {1}, N in {197}, M in {192}: the smoke grid, a few minutes on 2 cores.
+    ``ci``: B in {1}, N in {197}, M in {192}, k = N/4 only: the smoke grid, every backend
+    and method once, a few minutes on 2 cores.
 ``TOKENPOOL_ASV_MEM_FRACTION``
     Skip a case whose estimated working set exceeds this fraction of the free host (or
     device) memory; default 0.5.
@@ -26,10 +27,10 @@ if GRID not in ("full", "ci"):
 BACKENDS = ["numpy", "torch-cpu", "jax-cpu", "cupy", "torch-cuda"]
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 if GRID == "ci":
-    BATCHES, TOKENS, FEATURES = [1], [197], [192]
+    BATCHES, TOKENS, FEATURES, K_FRACTIONS = [1], [197], [192], ["N/4"]
 else:
     BATCHES, TOKENS, FEATURES = [1, 64, 256], [197, 577], [192, 384, 768]
-K_FRACTIONS = ["N/4", "N/2"]
+    K_FRACTIONS = ["N/4", "N/2"]
 MEM_FRACTION = float(os.environ.get("TOKENPOOL_ASV_MEM_FRACTION", "0.5"))
 #: asv's per-benchmark timeout (seconds): the largest CPU cases take tens of seconds a call.
 TIMEOUT = 900.0
