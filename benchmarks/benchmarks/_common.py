@@ -6,6 +6,8 @@ Not a suite itself (no ``time_``/``peakmem_`` names). Environment variables:
     ``full`` (default): B in {1, 64, 256}, N in {197, 577}, M in {192, 384, 768}.
     ``ci``: B in {1}, N in {197}, M in {192}, k = N/4 only: the smoke grid, every backend
     and method once, a few minutes on 2 cores.
+    ``compare``: B in {1, 64}, N in {197}, M in {384}: issue 23's shapes, for comparing two
+    commits' results (``asv compare``) in minutes rather than hours.
 ``TOKENPOOL_ASV_MEM_FRACTION``
     Skip a case whose estimated working set exceeds this fraction of the free host (or
     device) memory; default 0.5.
@@ -21,13 +23,15 @@ from typing import Any
 import numpy as np
 
 GRID = os.environ.get("TOKENPOOL_ASV_GRID", "full").strip().lower()
-if GRID not in ("full", "ci"):
-    raise ValueError(f"TOKENPOOL_ASV_GRID must be 'full' or 'ci', got {GRID!r}")
+if GRID not in ("full", "ci", "compare"):
+    raise ValueError(f"TOKENPOOL_ASV_GRID must be 'full', 'ci' or 'compare', got {GRID!r}")
 
 BACKENDS = ["numpy", "torch-cpu", "jax-cpu", "cupy", "torch-cuda"]
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
 if GRID == "ci":
     BATCHES, TOKENS, FEATURES, K_FRACTIONS = [1], [197], [192], ["N/4"]
+elif GRID == "compare":
+    BATCHES, TOKENS, FEATURES, K_FRACTIONS = [1, 64], [197], [384], ["N/4", "N/2"]
 else:
     BATCHES, TOKENS, FEATURES = [1, 64, 256], [197, 577], [192, 384, 768]
     K_FRACTIONS = ["N/4", "N/2"]
