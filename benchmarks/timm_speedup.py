@@ -247,12 +247,13 @@ def main() -> None:
         models[method] = patch_timm(timm.create_model(MODEL, pretrained=False).eval().to(device),
                                     keep, method=method, **options)
     first_calls: dict[str, tuple[float, float]] = {}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     if args.compile:
         compiled = compile_models(models, x, args.compile_mode, args.dtype)
-        seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls)
+        seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls,
+                             clock)
     else:
-        seconds = best_times(models, x, args.repeats, args.dtype,
-                             clock=time.process_time if args.cpu_time else time.perf_counter)
+        seconds = best_times(models, x, args.repeats, args.dtype, clock=clock)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TypedDict, cast
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._pool import (
@@ -217,24 +218,28 @@ def _attention_step(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
     """One step of :func:`attention_with_scores`: the output as a (b, N, H, D) view."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:  # in place: the step's own temporary
-        logits += bias.to(logits.dtype)
+        logits += bias if bias.dtype == logits.dtype else bias.to(logits.dtype)
     attn = logits.softmax(dim=-1)
     # significance_scores (Eq. 5) on the view, without its array-API layer and its copy:
-    # half precision summed in float32, as there.
+    # half precision summed in float32, as there. The dtype tests in Python, not no-op
+    # conversions: at batch 1 each operator call is a share of a small block's attention.
     keys = attn[..., num_prefix:]
-    summed = keys.float() if keys.dtype in (torch.float16, torch.bfloat16) else keys
-    return (attn @ v).transpose(1, 2), summed.sum(dim=(1, 2)).to(attn.dtype)
+    if keys.dtype in (torch.float16, torch.bfloat16):
+        return (attn @ v).transpose(1, 2), keys.float().sum(dim=(1, 2)).to(attn.dtype)
+    return (attn @ v).transpose(1, 2), keys.sum(dim=(1, 2))
 
 
 def size_bias(state: TokenPoolState, batch: int) -> Tensor | None:
     """log(size) of every token, (B, 1, 1, N), to add to the attention logits (prop_attn);
     None before the first pooling or without prop_attn."""
-    if not state["prop_attn"] or state["sizes"] is None:
+    sizes = state["sizes"]
+    if not state["prop_attn"] or sizes is None:
         return None
-    # Prefix tokens stand for themselves. Their ones are made, not sliced from the sizes:
-    # once a block has pooled to no patch token, the sizes are (B, 0).
-    prefix = state["sizes"].new_ones(batch, state["num_prefix"])
-    return torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
+    # Prefix tokens stand for themselves: log(1) = 0 exactly, padded in front of the patch
+    # tokens' logs (one operator where ones, a concatenation and a log were three; ``batch``
+    # is the sizes' own). Padded, not sliced from the sizes: once a block has pooled to no
+    # patch token, the sizes are (B, 0).
+    return F.pad(sizes.log(), (state["num_prefix"], 0))[:, None, None, :]
 
 
 def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor | None,
@@ -255,7 +260,7 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     if scores is not None and sizes is not None and state["prop_attn"]:
         # Per original token (see tokenpool_ops.timm's docstring). An empty K-Means cluster left a
         # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
-        sizes = sizes.to(scores.dtype)
+        sizes = sizes if sizes.dtype == scores.dtype else sizes.to(scores.dtype)
         scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
     planned = _plan_in_one_op(x, p, k, state, scores, sizes, metric)
     if planned is None:
@@ -265,7 +270,10 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     sequence, result = planned
     # Counts stay exact: at least float32 (half types would round sizes above 256), and the
     # model's float64 where it computes in it, so log(size) is taken at its precision.
-    state["sizes"] = result.sizes.to(torch.promote_types(result.sizes.dtype, torch.float32))
+    counts = result.sizes
+    if counts.dtype not in (torch.float32, torch.float64):
+        counts = counts.to(torch.promote_types(counts.dtype, torch.float32))
+    state["sizes"] = counts
     if state["trace_source"]:
         source = state["source"]
         if source is None:
@@ -283,10 +291,10 @@ def _plan_in_one_op(x: Tensor, p: int, k: int, state: TokenPoolState, scores: Te
     (``torch.ops.tokenpool_ops.plan``) where a traced model can take it (see
     ``backends._torch_ops.plan_applies``: the fused kernels at hand); else None. The merge
     that carries gradients (training) stays traced: it is :func:`tokenpool_ops.nn.merge`."""
-    from .backends import _torch_ops
-
     if not one_op_applies(state, x):
         return None
+    from .backends import _torch_ops
+
     options, method, lean = state["options"], state["method"], not state["trace_source"]
     fast_paths = options.get("fast_paths", True)
     given = [None if t is None else t.detach() for t in (x, scores, sizes, metric)]
@@ -314,6 +322,8 @@ def one_op_applies(state: TokenPoolState, x: Tensor) -> bool:
     kernel is shared); as operators they cost the compiler nothing and run as they do
     eagerly. Without the kernels (no Numba on the CPU, no CuPy on CUDA) the code is traced.
     """
+    if not torch.compiler.is_compiling():
+        return False  # eager: every block asks twice a pass, so no import for the answer
     from .backends import _torch_ops
 
     options = state["options"]
