@@ -17,11 +17,11 @@ from tokenpool_ops.timm import patch_timm  # noqa: E402
 SCHEDULE = [150, 90, 40, 40, 12, 12, 3, 3, 1, 0, 0, 0]  # down to one patch token, then none
 
 
-def _plain_size_bias(state, batch):
+def _plain_size_bias(state):
     """The formula the size bias had: ones for the prefix, concatenated, then the log."""
     if not state["prop_attn"] or state["sizes"] is None:
         return None
-    prefix = state["sizes"].new_ones(batch, state["num_prefix"])
+    prefix = state["sizes"].new_ones(state["sizes"].shape[0], state["num_prefix"])
     return torch.cat([prefix, state["sizes"]], dim=1).log()[:, None, None, :]
 
 
@@ -47,16 +47,16 @@ def test_size_bias_is_the_log_of_the_prefix_ones_and_the_sizes(num_prefix, dtype
     sizes = torch.tensor([[3.0, 0.0, 1.0, 5.0, 2.0, 1.0, 9.0],
                           [1.0, 1.0, 4.0, 0.0, 7.0, 2.0, 1.0]], dtype=dtype)[:, :kept]
     state = _state(sizes, num_prefix)
-    got = tp_patching.size_bias(state, 2)
-    want = _plain_size_bias(state, 2)
+    got = tp_patching.size_bias(state)
+    want = _plain_size_bias(state)
     assert got.shape == want.shape == (2, 1, 1, num_prefix + kept) and got.dtype == dtype
     # Bit for bit, the -inf of an empty cluster and the prefix's zeros (log 1) included.
     assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())
 
 
 def test_size_bias_is_none_before_pooling_and_without_prop_attn():
-    assert tp_patching.size_bias(_state(None, 1), 2) is None
-    assert tp_patching.size_bias(_state(torch.ones(2, 3), 1, prop_attn=False), 2) is None
+    assert tp_patching.size_bias(_state(None, 1)) is None
+    assert tp_patching.size_bias(_state(torch.ones(2, 3), 1, prop_attn=False)) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

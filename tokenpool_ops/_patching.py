@@ -229,15 +229,14 @@ def _attention_step(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
     return (attn @ v).transpose(1, 2), keys.sum(dim=(1, 2))
 
 
-def size_bias(state: TokenPoolState, batch: int) -> Tensor | None:
+def size_bias(state: TokenPoolState) -> Tensor | None:
     """log(size) of every token, (B, 1, 1, N), to add to the attention logits (prop_attn);
     None before the first pooling or without prop_attn."""
     sizes = state["sizes"]
     if not state["prop_attn"] or sizes is None:
         return None
     # Prefix tokens stand for themselves: log(1) = 0 exactly, padded in front of the patch
-    # tokens' logs (one operator where ones, a concatenation and a log were three; ``batch``
-    # is the sizes' own). Padded, not sliced from the sizes: once a block has pooled to no
+    # tokens' logs (one operator where ones, a concatenation and a log were three). Padded, not sliced from the sizes: once a block has pooled to no
     # patch token, the sizes are (B, 0).
     return F.pad(sizes.log(), (state["num_prefix"], 0))[:, None, None, :]
 

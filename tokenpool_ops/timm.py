@@ -103,7 +103,7 @@ class TokenPoolAttention(Attention):
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
 
-        bias = size_bias(state, B)
+        bias = size_bias(state)
 
         scores = None
         training = torch.is_grad_enabled() and q.requires_grad

@@ -116,7 +116,7 @@ class TokenPoolAttention(nn.Module):
         k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
 
-        bias = size_bias(state, q.shape[0])
+        bias = size_bias(state)
         mask = attention_mask if bias is None else bias.to(q.dtype)
         training = torch.is_grad_enabled() and q.requires_grad
         materialise = guide == "scores" and (
