@@ -236,8 +236,9 @@ def size_bias(state: TokenPoolState) -> Tensor | None:
     if not state["prop_attn"] or sizes is None:
         return None
     # Prefix tokens stand for themselves: log(1) = 0 exactly, padded in front of the patch
-    # tokens' logs (one operator where ones, a concatenation and a log were three). Padded, not sliced from the sizes: once a block has pooled to no
-    # patch token, the sizes are (B, 0).
+    # tokens' logs (one operator where ones, a concatenation and a log were three). Padded,
+    # not sliced from the sizes: once a block has pooled to no patch token, the sizes are
+    # (B, 0).
     return F.pad(sizes.log(), (state["num_prefix"], 0))[:, None, None, :]
 
 
