@@ -82,7 +82,11 @@ def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
     time, or Numba aborts); nothing otherwise."""
     if parallel and _CONFIG.THREADING_LAYER == "workqueue":
         return _LAUNCH_LOCK
-    return contextlib.nullcontext()
+    return _NO_LOCK
+
+
+#: What a serial launch holds: nothing (one shared instance: a launch is a few microseconds).
+_NO_LOCK = contextlib.nullcontext()
 
 __all__ = ["centred_gram", "kmeans", "kmedoids", "kmedoids_merge", "medoid_gram", "merge",
            "segment_sum", "top_k", "weighted_means"]
@@ -709,7 +713,8 @@ def _iterations_run(history: np.ndarray, iterations: np.ndarray, max_iter: int,
                     stop_early: bool) -> tuple[np.ndarray, int]:
     """The history up to T and T: the most iterations any problem ran with ``stop_early``
     (each repeats its fixed point after it), else ``max_iter``."""
-    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    # The ufunc's reduce itself: ndarray.max passes through two Python frames first.
+    n_iter = int(np.maximum.reduce(iterations, initial=0)) if stop_early else max_iter
     return history[:, : n_iter + 1], n_iter
 
 

@@ -62,10 +62,28 @@ class PoolOptions(TypedDict, total=False):
 
 def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
     """Autocast switched off on ``x``'s device (devices without autocast, such as meta, have
-    nothing to switch off)."""
-    if not torch.amp.is_autocast_available(x.device.type):
-        return nullcontext()
-    return torch.autocast(x.device.type, enabled=False)
+    nothing to switch off; nor has an eager call where autocast is off already: entering
+    and leaving ``torch.autocast`` cost 5 us, a block's pooling at batch 1 a few tens)."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not _autocast_on(device_type):
+        return _NOTHING
+    return torch.autocast(device_type, enabled=False)
+
+
+#: The context that switches nothing (one instance, reusable).
+_NOTHING = nullcontext()
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast may be on for ``device_type``: always where traced (the compiled
+    graph keeps the context, as it always had it) and where torch cannot say (torch < 2.4
+    asks by device type otherwise)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:
+        return True
 
 
 def _flat(t: Tensor | None, n: int) -> Tensor | None:
