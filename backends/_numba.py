@@ -660,13 +660,16 @@ def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_
     n_problems, n, m = x.shape
     step = max(1, block_bytes // max(1, n * m * x.itemsize))
     buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
+    mean = mean[:, 0]
     for start in range(0, n_problems, step):
         stop = min(start + step, n_problems)
         block = buffer[: stop - start]
-        shared = _shared(parallel, stop - start)
-        gather = _gather_centred_parallel if shared else _gather_centred_serial
-        with _launching(shared):
-            gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
+        if _shared(parallel, stop - start):
+            with _launching(True):
+                _gather_centred_parallel(x[start:stop], mean[start:stop], medoids[start:stop],
+                                         block)
+        else:  # a serial launch holds nothing: no context to enter per block (B = 64: 64)
+            _gather_centred_serial(x[start:stop], mean[start:stop], medoids[start:stop], block)
         yield slice(start, stop), block
 
 

@@ -74,6 +74,14 @@ def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
 _NOTHING = nullcontext()
 
 
+def _grad_off() -> AbstractContextManager[object]:
+    """``torch.no_grad()``, or nothing where gradients are off already (a model's forward
+    pass in inference: a block's plan enters it no more). Traced calls keep the context."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.no_grad()
+    return _NOTHING
+
+
 def _autocast_on(device_type: str) -> bool:
     """Whether autocast may be on for ``device_type``: always where traced (the compiled
     graph keeps the context, as it always had it) and where torch cannot say (torch < 2.4
@@ -109,7 +117,7 @@ def plan(
     clustering methods keep their assignment and history but have no ``objective``, and
     'tome' its assignment.
     """
-    with torch.no_grad(), _autocast_off(x):
+    with _grad_off(), _autocast_off(x):
         return pool_result(x.detach(), k, method, "plan" if lean else "info",
                            scores=_detached(scores), sizes=_detached(sizes),
                            metric=_detached(metric), **options)
