@@ -16,7 +16,6 @@ if __name__ != "tokenpool_ops.backends":
     raise ImportError(f"import this folder as tokenpool_ops.backends, not as {__name__!r}: "
                       f"a second copy would re-register the PyTorch custom operators")
 
-import importlib
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,10 +34,16 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     # machinery at every pool call); its table is read at every call, as tests swap it.
     module = _fast_path_modules.get(name)
     if module is None:
-        if name not in ("numpy", "torch", "cupy"):
+        if name == "numpy":
+            from . import _numpy as module
+        elif name == "torch":
+            from . import _torch as module  # type: ignore[no-redef]
+        elif name == "cupy":
+            from . import _cupy as module  # type: ignore[no-redef]
+        else:
             return _NO_PATHS
-        module = importlib.import_module(f"{__name__}._{name}")
-        _fast_path_modules[name] = module
+        if not _tracing():  # no side effect in a traced function
+            _fast_path_modules[name] = module
     return module.FAST_PATHS  # type: ignore[no-any-return]
 
 

@@ -124,7 +124,8 @@ def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor 
     if values.dtype in _NUMPY_DTYPES and _eager(values):
         host = _host_array(values)  # NaN propagates into both reductions
         low, high = _MINIMUM(host, axis=None), _MAXIMUM(host, axis=None)
-        # Python bools of NumPy scalars: a verdict on the host, as read_flags takes it.
+        # NumPy booleans combined without an array operation; the verdict a 0-d NumPy
+        # boolean, on the host, as read_flags takes it.
         return np.asarray((low >= 0 if nonnegative else low > -math.inf) and high < math.inf)
     low, high = torch.aminmax(values)
     low_valid = low >= 0 if nonnegative else low > -math.inf
@@ -140,7 +141,8 @@ def finite_sum(xp: Any, arrays: list[torch.Tensor]) -> torch.Tensor | np.ndarray
 
     Where the sums are finite and their magnitudes add up to less than half the largest
     value of their dtype, no addition of them can overflow (each rounding grows a sum by a
-    factor 1 + 2^-24 at most): the total is finite, as the generic additions would find.
+    factor 1 + 2^-24 at most in float32): the total is finite, as the generic additions
+    would find.
     Otherwise, the rare case, the generic total is formed and judged: the same verdict in
     every case. At B = 1 this halves the finite check of a result (two tensor additions and
     a reduction of the total fewer)."""

@@ -6,11 +6,11 @@ single module (the pattern of array-api-extra's ``_lib/_compat.py``).
 
 from __future__ import annotations
 
-import importlib
 import sys
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy
 import numpy as np
 from array_api_compat import (
     is_array_api_strict_namespace,
@@ -88,16 +88,21 @@ def _all_of_type(kind: type | None, arrays: tuple[Array, ...]) -> bool:
 
 
 def _compat_namespace(library: str) -> Namespace:
-    """array-api-compat's namespace of NumPy or PyTorch, imported once (an import statement
-    in a function costs a lookup through the import machinery at every call)."""
+    """array-api-compat's namespace of NumPy or PyTorch, looked up in a dict (an import
+    statement in a function passes through the import machinery at every call). PyTorch's
+    is imported at its first use, as before, and kept unless that use is traced (no side
+    effect in a traced function)."""
     namespace = _NAMESPACES.get(library)
     if namespace is None:
-        namespace = importlib.import_module(f"array_api_compat.{library}")
-        _NAMESPACES[library] = namespace
+        from array_api_compat import torch as namespace
+
+        if not sys.modules["torch"].compiler.is_compiling():
+            _NAMESPACES[library] = namespace
     return namespace
 
 
-_NAMESPACES: dict[str, Namespace] = {}
+#: The namespaces of :func:`_compat_namespace`; NumPy's from the start (NumPy is imported).
+_NAMESPACES: dict[str, Namespace] = {"numpy": array_api_compat.numpy}
 
 
 def is_array_api_obj(x: object) -> bool:
@@ -176,7 +181,7 @@ def is_real_floating(xp: Namespace, dtype: Any) -> bool:
     dtypes (array-api-compat's answer for PyTorch is a Python function of a dozen tests,
     asked several times a pool call)."""
     if isinstance(dtype, np.dtype):
-        if xp is _NAMESPACES.get("numpy"):  # not JAX, CuPy: NumPy dtypes of their own rules
+        if xp is _NAMESPACES["numpy"]:  # not JAX, CuPy: NumPy dtypes of their own rules
             return dtype.kind == "f"  # np.issubdtype(dtype, np.floating), as NumPy's isdtype
     elif _tensor_type() is not None and type(dtype) is sys.modules["torch"].dtype:
         return bool(dtype.is_floating_point)  # array-api-compat's test for PyTorch
