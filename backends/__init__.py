@@ -30,19 +30,25 @@ __all__ = ["numba_available", "primitives_for"]
 def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     # Imported lazily: the numpy module needs nothing extra, the torch module needs torch.
     # PyTorch's include the CUDA kernels for CUDA tensors (through CuPy): no Numba needed.
-    if name == "numpy":
-        from . import _numpy
+    # The module is looked up once (an import statement costs a pass through the import
+    # machinery at every pool call); its table is read at every call, as tests swap it.
+    module = _fast_path_modules.get(name)
+    if module is None:
+        if name == "numpy":
+            from . import _numpy as module
+        elif name == "torch":
+            from . import _torch as module  # type: ignore[no-redef]
+        elif name == "cupy":
+            from . import _cupy as module  # type: ignore[no-redef]
+        else:
+            return _NO_PATHS
+        if not _tracing():  # no side effect in a traced function
+            _fast_path_modules[name] = module
+    return module.FAST_PATHS  # type: ignore[no-any-return]
 
-        return _numpy.FAST_PATHS
-    if name == "torch":
-        from . import _torch
 
-        return _torch.FAST_PATHS
-    if name == "cupy":
-        from . import _cupy
-
-        return _cupy.FAST_PATHS
-    return _NO_PATHS
+#: The modules of the fast paths, by library name, once imported.
+_fast_path_modules: dict[str, Any] = {}
 
 
 #: numba_available's answer once known. A plain dict, not functools.cache: dynamo traces

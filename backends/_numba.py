@@ -82,7 +82,11 @@ def _launching(parallel: bool) -> contextlib.AbstractContextManager[object]:
     time, or Numba aborts); nothing otherwise."""
     if parallel and _CONFIG.THREADING_LAYER == "workqueue":
         return _LAUNCH_LOCK
-    return contextlib.nullcontext()
+    return _NO_LOCK
+
+
+#: What a serial launch holds: nothing (one shared instance: a launch is a few microseconds).
+_NO_LOCK = contextlib.nullcontext()
 
 __all__ = ["centred_gram", "kmeans", "kmedoids", "kmedoids_merge", "medoid_gram", "merge",
            "segment_sum", "top_k", "weighted_means"]
@@ -656,13 +660,16 @@ def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_
     n_problems, n, m = x.shape
     step = max(1, block_bytes // max(1, n * m * x.itemsize))
     buffer = np.empty((min(step, n_problems), n, m), dtype=x.dtype)
+    mean = mean[:, 0]
     for start in range(0, n_problems, step):
         stop = min(start + step, n_problems)
         block = buffer[: stop - start]
-        shared = _shared(parallel, stop - start)
-        gather = _gather_centred_parallel if shared else _gather_centred_serial
-        with _launching(shared):
-            gather(x[start:stop], mean[start:stop, 0], medoids[start:stop], block)
+        if _shared(parallel, stop - start):
+            with _launching(True):
+                _gather_centred_parallel(x[start:stop], mean[start:stop], medoids[start:stop],
+                                         block)
+        else:  # a serial launch holds nothing: no context to enter per block (B = 64: 64)
+            _gather_centred_serial(x[start:stop], mean[start:stop], medoids[start:stop], block)
         yield slice(start, stop), block
 
 
@@ -709,7 +716,8 @@ def _iterations_run(history: np.ndarray, iterations: np.ndarray, max_iter: int,
                     stop_early: bool) -> tuple[np.ndarray, int]:
     """The history up to T and T: the most iterations any problem ran with ``stop_early``
     (each repeats its fixed point after it), else ``max_iter``."""
-    n_iter = int(iterations.max(initial=0)) if stop_early else max_iter
+    # The ufunc's reduce itself: ndarray.max passes through two Python frames first.
+    n_iter = int(np.maximum.reduce(iterations, initial=0)) if stop_early else max_iter
     return history[:, : n_iter + 1], n_iter
 
 

@@ -122,13 +122,46 @@ def all_valid(xp: Any, values: torch.Tensor, nonnegative: bool) -> torch.Tensor 
     if values.numel() == 0:
         return generic_all_valid(xp, values, nonnegative)
     if values.dtype in _NUMPY_DTYPES and _eager(values):
-        host = values.detach().numpy()  # NaN propagates into both reductions
-        low, high = np.minimum.reduce(host, axis=None), np.maximum.reduce(host, axis=None)
-    else:
-        low, high = torch.aminmax(values)
+        host = _host_array(values)  # NaN propagates into both reductions
+        low, high = _MINIMUM(host, axis=None), _MAXIMUM(host, axis=None)
+        # NumPy booleans combined without an array operation; the verdict a 0-d NumPy
+        # boolean, on the host, as read_flags takes it.
+        return np.asarray((low >= 0 if nonnegative else low > -math.inf) and high < math.inf)
+    low, high = torch.aminmax(values)
     low_valid = low >= 0 if nonnegative else low > -math.inf
-    verdict = low_valid & (high < math.inf)
-    return np.asarray(verdict) if isinstance(verdict, np.bool_) else verdict
+    return low_valid & (high < math.inf)
+
+
+_MINIMUM, _MAXIMUM = np.minimum.reduce, np.maximum.reduce
+
+
+def finite_sum(xp: Any, arrays: list[torch.Tensor]) -> torch.Tensor | np.ndarray:
+    """Generic ``finite_sum``: the same sums (``torch.sum`` of each array), whose total is
+    judged on the host where the arrays are (eager, on the CPU) without adding tensors.
+
+    Where the sums are finite and their magnitudes add up to less than half the largest
+    value of their dtype, no addition of them can overflow (each rounding grows a sum by a
+    factor 1 + 2^-24 at most in float32): the total is finite, as the generic additions
+    would find.
+    Otherwise, the rare case, the generic total is formed and judged: the same verdict in
+    every case. At B = 1 this halves the finite check of a result (two tensor additions and
+    a reduction of the total fewer)."""
+    sums = [torch.sum(values) for values in arrays]
+    if _eager(*sums):
+        magnitude, bound = 0.0, math.inf
+        for summed in sums:
+            magnitude += abs(summed.item())  # exact: a float32 or float64 as a Python float
+            bound = min(bound, _HALF_MAX.get(summed.dtype, 0.0))
+        if magnitude < bound:
+            return np.asarray(True)
+    total = sums[0]
+    for summed in sums[1:]:
+        total = total + summed
+    return all_valid(xp, total, False)
+
+
+#: Half the largest finite value of the dtypes whose sums finite_sum judges on the host.
+_HALF_MAX = {dtype: torch.finfo(dtype).max / 2 for dtype in (torch.float32, torch.float64)}
 
 
 #: The dtypes of the tensors NumPy can read in place (not bfloat16, which it lacks).
@@ -145,10 +178,10 @@ def read_flags(xp: Any, flags: list[torch.Tensor | np.ndarray],
                count: torch.Tensor | None) -> tuple[list[bool], int | None]:
     """Generic ``read_flags`` (one packed read) on a device; on the CPU, where reading costs
     no synchronisation, each value read as it is (``read_flags_on_host``)."""
-    given = flags if count is None else [*flags, count]
-    if all(_on_the_host(t) for t in given):
-        return read_flags_on_host(xp, flags, count)
-    return generic_read_flags(xp, flags, count)
+    for value in flags if count is None else [*flags, count]:
+        if not _on_the_host(value):
+            return generic_read_flags(xp, flags, count)
+    return read_flags_on_host(xp, flags, count)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,7 +190,12 @@ def read_flags(xp: Any, flags: list[torch.Tensor | np.ndarray],
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop: a generator costs a call per tensor (issue 23)
+        if t.requires_grad:
+            return True
+    return False
 
 
 def _on_cuda(tensor: torch.Tensor) -> bool:
@@ -256,6 +294,7 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
     "medoid_assignment": medoid_assignment,
     "all_finite": all_finite,
     "all_valid": all_valid,
+    "finite_sum": finite_sum,
     "gather_rows": gather_rows,
     "read_flags": read_flags,
     "kmedoids": cuda_kmedoids,
@@ -270,7 +309,10 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {
 def _on_host(*tensors: torch.Tensor) -> bool:
     """Whether the Numba kernels may take these tensors: on the CPU (traced too: they are
     the custom operators of ``_torch_ops``)."""
-    return all(t.device.type == "cpu" for t in tensors)
+    for t in tensors:  # a loop: a generator costs a call per tensor (issue 23)
+        if t.device.type != "cpu":
+            return False
+    return True
 
 
 #: Bytes of centred tokens per block in the medoid Gram product (see backends._numpy).
@@ -282,9 +324,23 @@ def _bmm_transposed(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
     torch.bmm(torch.from_numpy(a), torch.from_numpy(b).mT, out=torch.from_numpy(out))
 
 
+def _of_dtype(dtype: torch.dtype, tensors: tuple[torch.Tensor, ...]) -> bool:
+    """Whether every tensor has ``dtype`` (a loop: see _on_host)."""
+    for t in tensors:
+        if t.dtype != dtype:
+            return False
+    return True
+
+
 def _host_arrays(*tensors: torch.Tensor) -> list[np.ndarray]:
     """NumPy views of CPU tensors (copies only of non-contiguous ones), for the kernels."""
-    return [t.detach().contiguous().numpy() for t in tensors]
+    return [_host_array(t) for t in tensors]
+
+
+def _host_array(t: torch.Tensor) -> np.ndarray:
+    """A NumPy view of one CPU tensor (a copy if it is not contiguous); detached only where
+    it needs to be (each detach is a new tensor object, and a pool call makes a dozen)."""
+    return (t.detach() if t.requires_grad else t).contiguous().numpy()
 
 
 def _eager(*tensors: torch.Tensor) -> bool:
@@ -323,7 +379,7 @@ def numba_kmeans(x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
     gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
     centres, labels, history, n_iter = _numba.kmeans(
         x_host, mean_host, gram, init_host, weights_host,
-        None if fallback is None else _host_arrays(fallback)[0], max_iter, stop_early, True)
+        None if fallback is None else _host_array(fallback), max_iter, stop_early, True)
     return torch.from_numpy(centres), torch.from_numpy(labels), torch.from_numpy(history), n_iter
 
 
@@ -404,7 +460,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         if (with_objective or not _eager(labels, *given) or _needs_grad(*given)
                 or any(t.dtype != x.dtype for t in given)):
             return None
-        fallback_host = None if fallback is None else _host_arrays(fallback)[0]
+        fallback_host = None if fallback is None else _host_array(fallback)
         x_host, labels_host, weights_host, carried_host, mean_host = _host_arrays(
             x, labels, weights, carried, mean)
         tokens, sizes = _numba.merge(x_host, labels_host, k, weights_host, fallback_host,
@@ -419,11 +475,12 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         kernel (``_numba.kmedoids_merge``), eagerly on the CPU only; None wherever
         ``host_merge`` would not apply (then both run), CUDA tensors included (their two
         launches are ``kmedoids`` and ``host_merge``'s ``cuda_merge``)."""
-        given = [t for t in (x, mean, weights, fallback, carried) if t is not None]
+        given = (x, mean, weights, carried) if fallback is None else (
+            x, mean, weights, fallback, carried)
         if (_on_cuda(x) or not _eager(init, *given) or _needs_grad(*given)
-                or any(t.dtype != x.dtype for t in given)):
+                or not _of_dtype(x.dtype, given)):
             return None
-        fallback_host = None if fallback is None else _host_arrays(fallback)[0]
+        fallback_host = None if fallback is None else _host_array(fallback)
         x_host, mean_host, init_host, weights_host, carried_host = _host_arrays(
             x, mean, init, weights, carried)
         gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed,
@@ -439,7 +496,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         float64 keys on the CPU without NaN; the generic sort otherwise (traced calls too).
         The same indices."""
         if _eager(keys) and keys.dtype in (torch.float32, torch.float64):
-            chosen = _numba.top_k(_host_arrays(keys)[0], k)
+            chosen = _numba.top_k(_host_array(keys), k)
             if chosen is not None:
                 return torch.from_numpy(chosen)
         return generic_top_k(xp, keys, k)

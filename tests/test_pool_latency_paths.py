@@ -112,3 +112,103 @@ def test_numpy_pool_launches_no_numba_threads():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=600, check=True)
     assert done.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------------------------------------
+# The finite check of a result judged on the host (PyTorch CPU), dtype tests without
+# array-api-compat, and the identity result of to_caller (issue 23, round d)
+
+
+def _summands(rng: np.random.Generator, trial: int) -> list[np.ndarray]:
+    """One to three arrays whose sums are small, huge (their total overflows float32, or
+    cancels), or not finite, in float32, float64 or both."""
+    big = float(np.finfo(np.float32).max)
+    kinds = [lambda shape: rng.normal(size=shape),
+             lambda shape: rng.choice([big / 3, -big / 3, 1.0], size=shape),
+             lambda shape: rng.choice([big / 2, big / 2.5, -big / 4], size=shape),
+             lambda shape: rng.choice([0.0, np.inf, -np.inf, np.nan, 1.0], size=shape),
+             lambda shape: np.zeros(shape)]
+    arrays = []
+    for _ in range(int(rng.integers(1, 4))):
+        shape = tuple(int(d) for d in rng.integers(0, 4, size=int(rng.integers(1, 3))))
+        dtype = (np.float32, np.float64)[int(rng.integers(0, 2))] if trial % 2 else np.float32
+        arrays.append(kinds[int(rng.integers(0, len(kinds)))](shape).astype(dtype))
+    return arrays
+
+
+def test_torch_finite_sum_equals_generic():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+    from tokenpool_ops._primitives import finite_sum
+    from tokenpool_ops.backends import _torch
+
+    assert primitives_for(xp).finite_sum is _torch.finite_sum
+    rng = np.random.default_rng(230)
+    seen = set()
+    for trial in range(600):
+        arrays = [torch.from_numpy(a) for a in _summands(rng, trial)]
+        got, want = _torch.finite_sum(xp, arrays), finite_sum(xp, arrays)
+        assert bool(got) == bool(want), [a.tolist() for a in arrays]
+        seen.add(bool(want))
+    assert seen == {True, False}
+
+
+def test_torch_finite_sum_by_hand():
+    # Independent verdicts: float32 sums of 3e38 overflow, cancelling ones do not, a NaN or
+    # an infinity anywhere is never finite; float64 holds what float32 does not.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    import array_api_compat.torch as xp
+    from tokenpool_ops.backends import _torch
+
+    def verdict(*values: list[float], dtype: object = torch.float32) -> bool:
+        return bool(_torch.finite_sum(xp, [torch.tensor(v, dtype=dtype) for v in values]))
+
+    assert verdict([1.0, 2.0], [3.0])
+    assert not verdict([3e38], [3e38])
+    assert not verdict([3e38, 3e38])
+    assert verdict([3e38], [-3e38], [1.0])
+    assert verdict([3e38], [3e38], dtype=torch.float64)
+    assert not verdict([1.0], [float("nan")])
+    assert not verdict([float("inf")], [float("-inf")])
+    assert verdict([], [0.0])
+
+
+@pytest.mark.parametrize("name", HOST_BACKENDS)
+def test_real_floating_and_compute_dtype_as_the_namespace_says(backend_named, name):
+    from tokenpool_ops._compat import compute_dtype, is_real_floating
+
+    xp = backend_named(name).xp
+    for dtype_name in ("float16", "float32", "float64", "int8", "int64", "uint8", "bool",
+                       "complex64", "bfloat16"):
+        dtype = getattr(xp, dtype_name, None)
+        if dtype is None:  # NumPy has no bfloat16
+            continue
+        floating = bool(xp.isdtype(dtype, "real floating"))
+        assert is_real_floating(xp, dtype) == floating, dtype_name
+        if floating:
+            expected = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+            assert compute_dtype(xp, dtype) == expected, dtype_name
+
+
+@pytest.mark.parametrize("name", HOST_BACKENDS)
+def test_pool_result_of_a_flat_batch_is_returned_as_computed(backend_named, name):
+    # (B, N, M) float32 tokens: to_caller has nothing to change and returns the result
+    # itself; with a batch shape to restore or a dtype to cast it changes them, as before.
+    from tokenpool_ops._batching import flatten
+    from tokenpool_ops._pool import pool_result
+
+    backend = backend_named(name)
+    xp = backend.xp
+    rng = np.random.default_rng(5)
+    x = backend.asarray(rng.normal(size=(2, 3, 9, 4)).astype(np.float32))
+    nested = pool_result(x, 3, "kmedoids", "info")
+    flat = pool_result(xp.reshape(x, (6, 9, 4)), 3, "kmedoids", "info")
+    for field in ("tokens", "assignment", "sizes", "medoids", "objective", "history"):
+        got, want = getattr(nested, field), getattr(flat, field)
+        assert tuple(got.shape) == (2, 3, *tuple(want.shape)[1:]), field
+        np.testing.assert_array_equal(backend.to_numpy(got).reshape(want.shape),
+                                      backend.to_numpy(want))
+    batch = flatten(xp, xp.reshape(x, (6, 9, 4)))
+    assert batch.to_caller(flat) is flat
+    half = flatten(xp, xp.astype(xp.reshape(x, (6, 9, 4)), xp.float16))
+    assert half.to_caller(flat).tokens.dtype == xp.float16

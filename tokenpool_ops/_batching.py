@@ -79,15 +79,18 @@ class Batch:
     def to_caller(self, result: R) -> R:
         """A result of (B, ...) arrays back in the caller's batch shape, tokens in their
         dtype: the inverse of :func:`flatten`."""
+        reshaped = len(self.batch_shape) != 1  # (B,) is the caller's shape already
         changes = {}
         for name in array_fields(result):
             value = getattr(result, name)
             if value is None:
                 continue
             if name in ("tokens", "centres") and value.dtype != self.out_dtype:
-                value = self.xp.astype(value, self.out_dtype)
-            changes[name] = self.unflat(value)
-        return replace(result, **changes)  # type: ignore[type-var]
+                changes[name] = self.unflat(self.xp.astype(value, self.out_dtype))
+            elif reshaped:
+                changes[name] = self.unflat(value)
+        # Nothing to change (a B-problem call in the compute dtype): the result as it is.
+        return replace(result, **changes) if changes else result  # type: ignore[type-var]
 
     def widened(self) -> Batch | None:
         """The same problems computed in float64; None where they already are, or where the
@@ -109,7 +112,11 @@ def no_overflow_warnings(xp: Namespace) -> AbstractContextManager[object]:
     torch.compile cannot trace ``np.errstate``)."""
     if backend_name(xp) in ("numpy", "array_api_strict"):
         return np.errstate(invalid="ignore", over="ignore")
-    return nullcontext()
+    return _NOTHING
+
+
+#: The context of the other libraries: nothing to switch (one instance, reusable).
+_NOTHING = nullcontext()
 
 
 def flatten(xp: Namespace, x: Array, fast_paths: bool = True) -> Batch:
@@ -122,8 +129,11 @@ def flat_with_mean(xp: Namespace, x: Array) -> tuple[Array, Array]:
     """Tokens ``x`` (..., N, M) as (B, N, M) in the compute dtype, and each problem's mean
     token (B, 1, M)."""
     n, m = x.shape[-2], x.shape[-1]
-    flat = xp.astype(xp.reshape(x, (math.prod(x.shape[:-2]), n, m)),
-                     compute_dtype(xp, x.dtype), copy=False)  # never written to: a view
+    # Never written to: a view of x, or x itself where it is (B, N, M) in the compute dtype.
+    flat = x if x.ndim == 3 else xp.reshape(x, (math.prod(x.shape[:-2]), n, m))
+    dtype = compute_dtype(xp, x.dtype)
+    if flat.dtype != dtype:
+        flat = xp.astype(flat, dtype, copy=False)
     if n == 0:
         mean = xp.zeros((flat.shape[0], 1, m), dtype=flat.dtype, device=device(flat))
     else:

@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 import array_api_compat
+import array_api_compat.numpy
 import numpy as np
 from array_api_compat import (
     is_array_api_strict_namespace,
@@ -33,6 +34,7 @@ __all__ = [
     "is_cupy_namespace",
     "is_jax_namespace",
     "is_numpy_namespace",
+    "is_real_floating",
     "is_torch_namespace",
     "is_traced",
     "take_along_axis",
@@ -62,15 +64,45 @@ def _is_ndarray(x: object) -> bool:
 
 def array_namespace(*arrays: Array) -> Namespace:
     """The array API namespace of ``arrays`` (TypeError if they mix libraries)."""
-    if arrays and all(_is_tensor(a) for a in arrays):
-        from array_api_compat import torch as torch_namespace
-
-        return torch_namespace
-    if arrays and all(_is_ndarray(a) for a in arrays):
-        from array_api_compat import numpy as numpy_namespace
-
-        return numpy_namespace
+    if arrays and _all_of_type(_tensor_type(), arrays):
+        return _compat_namespace("torch")
+    if arrays and _all_of_type(np.ndarray, arrays):
+        return _compat_namespace("numpy")
     return array_api_compat.array_namespace(*arrays)
+
+
+def _tensor_type() -> type | None:
+    torch = sys.modules.get("torch")  # never imports torch for other libraries' arrays
+    return None if torch is None else torch.Tensor
+
+
+def _all_of_type(kind: type | None, arrays: tuple[Array, ...]) -> bool:
+    """Whether every array is a ``kind`` (a subclass too for tensors, NumPy's exact type
+    only: see _is_ndarray); a loop, not a generator, on the path of every pool call."""
+    if kind is None:
+        return False
+    for a in arrays:
+        if not (type(a) is kind or (kind is not np.ndarray and isinstance(a, kind))):
+            return False
+    return True
+
+
+def _compat_namespace(library: str) -> Namespace:
+    """array-api-compat's namespace of NumPy or PyTorch, looked up in a dict (an import
+    statement in a function passes through the import machinery at every call). PyTorch's
+    is imported at its first use, as before, and kept unless that use is traced (no side
+    effect in a traced function)."""
+    namespace = _NAMESPACES.get(library)
+    if namespace is None:
+        from array_api_compat import torch as namespace
+
+        if not sys.modules["torch"].compiler.is_compiling():
+            _NAMESPACES[library] = namespace
+    return namespace
+
+
+#: The namespaces of :func:`_compat_namespace`; NumPy's from the start (NumPy is imported).
+_NAMESPACES: dict[str, Namespace] = {"numpy": array_api_compat.numpy}
 
 
 def is_array_api_obj(x: object) -> bool:
@@ -84,11 +116,18 @@ def is_traced(*arrays: Array) -> bool:
     Traced values cannot be read on the host. None entries are ignored."""
     jax_core = sys.modules.get("jax.core")  # never imports JAX for other libraries' arrays
     tracer = getattr(jax_core, "Tracer", None)
-    if tracer is not None and any(isinstance(a, tracer) for a in arrays):
+    if tracer is not None and _any_of_type(tracer, arrays):
         return True
     torch = sys.modules.get("torch")
-    return (torch is not None and any(_is_tensor(a) for a in arrays)
+    return (torch is not None and _any_of_type(torch.Tensor, arrays)
             and bool(torch.compiler.is_compiling()))
+
+
+def _any_of_type(kind: type, arrays: tuple[Array, ...]) -> bool:
+    for a in arrays:  # a loop: see _all_of_type
+        if isinstance(a, kind):
+            return True
+    return False
 
 
 def device(x: Array) -> Any:
@@ -130,9 +169,23 @@ def _backend_name(xp: Namespace) -> str:
 
 def compute_dtype(xp: Namespace, dtype: Any) -> Any:
     """The dtype we compute in: half precision is accumulated in float32."""
-    if xp.finfo(dtype).bits < 32:
+    itemsize = getattr(dtype, "itemsize", None)  # NumPy's and PyTorch's dtypes: no finfo
+    bits = 8 * itemsize if type(itemsize) is int else xp.finfo(dtype).bits
+    if bits < 32:
         return xp.float32
     return dtype
+
+
+def is_real_floating(xp: Namespace, dtype: Any) -> bool:
+    """``xp.isdtype(dtype, "real floating")``, answered directly for NumPy's and PyTorch's
+    dtypes (array-api-compat's answer for PyTorch is a Python function of a dozen tests,
+    asked several times a pool call)."""
+    if isinstance(dtype, np.dtype):
+        if xp is _NAMESPACES["numpy"]:  # not JAX, CuPy: NumPy dtypes of their own rules
+            return dtype.kind == "f"  # np.issubdtype(dtype, np.floating), as NumPy's isdtype
+    elif _tensor_type() is not None and type(dtype) is sys.modules["torch"].dtype:
+        return bool(dtype.is_floating_point)  # array-api-compat's test for PyTorch
+    return bool(xp.isdtype(dtype, "real floating"))
 
 
 def constant(xp: Namespace, value: float, like: Array) -> Array:

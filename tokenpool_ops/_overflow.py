@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from ._batching import Batch, no_overflow_warnings
-from ._compat import Array, Namespace
+from ._compat import Array, Namespace, is_real_floating
 from ._primitives import Primitives
 from ._results import array_fields
 from ._validation import Deferred
@@ -37,8 +37,12 @@ Result = TypeVar("Result", bound="DataclassInstance")
 
 
 def _arrays(result: Any) -> dict[str, Array]:
-    given = {name: getattr(result, name) for name in array_fields(result)}
-    return {name: value for name, value in given.items() if value is not None}
+    arrays = {}
+    for name in array_fields(result):
+        value = getattr(result, name)
+        if value is not None:
+            arrays[name] = value
+    return arrays
 
 
 def guarded(batch: Batch, compute: Callable[[Batch], Result], checks: list[Deferred] | None,
@@ -86,15 +90,12 @@ def finite_total(prims: Primitives, result: Any) -> Array | None:
     every call makes. A problem that is not finite in :func:`finite_problems` (exact=False)
     makes the total not finite (its sum is infinite or NaN, and so is the total); a total
     of finite problems that overflowed is a false alarm, which that per-problem check then
-    clears. The verdict is the backend's ``all_valid`` of the total (on the host, a host
-    value: no tensor read follows)."""
+    clears. The verdict is the backend's ``finite_sum`` (on the host, a host value: no
+    tensor read follows)."""
     xp = prims.xp
-    total = None
-    for value in _arrays(result).values():
-        if xp.isdtype(value.dtype, "real floating"):
-            summed = xp.sum(value)
-            total = summed if total is None else total + summed
-    return None if total is None else prims.all_valid(xp, total, False)
+    floating = [value for value in _arrays(result).values()
+                if is_real_floating(xp, value.dtype)]
+    return prims.finite_sum(xp, floating) if floating else None
 
 
 def without_overflow(batch: Batch, compute: Callable[[Batch], Result], result: Result,

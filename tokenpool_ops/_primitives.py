@@ -148,6 +148,17 @@ def all_valid(xp: Namespace, values: Array, nonnegative: bool) -> Array:
     return xp.all(valid)
 
 
+def finite_sum(xp: Namespace, arrays: Sequence[Array]) -> Array:
+    """0-d boolean: whether the total of ``arrays`` (floating, at least one), each summed by
+    ``xp.sum`` and the sums added in their order, is finite (a NaN is not). The finite check
+    of a result (_overflow.finite_total): a non-finite value makes every such total
+    non-finite, whatever the order of the additions."""
+    total = xp.sum(arrays[0])
+    for values in arrays[1:]:
+        total = total + xp.sum(values)
+    return all_valid(xp, total, False)
+
+
 def read_flags(xp: Namespace, flags: Sequence[Array],
                count: Array | None) -> tuple[list[bool], int | None]:
     """0-d boolean ``flags`` and a non-negative 0-d integer ``count`` (or None) read on the
@@ -187,6 +198,7 @@ class Primitives:
     medoid_assignment: Callable[..., tuple[Array, Array]] = medoid_assignment
     all_finite: Callable[..., bool] = all_finite
     all_valid: Callable[..., Array] = all_valid
+    finite_sum: Callable[..., Array] = finite_sum
     read_flags: Callable[..., tuple[list[bool], int | None]] = read_flags
     gather_rows: Callable[..., Array] = gather_rows
     top_k: Callable[..., Array] = top_k

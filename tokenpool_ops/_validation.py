@@ -15,6 +15,7 @@ from ._compat import (
     backend_name,
     device,
     is_array_api_obj,
+    is_real_floating,
     is_traced,
 )
 from ._methods import INITS, MATCHING_METHODS, METHODS, NEEDS_SCORES, Init
@@ -125,10 +126,11 @@ def namespace_of(**arrays: Array | None) -> Namespace:
 def check_same_device(xp: Namespace, reference: str, **arrays: Array | None) -> None:
     """Raise ValueError if any of ``arrays`` lives on another device than ``reference``."""
     ref = arrays[reference]
+    ref_device = device(ref)
     for name, a in arrays.items():
-        if a is not None and device(a) != device(ref):
+        if a is not None and a is not ref and device(a) != ref_device:
             raise ValueError(
-                f"{name} is on device {device(a)!r} but {reference} is on {device(ref)!r}; "
+                f"{name} is on device {device(a)!r} but {reference} is on {ref_device!r}; "
                 f"move them to one device first ({backend_name(xp)})"
             )
 
@@ -137,7 +139,7 @@ def check_tokens(xp: Namespace, x: Array, name: str = "x", check_values: bool = 
     """``x`` must be a real floating array of shape (..., N, M), finite unless opted out."""
     if x.ndim < 2:
         raise ValueError(f"{name} must have shape (..., N, M), got a {x.ndim}-d array")
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not is_real_floating(xp, x.dtype):
         raise TypeError(f"{name} must have a real floating dtype, got {x.dtype}")
     if check_values and not primitives_for(xp).all_finite(xp, x):
         raise _non_finite(name)
@@ -208,7 +210,7 @@ def check_token_values(
     """Per-token values (scores, sizes, weights): real, shape (..., N), finite, >= 0."""
     if values is None:
         return
-    if not (xp.isdtype(values.dtype, "real floating") or xp.isdtype(values.dtype, "integral")):
+    if not (is_real_floating(xp, values.dtype) or xp.isdtype(values.dtype, "integral")):
         raise TypeError(f"{name} must have a real numeric dtype, got {values.dtype}")
     if tuple(values.shape) != shape:
         raise ValueError(f"{name} must have shape {shape} (the shape of x without its last "

@@ -62,10 +62,36 @@ class PoolOptions(TypedDict, total=False):
 
 def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
     """Autocast switched off on ``x``'s device (devices without autocast, such as meta, have
-    nothing to switch off)."""
-    if not torch.amp.is_autocast_available(x.device.type):
-        return nullcontext()
-    return torch.autocast(x.device.type, enabled=False)
+    nothing to switch off; nor has an eager call where autocast is off already: entering
+    and leaving ``torch.autocast`` cost 5 us, a block's pooling at batch 1 a few tens)."""
+    device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type) or not _autocast_on(device_type):
+        return _NOTHING
+    return torch.autocast(device_type, enabled=False)
+
+
+#: The context that switches nothing (one instance, reusable).
+_NOTHING = nullcontext()
+
+
+def _grad_off() -> AbstractContextManager[object]:
+    """``torch.no_grad()``, or nothing where gradients are off already (a model's forward
+    pass in inference: a block's plan enters it no more). Traced calls keep the context."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return torch.no_grad()
+    return _NOTHING
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast may be on for ``device_type``: always where traced (the compiled
+    graph keeps the context, as it always had it) and where torch cannot say (torch < 2.4
+    asks by device type otherwise)."""
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except TypeError:
+        return True
 
 
 def _flat(t: Tensor | None, n: int) -> Tensor | None:
@@ -91,7 +117,7 @@ def plan(
     clustering methods keep their assignment and history but have no ``objective``, and
     'tome' its assignment.
     """
-    with torch.no_grad(), _autocast_off(x):
+    with _grad_off(), _autocast_off(x):
         return pool_result(x.detach(), k, method, "plan" if lean else "info",
                            scores=_detached(scores), sizes=_detached(sizes),
                            metric=_detached(metric), **options)
