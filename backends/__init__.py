@@ -32,7 +32,7 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     # PyTorch's include the CUDA kernels for CUDA tensors (through CuPy): no Numba needed.
     # The module is looked up once (an import statement costs a pass through the import
     # machinery at every pool call); its table is read at every call, as tests swap it.
-    module = _fast_path_modules.get(name)
+    module: Any = _fast_path_modules.get(name)
     if module is None:
         if name == "numpy":
             from . import _numpy as module
@@ -44,7 +44,8 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
             return _NO_PATHS
         if not _tracing():  # no side effect in a traced function
             _fast_path_modules[name] = module
-    return module.FAST_PATHS  # type: ignore[no-any-return]
+    paths: dict[str, Callable[..., Any]] = module.FAST_PATHS
+    return paths
 
 
 #: The modules of the fast paths, by library name, once imported.

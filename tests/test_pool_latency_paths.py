@@ -139,8 +139,9 @@ def _summands(rng: np.random.Generator, trial: int) -> list[np.ndarray]:
 def test_torch_finite_sum_equals_generic():
     torch = pytest.importorskip("torch", reason="torch is not installed")
     import array_api_compat.torch as xp
-    from tokenpool_ops._primitives import finite_sum
     from tokenpool_ops.backends import _torch
+
+    from tokenpool_ops._primitives import finite_sum
 
     assert primitives_for(xp).finite_sum is _torch.finite_sum
     rng = np.random.default_rng(230)
