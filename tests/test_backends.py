@@ -426,6 +426,33 @@ def test_compiled_merge_equals_the_merge_it_replaces_bit_for_bit(backend_named, 
                                backend.to_numpy(x)[1, :5].mean(axis=0), rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_compiled_weighted_means_are_correctly_rounded_quotients(backend_named, name, dtype,
+                                                                 rng):
+    # Integer tokens and weights: every sum is exact, so each mean must be the correctly
+    # rounded quotient of two exact sums (Eq. 15), the value the generic division gives. A
+    # multiplication by the reciprocal, which misses it by an ulp in some clusters, fails.
+    backend = backend_named(name)
+    prims = compiled_primitives(backend)
+    n_problems, n, m, k = 4, 60, 9, 7
+    values = rng.integers(-50, 51, size=(n_problems, n, m)).astype(dtype)
+    weights = rng.integers(1, 6, size=(n_problems, n)).astype(dtype)
+    labels = rng.integers(0, k, size=(n_problems, n))
+    labels[:, :k] = np.arange(k)  # no empty cluster
+    sums, totals = np.zeros((n_problems, k, m)), np.zeros((n_problems, k))
+    for p in range(n_problems):  # exact in float64: |sum| <= 60 * 5 * 50
+        np.add.at(sums[p], labels[p], weights[p, :, None].astype(np.float64) * values[p])
+        np.add.at(totals[p], labels[p], weights[p])
+    sums, totals = sums.astype(dtype), totals.astype(dtype)[:, :, None]
+    want = sums / totals
+    assert np.any(want != sums * (1 / totals)), "the case must tell division from reciprocal"
+    got = prims.weighted_means(backend.xp, backend.asarray(values), backend.asarray(labels), k,
+                               backend.asarray(weights),
+                               backend.asarray(np.zeros((n_problems, 1, m), dtype)))
+    np.testing.assert_array_equal(backend.to_numpy(got), want)
+
+
 @pytest.mark.parametrize("stop_early", [True, False])
 def test_eager_torch_kernels_equal_their_custom_operators(backend_named, stop_early, rng):
     # Untraced CPU calls run the Numba kernels without the operator's dispatch; traced ones
