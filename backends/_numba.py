@@ -584,12 +584,10 @@ def _kmeans_serial(x, mean, gram, init, weights, fallback, labels, centres, hist
                                     labels[p], centres[p], history[p], max_iter)
 
 
-@numba.njit(parallel=True, cache=True)
-def _gather_centred_parallel(x, mean, medoids, out):  # type: ignore[no-untyped-def]
-    for p in numba.prange(x.shape[0]):
-        _gather_centred_one(x[p], mean[p], medoids[p], out[p])
-
-
+# Serial only: the gather alternates with the caller's matrix products, whose BLAS threads
+# keep spinning on the other cores for a while after each; a parallel gather fought them
+# (PyTorch, B=64, N=197, M=384: the whole pool call's median 12.9-14.3 ms against 11.1-11.7
+# with this serial gather, the best calls equal; benchmarks/results/pool_issue23e.md).
 @numba.njit(cache=True)
 def _gather_centred_serial(x, mean, medoids, out):  # type: ignore[no-untyped-def]
     for p in range(x.shape[0]):
@@ -661,8 +659,8 @@ def top_k(keys: np.ndarray, k: int) -> np.ndarray | None:
 BatchMatmul = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
 
 
-def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_bytes: int,
-                    parallel: bool) -> Iterator[tuple[slice, np.ndarray]]:
+def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray,
+                    block_bytes: int) -> Iterator[tuple[slice, np.ndarray]]:
     """Blocks of problems, centred and gathered medoids first into one reused buffer of
     about ``block_bytes``: it stays in cache for a matrix product, and no centred copy of
     all of ``x`` exists. ``medoids`` (B, K) may have K = 0 (tokens in order)."""
@@ -673,18 +671,13 @@ def _centred_blocks(x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_
     for start in range(0, n_problems, step):
         stop = min(start + step, n_problems)
         block = buffer[: stop - start]
-        if _shared(parallel, stop - start):
-            with _launching(True):
-                _gather_centred_parallel(x[start:stop], mean[start:stop], medoids[start:stop],
-                                         block)
-        else:  # a serial launch holds nothing: no context to enter per block (B = 64: 64)
-            _gather_centred_serial(x[start:stop], mean[start:stop], medoids[start:stop], block)
+        _gather_centred_serial(x[start:stop], mean[start:stop], medoids[start:stop], block)
         yield slice(start, stop), block
 
 
 def medoid_gram(
     x: np.ndarray, mean: np.ndarray, medoids: np.ndarray, block_bytes: int,
-    matmul: BatchMatmul, parallel: bool,
+    matmul: BatchMatmul,
 ) -> np.ndarray:
     """Dot products of the centred medoids with the other centred tokens, (B, K, N - K).
 
@@ -695,18 +688,18 @@ def medoid_gram(
     n_problems, n, _ = x.shape
     k = medoids.shape[1]
     out = np.empty((n_problems, k, n - k), dtype=x.dtype)
-    for problems, block in _centred_blocks(x, mean, medoids, block_bytes, parallel):
+    for problems, block in _centred_blocks(x, mean, medoids, block_bytes):
         matmul(block[:, :k], block[:, k:], out[problems])
     return out
 
 
-def centred_gram(x: np.ndarray, mean: np.ndarray, block_bytes: int, matmul: BatchMatmul,
-                 parallel: bool) -> np.ndarray:
+def centred_gram(x: np.ndarray, mean: np.ndarray, block_bytes: int,
+                 matmul: BatchMatmul) -> np.ndarray:
     """The Gram matrices of the centred tokens, (B, N, N), block by block."""
     n_problems, n, _ = x.shape
     out = np.empty((n_problems, n, n), dtype=x.dtype)
     no_medoids = np.empty((n_problems, 0), dtype=np.int64)
-    for problems, block in _centred_blocks(x, mean, no_medoids, block_bytes, parallel):
+    for problems, block in _centred_blocks(x, mean, no_medoids, block_bytes):
         matmul(block, block, out[problems])
     return out
 

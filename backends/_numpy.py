@@ -116,7 +116,7 @@ def _kmedoids(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weight
               max_iter: int, stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     from . import _numba
 
-    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
+    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed)
     return _numba.kmedoids(x, mean, gram, init, weights, max_iter, stop_early, False)
 
 
@@ -125,7 +125,7 @@ def _kmeans(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray, weights:
             stop_early: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     from . import _numba
 
-    gram = _numba.centred_gram(x, mean, BLOCK_BYTES, _matmul_transposed, False)
+    gram = _numba.centred_gram(x, mean, BLOCK_BYTES, _matmul_transposed)
     return _numba.kmeans(x, mean, gram, init, weights, fallback, max_iter, stop_early, False)
 
 
@@ -170,7 +170,7 @@ def _kmedoids_merge(xp: Any, x: np.ndarray, mean: np.ndarray, init: np.ndarray,
     given = (x, mean, weights, carried) + (() if fallback is None else (fallback,))
     if any(a.dtype != x.dtype for a in given):
         return None
-    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed, False)
+    gram = _numba.medoid_gram(x, mean, init, BLOCK_BYTES, _matmul_transposed)
     return _numba.kmedoids_merge(x, mean, gram, init, weights, fallback, carried, max_iter,
                                  stop_early, False)
 

@@ -361,7 +361,7 @@ def numba_kmedoids(x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
     from . import _numba
 
     x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
-    gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed, True)
+    gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed)
     labels, medoids, history, n_iter = _numba.kmedoids(
         x_host, mean_host, gram, init_host, weights_host, max_iter, stop_early, True)
     return torch.from_numpy(labels), torch.from_numpy(medoids), torch.from_numpy(history), n_iter
@@ -376,7 +376,7 @@ def numba_kmeans(x: torch.Tensor, mean: torch.Tensor, init: torch.Tensor,
     from . import _numba
 
     x_host, mean_host, init_host, weights_host = _host_arrays(x, mean, init, weights)
-    gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed, True)
+    gram = _numba.centred_gram(x_host, mean_host, BLOCK_BYTES, _bmm_transposed)
     centres, labels, history, n_iter = _numba.kmeans(
         x_host, mean_host, gram, init_host, weights_host,
         None if fallback is None else _host_array(fallback), max_iter, stop_early, True)
@@ -483,8 +483,7 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
         fallback_host = None if fallback is None else _host_array(fallback)
         x_host, mean_host, init_host, weights_host, carried_host = _host_arrays(
             x, mean, init, weights, carried)
-        gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed,
-                                  True)
+        gram = _numba.medoid_gram(x_host, mean_host, init_host, BLOCK_BYTES, _bmm_transposed)
         labels, medoids, history, n_iter, tokens, sizes = _numba.kmedoids_merge(
             x_host, mean_host, gram, init_host, weights_host, fallback_host, carried_host,
             max_iter, stop_early, True)
