@@ -19,7 +19,9 @@ These kernels replace the passes over whole arrays that the generic code makes f
 All run per problem, in token order, so results do not depend on the thread count. Each
 kernel exists twice: parallel over problems (used next to PyTorch) and serial (used next to
 NumPy, whose OpenBLAS threads spin for a while after every matrix product and would fight
-Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores). (Sharing the
+Numba's threads for the same cores; measured 5-10x slow-downs on 2 cores). The gather of
+the centred blocks is serial only: it alternates with the products, PyTorch's as well
+(see _gather_centred_serial). (Sharing the
 serial K-Medoids+merge kernel of a NumPy batch between two Python threads was tried: it
 gained nothing on two idle cores and slowed the matrix products after it;
 benchmarks/results/pool_issue23c.md.)
