@@ -15,13 +15,19 @@ device), and on CUDA reports the peak memory and which SDPA backends accept the 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from tokenpool_ops.timm import received_attention
+
+# The profiler's own log (Kineto's "gpuGetDeviceCount failed" on a CPU-only machine) would land
+# among the table: level 6 silences it. A KINETO_LOG_LEVEL of the caller's own is kept.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
 def materialised(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,8 +124,10 @@ def _dispatched(inputs: tuple[torch.Tensor, ...], scale: float) -> None:
     """The SDPA kernel PyTorch picks by itself, with and without the bias (profiler names)."""
     q, k, v, log_sizes = (t.detach() for t in inputs)
     for bias in (None, log_sizes.to(q.dtype)):
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+        with warnings.catch_warnings():  # torch < 2.14: "Profiler clears events ..."
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         kernels = sorted({event.key for event in prof.key_averages()
                           if event.key.startswith("aten::_") and "attention" in event.key})
         print(f"  {'bias' if bias is not None else 'no bias':8s} "

@@ -41,6 +41,7 @@ import contextlib
 import os
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -178,10 +179,14 @@ def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
     with pooling_scoped(), torch.no_grad(), precision(dtype, x.device):
         model(x)
         synchronise(x.device)
-        with torch.profiler.profile(activities=activities) as profile:
-            with torch.profiler.record_function("forward"):
-                model(x)
-            synchronise(x.device)
+        # torch < 2.14 warns that a profile keeps one cycle's events (the one it needs):
+        # a notice among the table, silenced.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")
+            with torch.profiler.profile(activities=activities) as profile:
+                with torch.profiler.record_function("forward"):
+                    model(x)
+                synchronise(x.device)
     totals = {event.key: event for event in profile.key_averages()}
 
     def spent(key: str) -> float:  # kernels launched inside the scope on a GPU

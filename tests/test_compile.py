@@ -529,3 +529,108 @@ def test_traced_cuda_route_of_pool_calls_the_merge_op(monkeypatch):
     assert len(counter.graphs) == 1
     assert counter.op_calls("kmedoids") == 1 and counter.op_calls("merge") == 1
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# On a CUDA GPU (benchmarks/gpu_check.sh runs these; the tests above prove the same logic on
+# the CPU, the CUDA route forced and the kernels stood in for)
+
+
+def cuda_or_skip() -> torch.device:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the CPU tests above prove the same logic")
+    return torch.device("cuda")
+
+
+def _plans_expected_on_cuda() -> int:
+    """Plan operators per forward on CUDA: one a block where CuPy is there (the kernels run
+    inside it), none without CuPy (the PyTorch code is traced)."""
+    from tokenpool_ops.backends import _torch
+
+    return len(SCHEDULE) if _torch.CUPY_INSTALLED else 0
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gpu_inference_compiles_to_one_graph_with_the_eager_logits(method):
+    device = cuda_or_skip()
+    model, x = tiny_vit(method).to(device), images().to(device)
+    counter = GraphCounter()
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend=counter, fullgraph=True)(x)
+    assert len(counter.graphs) == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert counter.op_calls("plan") == _plans_expected_on_cuda()
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "tome"])
+def test_gpu_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method):
+    device = cuda_or_skip()
+    model, x = tiny_vit(method, training=True).to(device), images().to(device)
+    counter = GraphCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    losses, grads = [], []
+    for forward in (model, compiled):
+        model.zero_grad()
+        loss = forward(x).square().mean()
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
+                                if p.grad is not None]))
+    assert len(counter.graphs) == 1
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+
+
+def test_gpu_inductor_with_cuda_graphs_gives_the_eager_logits():
+    # mode="reduce-overhead": inductor's kernels replayed as one CUDA graph, the plan
+    # operators (CuPy's kernels on the current stream) captured inside it.
+    device = cuda_or_skip()
+    model = tiny_vit("wkmedoids").to(device)
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        for seed in (1, 1, 1, 2, 3):  # warm-up, recording, then replays with new images
+            x = images(seed=seed).to(device)
+            got = compiled(x).clone()  # a replay overwrites the graph's output
+            torch.testing.assert_close(got, model(x), rtol=1e-3, atol=1e-4)
+    assert not counters["graph_break"]
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "tome"])
+def test_gpu_export_gives_the_eager_logits(method):
+    device = cuda_or_skip()
+    model, x = tiny_vit(method).to(device), images().to(device)
+    with torch.no_grad():
+        want = model(x)
+        program = torch.export.export(model, (x,))
+        got = program.module()(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_ops_pass_opcheck_and_equal_their_cpu_route(rng):
+    # The operators on CUDA tensors run CuPy's kernels (or decline to their PyTorch code);
+    # their results equal the same operators on the CPU, whose route the tests above check
+    # against references.
+    device = cuda_or_skip()
+    args = _kmedoids_args(rng, torch.float32)
+    on_gpu = tuple(a.to(device) for a in args)
+    torch.library.opcheck(torch.ops.tokenpool_ops.kmedoids, (*on_gpu, 4, False))
+    for got, want in zip(torch.ops.tokenpool_ops.kmedoids(*on_gpu, 4, False),
+                         torch.ops.tokenpool_ops.kmedoids(*args, 4, False), strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5)
+    merge = _merge_args(rng, with_fallback=True)
+    merge_gpu = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in merge)
+    torch.library.opcheck(torch.ops.tokenpool_ops.merge, (*merge_gpu, True))
+    for got, want in zip(torch.ops.tokenpool_ops.merge(*merge_gpu, True),
+                         torch.ops.tokenpool_ops.merge(*merge, True), strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)
+    x = torch.as_tensor(rng.normal(size=(3, 17, 4)), dtype=torch.float32)
+    scores = torch.as_tensor(rng.random((3, 16)), dtype=torch.float32)
+    plan = (x, 7, "wkmedoids", scores, None, None, True, None, 4, 0, True, 1)
+    plan_gpu = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in plan)
+    torch.library.opcheck(torch.ops.tokenpool_ops.plan, plan_gpu)
+    for got, want in zip(torch.ops.tokenpool_ops.plan(*plan_gpu),
+                         torch.ops.tokenpool_ops.plan(*plan), strict=True):
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-6)

@@ -65,9 +65,22 @@ def _autocast_off(x: Tensor) -> AbstractContextManager[object]:
     nothing to switch off; nor has an eager call where autocast is off already: entering
     and leaving ``torch.autocast`` cost 5 us, a block's pooling at batch 1 a few tens)."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not _autocast_on(device_type):
+    if not _autocast_available(device_type) or not _autocast_on(device_type):
         return _NOTHING
     return torch.autocast(device_type, enabled=False)
+
+
+#: Whether each device type has autocast, asked once here: dynamo before torch 2.14 cannot
+#: trace the query (torch._C._is_autocast_available), so a traced block reads this table.
+_AUTOCAST_AVAILABLE = {device_type: torch.amp.is_autocast_available(device_type)
+                       for device_type in ("cpu", "cuda", "xpu", "mps", "meta")}
+
+
+def _autocast_available(device_type: str) -> bool:
+    known = _AUTOCAST_AVAILABLE.get(device_type)
+    if known is None:  # another device type: asked once, eagerly or where dynamo can trace it
+        known = _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return known
 
 
 #: The context that switches nothing (one instance, reusable).
