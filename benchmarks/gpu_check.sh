@@ -27,7 +27,8 @@
 # into the user cache (tokenpool_ops/cuda under $XDG_CACHE_HOME or ~/.cache, or
 # $TOKENPOOL_OPS_CACHE_DIR); every later process reads it.
 #
-# Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use;
+# Usage: bash benchmarks/gpu_check.sh        (PYTHON may name the interpreter to use,
+#        GPU_CHECK_WORKERS the pytest-xdist workers of the tests;
 #        tests/test_benchmark_scripts.py runs it with stand-ins for it and the sanitizer)
 set -uo pipefail
 
@@ -86,7 +87,9 @@ echo "== correctness 3/3: CuPy and torch-cuda tests, GPU kernel tests"
 # Here a GPU was seen: a test skipped for want of CuPy or CUDA fails (tests/conftest.py), so
 # a missing or broken CuPy fails the check instead of passing as skips.
 export TOKENPOOL_OPS_REQUIRE_CUDA=1
-step tests 150 "$python" -m pytest -q -ra -p no:cacheprovider tests \
+# GPU_CHECK_WORKERS=N spreads the tests over N pytest-xdist workers (where it is installed).
+step tests 150 "$python" -m pytest -q -ra -p no:cacheprovider \
+  ${GPU_CHECK_WORKERS:+-n "$GPU_CHECK_WORKERS"} tests \
   -k "cupy or torch-cuda or gpu"
 tests_status=$?
 
