@@ -171,7 +171,9 @@ def devices_match() -> Callable[[Any, Any], bool]:
     return same_device
 
 
-_GPU_SKIP_WORDS = ("cupy", "cuda", "gpu")
+#: What the skips say when the GPU or CuPy is missing (a skip for a capability, such as
+#: "cupy has no bfloat16", stays a skip).
+_GPU_MISSING = ("no cuda gpu", "cupy is not installed")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -183,6 +185,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if os.environ.get(REQUIRE_CUDA) != "1" or not report.skipped or hasattr(report, "wasxfail"):
         return
     reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
-    if any(word in reason.lower() for word in _GPU_SKIP_WORDS):
+    if any(phrase in reason.lower() for phrase in _GPU_MISSING):
         report.outcome = "failed"
         report.longrepr = f"{REQUIRE_CUDA}=1, and this test skipped: {reason}"

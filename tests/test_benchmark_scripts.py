@@ -19,8 +19,10 @@ pytest.importorskip("timm", reason="timm_speedup.py needs timm")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: This checkout's tokenpool_ops first, as gpu_check.sh sets it (not an installed copy).
-ENVIRONMENT = {**os.environ, "PYTHONPATH": str(ROOT)}
+#: This checkout's tokenpool_ops first, as gpu_check.sh sets it (not an installed copy), then
+#: the caller's own path (packages put beside the interpreter's, as on a lent GPU machine).
+ENVIRONMENT = {**os.environ, "PYTHONPATH": os.pathsep.join(
+    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _run(script: str, *args: str, returncode: int = 0) -> str:

@@ -531,6 +531,29 @@ def test_traced_cuda_route_of_pool_calls_the_merge_op(monkeypatch):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["wkmedoids", "topk", "tome"])
+def test_the_cuda_attention_route_compiles_and_exports_on_the_cpu(method, monkeypatch):
+    # On CUDA a block's attention is SDPA plus the Eq. 5 score pass (received_attention),
+    # and the token count after a plan operator is a size known by its range only. The same
+    # route on the CPU (materialised attention off, the Numba plan operator on): one graph,
+    # the eager logits, and an exported program that gives them too.
+    import tokenpool_ops.timm as tp_timm
+
+    if not numba_installed():
+        pytest.skip("numba is not installed: no plan operator, so no sizes known by range")
+    monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
+    model, x = tiny_vit(method), images()
+    counter = GraphCounter()
+    with torch.no_grad():
+        want = model(x)
+        got = torch.compile(model, backend=counter, fullgraph=True)(x)
+        exported = torch.export.export(model, (x,)).module()(x)
+    assert len(counter.graphs) == 1 and counter.op_calls("plan") == len(SCHEDULE)
+    assert not counters["recompiles"] and not counters["graph_break"]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(exported, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # On a CUDA GPU (benchmarks/gpu_check.sh runs these; the tests above prove the same logic on
 # the CPU, the CUDA route forced and the kernels stood in for)

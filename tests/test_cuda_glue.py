@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -207,7 +208,8 @@ print(json.dumps({{"compiled": [names for _, _, names in fake.compiles],
                   "loaded": [image.decode() for image, _ in fake.loads]}}))
 """
     cache = tmp_path / "cache"
-    environment = {"TOKENPOOL_OPS_CACHE_DIR": str(cache), "PYTHONPATH": str(ROOT)}
+    environment = {"TOKENPOOL_OPS_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
     def first_call() -> dict[str, list[Any]]:
         done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
@@ -228,8 +230,6 @@ print(json.dumps({{"compiled": [names for _, _, names in fake.compiles],
 
 
 def _inherited_environment() -> dict[str, str]:
-    import os
-
     return {k: v for k, v in os.environ.items() if k != _cupy.CACHE_DIR_VARIABLE}
 
 

@@ -8,7 +8,8 @@ host memory by design). Two proofs:
   ``cpu``, ``int``, ``float``) raises while ``pool(..., check_values=False,
   stop_early=False)`` and a patched model's forward run;
 * on PyTorch's meta device, where no value exists, a dispatch mode fails any operation that
-  mixes in a tensor from the CPU (a host-side draw copied over, a constant built on the host).
+  mixes in a tensor from the CPU (a host-side draw copied over), and the tensor constructors
+  refuse a Python value for the device (a constant built on the host).
 """
 
 from __future__ import annotations
@@ -218,25 +219,50 @@ class NoHostTensors(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_the_meta_guard_catches_a_host_copy():
+@contextmanager
+def no_host_data(monkeypatch):
+    """``NoHostTensors``, and tensors made from Python or NumPy values on another device than
+    the CPU refused: on a GPU that is a copy from host memory, which synchronises (CUDA's
+    sync debug mode calls it one), and which the dispatch mode never sees (the copy happens
+    inside the constructor)."""
+    def refusing(name):
+        original = getattr(torch, name)
+
+        def make(data, *args, **kwargs):
+            target = kwargs.get("device")
+            if (not isinstance(data, torch.Tensor) and target is not None
+                    and torch.device(target).type != "cpu"):
+                raise AssertionError(f"torch.{name} copies a host value to {target}")
+            return original(data, *args, **kwargs)
+        return make
+
+    with monkeypatch.context() as patch, NoHostTensors():
+        for name in ("asarray", "as_tensor", "tensor"):
+            patch.setattr(torch, name, refusing(name))
+        yield
+
+
+def test_the_meta_guard_catches_a_host_copy(monkeypatch):
     with NoHostTensors(), pytest.raises(AssertionError, match="host tensor"):
         torch.ones(3, device="meta") + torch.ones(3)
+    with no_host_data(monkeypatch), pytest.raises(AssertionError, match="copies a host value"):
+        torch.asarray(1.0, dtype=torch.float32, device="meta")
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_pool_on_the_meta_device_copies_nothing_from_the_host(method):
+def test_pool_on_the_meta_device_copies_nothing_from_the_host(method, monkeypatch):
     x = torch.empty(2, 30, 8, device="meta")
     scores = torch.empty(2, 30, device="meta")
-    with NoHostTensors():
+    with no_host_data(monkeypatch):
         tokens = tokenpool_ops.pool(x, 7, method, scores=scores, **NO_SYNC)
     assert tokens.device.type == "meta" and tokens.shape == (2, 7, 8)
 
 
 @pytest.mark.parametrize("method", ["wkmedoids", "random"])
-def test_patched_forward_on_the_meta_device_copies_nothing_from_the_host(method):
+def test_patched_forward_on_the_meta_device_copies_nothing_from_the_host(method, monkeypatch):
     model = patch_timm(small_vit("meta"), SCHEDULE, method=method, stop_early=False,
                        fast_paths=False)
-    with torch.no_grad(), NoHostTensors():
+    with torch.no_grad(), no_host_data(monkeypatch):
         logits = model(torch.empty(2, 3, 64, 64, device="meta"))
     assert logits.device.type == "meta" and logits.shape == (2, 1000)
 

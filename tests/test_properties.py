@@ -266,7 +266,9 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     problems of this construction drawn outside Hypothesis (M from 2 to 5, each method),
     float32 and float64 agreed on every one. Hypothesis aims at ties, though (it found a token
     exactly as far from two medoids), so the medoid methods may differ at exact ties, checked
-    to be exact, and in the two clusters each touches.
+    to be exact, and in the two clusters each touches; and a token's label at a near tie
+    (two distances within float32's rounding, which the GPU's order of summation resolved
+    otherwise than float64 on an H200), checked to be within that rounding.
     """
     problem = draw_problem(data, backend, min_n=2, min_m=2, clustered=True)
     x, scores, k, _ = problem
@@ -294,12 +296,28 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
             assert exact_medoid_cost(x32[b], weights[b], members, ours) \
                 == exact_medoid_cost(x32[b], weights[b], members, theirs)
         for b, i in np.argwhere(differ):
-            assert exact_sq_distance(x32[b], i, single["medoids"][b, single["assignment"][b, i]]) \
-                == exact_sq_distance(x32[b], i, double["medoids"][b, double["assignment"][b, i]])
+            # A token may go to either of two medoids whose distances float32 cannot tell
+            # apart: a near tie, which each backend's order of summation decides its own way
+            # (the CUDA kernel's differs from NumPy's BLAS).
+            ours = single["medoids"][b, single["assignment"][b, i]]
+            theirs = double["medoids"][b, double["assignment"][b, i]]
+            gap = abs(exact_sq_distance(x32[b], i, ours) - exact_sq_distance(x32[b], i, theirs))
+            assert gap <= float32_rounding(x32[b], i, ours) + float32_rounding(x32[b], i, theirs)
     for b, i in np.argwhere(differ):
         touched[b, [single["assignment"][b, i], double["assignment"][b, i]]] = True
     assert not differ.any() or single["medoids"] is not None, "labels differ without a tie"
     np.testing.assert_allclose(single["tokens"][~touched], double["tokens"][~touched], rtol=1e-6)
+
+
+def float32_rounding(tokens: np.ndarray, i: int, j: int) -> float:
+    """A bound on float32's error in the squared distance of tokens i and j, computed as the
+    library does: |c_i|^2 + |c_j|^2 - 2 c_i.c_j of the centred tokens c, each sum of M
+    products within (M + 2) u (|c_i| + |c_j|)^2 of the exact value (u = 2^-24), doubled for
+    the rounding of the mean. Exact ties have a gap of zero, within any bound."""
+    tokens = tokens.astype(np.float64)
+    centred = tokens - tokens.mean(axis=0)
+    norms = np.sqrt((centred[[i, j]] ** 2).sum(-1))
+    return float(2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms.sum() ** 2)
 
 
 def exact_medoid_cost(tokens, weights, members, medoid):

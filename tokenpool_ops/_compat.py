@@ -189,8 +189,15 @@ def is_real_floating(xp: Namespace, dtype: Any) -> bool:
 
 
 def constant(xp: Namespace, value: float, like: Array) -> Array:
-    """A 0-d array holding ``value`` with the dtype and device of ``like``."""
-    return xp.asarray(value, dtype=like.dtype, device=device(like))
+    """A 0-d array holding ``value`` with the dtype and device of ``like``.
+
+    Filled where ``like`` lives (``full``) rather than converted from the Python number
+    (``asarray``): on a GPU the conversion is a copy from host memory, which waits for the
+    device (and cannot be captured in a CUDA graph). NumPy converts: it is faster there.
+    """
+    if xp is _NAMESPACES["numpy"]:
+        return np.asarray(value, dtype=like.dtype)
+    return xp.full((), value, dtype=like.dtype, device=device(like))
 
 
 def index_dtype(xp: Namespace, like: Array) -> Any:

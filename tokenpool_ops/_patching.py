@@ -171,15 +171,25 @@ def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) 
     the compute dtype, normalises them in float32 and sums them over heads and queries.
     Differentiable, but meant for passes without autograd (see ``TokenPoolAttention``).
     """
+    if torch.compiler.is_compiling():
+        # Traced, the token count after a plan operator is a size known by its range only
+        # (see pool_patch_tokens), which a Python loop cannot step over: one step, whose
+        # memory the compiler plans (it fuses the softmax and the sums).
+        return _received_by_queries(q, k, bias, scale)
     n = q.shape[-2]
     chunk = -(-n // -(-n // SCORE_CHUNK))  # ceil(n / number of chunks): no tiny last chunk
     total = torch.zeros(q.shape[0], k.shape[-2], dtype=torch.float32, device=q.device)
     for start in range(0, n, chunk):
-        logits = (q[:, :, start:start + chunk] * scale) @ k.transpose(-2, -1)
-        if bias is not None:
-            logits = logits + bias.to(logits.dtype)
-        total = total + logits.float().softmax(dim=-1).sum(dim=(1, 2))
+        total = total + _received_by_queries(q[:, :, start:start + chunk], k, bias, scale)
     return total
+
+
+def _received_by_queries(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Each key's attention from the queries ``q``, summed over heads and queries, (B, N)."""
+    logits = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.to(logits.dtype)
+    return logits.float().softmax(dim=-1).sum(dim=(1, 2))
 
 
 def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
