@@ -321,17 +321,19 @@ def _(x: Tensor, k: int, method: str, scores: Tensor | None, sizes: Tensor | Non
     lead, (total, m) = x.shape[:-2], x.shape[-2:]
     has_assignment, has_medoids = plan_fields(method, k, lean)
     work = torch.float32 if torch.finfo(x.dtype).bits < 32 else x.dtype  # _compat.compute_dtype
-    length = _sequence_size(num_prefix, k)
+    length = _sequence_size(num_prefix, k, x.device.type)
     kept = length - num_prefix
     return (x.new_empty(*lead, length, m), x.new_empty(*lead, kept, dtype=work),
             x.new_empty(*lead, total - num_prefix if has_assignment else 0, dtype=torch.int64),
             x.new_empty(*lead, kept if has_medoids else 0, dtype=torch.int64))
 
 
-def _sequence_size(num_prefix: int, k: int) -> Any:
-    """The length of a traced plan's new sequence, ``num_prefix + k``: a size the tracer
-    knows only by its range [num_prefix + 1, num_prefix + k] where it allows such sizes
-    (``fullgraph=True``, export; torch 2.8 or later), else the number.
+def _sequence_size(num_prefix: int, k: int, device_type: str) -> Any:
+    """The length of a traced plan's new sequence, ``num_prefix + k``: on the CPU a size the
+    tracer knows only by its range [num_prefix + 1, num_prefix + k] where it allows such
+    sizes (``fullgraph=True``, export; torch 2.8 or later), else the number. On CUDA always
+    the number: inductor's Triton code generation (torch 2.11, on an H200) failed on such
+    sizes ("Cannot convert symbols to int" while tiling a split softmax reduction).
 
     Why: a traced model's blocks after pooling then have symbolic token counts, so that
     inductor compiles their layer norms, GELU and residual adds once for all of them
@@ -344,7 +346,7 @@ def _sequence_size(num_prefix: int, k: int) -> Any:
     """
     from tokenpool_ops.nn import SYMBOLIC_SIZES
 
-    if k == 0 or not SYMBOLIC_SIZES:
+    if k == 0 or not SYMBOLIC_SIZES or device_type != "cpu":
         return num_prefix + k
     try:
         return torch.library.get_ctx().new_dynamic_size(min=num_prefix + 1,

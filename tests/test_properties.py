@@ -305,7 +305,14 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
             assert gap <= float32_rounding(x32[b], i, ours) + float32_rounding(x32[b], i, theirs)
     for b, i in np.argwhere(differ):
         touched[b, [single["assignment"][b, i], double["assignment"][b, i]]] = True
-    assert not differ.any() or single["medoids"] is not None, "labels differ without a tie"
+    if single["medoids"] is None:
+        # K-Means: labels may differ only in a problem where some token's two nearest
+        # centres are a near tie for float32 (one run's centres or the other's); a label
+        # changed there moves its centres, so the whole problem may differ.
+        for b in np.unique(np.argwhere(differ)[:, 0]):
+            assert any(near_tie_to_centres(x32[b], run["tokens"][b])
+                       for run in (single, double)), "labels differ without a (near) tie"
+            touched[b] = True
     np.testing.assert_allclose(single["tokens"][~touched], double["tokens"][~touched], rtol=1e-6)
 
 
@@ -318,6 +325,21 @@ def float32_rounding(tokens: np.ndarray, i: int, j: int) -> float:
     centred = tokens - tokens.mean(axis=0)
     norms = np.sqrt((centred[[i, j]] ** 2).sum(-1))
     return float(2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms.sum() ** 2)
+
+
+def near_tie_to_centres(tokens: np.ndarray, centres: np.ndarray) -> bool:
+    """Whether some token's squared distances to its two nearest centres differ by no more
+    than float32's rounding of them (the bound of :func:`float32_rounding`)."""
+    tokens, centres = tokens.astype(np.float64), centres.astype(np.float64)
+    mean = tokens.mean(axis=0)
+    dist = ((tokens[:, None] - centres[None]) ** 2).sum(-1)
+    norms = np.sqrt(((tokens - mean) ** 2).sum(-1))[:, None] + np.sqrt(
+        ((centres - mean) ** 2).sum(-1))[None]
+    bound = 2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms ** 2
+    nearest = np.argsort(dist, axis=1)[:, :2]
+    rows = np.arange(len(dist))[:, None]
+    gap = np.diff(dist[rows, nearest], axis=1)[:, 0]
+    return bool(np.any(gap <= bound[rows, nearest].sum(axis=1)))
 
 
 def exact_medoid_cost(tokens, weights, members, medoid):
