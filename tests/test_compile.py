@@ -96,11 +96,9 @@ def test_inference_compiles_to_one_graph_with_the_eager_logits(method):
         assert counter.op_calls("kmedoids") == counter.op_calls("kmeans") == 0  # in the plan
 
 
-@pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "topk", "tome"])
-def test_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method):
-    # The differentiable merge (tokenpool_ops.nn.merge) inside the graph; dropout is 0.
-    model, x = tiny_vit(method, training=True), images()
-    counter = GraphCounter()
+def eager_and_compiled_training_step(model: torch.nn.Module, x: torch.Tensor,
+                                     counter: GraphCounter) -> tuple[list[Any], list[Any]]:
+    """The loss and the parameters' gradients of one step, eager then compiled."""
     compiled = torch.compile(model, backend=counter, fullgraph=True)
     losses, grads = [], []
     for forward in (model, compiled):
@@ -110,6 +108,15 @@ def test_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method
         losses.append(loss.detach())
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
                                 if p.grad is not None]))
+    return losses, grads
+
+
+@pytest.mark.parametrize("method", ["wkmedoids", "kmeans", "topk", "tome"])
+def test_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(method):
+    # The differentiable merge (tokenpool_ops.nn.merge) inside the graph; dropout is 0.
+    model, x = tiny_vit(method, training=True), images()
+    counter = GraphCounter()
+    losses, grads = eager_and_compiled_training_step(model, x, counter)
     assert len(counter.graphs) == 1  # the forward graph; AOTAutograd derives the backward
     assert not counters["recompiles"] and not counters["graph_break"]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
@@ -594,15 +601,7 @@ def test_gpu_training_compiles_to_one_graph_with_the_eager_loss_and_gradients(me
     device = cuda_or_skip()
     model, x = tiny_vit(method, training=True).to(device), images().to(device)
     counter = GraphCounter()
-    compiled = torch.compile(model, backend=counter, fullgraph=True)
-    losses, grads = [], []
-    for forward in (model, compiled):
-        model.zero_grad()
-        loss = forward(x).square().mean()
-        loss.backward()
-        losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()
-                                if p.grad is not None]))
+    losses, grads = eager_and_compiled_training_step(model, x, counter)
     assert len(counter.graphs) == 1
     assert not counters["recompiles"] and not counters["graph_break"]
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
