@@ -172,9 +172,9 @@ def received_attention(q: Tensor, k: Tensor, bias: Tensor | None, scale: float) 
     Differentiable, but meant for passes without autograd (see ``TokenPoolAttention``).
     """
     if torch.compiler.is_compiling():
-        # Traced, the token count after a plan operator is a size known by its range only
-        # (see pool_patch_tokens), which a Python loop cannot step over: one step, whose
-        # memory the compiler plans (it fuses the softmax and the sums).
+        # Traced, the token count after a CPU plan operator is a size known by its range
+        # only (backends._torch_ops._sequence_size), which a Python loop cannot step over:
+        # one step, whose memory the compiler plans (it fuses the softmax and the sums).
         return _received_by_queries(q, k, bias, scale)
     n = q.shape[-2]
     chunk = -(-n // -(-n // SCORE_CHUNK))  # ceil(n / number of chunks): no tiny last chunk
