@@ -306,12 +306,13 @@ def test_huge_offsets_in_float32_match_float64(backend, method, data):
     for b, i in np.argwhere(differ):
         touched[b, [single["assignment"][b, i], double["assignment"][b, i]]] = True
     if single["medoids"] is None:
-        # K-Means: labels may differ only in a problem where some token's two nearest
-        # centres are a near tie for float32 (one run's centres or the other's); a label
-        # changed there moves its centres, so the whole problem may differ.
+        # K-Means: the runs may part only at a (near) tie: at the first iteration whose
+        # labels differ, each differing token's two nearest centres were one; a label
+        # changed there moves its centres, so the whole problem may differ after it.
+        iterations = max(single["n_iter"], double["n_iter"])
         for b in np.unique(np.argwhere(differ)[:, 0]):
-            assert any(near_tie_to_centres(x32[b], run["tokens"][b])
-                       for run in (single, double)), "labels differ without a (near) tie"
+            assert kmeans_diverges_at_a_tie(backend, x32, k, method, scores32, b, iterations), \
+                "labels differ without a (near) tie"
             touched[b] = True
     np.testing.assert_allclose(single["tokens"][~touched], double["tokens"][~touched], rtol=1e-6)
 
@@ -327,9 +328,10 @@ def float32_rounding(tokens: np.ndarray, i: int, j: int) -> float:
     return float(2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms.sum() ** 2)
 
 
-def near_tie_to_centres(tokens: np.ndarray, centres: np.ndarray) -> bool:
-    """Whether some token's squared distances to its two nearest centres differ by no more
-    than float32's rounding of them (the bound of :func:`float32_rounding`)."""
+def near_ties(tokens: np.ndarray, centres: np.ndarray) -> np.ndarray:
+    """Per token, whether its squared distances to its two nearest centres differ by no more
+    than float32's rounding of them (the bound of :func:`float32_rounding`; an exact tie
+    differs by zero)."""
     tokens, centres = tokens.astype(np.float64), centres.astype(np.float64)
     mean = tokens.mean(axis=0)
     dist = ((tokens[:, None] - centres[None]) ** 2).sum(-1)
@@ -338,8 +340,26 @@ def near_tie_to_centres(tokens: np.ndarray, centres: np.ndarray) -> bool:
     bound = 2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms ** 2
     nearest = np.argsort(dist, axis=1)[:, :2]
     rows = np.arange(len(dist))[:, None]
-    gap = np.diff(dist[rows, nearest], axis=1)[:, 0]
-    return bool(np.any(gap <= bound[rows, nearest].sum(axis=1)))
+    return np.diff(dist[rows, nearest], axis=1)[:, 0] <= bound[rows, nearest].sum(axis=1)
+
+
+def kmeans_diverges_at_a_tie(backend, x32, k, method, scores32, b, iterations) -> bool:
+    """Whether the float32 and float64 K-Means runs of problem ``b`` first label a token
+    differently where its two nearest centres of the step before were a (near) tie: the
+    runs redone with 0, 1, ... iterations (``stop_early=False``) until their labels part,
+    the centres before that step being the float64 run's tokens one iteration earlier (its
+    weighted means), or the initial centres ('topk' by the scores) at iteration 0."""
+    x64, scores64 = x32.astype(np.float64), scores32.astype(np.float64)
+    for t in range(iterations + 1):
+        single = run(backend, x32, k, method, scores=scores32, max_iter=t, stop_early=False)
+        double = run(backend, x64, k, method, scores=scores64, max_iter=t, stop_early=False)
+        parted = np.flatnonzero(single["assignment"][b] != double["assignment"][b])
+        if parted.size:
+            before = (run(backend, x64, k, "topk", scores=scores64) if t == 0 else
+                      run(backend, x64, k, method, scores=scores64, max_iter=t - 1,
+                          stop_early=False))
+            return bool(near_ties(x32[b], before["tokens"][b])[parted].all())
+    return False
 
 
 def exact_medoid_cost(tokens, weights, members, medoid):
