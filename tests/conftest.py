@@ -11,6 +11,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,16 @@ settings.register_profile("explore", deadline=None, max_examples=250, print_blob
                           suppress_health_check=_QUIET)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+
+
+#: The checkout's root, which subprocesses of the tests import tokenpool_ops from.
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def checkout_first(pythonpath: str | None) -> str:
+    """A PYTHONPATH with this checkout first and the caller's own entries after it (packages
+    put beside the interpreter's, as on a lent GPU machine, stay importable)."""
+    return os.pathsep.join(filter(None, [str(ROOT), pythonpath]))
 
 @dataclass(frozen=True)
 class Backend:

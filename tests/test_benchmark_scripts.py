@@ -16,13 +16,13 @@ import pytest
 pytest.importorskip("torch", reason="the timing scripts need PyTorch")
 pytest.importorskip("timm", reason="timm_speedup.py needs timm")
 
+from tests.conftest import checkout_first
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: This checkout's tokenpool_ops first, as gpu_check.sh sets it (not an installed copy), then
-#: the caller's own path (packages put beside the interpreter's, as on a lent GPU machine).
-ENVIRONMENT = {**os.environ, "PYTHONPATH": os.pathsep.join(
-    filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+#: This checkout's tokenpool_ops first, as gpu_check.sh sets it (not an installed copy).
+ENVIRONMENT = {**os.environ, "PYTHONPATH": checkout_first(os.environ.get("PYTHONPATH"))}
 
 
 def _run(script: str, *args: str, returncode: int = 0) -> str:

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from tokenpool_ops.backends import _cupy
 
+from tests.conftest import checkout_first
 from tests.fake_cupy import FakeCupy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,8 +209,8 @@ print(json.dumps({{"compiled": [names for _, _, names in fake.compiles],
                   "loaded": [image.decode() for image, _ in fake.loads]}}))
 """
     cache = tmp_path / "cache"
-    environment = {"TOKENPOOL_OPS_CACHE_DIR": str(cache), "PYTHONPATH": os.pathsep.join(
-        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    environment = {"TOKENPOOL_OPS_CACHE_DIR": str(cache),
+                   "PYTHONPATH": checkout_first(os.environ.get("PYTHONPATH"))}
 
     def first_call() -> dict[str, list[Any]]:
         done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,

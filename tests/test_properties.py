@@ -21,6 +21,7 @@ arithmetic (translated tokens; float32 against float64) rely on such near-ties b
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -325,7 +326,13 @@ def float32_rounding(tokens: np.ndarray, i: int, j: int) -> float:
     tokens = tokens.astype(np.float64)
     centred = tokens - tokens.mean(axis=0)
     norms = np.sqrt((centred[[i, j]] ** 2).sum(-1))
-    return float(2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms.sum() ** 2)
+    return float(float32_bound(tokens.shape[-1], norms.sum()))
+
+
+def float32_bound(m: int, norm_sums: Any) -> Any:
+    """2 (M + 2) u (|c_i| + |c_j|)^2 for the sums of centred norms ``norm_sums``: the bound
+    of :func:`float32_rounding`, elementwise."""
+    return 2 * (m + 2) * 2.0 ** -24 * norm_sums ** 2
 
 
 def near_ties(tokens: np.ndarray, centres: np.ndarray) -> np.ndarray:
@@ -337,7 +344,7 @@ def near_ties(tokens: np.ndarray, centres: np.ndarray) -> np.ndarray:
     dist = ((tokens[:, None] - centres[None]) ** 2).sum(-1)
     norms = np.sqrt(((tokens - mean) ** 2).sum(-1))[:, None] + np.sqrt(
         ((centres - mean) ** 2).sum(-1))[None]
-    bound = 2 * (tokens.shape[-1] + 2) * 2.0 ** -24 * norms ** 2
+    bound = float32_bound(tokens.shape[-1], norms)
     nearest = np.argsort(dist, axis=1)[:, :2]
     rows = np.arange(len(dist))[:, None]
     return np.diff(dist[rows, nearest], axis=1)[:, 0] <= bound[rows, nearest].sum(axis=1)

@@ -24,6 +24,8 @@ pytest.importorskip("timm", reason="the trainer needs timm")
 pytest.importorskip("torchvision", reason="the trainer needs torchvision")
 pytest.importorskip("sklearn", reason="--data digits needs scikit-learn")
 
+from tests.conftest import checkout_first  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
@@ -40,7 +42,7 @@ ALL_RANDOM = ["--drop-path", "0.1", "--reprob", "0.25", "--mixup", "0.8", "--cut
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = checkout_first(env.get("PYTHONPATH"))
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     return env
 

@@ -41,7 +41,7 @@ def test_a_broken_cupy_fails_where_there_is_a_gpu(monkeypatch, gpu):
 
 def _pytest(test: str, require: bool) -> subprocess.CompletedProcess[str]:
     environment = {k: v for k, v in os.environ.items() if k != conftest.REQUIRE_CUDA}
-    environment["PYTHONPATH"] = str(ROOT) + os.pathsep + environment.get("PYTHONPATH", "")
+    environment["PYTHONPATH"] = conftest.checkout_first(environment.get("PYTHONPATH"))
     if require:
         environment[conftest.REQUIRE_CUDA] = "1"
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",

@@ -14,6 +14,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="timm_speedup.py needs PyTorch")
 timm = pytest.importorskip("timm", reason="timm_speedup.py needs timm")
 
+from tests.conftest import checkout_first  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -55,8 +57,7 @@ def test_timm_speedup_prints_the_slice_row():
         [sys.executable, str(ROOT / "benchmarks" / "timm_speedup.py"), "--batch", "1",
          "--repeats", "1", "--schedule", "level4", "--methods", "topk", "--slice"],
         capture_output=True, text=True, timeout=300, check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(
-            filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+        env={**os.environ, "PYTHONPATH": checkout_first(os.environ.get("PYTHONPATH"))})
     assert done.returncode == 0, done.stderr[-2000:]
     row = re.search(r"^slice\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)$", done.stdout, re.MULTILINE)
     assert row, done.stdout
