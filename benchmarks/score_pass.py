@@ -1,13 +1,15 @@
 """Attention with Eq. 5 scores: the materialised way against SDPA + a chunked score pass.
 
-Issue #11 §3. A block that pools with significance scores used to materialise its
-(B, H, N, N) attention probabilities (float32 under autocast) for both its output and the
-scores. Without autograd on a GPU, ``tokenpool_ops.timm`` now computes the output with
-``F.scaled_dot_product_attention`` and the scores with ``received_attention`` (chunks of at
-most ``SCORE_CHUNK`` queries); under autograd, and on the CPU, it still materialises (the
-rows say why: ``MATERIALISED_DEVICES``). This script times both at DeiT-S shapes, names the
-SDPA kernel PyTorch dispatches to with and without the log-size bias of ``prop_attn`` (any
-device), and on CUDA reports the peak memory and which SDPA backends accept the call.
+Issue #11 §3. A block that pools with significance scores either materialises its
+(B, H, N, N) attention probabilities for both its output and the scores, or computes the
+output with ``F.scaled_dot_product_attention`` and the scores with ``received_attention``
+(chunks of at most ``SCORE_CHUNK`` queries). ``tokenpool_ops.timm`` materialises under
+autograd and on the devices of ``MATERIALISED_DEVICES`` (the CPU and CUDA, from these rows),
+and takes SDPA plus the score pass elsewhere. This script times both at DeiT-S shapes
+(forward: the library's own inference function, ``_patching.attention_with_scores``;
+forward and backward: a training block's formula), names the SDPA kernel PyTorch dispatches
+to with and without the log-size bias of ``prop_attn`` (any device), and on CUDA reports
+the peak memory and which SDPA backends accept the call.
 
     python benchmarks/score_pass.py [--device cuda] [--dtype bfloat16] [--batch 64]
 """
@@ -23,16 +25,22 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from tokenpool_ops.timm import received_attention
+from tokenpool_ops._patching import attention_with_scores, received_attention
 
 # The profiler's own log (Kineto's "gpuGetDeviceCount failed" on a CPU-only machine) would land
 # among the table: level 6 silences it. A KINETO_LOG_LEVEL of the caller's own is kept.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 
+def inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a block on a materialising device runs without autograd (no prefix token)."""
+    return attention_with_scores(q, k, v, bias, scale, 0)
+
+
 def materialised(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  bias: torch.Tensor | None, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The former path: one attention matrix for the output and the scores."""
+    """A training block's formula: one attention matrix for the output and the scores."""
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
@@ -42,7 +50,7 @@ def materialised(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
           scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The current path: SDPA for the output, the chunked pass for the scores."""
+    """SDPA for the output, the chunked pass for the scores."""
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None
                                          else bias.to(q.dtype), scale=scale)
     return out, received_attention(q, k, bias, scale)
@@ -153,7 +161,7 @@ def main() -> None:
     for backward in (False, True):
         inputs = _inputs(args, device, grad=backward)
         for bias in (False, True):
-            old = _step(materialised, inputs, bias, backward, scale)
+            old = _step(materialised if backward else inference, inputs, bias, backward, scale)
             new = _step(fused, inputs, bias, backward, scale)
             t_old, t_new = (_time(s, device, args.repeats) for s in (old, new))
             peaks = [_peak_mib(s, device) for s in (old, new)]

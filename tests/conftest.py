@@ -41,6 +41,17 @@ def checkout_first(pythonpath: str | None) -> str:
     put beside the interpreter's, as on a lent GPU machine, stay importable)."""
     return os.pathsep.join(filter(None, [str(ROOT), pythonpath]))
 
+
+def cuda_or_skip() -> Any:
+    """``torch.device("cuda")``, or the test skips with the reason the GPU check's hook
+    below turns into a failure: each GPU test has a CPU test of the same logic beside it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine: the CPU tests above prove the same logic")
+    return torch.device("cuda")
+
+
 @dataclass(frozen=True)
 class Backend:
     """One array library (and device) under test, with converters to and from NumPy."""

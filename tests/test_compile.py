@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from tokenpool_ops.backends import _torch_ops  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+from tests.conftest import cuda_or_skip  # noqa: E402
 from tokenpool_ops import backends  # noqa: E402
 from tokenpool_ops._pool import METHODS  # noqa: E402
 from tokenpool_ops.timm import patch_timm  # noqa: E402
@@ -542,9 +543,10 @@ def test_traced_cuda_route_of_pool_calls_the_merge_op(monkeypatch):
 
 @pytest.mark.parametrize("method", ["wkmedoids", "topk", "tome"])
 def test_the_cuda_attention_route_compiles_and_exports_on_the_cpu(method, monkeypatch):
-    # On CUDA a block's attention is SDPA plus the Eq. 5 score pass (received_attention),
-    # and the token count after a plan operator is a size known by its range only. The same
-    # route on the CPU (materialised attention off, the Numba plan operator on): one graph,
+    # Off MATERIALISED_DEVICES a block's attention is SDPA plus the Eq. 5 score pass
+    # (received_attention), and after a CPU plan operator the token count is a size known by
+    # its range only. That route on the CPU (materialised attention off, the Numba plan
+    # operator on): one graph,
     # the eager logits, and an exported program that gives them too.
     import tokenpool_ops.timm as tp_timm
 
@@ -566,12 +568,6 @@ def test_the_cuda_attention_route_compiles_and_exports_on_the_cpu(method, monkey
 # ---------------------------------------------------------------------------------------------
 # On a CUDA GPU (benchmarks/gpu_check.sh runs these; the tests above prove the same logic on
 # the CPU, the CUDA route forced and the kernels stood in for)
-
-
-def cuda_or_skip() -> torch.device:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU on this machine: the CPU tests above prove the same logic")
-    return torch.device("cuda")
 
 
 def _plans_expected_on_cuda() -> int:

@@ -15,6 +15,7 @@ import numpy as np  # noqa: E402
 import tokenpool_ops  # noqa: E402
 import tokenpool_ops._patching as tp_patching  # noqa: E402
 import tokenpool_ops.timm as tp_timm  # noqa: E402
+from tests.conftest import cuda_or_skip  # noqa: E402
 from tokenpool_ops._pool import METHODS  # noqa: E402
 from tokenpool_ops.nn import TokenPooling, merge, plan, pool_with_grad  # noqa: E402
 from tokenpool_ops.timm import patch_timm, unpatch_timm  # noqa: E402
@@ -467,6 +468,37 @@ def test_attention_with_scores_in_steps_equals_the_whole_matrix(
     assert empty_out.shape == (0, 9, 3, 4) and empty_scores.shape == (0, 7)
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_attention_with_scores_steps_through_the_batch_on_the_cpu_only(device: str,
+                                                                      monkeypatch) -> None:
+    """The steps are for a CPU core's cache: on another device (the meta device stands in
+    for a GPU) the whole batch is one step, whose kernels fill the device."""
+    monkeypatch.setattr(tp_patching, "ATTENTION_CHUNK", 1)  # the CPU: one image a step
+    steps: list[int] = []
+    real = tp_patching._attention_step
+    monkeypatch.setattr(tp_patching, "_attention_step",
+                        lambda q, *args: steps.append(q.shape[0]) or real(q, *args))
+    q, k, v = (torch.ones(4, 3, 9, 4, device=device) for _ in range(3))
+    out, scores = tp_patching.attention_with_scores(q, k, v, None, 0.35, 2)
+    assert out.shape == (4, 9, 3, 4) and scores.shape == (4, 7)
+    assert steps == ([1, 1, 1, 1] if device == "cpu" else [4])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_scores_are_float32_sums_of_the_probabilities(dtype) -> None:
+    # Eq. 5's sums over heads and queries in float32, then rounded once to the dtype. The
+    # float64 sums of the same half-precision probabilities round to the same values here: a
+    # float32 sum's error is far below half precision's rounding (a sum in the half dtype,
+    # or rounded between heads and queries, is not: checked by mutation).
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 40, 8, generator=gen).to(dtype) for _ in range(3))
+    _, scores = tp_patching.attention_with_scores(q, k, v, None, 0.35, 1)
+    attn = ((q * 0.35) @ k.transpose(-2, -1)).softmax(dim=-1)  # the same half rounding
+    exact = attn[..., 1:].double().sum(dim=(1, 2))
+    assert scores.dtype == dtype
+    torch.testing.assert_close(scores, exact.to(dtype), rtol=0, atol=0)
+
+
 def _assert_inference_equals_training(model: torch.nn.Module, batch: torch.Tensor,
                                       monkeypatch) -> None:
     """The scores the three pooling blocks pass to pool, and the logits, are the same
@@ -492,8 +524,9 @@ def _assert_inference_equals_training(model: torch.nn.Module, batch: torch.Tenso
 @pytest.mark.parametrize("prop_attn", [False, True])
 def test_inference_scores_equal_the_training_path(prop_attn: bool, images: torch.Tensor,
                                                   monkeypatch) -> None:
-    """Without autograd a GPU block scores by received_attention (forced here on the CPU,
-    which materialises by default); with autograd, by its attention matrix."""
+    """Without autograd a block off ``MATERIALISED_DEVICES`` scores by received_attention
+    (forced here on the CPU, which materialises by default); with autograd, by its
+    attention matrix."""
     monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
     model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval()
     patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids", prop_attn=prop_attn)
@@ -527,6 +560,28 @@ def test_inference_uses_the_score_pass_off_the_materialised_devices(
     with torch.no_grad():
         model(images)
     assert len(calls) == (0 if materialised else 3)  # the three blocks that pool
+
+
+def test_gpu_blocks_materialise_their_attention_and_equal_the_score_pass(
+        images: torch.Tensor, monkeypatch) -> None:
+    """On CUDA, without autograd, the blocks that pool materialise their attention (faster
+    there: MATERIALISED_DEVICES) and give the logits of SDPA plus the score pass. The CPU
+    tests above check both routes against the training path."""
+    device = cuda_or_skip()
+    calls: list[int] = []
+    real = tp_timm.received_attention
+    monkeypatch.setattr(tp_timm, "received_attention",
+                        lambda *args: calls.append(1) or real(*args))
+    model = timm.create_model("deit_tiny_patch16_224", pretrained=False).eval().to(device)
+    patch_timm(model, [150, 90, 40] + [40] * 9, method="wkmedoids")
+    batch = images.to(device)
+    with torch.no_grad():
+        materialised = model(batch)
+        assert calls == []
+        monkeypatch.setattr(tp_timm, "MATERIALISED_DEVICES", ())
+        score_pass = model(batch)
+    assert len(calls) == 3  # the three blocks that pool
+    torch.testing.assert_close(materialised, score_pass, rtol=1e-4, atol=1e-4)
 
 
 def test_received_attention_under_bfloat16_autocast_within_rounding() -> None:

@@ -26,6 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
 import tokenpool_ops._batching as batching  # noqa: E402
+from tests.conftest import cuda_or_skip  # noqa: E402
 from tokenpool_ops.timm import patch_timm  # noqa: E402
 
 METHODS = ["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance", "tome"]
@@ -269,12 +270,6 @@ def test_patched_forward_on_the_meta_device_copies_nothing_from_the_host(method,
 
 # ---------------------------------------------------------------------------------------------
 # On a GPU: the same promises checked by CUDA itself (benchmarks/gpu_check.sh runs these).
-
-
-def cuda_or_skip() -> torch.device:
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA GPU on this machine: the CPU tests above prove the same logic")
-    return torch.device("cuda")
 
 
 @pytest.mark.parametrize("fast_paths", [False, True], ids=["generic", "kernel"])

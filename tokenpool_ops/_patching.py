@@ -64,9 +64,16 @@ ATTENTION_CHUNK = 2**18
 
 #: Device types on which a block that needs scores materialises its attention probabilities
 #: even without autograd: there one softmax serving the output and the scores beats SDPA plus
-#: the score pass (CPU, 2 threads, B=32, H=6, N=197, float32: 21 vs 32 ms per block,
-#: ``benchmarks/score_pass.py``). GPUs take SDPA's fused kernels and the score pass.
-MATERIALISED_DEVICES = ("cpu",)
+#: the score pass, which computes the logits and their softmax a second time
+#: (``benchmarks/score_pass.py``):
+#:
+#: * CPU, 2 threads, B=32, H=6, N=197, float32: 21 vs 32 ms per block;
+#: * CUDA, an H200, B=256, H=6, N=197, bfloat16: 0.58 vs 0.78-0.81 ms forward, 0.73-0.77 vs
+#:   1.14-1.18 ms with the size bias, and less peak memory (265 vs 323 MiB): SDPA alone
+#:   took 0.11-0.29 ms, the score pass the rest (benchmarks/results/gpu_check_run{1,2}.md).
+#:
+#: Other devices, unmeasured, take SDPA's fused kernels and the score pass.
+MATERIALISED_DEVICES = ("cpu", "cuda")
 
 #: The signature of :func:`tokenpool_ops.nn.pool_with_grad`, which each front door passes to
 #: :func:`pool_patch_tokens` from its own module (so a test or benchmark can wrap one door).
@@ -189,7 +196,7 @@ def _received_by_queries(q: Tensor, k: Tensor, bias: Tensor | None, scale: float
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
-    return logits.float().softmax(dim=-1).sum(dim=(1, 2))
+    return logits.softmax(dim=-1, dtype=torch.float32).sum(dim=(1, 2))  # no float32 copy
 
 
 def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
@@ -198,15 +205,16 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     view for a batch done in one step), and the Eq. 5 scores of the keys after the
     ``num_prefix`` first, (B, N - num_prefix), from the attention probabilities.
 
-    The probabilities are materialised a few batch elements at a time (at most
+    On the CPU the probabilities are materialised a few batch elements at a time (at most
     ``ATTENTION_CHUNK`` elements per PyTorch thread), so they stay in cache; each batch
     element's products, softmax and sums are the ones the whole batch would compute. For
     inference: training materialises the whole matrix, which its backward pass keeps
     (``TokenPoolAttention``).
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or q.device.type != "cpu":
         # Traced without the operator (see one_op_applies): one step, as an unrolled loop
-        # would be graph nodes per image; the compiler plans the memory itself.
+        # would be graph nodes per image; the compiler plans the memory itself. On a GPU:
+        # one step, whose kernels fill the device (the steps are for a CPU core's cache).
         return _attention_step(q, k, v, bias, scale, num_prefix)
     batch, heads, n = q.shape[:3]
     # ATTENTION_CHUNK per thread: PyTorch splits a step's products and softmax over its
@@ -231,11 +239,13 @@ def _attention_step(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
         logits += bias if bias.dtype == logits.dtype else bias.to(logits.dtype)
     attn = logits.softmax(dim=-1)
     # significance_scores (Eq. 5) on the view, without its array-API layer and its copy:
-    # half precision summed in float32, as there. The dtype tests in Python, not no-op
-    # conversions: at batch 1 each operator call is a share of a small block's attention.
+    # half precision summed in float32, as there, converted as it is read (no float32 copy
+    # of the probabilities). The dtype tests in Python, not no-op conversions: at batch 1
+    # each operator call is a share of a small block's attention.
     keys = attn[..., num_prefix:]
     if keys.dtype in (torch.float16, torch.bfloat16):
-        return (attn @ v).transpose(1, 2), keys.float().sum(dim=(1, 2)).to(attn.dtype)
+        scores = keys.sum(dim=(1, 2), dtype=torch.float32).to(attn.dtype)
+        return (attn @ v).transpose(1, 2), scores
     return (attn @ v).transpose(1, 2), keys.sum(dim=(1, 2))
 
 

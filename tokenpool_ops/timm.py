@@ -15,10 +15,11 @@ Significance scores (Eq. 5). Blocks compute their attention output with
 'importance') and that actually reduces its tokens adds, without autograd (inference), a
 second pass, :func:`received_attention`, that sums the attention probabilities a chunk of
 queries at a time, so no (B, H, N, N) matrix exists. Under autograd, and on the devices of
-``MATERIALISED_DEVICES`` (the CPU), it materialises its attention probabilities instead: they
-serve the output, the scores (which stay differentiable: the w-methods' means depend on them)
-and the backward pass; without autograd a few images at a time, so that they stay in cache
-(``attention_with_scores`` in ``tokenpool_ops._patching``). The score of a
+``MATERIALISED_DEVICES`` (the CPU and CUDA GPUs, where it is faster), it materialises its
+attention probabilities instead: they serve the output, the scores (which stay
+differentiable: the w-methods' means depend on them) and the backward pass; without autograd
+on the CPU a few images at a time, so that they stay in cache (``attention_with_scores`` in
+``tokenpool_ops._patching``). The score of a
 patch token is the attention it receives from *every* query, the class and distillation
 queries included (Eq. 5 sums over all queries), restricted to patch-token keys.
 

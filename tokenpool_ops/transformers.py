@@ -21,12 +21,13 @@ What differs is how a layer gets its guide:
 
 * Eq. 5 scores. A layer that reduces its tokens with a method that needs scores takes them
   from its attention probabilities: those the eager implementation returns; under SDPA, with
-  autograd or on the devices of ``MATERIALISED_DEVICES`` (the CPU), those of the model's own
-  eager attention function (so eager and SDPA compute the same); otherwise (SDPA on a GPU,
-  inference) SDPA's output plus :func:`~tokenpool_ops._patching.received_attention`, so no
-  (B, H, N, N) matrix exists. In training with attention dropout, eager's probabilities are
-  the dropped-out ones the model used. Traced (``torch.compile``, ``torch.export``) in
-  inference under SDPA on the CPU, the attention and its scores are one custom operator,
+  autograd or on the devices of ``MATERIALISED_DEVICES`` (the CPU and CUDA GPUs), those of
+  the model's own eager attention function (so eager and SDPA compute the same); otherwise
+  (SDPA on another device, inference) SDPA's output plus
+  :func:`~tokenpool_ops._patching.received_attention`, so no (B, H, N, N) matrix exists. In
+  training with attention dropout, eager's probabilities are the dropped-out ones the model
+  used. Traced (``torch.compile``, ``torch.export``) in inference under SDPA where the fused
+  kernels serve the device, the attention and its scores are one custom operator,
   ``tokenpool_ops::attention_with_scores``, as in the timm patch.
 * ``prop_attn``: log(size) reaches the attention logits as the additive attention mask of
   the model's own attention function (eager or SDPA alike).
