@@ -9,8 +9,10 @@
 #   3. the timings: pool at B=256, N=197, M=384, K=98, float32 (generic, CuPy kernel, torch
 #      kernel: benchmarks/benchmarks/bench_cuda.py, which first prints the instantiation the
 #      kernel runs, and so its fill's tile shape: 8 x 4 pairs on sm_90, 4 x 4 before), the
-#      whole DeiT-S at batch 256, plain against level-4 wkmedoids, topk and ToMe (tome), in
-#      bf16 then fp32 (timm_speedup.py), the Eq. 5 score pass (benchmarks/score_pass.py),
+#      whole DeiT-S at batch 256, plain and its free-pooling slice against level-4
+#      wkmedoids, topk and ToMe (tome), in bf16 (with each model's busiest kernels and its
+#      kernel count: where the pooled models' time goes) then fp32 (timm_speedup.py --slice
+#      --profile), the Eq. 5 score pass (benchmarks/score_pass.py),
 #      the Hugging Face ViT (hf_speedup.py), then plain against level-4 wkmedoids at batch
 #      256 in bf16 under torch.compile with CUDA graphs (mode reduce-overhead:
 #      timm_speedup.py --compile), eager and compiled;
@@ -19,7 +21,7 @@
 #
 # Under 9 minutes, to fit one 10-minute call of a lent GPU machine: each step runs under
 # `timeout` with its own limit (probe 20 s, memcheck 60 s: the kernels compile under it,
-# racecheck 50 s, tests 150 s, pool 30 s, whole model 40 + 30 s, scores 20 s, Hugging Face
+# racecheck 50 s, tests 150 s, pool 30 s, whole model 50 + 30 s, scores 20 s, Hugging Face
 # model 30 s, compiled model 150 s), capped by what is left of a 480 s budget counted from
 # the start ($GPU_CHECK_BUDGET sets another), and is killed 3 s after an ignored TERM: the
 # whole check ends within 480 + 10 x 3 = 510 s, whatever the start-up took. The compiled
@@ -98,11 +100,11 @@ step pool 30 "$python" benchmarks/benchmarks/bench_cuda.py --cases 256x197/98
 pool_status=$?
 
 echo "== timing: whole DeiT-S, batch 256, plain vs level-4 wkmedoids, topk and tome, bf16 then fp32"
-step model_bf16 40 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
-  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync
+step model_bf16 50 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
+  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync --slice --profile 15
 bf16_status=$?
 step model_fp32 30 "$python" benchmarks/timm_speedup.py --device cuda --dtype fp32 \
-  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync
+  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync --slice
 fp32_status=$?
 
 echo "== timing: Eq. 5 scores, materialised vs SDPA + score pass, SDPA backends with the bias"

@@ -11,7 +11,7 @@ time on a GPU, CPU time on the CPU).
 
     python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
         [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
-        [--slice] [--cpu-time]
+        [--slice] [--cpu-time] [--profile ROWS]
 
 ``--cpu-time`` times each pass by the process's CPU time (all its threads) instead of the
 wall clock: on a machine shared with other jobs, with one thread (``OMP_NUM_THREADS=1
@@ -22,6 +22,11 @@ where patch_timm pools (after attention), a view that costs nothing: no scores, 
 clustering, no merge. Its speed-up is the most any pooling method can reach on this
 schedule and machine; the distance from it to a method's is what that method's pooling
 costs.
+
+``--profile ROWS`` prints, after the table, each model's busiest ``ROWS`` operators and
+kernels in one profiled forward pass (self time on the device on a GPU, on the CPU
+otherwise), with the pass's wall time and, on a GPU, its kernel count: kernel time far below
+the wall time means the GPU waits for the host's launches.
 
 The patched models run as patch_timm sets them up by default (values unchecked); on a GPU
 ``--no-sync`` adds ``stop_early=False`` so that a forward pass reads nothing on the host.
@@ -196,6 +201,34 @@ def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
     return spent(POOL_SCOPE) / spent("forward")
 
 
+def print_profile(name: str, model: torch.nn.Module, x: torch.Tensor, dtype: str,
+                  rows: int) -> None:
+    """``model``'s busiest ``rows`` operators and kernels in one forward pass, by self time
+    on its device (PyTorch's profiler table, whose footer totals the CPU and device time),
+    after the pass's wall time (profiled) and its kernel count on a GPU."""
+    cuda = x.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.no_grad(), precision(dtype, x.device):
+        model(x)
+        synchronise(x.device)
+        with warnings.catch_warnings():  # as in pooling_share
+            warnings.filterwarnings("ignore", message=".*Profiler clears events")
+            with torch.profiler.profile(activities=activities) as profile:
+                start = time.perf_counter()
+                model(x)
+                synchronise(x.device)
+                wall = time.perf_counter() - start
+    kernels = sum(1 for event in profile.events()
+                  if cuda and event.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"\nprofile of {name}: wall {wall * 1e3:.1f} ms (profiled)"
+          + (f", {kernels} kernels" if cuda else ""))
+    print(profile.key_averages().table(
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows,
+        max_name_column_width=48))
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -214,6 +247,8 @@ def parse_args() -> argparse.Namespace:
                         help="time by the process's CPU time instead of the wall clock (on "
                              "a shared machine, with one thread: OMP_NUM_THREADS=1 "
                              "NUMBA_NUM_THREADS=1)")
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="print each model's busiest ROWS operators and kernels")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
     parser.add_argument("--compile", action="store_true",
@@ -281,6 +316,9 @@ def main() -> None:
               f"{share:>13.1%}")
     if args.compile:
         print_compiled(list(models), seconds, first_calls, args.compile_mode)
+    if args.profile > 0:
+        for name, model in models.items():
+            print_profile(name, model, x, args.dtype, args.profile)
 
 
 COMPILED = " compiled"

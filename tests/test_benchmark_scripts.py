@@ -35,7 +35,7 @@ def _run(script: str, *args: str, returncode: int = 0) -> str:
 
 def test_timm_speedup_prints_a_row_per_method() -> None:
     out = _run("timm_speedup.py", "--batch", "1", "--repeats", "1", "--schedule", "level4",
-               "--methods", "wkmedoids,topk,tome")
+               "--methods", "wkmedoids,topk,tome", "--profile", "3")
     number = r"\s+([0-9.]+)"
     for method in ("plain", "wkmedoids", "topk", "tome"):
         row = re.search(rf"^{method}{number}{number}{number}", out, re.MULTILINE)
@@ -45,6 +45,12 @@ def test_timm_speedup_prints_a_row_per_method() -> None:
         # Level 4 keeps under half the block FLOPs; the plain model is the unit.
         assert flop_ratio == 1.0 if method == "plain" else 0.3 < flop_ratio < 0.6
     assert re.search(r"^wkmedoids.*\s([0-9.]+)%$", out, re.MULTILINE), out  # pooling share
+    # --profile: after the table, each model's profile, its three busiest operators (the
+    # matrix products lead on the CPU), and the profiler's total.
+    profiles = out.split("\nprofile of ")[1:]
+    assert [p.split(":")[0] for p in profiles] == ["plain", "wkmedoids", "topk", "tome"], out
+    for profile in profiles:
+        assert "aten::addmm" in profile and "Self CPU time total" in profile, profile
 
 
 def test_hf_speedup_prints_a_row_per_model() -> None:
