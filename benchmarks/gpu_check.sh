@@ -13,18 +13,20 @@
 #      wkmedoids, topk and ToMe (tome), in bf16 (with each model's busiest kernels and its
 #      kernel count: where the pooled models' time goes) then fp32 (timm_speedup.py --slice
 #      --profile), the Eq. 5 score pass (benchmarks/score_pass.py),
-#      the Hugging Face ViT (hf_speedup.py), then plain against level-4 wkmedoids at batch
-#      256 in bf16 under torch.compile with CUDA graphs (mode reduce-overhead:
-#      timm_speedup.py --compile), eager and compiled;
+#      the Hugging Face ViT (hf_speedup.py), the bf16 models captured once as CUDA graphs
+#      and replayed (timm_speedup.py --cuda-graphs: the same kernels without the host's
+#      launches), then plain against level-4 wkmedoids at batch 256 in bf16 under
+#      torch.compile with CUDA graphs (mode reduce-overhead: timm_speedup.py --compile),
+#      eager and compiled;
 # and writes the same to benchmarks/results/gpu_check.md (or $GPU_CHECK_RESULTS), to be
 # committed.
 #
 # Under 9 minutes, to fit one 10-minute call of a lent GPU machine: each step runs under
 # `timeout` with its own limit (probe 20 s, memcheck 60 s: the kernels compile under it,
 # racecheck 50 s, tests 150 s, pool 30 s, whole model 50 + 30 s, scores 20 s, Hugging Face
-# model 30 s, compiled model 150 s), capped by what is left of a 480 s budget counted from
+# model 30 s, replayed graphs 40 s, compiled model 150 s), capped by what is left of a 480 s budget counted from
 # the start ($GPU_CHECK_BUDGET sets another), and is killed 3 s after an ignored TERM: the
-# whole check ends within 480 + 10 x 3 = 510 s, whatever the start-up took. The compiled
+# whole check ends within 480 + 11 x 3 = 513 s, whatever the start-up took. The compiled
 # model comes last: it gets what the others left of the budget. The first launch of each
 # kernel compiles it (NVRTC) into the user cache (tokenpool_ops/cuda under $XDG_CACHE_HOME
 # or ~/.cache, or $TOKENPOOL_OPS_CACHE_DIR); every later process reads it.
@@ -114,6 +116,11 @@ score_status=$?
 echo "== timing: Hugging Face ViT (DeiT-S), batch 256, plain vs level-4 wkmedoids, bf16"
 step hf_model 30 "$python" benchmarks/hf_speedup.py --device cuda --dtype bf16 --batch 256 --no-sync
 
+echo "== timing: DeiT-S captured as CUDA graphs and replayed (no compiler), bf16: the host's launches gone"
+step model_graphs 40 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
+  --batch 256 --schedule level4 --methods wkmedoids,topk,tome --no-sync --slice --cuda-graphs
+graphs_status=$?
+
 echo "== timing: DeiT-S compiled with CUDA graphs (reduce-overhead), plain vs level-4 wkmedoids, bf16"
 step model_compiled 150 "$python" benchmarks/timm_speedup.py --device cuda --dtype bf16 \
   --batch 256 --schedule level4 --methods wkmedoids --no-sync --compile \
@@ -122,8 +129,8 @@ compiled_status=$?
 
 summary="memcheck exit ${memcheck_status}, racecheck exit ${racecheck_status}, tests exit \
 ${tests_status}, pool exit ${pool_status}, whole model exit ${bf16_status} (bf16) and \
-${fp32_status} (fp32), scores exit ${score_status}, compiled model exit ${compiled_status} \
-(124: a step hit its time limit)"
+${fp32_status} (fp32), scores exit ${score_status}, replayed graphs exit ${graphs_status}, \
+compiled model exit ${compiled_status} (124: a step hit its time limit)"
 {
   echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null)"
   echo
@@ -133,7 +140,8 @@ ${fp32_status} (fp32), scores exit ${score_status}, compiled model exit ${compil
   echo "$device"
   cat "$logs/probe"
   echo '```'
-  for name in memcheck racecheck tests pool model_bf16 model_fp32 scores hf_model model_compiled; do
+  for name in memcheck racecheck tests pool model_bf16 model_fp32 scores hf_model model_graphs \
+      model_compiled; do
     echo
     echo "## $name"
     echo

@@ -11,7 +11,8 @@ time on a GPU, CPU time on the CPU).
 
     python benchmarks/timm_speedup.py [--device cpu|cuda] [--dtype fp32|bf16] [--batch 32]
         [--schedule level1|level2|level3|level4] [--methods wkmedoids,topk] [--repeats 3]
-        [--slice] [--cpu-time] [--profile ROWS]
+        [--slice] [--cpu-time] [--profile ROWS] [--no-sync] [--cuda-graphs]
+        [--compile] [--compile-mode MODE]
 
 ``--cpu-time`` times each pass by the process's CPU time (all its threads) instead of the
 wall clock: on a machine shared with other jobs, with one thread (``OMP_NUM_THREADS=1
@@ -37,6 +38,11 @@ prints a second table: the first call of each compiled model (compilation plus o
 with inductor's caches off, as a first compile anywhere), its best time, its speed-up over
 the compiled plain model, and compiled against eager. The eager and compiled models take
 turns in the same rounds, so the ratios come from one run.
+
+``--cuda-graphs`` (a GPU, with ``--no-sync``) adds every model captured once as a CUDA graph
+and replayed (no compiler: the same kernels without the host's launches) and prints a third
+table: its best time, its speed-up over the replayed plain model, eager against replayed,
+and the largest difference of its logits from the eager model's.
 """
 
 from __future__ import annotations
@@ -114,9 +120,13 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def precision(dtype: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+def precision(dtype: str, device: torch.device,
+              cache: bool = True) -> contextlib.AbstractContextManager[Any]:
+    """bfloat16 autocast for "bf16"; ``cache=False`` for a CUDA-graph capture, which must not
+    read weights cast before it (autocast frees its cache on exit; the graph would keep
+    reading that memory)."""
     if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -127,7 +137,7 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
+def best_times(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, repeats: int,
                dtype: str, first_calls: dict[str, tuple[float, float]] | None = None,
                clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
     """Best seconds of one forward pass per model, by ``clock``. The models take turns, one
@@ -150,6 +160,34 @@ def best_times(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int
                 synchronise(x.device)
                 times[name].append(clock() - start)
     return {name: min(seconds) for name, seconds in times.items()}
+
+
+def graphed(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, dtype: str,
+            cuda: Any = torch.cuda) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model``'s forward pass on inputs shaped like ``x``, captured once as a CUDA graph
+    and replayed: each call copies its images into the captured input, replays, and returns
+    the captured output (overwritten by the next call). What it removes is the host's work,
+    every launch included, which bounds a model of many small kernels. The patched models
+    must read nothing on the host (``--no-sync``: stop_early=False; their values are
+    unchecked by default). ``cuda`` is ``torch.cuda`` (the tests pass a stand-in)."""
+    static = x.clone()
+    side = cuda.Stream()
+    side.wait_stream(cuda.current_stream())
+    graph = cuda.CUDAGraph()
+    with torch.no_grad(), precision(dtype, x.device, cache=False):
+        with cuda.stream(side):  # warm-up off the capturing stream, as capture requires
+            for _ in range(2):
+                model(static)
+        cuda.current_stream().wait_stream(side)
+        with cuda.graph(graph):
+            output = model(static)
+
+    def replay(images: torch.Tensor) -> torch.Tensor:
+        static.copy_(images)
+        graph.replay()
+        return output
+
+    return replay
 
 
 def flops(model: torch.nn.Module, x: torch.Tensor) -> int:
@@ -251,6 +289,8 @@ def parse_args() -> argparse.Namespace:
                         help="print each model's busiest ROWS operators and kernels")
     parser.add_argument("--no-sync", action="store_true",
                         help="stop_early=False: no host read in a forward pass")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="also time every model replayed as one captured CUDA graph")
     parser.add_argument("--compile", action="store_true",
                         help="also time every model under torch.compile(fullgraph=True)")
     parser.add_argument("--compile-mode", default="default",
@@ -259,6 +299,9 @@ def parse_args() -> argparse.Namespace:
                         help="torch.compile's mode (reduce-overhead: CUDA graphs on a GPU)")
     args = parser.parse_args()
     args.methods = parse_methods(parser, args.methods, METHODS)
+    if args.cuda_graphs and not (args.device.startswith("cuda") and args.no_sync):
+        parser.error("--cuda-graphs needs --device cuda and --no-sync (a capture allows no "
+                     "host read)")
     return args
 
 
@@ -288,12 +331,13 @@ def main() -> None:
                                     keep, method=method, **options)
     first_calls: dict[str, tuple[float, float]] = {}
     clock = time.process_time if args.cpu_time else time.perf_counter
+    extra: dict[str, Callable[[torch.Tensor], Any]] = {}
     if args.compile:
-        compiled = compile_models(models, x, args.compile_mode, args.dtype)
-        seconds = best_times({**models, **compiled}, x, args.repeats, args.dtype, first_calls,
-                             clock)
-    else:
-        seconds = best_times(models, x, args.repeats, args.dtype, clock=clock)
+        extra.update(compile_models(models, x, args.compile_mode, args.dtype))
+    if args.cuda_graphs:
+        extra.update({name + GRAPHED: graphed(model, x, args.dtype)
+                      for name, model in models.items()})
+    seconds = best_times({**models, **extra}, x, args.repeats, args.dtype, first_calls, clock)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
@@ -316,16 +360,38 @@ def main() -> None:
               f"{share:>13.1%}")
     if args.compile:
         print_compiled(list(models), seconds, first_calls, args.compile_mode)
+    if args.cuda_graphs:
+        print_graphed(models, extra, x, args.dtype, seconds)
     if args.profile > 0:
         for name, model in models.items():
             print_profile(name, model, x, args.dtype, args.profile)
 
 
 COMPILED = " compiled"
+GRAPHED = " graphed"
+
+
+def print_graphed(models: dict[str, torch.nn.Module],
+                  replays: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor,
+                  dtype: str, seconds: dict[str, float]) -> None:
+    """The CUDA-graph table: best time of a replay, speed-up over the plain model's replay,
+    eager time over replay time, and the largest difference of a replay's logits from the
+    eager model's on the same images (the same kernels: zero or rounding)."""
+    print("each model captured as one CUDA graph (torch.cuda.graph) and replayed; eager and "
+          "replayed models in turn")
+    print(f"{'graphed':<12} {'ms':>9} {'speed-up':>9} {'eager/graphed':>14} "
+          f"{'max |diff|':>11}")
+    plain = seconds["plain" + GRAPHED]
+    with torch.no_grad(), precision(dtype, x.device):
+        for name, model in models.items():
+            key = name + GRAPHED
+            diff = (replays[key](x).float() - model(x).float()).abs().max().item()
+            print(f"{name:<12} {seconds[key] * 1e3:>9.1f} {plain / seconds[key]:>9.2f} "
+                  f"{seconds[name] / seconds[key]:>14.2f} {diff:>11.2e}")
 
 
 def compile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, mode: str,
-                   dtype: str) -> dict[str, torch.nn.Module]:
+                   dtype: str) -> dict[str, Callable[[torch.Tensor], Any]]:
     """Each model compiled as one graph (``fullgraph=True``: a graph break is an error),
     keyed ``name + COMPILED``. Inductor's caches are switched off, so each first call
     compiles as it would the first time anywhere, and one tiny model is compiled first, so

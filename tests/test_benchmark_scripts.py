@@ -122,7 +122,7 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
     steps = [line.split(" --")[0] if line.startswith("compute-sanitizer") else line
              for line in lines]
     assert [step.split()[0] for step in steps] == ["python"] + ["compute-sanitizer"] * 2 + [
-        "python"] * 7
+        "python"] * 8
     assert "benchmarks/gpu_kernels.py probe" in lines[0]
     for line, tool in zip(lines[1:3], ("memcheck", "racecheck"), strict=True):
         assert f"--tool {tool} --error-exitcode 1 " in line
@@ -135,7 +135,9 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
     assert "score_pass.py" in lines[7]
     assert "hf_speedup.py --device cuda --dtype bf16 --batch 256" in lines[8]
     assert "timm_speedup.py --device cuda --dtype bf16 --batch 256" in lines[9]
-    assert "--compile --compile-mode reduce-overhead" in lines[9]
+    assert "--no-sync --slice --cuda-graphs" in lines[9]
+    assert "timm_speedup.py --device cuda --dtype bf16 --batch 256" in lines[10]
+    assert "--compile --compile-mode reduce-overhead" in lines[10]
     usages: dict[str, str] = {}
     for line in lines:  # the scripts exist and accept these options
         words = shlex.split(line)
@@ -151,6 +153,6 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
             assert option in usages[scripts[0]], (scripts[0], option)
     record = results.read_text()
     for section in ("memcheck", "racecheck", "tests", "pool", "model_bf16", "model_fp32",
-                    "scores", "hf_model", "model_compiled"):
+                    "scores", "hf_model", "model_graphs", "model_compiled"):
         assert f"## {section}" in record
     assert "output of benchmarks/benchmarks/bench_cuda.py --cases 256x197/98" in record
