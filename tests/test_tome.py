@@ -132,16 +132,16 @@ def test_tokens_are_the_size_weighted_means_of_their_members(rng):
 
 
 @pytest.mark.parametrize("k", [9, 8, 1])
-def test_odd_token_counts_and_the_half_cap(k):
+def test_odd_token_counts_and_the_half_cap(backend, k):
     """17 tokens: 9 A and 8 B. To 9 is one round of 8 merges (floor(17 / 2)); to 8 it is
     two rounds (17 -> 9 -> 8), not one that merges all 9 A tokens; to 1, five rounds."""
     x = np.random.default_rng(3).normal(size=(2, 17, 4))
     tokens, sizes, assignment, gap = reference_tome(x, k)
     assert gap > 1e-6
-    info = tokenpool_ops.pool(x, k, "tome", return_info=True)
-    np.testing.assert_array_equal(info.assignment, assignment)
-    np.testing.assert_array_equal(info.sizes, sizes)
-    np.testing.assert_allclose(info.tokens, tokens, rtol=1e-12, atol=1e-12)
+    info = tokenpool_ops.pool(backend.asarray(x), k, "tome", return_info=True)
+    np.testing.assert_array_equal(backend.to_numpy(info.assignment), assignment)
+    np.testing.assert_array_equal(backend.to_numpy(info.sizes), sizes)
+    np.testing.assert_allclose(backend.to_numpy(info.tokens), tokens, rtol=1e-12, atol=1e-12)
 
 
 def test_ties_go_to_the_lower_index(backend):

@@ -61,7 +61,7 @@ class Batch:
         """Other tokens (..., K, M) of the same batch as (B, K, M), in the compute dtype."""
         xp = self.xp
         flat = xp.reshape(tokens, (self.x.shape[0], tokens.shape[-2], tokens.shape[-1]))
-        return xp.astype(flat, self.x.dtype)
+        return flat if flat.dtype == self.x.dtype else xp.astype(flat, self.x.dtype)
 
     def unflat(self, values: Array) -> Array:
         """Back from (B, ...) to the caller's batch shape."""

@@ -206,8 +206,13 @@ def index_dtype(xp: Namespace, like: Array) -> Any:
 
 
 def take_along_axis(xp: Namespace, x: Array, indices: Array, axis: int) -> Array:
-    """``take_along_axis`` (array API 2024.12) with the index broadcast to ``x`` first."""
+    """``take_along_axis`` (array API 2024.12) with the index broadcast to ``x`` first. The
+    indices are non-negative (every caller's are): PyTorch's tensors take ``Tensor.gather``
+    directly, as array-api-compat's version first maps negative indices (three operations
+    more a call: kernels on a GPU)."""
     shape = list(x.shape)
     shape[axis] = indices.shape[axis]
+    if _is_tensor(x):
+        return x.gather(axis, indices.expand(shape))
     indices = xp.broadcast_to(indices, tuple(shape))
     return xp.take_along_axis(x, indices, axis=axis)

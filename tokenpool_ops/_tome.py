@@ -56,22 +56,26 @@ def bipartite_round(xp: Namespace, metric: Array, r: int, index_dtype: object) -
     n = metric.shape[1]
     unit = unit_rows(xp, metric)
     a, b = unit[:, 0::2, :], unit[:, 1::2, :]
-    n_a, n_b = a.shape[1], b.shape[1]
-    similarity = xp.matmul(a, xp.matrix_transpose(b))  # (B, n_a, n_b): the round's cost
-    match = xp.astype(xp.argmax(similarity, axis=-1), index_dtype)  # first maximum: lower B
+    n_a = a.shape[1]
+    similarity = xp.matmul(a, xp.matrix_transpose(b))  # (B, n_a, n - n_a): the round's cost
+    # copy=False: no copy where argmax and argsort give the index dtype already.
+    match = xp.astype(xp.argmax(similarity, axis=-1), index_dtype,  # first maximum: lower B
+                      copy=False)
     ranking = xp.argsort(-xp.max(similarity, axis=-1), axis=-1, stable=True)  # lower A first
     kept = xp.sort(ranking[:, r:], axis=-1)
     # Where each A token stands in [kept (ascending), merged]: its output index if kept.
     position = xp.astype(xp.argsort(xp.concat([kept, ranking[:, :r]], axis=-1), axis=-1),
-                         index_dtype)
+                         index_dtype, copy=False)
     n_kept = n_a - r
     to_a = xp.where(position < n_kept, position, n_kept + match)
-    to_b = n_kept + xp.arange(n_b, dtype=index_dtype, device=device(metric))
-    to_b = xp.broadcast_to(to_b[None, :], (metric.shape[0], n_b))
-    # Token i is A token i // 2 when i is even, B token i // 2 when it is odd.
-    token = xp.arange(n, dtype=index_dtype, device=device(metric))
-    slot = xp.where(token % 2 == 0, token // 2, n_a + token // 2)
-    return take_along_axis(xp, xp.concat([to_a, to_b], axis=-1), slot[None, :], axis=-1)
+    # B token j's output index is n_kept + j; with n odd, one column more (cut below) gives
+    # B as many columns as A.
+    to_b = n_kept + xp.arange(n_a, dtype=index_dtype, device=device(metric))
+    to_b = xp.broadcast_to(to_b[None, :], (metric.shape[0], n_a))
+    # Token i is A token i // 2 when i is even, B token i // 2 when it is odd: the two
+    # interleaved.
+    pairs = xp.stack([to_a, to_b], axis=-1)  # (B, n_a, 2)
+    return xp.reshape(pairs, (metric.shape[0], 2 * n_a))[:, :n]
 
 
 def match_tokens(prims: Primitives, metric: Array, sizes: Array, sizes_may_be_zero: bool,
