@@ -12,12 +12,14 @@ import pytest
 pytest.importorskip("torch", reason="timm_speedup.py needs PyTorch")
 pytest.importorskip("timm", reason="timm_speedup.py needs timm")
 
+from tests.conftest import checkout_first
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_timm_speedup_prints_no_profiler_log() -> None:
     env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = checkout_first(os.environ.get("PYTHONPATH"))
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "timm_speedup.py"), "--batch", "1",
          "--repeats", "1", "--schedule", "level4", "--methods", "topk"],

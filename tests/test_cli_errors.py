@@ -27,6 +27,8 @@ torch = pytest.importorskip("torch", reason="the entry points need PyTorch")
 pytest.importorskip("timm", reason="the entry points need timm")
 pytest.importorskip("torchvision", reason="the trainer needs torchvision")
 
+from tests.conftest import checkout_first  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository, not installed
     sys.path.insert(0, str(ROOT))
@@ -228,7 +230,8 @@ def test_bad_flag_on_the_command_line(entry: str, argv: list[str], flag: str, ex
                                       tmp_path: Path) -> None:
     _make_case_folder(tmp_path)
     before = _snapshot(tmp_path)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=checkout_first(os.environ.get("PYTHONPATH")),
+               OMP_NUM_THREADS="1")
     start = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", f"reference_models.{entry}", *argv],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -29,12 +29,14 @@ if str(ROOT) not in sys.path:  # reference_models/ is a folder of the repository
     sys.path.insert(0, str(ROOT))
 
 from reference_models import reproduce  # noqa: E402
+from tests.conftest import checkout_first  # noqa: E402
 
 
 def _reproduce(out: Path) -> subprocess.CompletedProcess[str]:
     # No timeout: the smoke run ends by itself (few epochs and images), and any limit could be
     # too short on a loaded machine (with ToMe added it took 9 minutes under a load of 100+).
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=checkout_first(os.environ.get("PYTHONPATH")),
+               OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "reference_models.reproduce", "--smoke",
                            "--jobs", "2", "--output", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
