@@ -53,11 +53,14 @@ fi
 logs=$(mktemp -d)
 trap 'rm -rf "$logs"' EXIT
 step() {  # name, limit, command...: runs it under its limit; shows its output, keeps stdout
-  local name=$1 seconds
+  local name=$1 seconds status start=$SECONDS
   seconds=$(limit "$2")
   shift 2
   timeout -k 3 "$seconds" "$@" | tee "$logs/$name"
-  return "${PIPESTATUS[0]}"
+  status=${PIPESTATUS[0]}
+  # How long each step took, for the next run's limits.
+  echo "$name: exit $status after $((SECONDS - start)) s (limit $seconds s)" >>"$logs/steps"
+  return "$status"
 }
 passed() { [ "$1" = 0 ] || [ "$1" = skipped ]; }
 
@@ -140,19 +143,25 @@ compiled model exit ${compiled_status} (124: a step hit its time limit)"
   echo "$device"
   cat "$logs/probe"
   echo '```'
+  echo
+  echo "## step times"
+  echo
+  echo '```'
+  cat "$logs/steps"
+  echo '```'
   for name in memcheck racecheck tests pool model_bf16 model_fp32 scores hf_model model_graphs \
       model_compiled; do
     echo
     echo "## $name"
     echo
     echo '```'
-    tail -n 40 "$logs/$name" 2>/dev/null
+    tail -n 150 "$logs/$name" 2>/dev/null  # the bf16 step's profiles included
     echo '```'
   done
 } >"$results"
 echo
 echo "== summary: $summary; written to $results"
 for status in "$memcheck_status" "$racecheck_status" "$tests_status" "$pool_status" \
-    "$bf16_status" "$fp32_status" "$score_status" "$compiled_status"; do
+    "$bf16_status" "$fp32_status" "$score_status" "$graphs_status" "$compiled_status"; do
   passed "$status" || exit 1
 done

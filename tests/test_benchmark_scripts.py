@@ -155,4 +155,7 @@ def test_gpu_check_runs_each_step_in_order_and_records_them(tmp_path: Path) -> N
     for section in ("memcheck", "racecheck", "tests", "pool", "model_bf16", "model_fp32",
                     "scores", "hf_model", "model_graphs", "model_compiled"):
         assert f"## {section}" in record
+        if section not in ("memcheck", "racecheck"):  # each step's time and exit status
+            assert re.search(rf"^{section}: exit 0 after \d+ s \(limit \d+ s\)$", record,
+                             re.MULTILINE), section
     assert "output of benchmarks/benchmarks/bench_cuda.py --cases 256x197/98" in record
