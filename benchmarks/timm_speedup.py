@@ -213,13 +213,14 @@ def pooling_scoped() -> Iterator[None]:
         tp_timm.pool_with_grad = original
 
 
-def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
-    """Fraction of one forward pass's time spent inside pooling, from the profiler."""
-    cuda = x.device.type == "cuda"
+def profiled_pass(model: Callable[[torch.Tensor], Any], x: torch.Tensor,
+                  dtype: str) -> tuple[Any, float]:
+    """One forward pass under the profiler (the CPU's activity, and CUDA's on a GPU) inside
+    the scope "forward", after a warm-up pass: the profile and the pass's wall seconds."""
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if cuda:
+    if x.device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with pooling_scoped(), torch.no_grad(), precision(dtype, x.device):
+    with torch.no_grad(), precision(dtype, x.device):
         model(x)
         synchronise(x.device)
         # torch < 2.14 warns that a profile keeps one cycle's events (the one it needs):
@@ -227,10 +228,20 @@ def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*Profiler clears events")
             with torch.profiler.profile(activities=activities) as profile:
+                start = time.perf_counter()
                 with torch.profiler.record_function("forward"):
                     model(x)
                 synchronise(x.device)
+                wall = time.perf_counter() - start
+    return profile, wall
+
+
+def pooling_share(model: torch.nn.Module, x: torch.Tensor, dtype: str) -> float:
+    """Fraction of one forward pass's time spent inside pooling, from the profiler."""
+    with pooling_scoped():
+        profile, _ = profiled_pass(model, x, dtype)
     totals = {event.key: event for event in profile.key_averages()}
+    cuda = x.device.type == "cuda"
 
     def spent(key: str) -> float:  # kernels launched inside the scope on a GPU
         event = totals[key]
@@ -243,21 +254,10 @@ def print_profile(name: str, model: torch.nn.Module, x: torch.Tensor, dtype: str
                   rows: int) -> None:
     """``model``'s busiest ``rows`` operators and kernels in one forward pass, by self time
     on its device (PyTorch's profiler table, whose footer totals the CPU and device time),
-    after the pass's wall time (profiled) and its kernel count on a GPU."""
+    after the pass's wall time (profiled) and its kernel count on a GPU. On the CPU the row
+    "forward" (the pass's scope) shows as self time the host's work outside operators."""
     cuda = x.device.type == "cuda"
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    if cuda:
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.no_grad(), precision(dtype, x.device):
-        model(x)
-        synchronise(x.device)
-        with warnings.catch_warnings():  # as in pooling_share
-            warnings.filterwarnings("ignore", message=".*Profiler clears events")
-            with torch.profiler.profile(activities=activities) as profile:
-                start = time.perf_counter()
-                model(x)
-                synchronise(x.device)
-                wall = time.perf_counter() - start
+    profile, wall = profiled_pass(model, x, dtype)
     kernels = sum(1 for event in profile.events()
                   if cuda and event.device_type == torch.autograd.DeviceType.CUDA)
     print(f"\nprofile of {name}: wall {wall * 1e3:.1f} ms (profiled)"

@@ -31,7 +31,6 @@ settings.register_profile("explore", deadline=None, max_examples=250, print_blob
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-
 #: The checkout's root, which subprocesses of the tests import tokenpool_ops from.
 ROOT = Path(__file__).resolve().parents[1]
 
