@@ -2,12 +2,13 @@
 
 One launch runs the whole (weighted) K-Medoids loop of Eq. 16-17, one thread block per
 problem, with the tie rules of the generic code (see the kernel source). It serves CuPy
-arrays (``FAST_PATHS``) and PyTorch CUDA tensors (through DLPack, zero-copy, on PyTorch's
-current stream; see ``backends._torch``). Shapes the kernel does not cover return None, and
-the generic code runs: see :func:`kmedoids_plan`. A second kernel merges the clusters
-(Algorithm 1, line 6); CuPy arrays and PyTorch CUDA tensors that need no gradient use its
-weighted means (:func:`means_by_merge`, :func:`torch_weighted_means`). For PyTorch, every
-buffer a launch touches comes from PyTorch's allocator (:func:`torch_allocator`).
+arrays (``FAST_PATHS``) and PyTorch CUDA tensors (zero-copy views, :class:`TorchArrays`,
+on PyTorch's current stream; see ``backends._torch``). Shapes the kernel does not cover
+return None, and the generic code runs: see :func:`kmedoids_plan`. A second kernel merges
+the clusters (Algorithm 1, line 6); CuPy arrays and PyTorch CUDA tensors that need no
+gradient use its weighted means (:func:`means_by_merge`, :func:`torch_weighted_means`). For
+PyTorch, every buffer a launch touches comes from PyTorch's allocator
+(:func:`torch_allocator`).
 
 Each instantiation a call needs is compiled on its first launch (NVRTC, with the
 floating-point model of :data:`FLOAT_MODEL`) and cached on disk across processes
@@ -717,9 +718,9 @@ FAST_PATHS: dict[str, Callable[..., Any]] = {"kmedoids": kmedoids,
 
 
 # ---------------------------------------------------------------------------------------------
-# PyTorch CUDA tensors: zero-copy through DLPack, on PyTorch's current stream.
+# PyTorch CUDA tensors: zero-copy views (TorchArrays), on PyTorch's current stream.
 
-#: PyTorch dtypes the kernel takes through DLPack (CuPy has no bfloat16; the core computes
+#: PyTorch dtypes the kernel takes (CuPy has no bfloat16; the core computes
 #: half precision in float32 anyway, see _compat.compute_dtype).
 TORCH_DTYPES = ("float16", "float32", "float64")
 
@@ -751,9 +752,66 @@ def _on_torch_stream(cupy: Any, device: Any) -> Iterator[None]:
         yield
 
 
+class TorchArrays:
+    """Zero-copy views of PyTorch CUDA tensors as CuPy arrays, and back, for one call of the
+    glue: ``to_array`` and ``from_array`` of :func:`kmedoids_for_torch` and
+    :func:`merge_for_torch`.
+
+    Why not DLPack: each exchange builds a capsule, and PyTorch's ``__dlpack__`` a stream
+    object and a device lookup. On an H200 (torch 2.11, CuPy 14.2) the 15 exchanges of a
+    K-Medoids block were most of a pooled DeiT-S block's host time: wkmedoids took 39 ms
+    of host time a pass against 18 ms for topk, whose blocks launch no CuPy kernel
+    (benchmarks/results/gpu_check_run4.md). A view here is a pointer, a byte size and the
+    tensor that owns the memory (CuPy's ``UnownedMemory`` keeps it alive). No stream
+    handshake is needed: the launches run on the tensor's current stream
+    (:func:`_on_torch_stream`). Arrays viewing a tensor given here map back to that tensor
+    (a slice to the same slice); any other array goes back through DLPack.
+    """
+
+    def __init__(self, cupy: Any, device: Any) -> None:
+        """Views of tensors on PyTorch device ``device``, a CUDA device (the current one
+        where it has no index)."""
+        self._cupy, self._device = cupy, device
+        self._device_id = cupy.cuda.Device().id if device.index is None else device.index
+        self._owners: list[tuple[int, int, Any]] = []  # (first byte, byte size, tensor)
+
+    def to_array(self, tensor: Any) -> Any:
+        import numpy as np
+
+        dtype = np.dtype(str(tensor.dtype).removeprefix("torch."))
+        shape = tuple(tensor.shape)
+        # Bytes from the first element to one past the last, strides being non-negative. An
+        # empty tensor is a view of no bytes too: CuPy's allocator is asked for nothing, as
+        # a CUDA graph capture requires (its pool knows nothing of the graph).
+        size = 0 if tensor.numel() == 0 else (
+            1 + sum((n - 1) * s for n, s in zip(shape, tensor.stride(), strict=True))
+        ) * dtype.itemsize
+        start = tensor.data_ptr()
+        memory = self._cupy.cuda.UnownedMemory(start, size, tensor, self._device_id)
+        self._owners.append((start, size, tensor))
+        return self._cupy.ndarray(shape, dtype, self._cupy.cuda.MemoryPointer(memory, 0),
+                                  tuple(s * dtype.itemsize for s in tensor.stride()))
+
+    def from_array(self, array: Any) -> Any:
+        import torch
+
+        dtype = getattr(torch, array.dtype.name)
+        if array.size == 0:
+            return torch.empty(array.shape, dtype=dtype, device=self._device)
+        pointer = array.data.ptr
+        for start, size, tensor in self._owners:
+            if start <= pointer < start + size and tensor.dtype == dtype:
+                offset, remainder = divmod(pointer - start, array.itemsize)
+                if remainder == 0 and all(s % array.itemsize == 0 for s in array.strides):
+                    return tensor.as_strided(array.shape,
+                                             [s // array.itemsize for s in array.strides],
+                                             tensor.storage_offset() + offset)
+        return torch.from_dlpack(array)
+
+
 def torch_allocator(device: Any, to_array: Callable[[Any], Any]) -> Allocator:
     """An :data:`Allocator` from PyTorch's allocator on ``device``: each buffer is a torch
-    tensor seen through ``to_array`` (``cupy.from_dlpack``; ``Tensor.numpy`` in the tests).
+    tensor seen through ``to_array`` (:meth:`TorchArrays.to_array`).
 
     Inside a CUDA graph capture PyTorch draws these from the graph's private pool and keeps
     them for its replays; CuPy's own pool knows nothing of the graph.
@@ -803,15 +861,15 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
 
 def _torch_entry(for_torch: Callable[..., Any], run: Callable[..., Any], x: Any,
                  *args: Any) -> Any | None:
-    """``for_torch(run, cupy.from_dlpack, torch.from_dlpack, x, *args)`` on PyTorch's
-    current stream of ``x``'s device; None where :func:`torch_cupy` declines."""
-    import torch
-
+    """``for_torch(run, to_array, from_array, x, *args)`` with the views of
+    :class:`TorchArrays`, on PyTorch's current stream of ``x``'s device; None where
+    :func:`torch_cupy` declines."""
     cupy = torch_cupy(x)
     if cupy is None:
         return None
     with _on_torch_stream(cupy, x.device):
-        return for_torch(run, cupy.from_dlpack, torch.from_dlpack, x, *args)
+        arrays = TorchArrays(cupy, x.device)
+        return for_torch(run, arrays.to_array, arrays.from_array, x, *args)
 
 
 def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
@@ -819,8 +877,8 @@ def torch_kmedoids(x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
     """:func:`run_kmedoids` for PyTorch CUDA tensors; torch tensors on the same device back.
 
     None (the PyTorch code runs) where :func:`torch_cupy` declines and for shapes the
-    kernel does not cover. Zero-copy through DLPack, on PyTorch's current stream, outputs
-    from PyTorch's allocator (see :func:`kmedoids_for_torch`). Nothing here needs
+    kernel does not cover. Zero-copy (:class:`TorchArrays`), on PyTorch's current stream,
+    outputs from PyTorch's allocator (see :func:`kmedoids_for_torch`). Nothing here needs
     gradients: labels and medoids have none, and the merge that follows stays in PyTorch.
     """
     return _torch_entry(kmedoids_for_torch, run_kmedoids, x, mean, init, weights, max_iter,

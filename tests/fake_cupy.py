@@ -11,6 +11,7 @@ Use: ``monkeypatch.setitem(sys.modules, "cupy", FakeCupy(...))``, and the same f
 
 from __future__ import annotations
 
+import ctypes
 import sys
 import threading
 import time
@@ -34,6 +35,11 @@ class FakeArray(np.ndarray):
     @property
     def device(self) -> Any:  # type: ignore[override]
         return SimpleNamespace(id=self.device_id)
+
+    @property
+    def data(self) -> Any:  # type: ignore[override]
+        """CuPy's ``MemoryPointer`` of the first element: its ``ptr`` is all the glue reads."""
+        return SimpleNamespace(ptr=self.__array_interface__["data"][0])
 
 
 @dataclass
@@ -101,6 +107,7 @@ class FakeCupy:
     set_attributes: list[tuple[int, int, int]] = field(default_factory=list)  # (ptr, attr, v)
     launches: list[Launch] = field(default_factory=list)
     asked_limits: list[int] = field(default_factory=list)
+    views: list[Any] = field(default_factory=list)  # the UnownedMemory of each ndarray made
     #: Runs each launch after recording it (None: nothing runs).
     execute: Callable[[Launch], None] | None = None
 
@@ -159,6 +166,9 @@ class FakeCupy:
         self.compiler = SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc)
         self.cuda = SimpleNamespace(
             Device=Device, ExternalStream=ExternalStream, Module=lambda: FakeModule(fake),
+            UnownedMemory=lambda ptr, size, owner, device_id: SimpleNamespace(
+                ptr=ptr, size=size, owner=owner, device_id=device_id),
+            MemoryPointer=lambda mem, offset: SimpleNamespace(mem=mem, offset=offset),
             compiler=self.compiler, nvrtc=SimpleNamespace(getVersion=lambda: (13, 0)),
             runtime=SimpleNamespace(deviceGetAttribute=deviceGetAttribute,
                                     cudaDevAttrMaxSharedMemoryPerBlockOptin=97),
@@ -201,6 +211,23 @@ class FakeCupy:
                 and (dtype is None or np.dtype(dtype) == array.dtype)):
             return array  # as CuPy: no copy, wherever it is
         return self._here(np.ascontiguousarray(array, dtype=dtype))
+
+    def ndarray(self, shape: tuple[int, ...], dtype: Any, memptr: Any,
+                strides: tuple[int, ...]) -> FakeArray:
+        """CuPy's array over memory it does not own (``UnownedMemory``, here host memory
+        standing in for a device's): a view of the bytes at the pointer, which keeps the
+        owner alive, on the memory's device."""
+        memory = memptr.mem
+        self.views.append(memory)
+        if memory.size == 0:  # an empty tensor's pointer may be null
+            flat = np.empty(0, dtype=dtype)
+        else:
+            raw = (ctypes.c_byte * memory.size).from_address(memory.ptr + memptr.offset)
+            flat = np.frombuffer(raw, dtype=np.uint8).view(dtype)
+        array = np.lib.stride_tricks.as_strided(flat, shape, strides).view(FakeArray)
+        array.device_id = memory.device_id
+        array.owner = memory.owner  # alive as long as the view (and its slices, by .base)
+        return array
 
     def from_dlpack(self, tensor: Any) -> FakeArray:
         """A view of a (CPU) tensor's memory, on the current device, as CuPy's from_dlpack

@@ -354,9 +354,45 @@ def torch_through_the_fake(glue: Glue, stream: int) -> Iterator[Any]:
         yield torch
 
 
+def no_dlpack(*args: Any) -> Any:
+    raise AssertionError("a DLPack exchange on the PyTorch CUDA route")
+
+
+def no_cupy_allocation(*args: Any) -> Any:
+    raise AssertionError("an allocation from CuPy's pool on the PyTorch CUDA route")
+
+
+def test_torch_arrays_are_views_that_map_back_to_their_tensors(glue, monkeypatch):
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    base = torch.arange(120, dtype=torch.float32).reshape(4, 6, 5)
+    tensor = base[1:, 2:, ::2]  # a storage offset and strides that are not C-contiguous
+    with glue.fake.cuda.Device(1):  # no index: the current device
+        arrays = _cupy.TorchArrays(glue.fake, torch.device("cpu"))
+    array = arrays.to_array(tensor)
+    assert array.device.id == 1
+    np.testing.assert_array_equal(array, tensor.numpy())
+    array[0, 0, 1] = -7.0  # writes land in the tensor: a view, not a copy
+    assert base[1, 2, 2] == -7.0
+    part = arrays.from_array(array[1:, ::2, 1:])
+    want = tensor[1:, ::2, 1:]
+    assert torch.equal(part, want)
+    assert (part.data_ptr(), part.stride()) == (want.data_ptr(), want.stride())
+    assert part.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+    # An array the exchange did not make goes back through DLPack, as a copy of its values.
+    other = glue.fake.asarray(np.ones((2, 3), dtype=np.float32))
+    assert torch.equal(arrays.from_array(other), torch.ones(2, 3))
+    # An empty tensor is a view of no bytes: CuPy's allocator is not asked (a CUDA graph
+    # capture needs every buffer from PyTorch's), and an empty tensor comes back.
+    monkeypatch.setattr(glue.fake, "empty", no_cupy_allocation)
+    empty = arrays.to_array(torch.empty(0, 5, dtype=torch.int64))
+    assert empty.shape == (0, 5) and empty.dtype == np.int64
+    back = arrays.from_array(empty)
+    assert back.shape == (0, 5) and back.dtype == torch.int64
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("merge_fits", [True, False])
-def test_torch_pool_through_the_cuda_entries(glue, dtype, merge_fits):
+def test_torch_pool_through_the_cuda_entries(glue, dtype, merge_fits, monkeypatch):
     n, k = (48, 20) if merge_fits else (300, 150)
     if not merge_fits:
         glue.fake.shared_limits[0] = merge_declining_limit(n, k, 4, dtype)
@@ -366,7 +402,12 @@ def test_torch_pool_through_the_cuda_entries(glue, dtype, merge_fits):
         tensors = {name: torch.as_tensor(a, dtype=getattr(torch, dtype))
                    for name, a in (("x", x), ("scores", scores))}
         options = dict(scores=tensors["scores"], return_info=True, init="random", seed=3)
+        # Views (TorchArrays), never DLPack: its exchanges were most of a block's host time.
+        monkeypatch.setattr(glue.fake, "from_dlpack", no_dlpack)
+        monkeypatch.setattr(torch, "from_dlpack", no_dlpack)
+        monkeypatch.setattr(glue.fake, "empty", no_cupy_allocation)  # PyTorch's buffers only
         got = tokenpool_ops.pool(tensors["x"], k, "wkmedoids", **options)
+        monkeypatch.undo()
     want = tokenpool_ops.pool(tensors["x"], k, "wkmedoids", fast_paths=False, **options)
     element = _cupy.CXX_TYPES[dtype]
     assert glue.launched() == [f"tokenpool::kmedoids<{element}, {str(merge_fits).lower()}, 2>"] + (
