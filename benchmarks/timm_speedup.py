@@ -139,12 +139,15 @@ def cpu_seconds() -> float:
 
 def best_times(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor, repeats: int,
                dtype: str, first_calls: dict[str, tuple[float, float]] | None = None,
-               clock: Callable[[], float] = time.perf_counter) -> dict[str, float]:
+               clock: Callable[[], float] = time.perf_counter,
+               host: dict[str, float] | None = None) -> dict[str, float]:
     """Best seconds of one forward pass per model, by ``clock``. The models take turns, one
     pass each per round, so a machine whose speed drifts (other jobs, clocks) slows them
     alike. The wall-clock and CPU seconds of each model's first call (the warm-up:
-    compilation included) go to ``first_calls``."""
+    compilation included) go to ``first_calls``; the best seconds until each pass returns,
+    before the device is awaited (the host's work: its launches on a GPU), to ``host``."""
     times: dict[str, list[float]] = {name: [] for name in models}
+    returned: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad(), precision(dtype, x.device):
         for name, model in models.items():
             start, start_cpu = time.perf_counter(), cpu_seconds()
@@ -157,8 +160,11 @@ def best_times(models: dict[str, Callable[[torch.Tensor], Any]], x: torch.Tensor
             for name, model in models.items():
                 start = clock()
                 model(x)
+                returned[name].append(clock() - start)
                 synchronise(x.device)
                 times[name].append(clock() - start)
+    if host is not None:
+        host.update({name: min(seconds) for name, seconds in returned.items()})
     return {name: min(seconds) for name, seconds in times.items()}
 
 
@@ -337,7 +343,9 @@ def main() -> None:
     if args.cuda_graphs:
         extra.update({name + GRAPHED: graphed(model, x, args.dtype)
                       for name, model in models.items()})
-    seconds = best_times({**models, **extra}, x, args.repeats, args.dtype, first_calls, clock)
+    host: dict[str, float] = {}
+    seconds = best_times({**models, **extra}, x, args.repeats, args.dtype, first_calls, clock,
+                         host)
     f_plain = flops(models["plain"], x[:1])
     print(f"torch {torch.__version__}, device {device} "
           f"({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
@@ -345,19 +353,24 @@ def main() -> None:
           f"{MODEL} {args.schedule} {keep}; best of {args.repeats}"
           f"{' by process CPU time' if args.cpu_time else ''}, models in turn")
     print(f"analytic FLOP ratio (Table 1 formula, pooling excluded): {analytic_ratio(keep):.3f}")
-    print(f"{'model':<12} {'ms':>9} {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
+    # On a GPU, the host's time of a pass (until it returns, launches queued): a pass whose
+    # host time is its whole time waits for the host, not for the device.
+    gpu = device.type == "cuda"
+    print(f"{'model':<12} {'ms':>9}" + (f" {'host ms':>8}" if gpu else "")
+          + f" {'speed-up':>9} {'FLOP ratio':>11} {'pooling share':>14}")
     for name, model in models.items():
         speedup = seconds["plain"] / seconds[name]
+        lead = f"{name:<12} {seconds[name] * 1e3:>9.1f}" + (
+            f" {host[name] * 1e3:>8.1f}" if gpu else "")
         if name == "plain":
-            print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {1.0:>11.3f}")
+            print(f"{lead} {speedup:>9.2f} {1.0:>11.3f}")
             continue
         ratio = flops(model, x[:1]) / f_plain
         if name == "slice":  # no pooling to share the time
-            print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f}")
+            print(f"{lead} {speedup:>9.2f} {ratio:>11.3f}")
             continue
         share = pooling_share(model, x, args.dtype)
-        print(f"{name:<12} {seconds[name] * 1e3:>9.1f} {speedup:>9.2f} {ratio:>11.3f} "
-              f"{share:>13.1%}")
+        print(f"{lead} {speedup:>9.2f} {ratio:>11.3f} {share:>13.1%}")
     if args.compile:
         print_compiled(list(models), seconds, first_calls, args.compile_mode)
     if args.cuda_graphs:

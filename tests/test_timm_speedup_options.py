@@ -146,3 +146,22 @@ def test_cuda_graphs_option_needs_a_gpu_and_no_sync():
             env={**os.environ, "PYTHONPATH": checkout_first(os.environ.get("PYTHONPATH"))})
         assert done.returncode == 2
         assert "--cuda-graphs needs --device cuda and --no-sync" in done.stderr
+
+
+def test_best_times_keeps_the_host_time_until_a_pass_returns(monkeypatch):
+    # A stand-in clock: each pass takes the host 1 + its round, and awaiting the device 10
+    # more; the host column is the pass until it returns, the time the whole pass.
+    module = _benchmark_module()
+    now = [0.0]
+    rounds = iter([0.0, 3.0, 5.0, 2.0, 9.0, 9.0, 9.0, 9.0])
+
+    def model(images):
+        now[0] += 1.0 + next(rounds)
+
+    monkeypatch.setattr(module, "synchronise", lambda device: now.__setitem__(0, now[0] + 10))
+    host: dict[str, float] = {}
+    best = module.best_times({"a": model, "b": model}, torch.zeros(1), 3, "fp32",
+                             clock=lambda: now[0], host=host)
+    # Warm-ups took rounds 0 and 3; then a, b, a, b, a, b: 5, 2, 9, 9, 9, 9.
+    assert host == {"a": 6.0, "b": 3.0}
+    assert best == {"a": 16.0, "b": 13.0}
