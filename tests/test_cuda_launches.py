@@ -268,6 +268,24 @@ def test_pool_through_the_cupy_entries_equals_generic(glue, method, with_sizes):
     assert_pool_equal(got, want, 1e-12)
 
 
+@pytest.mark.parametrize("with_sizes", [False, True])
+def test_tome_merges_its_matches_in_one_launch(glue, with_sizes):
+    # One round (k >= N / 2): the matching is PyTorch's, the merge one launch of
+    # Primitives.merge, which gives the means, the sizes and the objective together (the
+    # separate weighted means launch no objective).
+    rng = np.random.default_rng(8)
+    x = zero_mean_tokens(rng, 2, 30, 4)
+    sizes = rng.integers(1, 4, size=(2, 30)).astype(np.float64) if with_sizes else None
+    options = dict(metric=rng.normal(size=(2, 30, 3)), sizes=sizes, return_info=True)
+    want = tokenpool_ops.pool(x, 18, "tome", fast_paths=False, **options)
+    with cupy_fast_paths():
+        got = tokenpool_ops.pool(on_device(glue.fake, x, 1), 18, "tome", **options)
+    assert glue.launched() == ["tokenpool::merge<double>"]
+    (named,) = glue.check(1)
+    assert int(named["with_objective"]) == 1
+    assert_pool_equal(got, want, 1e-12)
+
+
 def test_a_declined_merge_falls_back_to_the_generic_merge(glue):
     # Device 1's shared memory holds the K-Medoids plan but not the merge's (whose stage
     # holds the pooled tokens' features too): the merge kernel declines, pool merges with

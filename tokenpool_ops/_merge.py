@@ -88,18 +88,10 @@ def cluster_and_merge(batch: Batch, method: str, init: Array, k: int, w: TokenWe
 def merge_clusters(batch: Batch, clusters: FlatClustering, k: int, w: TokenWeights,
                    detail: Detail) -> PoolResult:
     """The weighted mean of each of the k clusters (Algorithm 1, line 6)."""
-    prims = batch.prims
     labels = clusters.assignment
-    with_objective = detail == "info"
-    fused = (prims.merge(batch.xp, batch.x, batch.mean, labels, k, w.weights, w.fallback,
-                         w.carried, with_objective)
-             if prims.merge is not None and clusters.centres is None else None)
-    if fused is not None:  # one launch for the means, sizes and objective (CUDA)
-        tokens, sizes, objective = fused
-    else:
-        # Only K-Means clusters can be empty (a medoid belongs to its own cluster).
-        empty = batch.mean if clusters.centres is None else clusters.centres + batch.mean
-        tokens, sizes, objective = merge(batch, labels, k, w, empty, with_objective)
+    # Only K-Means clusters can be empty (a medoid belongs to its own cluster).
+    empty = None if clusters.centres is None else clusters.centres + batch.mean
+    tokens, sizes, objective = merge(batch, labels, k, w, empty, detail == "info")
     # The history is kept in every detail: an overflow in the clustering shows there first
     # (see _overflow).
     return PoolResult(tokens, labels, sizes, clusters.medoids, objective, clusters.history,
@@ -110,17 +102,28 @@ def merge_matches(batch: Batch, labels: Array, k: int, w: TokenWeights,
                   detail: Detail) -> PoolResult:
     """The size-weighted mean of each group of tokens ToMe merged (see _tome), as for
     clusters. No clustering history: one entry, the objective, as for the baselines."""
-    tokens, sizes, objective = merge(batch, labels, k, w, batch.mean, detail == "info")
+    tokens, sizes, objective = merge(batch, labels, k, w, None, detail == "info")
     history = None if objective is None else objective[:, None]
     return PoolResult(tokens, labels, sizes, None, objective, history, 0)
 
 
-def merge(batch: Batch, labels: Array, k: int, w: TokenWeights, empty: Array,
+def merge(batch: Batch, labels: Array, k: int, w: TokenWeights, empty: Array | None,
           with_objective: bool) -> tuple[Array, Array, Array | None]:
     """Algorithm 1, line 6: the weighted mean of each group ``labels`` (B, N) in [0, k) of
-    the tokens (``empty`` for a group with no member), the carried sizes summed, and the
-    objective (Eq. 9/13 of the means) when asked (else None)."""
+    the tokens (``empty`` for a group with no member; None: the batch's mean token, which
+    no group of a medoid or a ToMe match ever needs), the carried sizes summed, and the
+    objective (Eq. 9/13 of the means) when asked (else None).
+
+    ``Primitives.merge``, where a backend has it, does all three in one pass (one launch on
+    CUDA) for the groups with the mean token as ``empty``."""
     prims = batch.prims
+    if empty is None and prims.merge is not None:
+        fused = prims.merge(batch.xp, batch.x, batch.mean, labels, k, w.weights, w.fallback,
+                            w.carried, with_objective)
+        if fused is not None:
+            return fused
+    if empty is None:
+        empty = batch.mean
     weights = effective_weights(prims, labels, k, w.weights, w.fallback)
     # Means of the original (not centred) tokens, so that they are the members' exact means.
     tokens = weighted_means(prims, batch.x, labels, k, weights, empty)
