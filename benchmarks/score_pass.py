@@ -1,4 +1,5 @@
-"""Attention with Eq. 5 scores: the materialised way against SDPA + a chunked score pass.
+"""Attention with Eq. 5 scores: the materialised way against SDPA + a chunked score pass,
+and, in half precision on a GPU, two flash passes (tokenpool_ops._flash_scores).
 
 Issue #11 §3. A block that pools with significance scores either materialises its
 (B, H, N, N) attention probabilities for both its output and the scores, or computes the
@@ -25,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+import tokenpool_ops._flash_scores as flash_scores
 from tokenpool_ops._patching import attention_with_scores, received_attention
 
 # The profiler's own log (Kineto's "gpuGetDeviceCount failed" on a CPU-only machine) would land
@@ -34,8 +36,21 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 def inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a block on a materialising device runs without autograd (no prefix token)."""
-    return attention_with_scores(q, k, v, bias, scale, 0)
+    """What a block on a materialising device runs without autograd (no prefix token), the
+    flash route (timed in a column of its own) switched off."""
+    devices = flash_scores.FLASH_DEVICES
+    flash_scores.FLASH_DEVICES = ()
+    try:
+        return attention_with_scores(q, k, v, bias, scale, 0)
+    finally:
+        flash_scores.FLASH_DEVICES = devices
+
+
+def two_flash_passes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     bias: torch.Tensor | None, scale: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The half-precision GPU route: the output and the scores from two flash passes."""
+    return flash_scores.flash_attention_with_scores(q, k, v, bias, scale, 0)
 
 
 def materialised(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -157,7 +172,7 @@ def main() -> None:
     print(f"B={args.batch} H={args.heads} N={args.tokens} D={args.head_dim} {args.dtype} "
           f"on {device}; median of {args.repeats}")
     print(f"{'pass':10s} {'bias':8s} {'materialised ms':>16s} {'sdpa+scores ms':>15s} "
-          f"{'speed-up':>9s} {'peak MiB (mat / fused)':>24s}")
+          f"{'speed-up':>9s} {'peak MiB (mat / fused)':>24s} {'flash ms':>9s}")
     for backward in (False, True):
         inputs = _inputs(args, device, grad=backward)
         for bias in (False, True):
@@ -166,8 +181,14 @@ def main() -> None:
             t_old, t_new = (_time(s, device, args.repeats) for s in (old, new))
             peaks = [_peak_mib(s, device) for s in (old, new)]
             peak = ("-" if peaks[0] is None else f"{peaks[0]:.0f} / {peaks[1]:.0f}")
+            # Inference in half precision on a GPU: the route the library takes there.
+            flash = "-"
+            if not backward and flash_scores.flash_scores_apply(inputs[0]):
+                step = _step(two_flash_passes, inputs, bias, False, scale)
+                flash = f"{_time(step, device, args.repeats) * 1e3:.3f}"
             print(f"{'fwd+bwd' if backward else 'forward':10s} {'yes' if bias else 'no':8s} "
-                  f"{t_old * 1e3:16.3f} {t_new * 1e3:15.3f} {t_old / t_new:8.2f}x {peak:>24s}")
+                  f"{t_old * 1e3:16.3f} {t_new * 1e3:15.3f} {t_old / t_new:8.2f}x {peak:>24s} "
+                  f"{flash:>9s}")
     print("SDPA kernel dispatched by default:")
     _dispatched(_inputs(args, device, grad=False), scale)
     if device.type == "cuda":

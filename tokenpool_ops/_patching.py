@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._flash_scores import flash_attention_with_scores, flash_scores_apply
 from ._pool import (
     DEFAULT_MAX_ITER,
     MATCHING_METHODS,
@@ -72,7 +73,9 @@ ATTENTION_CHUNK = 2**18
 #:   1.14-1.18 ms with the size bias, and less peak memory (265 vs 323 MiB): SDPA alone
 #:   took 0.11-0.29 ms, the score pass the rest (benchmarks/results/gpu_check_run{1,2}.md).
 #:
-#: Other devices, unmeasured, take SDPA's fused kernels and the score pass.
+#: Other devices, unmeasured, take SDPA's fused kernels and the score pass. In half
+#: precision on CUDA, :func:`attention_with_scores` takes two flash passes instead
+#: (``_flash_scores``: 0.53 against 0.81 ms at N=197 on the H200).
 MATERIALISED_DEVICES = ("cpu", "cuda")
 
 #: The signature of :func:`tokenpool_ops.nn.pool_with_grad`, which each front door passes to
@@ -205,12 +208,15 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     view for a batch done in one step), and the Eq. 5 scores of the keys after the
     ``num_prefix`` first, (B, N - num_prefix), from the attention probabilities.
 
-    On the CPU the probabilities are materialised a few batch elements at a time (at most
-    ``ATTENTION_CHUNK`` elements per PyTorch thread), so they stay in cache; each batch
-    element's products, softmax and sums are the ones the whole batch would compute. For
-    inference: training materialises the whole matrix, which its backward pass keeps
-    (``TokenPoolAttention``).
+    In half precision on a GPU, two flash-attention passes give the output and the scores
+    without the probabilities (``_flash_scores``). Elsewhere the probabilities are
+    materialised: on the CPU a few batch elements at a time (at most ``ATTENTION_CHUNK``
+    elements per PyTorch thread), so they stay in cache; each batch element's products,
+    softmax and sums are the ones the whole batch would compute. For inference: training
+    materialises the whole matrix, which its backward pass keeps (``TokenPoolAttention``).
     """
+    if flash_scores_apply(q):  # half precision on a GPU: no attention matrix at all
+        return flash_attention_with_scores(q, k, v, bias, scale, num_prefix)
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         # Traced without the operator (see one_op_applies): one step, as an unrolled loop
         # would be graph nodes per image; the compiler plans the memory itself. On a GPU:
