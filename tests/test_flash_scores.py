@@ -70,11 +70,10 @@ def test_a_token_of_size_zero_receives_nothing_and_poisons_nothing():
 def test_the_high_and_low_parts_carry_float32s_accuracy():
     values = torch.tensor([[math.pi * 1000], [-27.123456], [1e-3]])
     for dtype in (torch.bfloat16, torch.float16):
-        parts = flash_scores._high_low(values, dtype)
-        assert parts.shape == (3, 2) and parts.dtype == dtype
+        high, low = flash_scores._high_low(values, dtype)
+        assert high.dtype == low.dtype == dtype
         # One bfloat16 rounds by up to 2^-9 of the value; the two parts to about 2^-17.
-        torch.testing.assert_close(parts.float().sum(dim=-1, keepdim=True), values,
-                                   rtol=2 ** -15, atol=0)
+        torch.testing.assert_close(high.float() + low.float(), values, rtol=2 ** -15, atol=0)
 
 
 def test_scored_blocks_take_the_flash_route_in_half_precision_on_its_devices(monkeypatch):
@@ -86,12 +85,17 @@ def test_scored_blocks_take_the_flash_route_in_half_precision_on_its_devices(mon
     tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
     assert calls == []  # the CPU is not among FLASH_DEVICES: it materialises
     monkeypatch.setattr(flash_scores, "FLASH_DEVICES", ("cpu",))
+    tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
+    assert calls == []  # 37 tokens: fewer than FLASH_MIN_TOKENS
+    monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
     flash_out, flash = tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
     assert calls == [torch.bfloat16]
-    for declined in (q.float(), q[..., :12], q.clone().requires_grad_()):
-        args = [t[..., :declined.shape[-1]].to(declined.dtype) for t in (k, v)]
-        tp_patching.attention_with_scores(declined, *args, None, SCALE, 1)
-    assert calls == [torch.bfloat16]  # float32, D + 8 not a multiple of 8, autograd
+    for declined in (q.float(), q[..., :12], q.clone().requires_grad_(),
+                     torch.zeros(2, 3, 37, 248, dtype=torch.bfloat16), q[:, :, :36]):
+        keys = torch.zeros_like(declined, requires_grad=False)
+        tp_patching.attention_with_scores(declined, keys, keys, None, SCALE, 1)
+    # float32, D not a multiple of 8, autograd, D + 16 > 256, fewer tokens
+    assert calls == [torch.bfloat16]
     out, scores = flash_scores.flash_attention_with_scores(q, k, v, None, SCALE, 1)
     assert torch.equal(flash_out, out) and torch.equal(flash, scores)
 
@@ -101,6 +105,7 @@ def test_gpu_flash_scores_equal_the_materialised_attention(monkeypatch):
     for with_bias in (False, True):
         q, k, v, bias = (None if t is None else t.to(device)
                          for t in problem(torch.bfloat16, with_bias, empty_token=with_bias))
+        monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
         assert flash_scores.flash_scores_apply(q)
         out, scores = tp_patching.attention_with_scores(q, k, v, bias, SCALE, 1)
         want_out, want_scores = exact(q, k, v, bias, 1)

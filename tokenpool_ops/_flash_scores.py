@@ -12,11 +12,13 @@ the optional log-size bias b of proportional attention).
   then log sum_i P_ij: the head's Eq. 5 sum for key j, in float32, from logits the kernel
   forms in float32. Its output is not needed.
 
-The kernel takes only feature vectors, so the biases travel as extra feature columns,
-divided by s (the kernel multiplies every product by s) and split into a high and a low half
-precision part, whose sum keeps float32's accuracy: lse is of the order of log N plus the
-largest logit, where one bfloat16 would round it by up to 2^-8 of itself. The head dimension
-grows by 8 (the kernel's multiple): D + 8 <= 256.
+The kernel takes only feature vectors, so what is not a product of q and k travels as
+extra feature columns, divided by s (the kernel multiplies every product by s). -lse_i is
+split into a high and a low half-precision part, whose sum keeps float32's accuracy: lse is
+of the order of log N plus the largest logit, where one bfloat16 alone would round it by up
+to 2^-9 of itself. The bias is one column in q's dtype in pass 1, as it enters the
+materialised logits and SDPA; pass 2 adds it afterwards. The head dimension grows by 16 in
+pass 2 (two blocks of 8, the kernel's multiple): D + 16 <= 256.
 
 Measured on an H200 (B=256, H=6, D=64, bfloat16, no bias; ``benchmarks/results``
 ``/gpu_host_time_issue25.md``): at N=197, 0.53 ms against 0.81 ms for the materialised
@@ -33,20 +35,24 @@ from torch import Tensor
 #: Device types whose half-precision scored blocks take the two passes (the tests add "cpu",
 #: whose flash kernel returns the same log-sum-exp).
 FLASH_DEVICES = ("cuda",)
-#: The kernel's head dimensions: a multiple of 8, at most 256 (with the 8 extra columns).
+#: The kernel's head dimensions: a multiple of 8, at most 256 (with the 16 extra columns).
 MAX_HEAD_DIM = 256
 EXTRA = 8
-#: log(size) of an empty token, for the kernel: exp of it underflows to 0 in float32.
-EMPTY_LOG_SIZE = -1e4
+#: Fewest tokens for the two passes. They take about twice the operators of the
+#: materialised route (each a launch the host pays for, some 30 us on the H200's host), for
+#: a device time that pays only on long sequences: 0.53 against 0.81 ms at N=197, 0.26
+#: against 0.28 ms at N=98 (B=256).
+FLASH_MIN_TOKENS = 128
 
 
 def flash_scores_apply(q: Tensor) -> bool:
     """Whether :func:`flash_attention_with_scores` serves queries ``q`` (B, H, N, D): eager
-    inference in half precision on a device of ``FLASH_DEVICES``, with D + 8 a head
-    dimension the flash kernel takes."""
+    inference in half precision on a device of ``FLASH_DEVICES``, at least
+    ``FLASH_MIN_TOKENS`` tokens, and D + 16 a head dimension the flash kernel takes."""
     head_dim = q.shape[-1]
-    return (q.device.type in FLASH_DEVICES and q.dtype in (torch.float16, torch.bfloat16)
-            and head_dim % EXTRA == 0 and head_dim + EXTRA <= MAX_HEAD_DIM
+    return (q.device.type in FLASH_DEVICES and q.shape[-2] >= FLASH_MIN_TOKENS
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and head_dim % EXTRA == 0 and head_dim + 2 * EXTRA <= MAX_HEAD_DIM
             and not q.requires_grad and not torch.compiler.is_compiling())
 
 
@@ -61,42 +67,45 @@ def _flash(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tenso
     return out, lse
 
 
-def _high_low(values: Tensor, dtype: torch.dtype) -> Tensor:
-    """float32 ``values`` (..., 1) as two columns of ``dtype`` whose sum is ``values`` to
-    about 2^-16 of itself."""
+def _high_low(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """float32 ``values`` as two tensors of ``dtype`` whose sum is ``values`` to about 2^-16
+    of itself (one bfloat16 alone rounds by up to 2^-9)."""
     high = values.to(dtype)
-    return torch.cat([high, (values - high.float()).to(dtype)], dim=-1)
+    return high, (values - high).to(dtype)  # the difference in float32, exact
 
 
 def flash_attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
                                 scale: float, num_prefix: int) -> tuple[Tensor, Tensor]:
     """``attention_with_scores`` by two flash passes (see the module docstring): the output
     (B, N, H, D) as a view, and the Eq. 5 scores of the keys after the ``num_prefix`` first
-    (B, N - num_prefix), in ``q``'s dtype as the materialised route gives them."""
+    (B, N - num_prefix), in ``q``'s dtype as the materialised route gives them.
+
+    Few operators, each a launch that the host pays for: the extra columns are one
+    concatenation per operand, the bias enters pass 1 as one column in ``q``'s dtype (as it
+    enters the materialised logits and SDPA), and pass 2 leaves it out: b_j is the same for
+    every logit of "query" j, so it adds to that row's log-sum-exp afterwards, in float32. A
+    token of size 0 (log 0 = -inf, an empty K-Means cluster) so receives exp(-inf) = 0.
+    """
     batch, heads, n, head_dim = q.shape
-    dtype = q.dtype
-    ones = q.new_ones(batch, heads, n, 2)
-    pad = q.new_zeros(batch, heads, n, EXTRA - 4)
+    wide = (batch, heads, n, EXTRA)
+    unit = torch.eye(1, EXTRA, dtype=q.dtype, device=q.device).reshape(1, 1, 1, EXTRA)
+    zeros = unit[..., 1:].expand(batch, heads, n, EXTRA - 1)  # (1, 0, ..., 0) less its 1
     if bias is None:
         out, lse = _flash(q, k, v, scale)
-        key_bias = q.new_zeros(batch, heads, n, 2)
     else:
-        # (B, 1, 1, N) log sizes: one per key, the same for every head and query. A token
-        # of size 0 (an empty K-Means cluster) has log 0 = -inf: it receives exp(-inf) = 0 as
-        # it does there, and -inf would make the low part NaN and the swapped pass's row
-        # all -inf (the kernel's log-sum-exp of an empty row is not -inf).
-        per_key = (bias.float().clamp_min(EMPTY_LOG_SIZE) / scale).reshape(
-            bias.shape[0], 1, n, 1)
-        key_bias = _high_low(per_key, dtype).expand(batch, heads, n, 2)
-        zeros = q.new_zeros(batch, heads, n, EXTRA - 2)
-        out, lse = _flash(torch.cat([q, ones, zeros], dim=-1),
-                          torch.cat([k, key_bias, zeros], dim=-1),
-                          torch.cat([v, q.new_zeros(batch, heads, n, EXTRA)], dim=-1), scale)
+        # (B, 1, 1, N) log sizes, one per key: a column of k against q's column of ones.
+        column = (bias / scale).to(q.dtype).reshape(bias.shape[0], 1, n, 1)
+        out, lse = _flash(torch.cat([q, unit.expand(wide)], dim=-1),
+                          torch.cat([k, column.expand(batch, heads, n, 1), zeros], dim=-1),
+                          torch.cat([v, unit.expand(wide)], dim=-1), scale)
         out = out[..., :head_dim]
-    shifted = _high_low((-lse.float() / scale)[..., None], dtype)
-    # Queries: the keys j with their bias; keys: the queries i with -lse_i.
-    as_queries = torch.cat([k, key_bias, ones, pad], dim=-1)
-    as_keys = torch.cat([q, ones, shifted, pad], dim=-1)
+    # Pass 2: "queries" k_j with two ones, "keys" q_i with -lse_i / s in two parts (each
+    # part in a block of 8 columns, which keeps the head dimension a multiple of 8).
+    high, low = _high_low((lse * (-1 / scale))[..., None], q.dtype)
+    as_queries = torch.cat([k, unit.expand(wide), unit.expand(wide)], dim=-1)
+    as_keys = torch.cat([q, high, zeros, low, zeros], dim=-1)
     received = _flash(as_queries, as_keys, as_keys, scale)[1]  # (B, H, N): log sum_i P_ij
+    if bias is not None:
+        received = received + bias.reshape(bias.shape[0], 1, n)
     scores = received.exp().sum(dim=1)[:, num_prefix:]
-    return out.transpose(1, 2), scores.to(dtype)
+    return out.transpose(1, 2), scores.to(q.dtype)
