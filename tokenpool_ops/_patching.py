@@ -78,6 +78,10 @@ ATTENTION_CHUNK = 2**18
 #: (``_flash_scores``: 0.53 against 0.81 ms at N=197 on the H200).
 MATERIALISED_DEVICES = ("cpu", "cuda")
 
+#: The methods that can leave a token of size 0 (an empty K-Means cluster); every other
+#: method's tokens stand for at least one original token each.
+EMPTY_CLUSTER_METHODS = ("kmeans", "wkmeans")
+
 #: The signature of :func:`tokenpool_ops.nn.pool_with_grad`, which each front door passes to
 #: :func:`pool_patch_tokens` from its own module (so a test or benchmark can wrap one door).
 PoolFunction = Callable[..., tuple[Tensor, PoolResult]]
@@ -287,7 +291,10 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
         # Per original token (see tokenpool_ops.timm's docstring). An empty K-Means cluster left a
         # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
         sizes = sizes if sizes.dtype == scores.dtype else sizes.to(scores.dtype)
-        scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
+        if state["method"] in EMPTY_CLUSTER_METHODS:
+            scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
+        else:  # every token stands for at least one: one operator where there were five
+            scores = scores / sizes
     planned = _plan_in_one_op(x, p, k, state, scores, sizes, metric)
     if planned is None:
         tokens, pooled = pool(patches, k, state["method"], scores=scores, sizes=sizes,
