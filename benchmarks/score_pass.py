@@ -1,5 +1,6 @@
 """Attention with Eq. 5 scores: the materialised way against SDPA + a chunked score pass,
-and, in half precision on a GPU, two flash passes (tokenpool_ops._flash_scores).
+and, in half precision on a GPU, two flash passes (tokenpool_ops._flash_scores, the route
+of a block captured in a CUDA graph; timed eagerly here).
 
 Issue #11 §3. A block that pools with significance scores either materialises its
 (B, H, N, N) attention probabilities for both its output and the scores, or computes the
@@ -181,9 +182,9 @@ def main() -> None:
             t_old, t_new = (_time(s, device, args.repeats) for s in (old, new))
             peaks = [_peak_mib(s, device) for s in (old, new)]
             peak = ("-" if peaks[0] is None else f"{peaks[0]:.0f} / {peaks[1]:.0f}")
-            # Inference in half precision on a GPU: the route the library takes there.
+            # Inference in half precision on a GPU: the route a captured CUDA graph takes.
             flash = "-"
-            if not backward and flash_scores.flash_scores_apply(inputs[0]):
+            if not backward and flash_scores.flash_kernel_takes(inputs[0]):
                 step = _step(two_flash_passes, inputs, bias, False, scale)
                 flash = f"{_time(step, device, args.repeats) * 1e3:.3f}"
             print(f"{'fwd+bwd' if backward else 'forward':10s} {'yes' if bias else 'no':8s} "

@@ -76,15 +76,20 @@ def test_the_high_and_low_parts_carry_float32s_accuracy():
         torch.testing.assert_close(high.float() + low.float(), values, rtol=2 ** -15, atol=0)
 
 
-def test_scored_blocks_take_the_flash_route_in_half_precision_on_its_devices(monkeypatch):
+def test_scored_blocks_take_the_flash_route_in_half_precision_in_a_graph_capture(monkeypatch):
     calls: list[torch.dtype] = []
     real = tp_patching.flash_attention_with_scores
     monkeypatch.setattr(tp_patching, "flash_attention_with_scores",
                         lambda q, *args: calls.append(q.dtype) or real(q, *args))
     q, k, v, _ = problem(torch.bfloat16, False)
+    monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
     tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
     assert calls == []  # the CPU is not among FLASH_DEVICES: it materialises
     monkeypatch.setattr(flash_scores, "FLASH_DEVICES", ("cpu",))
+    tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
+    assert calls == []  # called eagerly: its launches are not free (no CUDA graph capture)
+    monkeypatch.setattr(flash_scores, "_launches_are_free", lambda q: True)
+    monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 38)
     tp_patching.attention_with_scores(q, k, v, None, SCALE, 1)
     assert calls == []  # 37 tokens: fewer than FLASH_MIN_TOKENS
     monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
@@ -106,8 +111,32 @@ def test_gpu_flash_scores_equal_the_materialised_attention(monkeypatch):
         q, k, v, bias = (None if t is None else t.to(device)
                          for t in problem(torch.bfloat16, with_bias, empty_token=with_bias))
         monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
-        assert flash_scores.flash_scores_apply(q)
-        out, scores = tp_patching.attention_with_scores(q, k, v, bias, SCALE, 1)
+        assert flash_scores.flash_kernel_takes(q) and not flash_scores.flash_scores_apply(q)
+        out, scores = flash_scores.flash_attention_with_scores(q, k, v, bias, SCALE, 1)
         want_out, want_scores = exact(q, k, v, bias, 1)
         torch.testing.assert_close(scores.double(), want_scores, rtol=2 ** -7, atol=0)
         torch.testing.assert_close(out.double(), want_out, rtol=2e-2, atol=2e-2)
+
+
+def test_gpu_a_captured_graph_takes_the_flash_route(monkeypatch):
+    device = cuda_or_skip()
+    monkeypatch.setattr(flash_scores, "FLASH_MIN_TOKENS", 37)
+    q, k, v, bias = (t.to(device) for t in problem(torch.bfloat16, True))
+    calls: list[int] = []
+    real = tp_patching.flash_attention_with_scores
+    monkeypatch.setattr(tp_patching, "flash_attention_with_scores",
+                        lambda *args: calls.append(1) or real(*args))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream: materialised
+        tp_patching.attention_with_scores(q, k, v, bias, SCALE, 1)
+    torch.cuda.current_stream().wait_stream(side)
+    assert calls == []
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, scores = tp_patching.attention_with_scores(q, k, v, bias, SCALE, 1)
+    assert calls == [1]
+    graph.replay()
+    want_out, want_scores = exact(q, k, v, bias, 1)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(out.double(), want_out, rtol=2e-2, atol=2e-2)

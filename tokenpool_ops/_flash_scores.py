@@ -1,5 +1,6 @@
 """Attention and its Eq. 5 scores from two flash-attention passes, without the (B, H, N, N)
-probabilities: the half-precision inference route of a scored block on a GPU.
+probabilities: the half-precision inference route of a scored block captured in a CUDA
+graph.
 
 Eq. 5 scores key j by the attention it receives, sum_h sum_i P_hij, with
 P_ij = exp(s q_i . k_j + b_j - lse_i) and lse_i = log sum_j exp(s q_i . k_j + b_j) (scale s,
@@ -20,11 +21,18 @@ to 2^-9 of itself. The bias is one column in q's dtype in pass 1, as it enters t
 materialised logits and SDPA; pass 2 adds it afterwards. The head dimension grows by 16 in
 pass 2 (two blocks of 8, the kernel's multiple): D + 16 <= 256.
 
-Measured on an H200 (B=256, H=6, D=64, bfloat16, no bias; ``benchmarks/results``
-``/gpu_host_time_issue25.md``): at N=197, 0.53 ms against 0.81 ms for the materialised
-attention (SDPA alone: 0.11 ms); at N=98, 0.26 against 0.28 ms. The scores' largest relative
-error against float32's: 2.8e-6 against 3.2e-3 (the materialised probabilities are rounded to
-bfloat16 before they are summed).
+Where it pays (``benchmarks/results/gpu_run5_issue25.log``, an H200, B=256, H=6, D=64,
+N=197, bfloat16): the passes take about 18 operators against the materialised route's 10,
+and each is a launch that the host pays for (some 30 us there). Called eagerly they lost,
+the host's launches setting the pace: 0.75 against 0.66 ms per call, 1.22 against 0.86 ms
+with the bias (``benchmarks/score_pass.py``, wall clock). Inside a CUDA graph the launches
+cost nothing and the device time decides: the whole pooled DeiT-S replayed as one graph took
+16.2 ms with wkmedoids and 12.8 ms with topk, against 17.1 and 13.7 ms materialised (run 4);
+a first prototype, timed by CUDA events, took 0.53 against 0.81 ms at N=197 and 0.26 against
+0.28 ms at N=98. So the route is taken while a CUDA graph is being captured (``graphed``
+models, ``torch.compile(mode="reduce-overhead")``) and from ``FLASH_MIN_TOKENS`` tokens. The
+scores' largest relative error against float32's was 2.8e-6 against 3.2e-3 (the
+materialised probabilities are rounded to bfloat16 before they are summed).
 """
 
 from __future__ import annotations
@@ -32,28 +40,39 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-#: Device types whose half-precision scored blocks take the two passes (the tests add "cpu",
-#: whose flash kernel returns the same log-sum-exp).
+#: Device types whose flash kernel the passes call (the tests add "cpu", whose flash kernel
+#: returns the same log-sum-exp).
 FLASH_DEVICES = ("cuda",)
 #: The kernel's head dimensions: a multiple of 8, at most 256 (with the 16 extra columns).
 MAX_HEAD_DIM = 256
 EXTRA = 8
-#: Fewest tokens for the two passes. They take about twice the operators of the
-#: materialised route (each a launch the host pays for, some 30 us on the H200's host), for
-#: a device time that pays only on long sequences: 0.53 against 0.81 ms at N=197, 0.26
-#: against 0.28 ms at N=98 (B=256).
+#: Fewest tokens for the two passes: their device time was measured to pay on long
+#: sequences only (0.53 against 0.81 ms at N=197, 0.26 against 0.28 ms at N=98).
 FLASH_MIN_TOKENS = 128
 
 
-def flash_scores_apply(q: Tensor) -> bool:
-    """Whether :func:`flash_attention_with_scores` serves queries ``q`` (B, H, N, D): eager
-    inference in half precision on a device of ``FLASH_DEVICES``, at least
-    ``FLASH_MIN_TOKENS`` tokens, and D + 16 a head dimension the flash kernel takes."""
+def flash_kernel_takes(q: Tensor) -> bool:
+    """Whether the two passes serve queries ``q`` (B, H, N, D): inference in half precision
+    on a device of ``FLASH_DEVICES``, outside a trace, at least ``FLASH_MIN_TOKENS`` tokens,
+    and D + 16 a head dimension the flash kernel takes."""
     head_dim = q.shape[-1]
     return (q.device.type in FLASH_DEVICES and q.shape[-2] >= FLASH_MIN_TOKENS
             and q.dtype in (torch.float16, torch.bfloat16)
             and head_dim % EXTRA == 0 and head_dim + 2 * EXTRA <= MAX_HEAD_DIM
             and not q.requires_grad and not torch.compiler.is_compiling())
+
+
+def _launches_are_free(q: Tensor) -> bool:
+    """Whether ``q``'s device is capturing a CUDA graph, whose replays launch without the
+    host (the tests substitute this to run the route on the CPU)."""
+    return q.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def flash_scores_apply(q: Tensor) -> bool:
+    """Whether a scored block takes :func:`flash_attention_with_scores`: where the kernel
+    takes ``q`` (:func:`flash_kernel_takes`) and its launches are free (see the module
+    docstring: called eagerly, the passes' launches cost more than they save)."""
+    return flash_kernel_takes(q) and _launches_are_free(q)
 
 
 def _flash(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:

@@ -74,8 +74,8 @@ ATTENTION_CHUNK = 2**18
 #:   took 0.11-0.29 ms, the score pass the rest (benchmarks/results/gpu_check_run{1,2}.md).
 #:
 #: Other devices, unmeasured, take SDPA's fused kernels and the score pass. In half
-#: precision on CUDA, :func:`attention_with_scores` takes two flash passes instead
-#: (``_flash_scores``: 0.53 against 0.81 ms at N=197 on the H200).
+#: precision inside a CUDA graph capture, :func:`attention_with_scores` takes two flash
+#: passes instead (``_flash_scores``).
 MATERIALISED_DEVICES = ("cpu", "cuda")
 
 #: The methods that can leave a token of size 0 (an empty K-Means cluster); every other
@@ -212,14 +212,14 @@ def attention_with_scores(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None,
     view for a batch done in one step), and the Eq. 5 scores of the keys after the
     ``num_prefix`` first, (B, N - num_prefix), from the attention probabilities.
 
-    In half precision on a GPU, two flash-attention passes give the output and the scores
-    without the probabilities (``_flash_scores``). Elsewhere the probabilities are
+    In half precision inside a CUDA graph capture, two flash-attention passes give the
+    output and the scores without the probabilities (``_flash_scores``). Elsewhere they are
     materialised: on the CPU a few batch elements at a time (at most ``ATTENTION_CHUNK``
     elements per PyTorch thread), so they stay in cache; each batch element's products,
     softmax and sums are the ones the whole batch would compute. For inference: training
     materialises the whole matrix, which its backward pass keeps (``TokenPoolAttention``).
     """
-    if flash_scores_apply(q):  # half precision on a GPU: no attention matrix at all
+    if flash_scores_apply(q):  # half precision in a CUDA graph: no attention matrix at all
         return flash_attention_with_scores(q, k, v, bias, scale, num_prefix)
     if torch.compiler.is_compiling() or q.device.type != "cpu":
         # Traced without the operator (see one_op_applies): one step, as an unrolled loop
