@@ -107,7 +107,6 @@ class FakeCupy:
     set_attributes: list[tuple[int, int, int]] = field(default_factory=list)  # (ptr, attr, v)
     launches: list[Launch] = field(default_factory=list)
     asked_limits: list[int] = field(default_factory=list)
-    views: list[Any] = field(default_factory=list)  # the UnownedMemory of each ndarray made
     #: Runs each launch after recording it (None: nothing runs).
     execute: Callable[[Launch], None] | None = None
 
@@ -218,7 +217,6 @@ class FakeCupy:
         standing in for a device's): a view of the bytes at the pointer, which keeps the
         owner alive, on the memory's device."""
         memory = memptr.mem
-        self.views.append(memory)
         if memory.size == 0:  # an empty tensor's pointer may be null
             flat = np.empty(0, dtype=dtype)
         else:
