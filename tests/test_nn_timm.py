@@ -9,6 +9,7 @@ timm = pytest.importorskip("timm", reason="the timm patch needs timm (pip instal
 
 import copy  # noqa: E402
 import warnings  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -593,6 +594,58 @@ def test_received_attention_under_bfloat16_autocast_within_rounding() -> None:
     # bf16 logits (8 significant bits): each score within bf16's relative rounding, 2^-8;
     # the sum over heads and queries averages the errors down (6e-4 measured).
     torch.testing.assert_close(got.double(), want, rtol=2 ** -8, atol=0)
+
+
+@pytest.fixture
+def cuda_softmax_rule() -> Iterator[None]:
+    """CPU autocast with CUDA autocast's rule for softmax, which CPU autocast lacks: softmax is
+    on CUDA's float32 list, so without a ``dtype`` argument half-precision input is computed
+    and returned in float32 ("Ops called with an explicit dtype=... argument are not
+    eligible", torch.amp's op reference). Undone after the test."""
+    autocast_cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+    def widened_softmax(x: torch.Tensor, dim: int, dtype: torch.dtype | None = None):
+        with torch._C._ExcludeDispatchKeyGuard(autocast_cpu):
+            if dtype is None and x.dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
+            return torch.ops.aten.softmax.int(x, dim, dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    with warnings.catch_warnings():  # "Overriding a previously registered kernel"
+        warnings.simplefilter("ignore")
+        lib.impl("softmax.int", widened_softmax, "AutocastCPU")
+    yield
+    lib._destroy()
+
+
+def test_scored_attention_keeps_its_probabilities_half_under_cuda_autocast(
+        cuda_softmax_rule) -> None:
+    """A block's scored attention (inference) under bf16 autocast with CUDA's softmax rule:
+    no (b, H, N, N) float32 matrix (on an H200 at B=256 a copy there and another back to
+    bfloat16, each block), and the results of the same bf16 inputs without autocast."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 3, 20, 8, generator=gen).bfloat16() for _ in range(3))
+    bias = (torch.rand(2, 1, 1, 20, generator=gen) * 3 + 1).log()
+    wide: list[tuple[int, ...]] = []
+
+    class Outputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, tuple) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.ndim == 4 \
+                        and tuple(t.shape[1:]) == (3, 20, 20):
+                    wide.append(tuple(t.shape))
+            return out
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q.softmax(-1).dtype == torch.float32  # the rule is in force
+        with Outputs():
+            out, scores = tp_patching.attention_with_scores(q, k, v, bias, 0.35, 1)
+    assert wide == []
+    want_out, want_scores = tp_patching.attention_with_scores(q, k, v, bias, 0.35, 1)
+    assert torch.equal(out, want_out) and torch.equal(scores, want_scores)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,7 +247,10 @@ def _attention_step(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale:
     logits = (q * scale) @ k.transpose(-2, -1)
     if bias is not None:  # in place: the step's own temporary
         logits += bias if bias.dtype == logits.dtype else bias.to(logits.dtype)
-    attn = logits.softmax(dim=-1)
+    # The probabilities in the logits' dtype, autocast or not: CUDA's autocast runs a softmax
+    # without a dtype in float32, a (b, H, N, N) float32 matrix that the product with v then
+    # casts back (the scores below sum half precision in float32 anyway).
+    attn = logits.softmax(dim=-1, dtype=logits.dtype)
     # significance_scores (Eq. 5) on the view, without its array-API layer and its copy:
     # half precision summed in float32, as there, converted as it is read (no float32 copy
     # of the probabilities). The dtype tests in Python, not no-op conversions: at batch 1
