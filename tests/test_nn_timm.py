@@ -648,6 +648,39 @@ def test_scored_attention_keeps_its_probabilities_half_under_cuda_autocast(
     assert torch.equal(out, want_out) and torch.equal(scores, want_scores)
 
 
+@pytest.mark.parametrize("method", ["wkmedoids", "wkmeans"])
+@pytest.mark.parametrize("precision", ["bfloat16 model", "bfloat16 autocast",
+                                       "bfloat16 autocast, CUDA's softmax rule"])
+def test_counts_stay_exact_above_256_patches_in_half_precision(
+        method: str, precision: str, request: pytest.FixtureRequest) -> None:
+    """A 384-pixel ViT has 576 patches, so a pooled token can stand for more than 256, which
+    bfloat16 cannot count (8 significant bits): after every block the counts are whole
+    numbers that sum to 576. Half-precision scores once pulled the counts down to their
+    dtype before pooling (a sum of 575 in this test); under CUDA's autocast the scores are
+    half precision too (the probabilities stay in the logits' dtype)."""
+    if precision.endswith("rule"):
+        request.getfixturevalue("cuda_softmax_rule")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=384,
+                              depth=3).eval()
+    images = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(2))
+    if precision == "bfloat16 model":
+        model, images = model.bfloat16(), images.bfloat16()
+    patch_timm(model, [5, 3, 2], method=method)
+    counts: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.register_forward_hook(
+            lambda *_: counts.append(model._tokenpool["sizes"].clone()))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                         enabled=precision != "bfloat16 model"):
+        model(images)
+    assert len(counts) == 3
+    assert max(c.max().item() for c in counts) > 256  # the case this test is about
+    for c in counts:
+        assert c.dtype == torch.float32 and torch.equal(c, c.round())
+        assert c.sum(dim=1).tolist() == [576.0, 576.0]
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedules that empty a block before the last
 

@@ -291,9 +291,12 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
         return x
     sizes = state["sizes"]
     if scores is not None and sizes is not None and state["prop_attn"]:
-        # Per original token (see tokenpool_ops.timm's docstring). An empty K-Means cluster left a
-        # token of size 0: it stands for nothing, so it weighs 0 (not 0 / 0).
-        sizes = sizes if sizes.dtype == scores.dtype else sizes.to(scores.dtype)
+        # Per original token (see tokenpool_ops.timm's docstring), in the counts' precision:
+        # the counts go on to the pooled tokens' counts, and in half precision they would
+        # round above 256. An empty K-Means cluster left a token of size 0: it stands for
+        # nothing, so it weighs 0 (not 0 / 0).
+        if scores.dtype != sizes.dtype:
+            scores = scores.to(torch.promote_types(scores.dtype, sizes.dtype))
         if state["method"] in EMPTY_CLUSTER_METHODS:
             scores = torch.where(sizes > 0, scores / sizes.clamp_min(1e-30), 0.0)
         else:  # every token stands for at least one: one operator where there were five
