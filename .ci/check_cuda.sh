@@ -111,6 +111,21 @@ else
   echo "  (and it flags .ci/coherence_canary.cu, which does)"
 fi
 
+echo "== PTX: merge<float> stages its tokens with asynchronous copies"
+# A load and the store that waits for it kept one load in flight per thread, which left
+# the merge latency-bound on an H200 (kStagedAsIs in device_helpers.cuh); the float32 merge
+# must keep its cp.async staging.
+for arch in 80 90; do
+  copies=$(awk '/\.entry _ZN9tokenpool5mergeIfE/ {inside = 1} inside && /cp\.async\.ca\.shared\.global/ {n++}
+                inside && /^}/ {inside = 0} END {print n + 0}' "$work/float_$arch.ptx")
+  if [ "$copies" -eq 0 ]; then
+    echo "check_cuda: merge<float> (sm_$arch) has no cp.async: its staging waits on each load" >&2
+    status=1
+  else
+    echo "  sm_$arch: $copies cp.async in merge<float>"
+  fi
+done
+
 echo "== host build (g++ -std=c++20, as tests/test_cuda_kernel.py compiles it)"
 if command -v "$cxx" >/dev/null; then
   "$cxx" -std=c++20 -ffp-contract=off -fsyntax-only -Wall -Wextra -Werror -pthread \
@@ -124,6 +139,7 @@ if [ "$status" -ne 0 ]; then
   echo "check_cuda: FAILED (errors above)" >&2
 else
   echo "check_cuda: every instantiation compiles for sm_80 and sm_90; no spill in float32;" \
-    "IEEE arithmetic without flush-to-zero; no non-coherent load of a written buffer"
+    "IEEE arithmetic without flush-to-zero; no non-coherent load of a written buffer;" \
+    "the float32 merge stages asynchronously"
 fi
 exit "$status"

@@ -121,6 +121,10 @@ struct BFloat16 {
 // float32 accumulation for every float input; float64 only for float64 (tests).
 template <typename T> struct Accumulator { using type = float; };
 template <> struct Accumulator<double> { using type = double; };
+//: Whether T's values are staged as they are (no conversion): then a copy can be asynchronous.
+template <typename T> constexpr bool kStagedAsIs = false;
+template <> constexpr bool kStagedAsIs<float> = true;
+template <> constexpr bool kStagedAsIs<double> = true;
 
 __device__ __forceinline__ float to_accumulator(float v) { return v; }
 __device__ __forceinline__ double to_accumulator(double v) { return v; }
