@@ -6,9 +6,9 @@ from typing import Literal
 
 from ._compat import Array
 
-__all__ = ["CLUSTERING_METHODS", "INITS", "MATCHING_METHODS", "MERGING_METHODS", "METHODS",
-           "NEEDS_SCORES", "SELECTION_METHODS", "USES_SCORES", "WEIGHTED_METHODS", "Detail",
-           "Init", "Method"]
+__all__ = ["CLUSTERING_METHODS", "EMPTY_CLUSTER_METHODS", "INITS", "MATCHING_METHODS",
+           "MERGING_METHODS", "METHODS", "NEEDS_SCORES", "SELECTION_METHODS", "USES_SCORES",
+           "WEIGHTED_METHODS", "Detail", "Init", "Method"]
 
 Method = Literal["kmeans", "kmedoids", "wkmeans", "wkmedoids", "topk", "random", "importance",
                  "tome"]
@@ -28,6 +28,9 @@ MERGING_METHODS = CLUSTERING_METHODS + MATCHING_METHODS
 METHODS = CLUSTERING_METHODS + SELECTION_METHODS + MATCHING_METHODS
 #: Methods that weigh or rank tokens by significance scores when they are given.
 USES_SCORES = ("wkmeans", "wkmedoids", "topk", "importance")
+#: Methods that can leave a pooled token of size 0 (an empty K-Means cluster); every other
+#: method's tokens stand for at least one original token each.
+EMPTY_CLUSTER_METHODS = ("kmeans", "wkmeans")
 #: Methods whose weights are the scores (times the sizes), Eq. 13; the others weigh every
 #: token by its size alone.
 WEIGHTED_METHODS = ("wkmeans", "wkmedoids")

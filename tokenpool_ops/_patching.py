@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._flash_scores import flash_attention_with_scores, flash_scores_apply
+from ._methods import EMPTY_CLUSTER_METHODS
 from ._pool import (
     DEFAULT_MAX_ITER,
     MATCHING_METHODS,
@@ -77,10 +78,6 @@ ATTENTION_CHUNK = 2**18
 #: precision inside a CUDA graph capture, :func:`attention_with_scores` takes two flash
 #: passes instead (``_flash_scores``).
 MATERIALISED_DEVICES = ("cpu", "cuda")
-
-#: The methods that can leave a token of size 0 (an empty K-Means cluster); every other
-#: method's tokens stand for at least one original token each.
-EMPTY_CLUSTER_METHODS = ("kmeans", "wkmeans")
 
 #: The signature of :func:`tokenpool_ops.nn.pool_with_grad`, which each front door passes to
 #: :func:`pool_patch_tokens` from its own module (so a test or benchmark can wrap one door).
