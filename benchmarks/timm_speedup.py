@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import resource
 import time
@@ -416,6 +417,17 @@ def compile_models(models: dict[str, torch.nn.Module], x: torch.Tensor, mode: st
     import torch._inductor.config as inductor_config
 
     inductor_config.force_disable_caches = True
+    # What those choices make torch print once per process would land among the tables:
+    # dynamo's notice that its profile-guided cache is off too, and, on a machine without a
+    # CUDA runtime, cpp_extension's log line on import (inductor imports it while compiling).
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+    extension_log = logging.getLogger("torch.utils.cpp_extension")
+    level = extension_log.level
+    extension_log.setLevel(logging.ERROR)
+    try:
+        import torch.utils.cpp_extension
+    finally:
+        extension_log.setLevel(level)
     if x.device.type == "cpu":
         inductor_config.compile_threads = 1
     with torch.no_grad(), precision(dtype, x.device):

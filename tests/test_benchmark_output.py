@@ -28,3 +28,27 @@ def test_timm_speedup_prints_no_profiler_log() -> None:
     for stream in (done.stdout, done.stderr):  # Kineto writes to stderr, among the rows
         assert "profiler_start" not in stream and "gpuGetDeviceCount" not in stream, stream
     assert done.stdout.splitlines()[-1].startswith("topk"), done.stdout
+
+
+COMPILE_ONE = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import torch
+from timm_speedup import compile_models
+model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.GELU(), torch.nn.LayerNorm(8))
+x = torch.ones(3, 4)
+with torch.no_grad():
+    (compiled,) = compile_models({"tiny": model}, x, "default", "fp32").values()
+    print(tuple(compiled(x).shape))
+"""
+
+
+def test_compiling_prints_nothing_but_the_result() -> None:
+    """``--compile`` switches inductor's caches off, which makes dynamo warn once, and on a
+    machine without a CUDA runtime inductor's import of cpp_extension logs a line: both
+    would land among the tables. A fresh process, as each is said once per process."""
+    env = dict(os.environ, PYTHONPATH=checkout_first(os.environ.get("PYTHONPATH")))
+    done = subprocess.run([sys.executable, "-c", COMPILE_ONE, str(ROOT / "benchmarks")],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == "(3, 8)\n" and done.stderr == "", (done.stdout, done.stderr)
