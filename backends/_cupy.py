@@ -197,11 +197,39 @@ def _allocator(np_like: Any, allocate: Allocator | None) -> Allocator:
     return allocate or (lambda shape, dtype: np_like.empty(shape, dtype=dtype))
 
 
+def problems_contiguous(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether tokens of ``shape`` (B, N, M) and ``strides`` (in elements) are laid out as
+    the kernels read them: each problem's (N, M) tokens contiguous, the problems a
+    non-negative number of elements apart (``x_stride``). The patch tokens of (B, P + N, M)
+    sequences, viewed past their P prefix tokens, are: the kernels read them where they are.
+    (Copied contiguous, they cost a pooled ViT block on a GPU two copies of its tokens, one
+    a kernel.)"""
+    batches, n, m = shape
+    batch, token, feature = strides
+    return ((m <= 1 or feature == 1) and (n <= 1 or token == m)
+            and (batches <= 1 or batch >= 0))
+
+
+def as_problems(np_like: Any, x: Any) -> Any:
+    """``x`` (B, N, M) itself where :func:`problems_contiguous`, else a C-contiguous copy."""
+    elements = tuple(stride // x.itemsize for stride in x.strides)
+    if (all(stride % x.itemsize == 0 for stride in x.strides)
+            and problems_contiguous(tuple(x.shape), elements)):
+        return x
+    return np_like.ascontiguousarray(x)
+
+
+def problem_stride(x: Any) -> int:
+    """The kernels' ``x_stride``: elements from one problem's tokens to the next's."""
+    batches, n, m = x.shape
+    return int(x.strides[0] // x.itemsize) if batches > 1 else n * m
+
+
 @dataclass(frozen=True)
 class KernelArguments:
     """Arrays in the layout the kernel reads, and the arrays it writes."""
 
-    x: Any  # (B, N, M), C-contiguous, tokens' dtype
+    x: Any  # (B, N, M), tokens' dtype, laid out as problems_contiguous says
     mean: Any  # (B, M), accumulator dtype
     init: Any  # (B, K), int64
     weights: Any  # (B, N), accumulator dtype
@@ -223,7 +251,7 @@ def kernel_arguments(np_like: Any, x: Any, mean: Any, init: Any, weights: Any, m
     new = _allocator(np_like, allocate)
     workspace_shape = (0,) if plan.shared_matrix else (n_problems, n, matrix_stride(n))
     return KernelArguments(
-        x=np_like.ascontiguousarray(x),
+        x=as_problems(np_like, x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         init=np_like.ascontiguousarray(init, dtype=np_like.int64),
         weights=np_like.ascontiguousarray(weights, dtype=accumulator),
@@ -302,7 +330,7 @@ class MergeArguments:
     """The merge kernel's inputs, contiguous in its dtypes, and its outputs."""
 
     kernel: str  # the instantiation that takes them (merge_name of x's element type)
-    x: Any  # (B, N, M)
+    x: Any  # (B, N, M), laid out as problems_contiguous says
     mean: Any  # (B, M)
     labels: Any  # (B, N) int64
     weights: Any  # (B, N)
@@ -327,7 +355,7 @@ def merge_arguments(np_like: Any, x: Any, mean: Any, labels: Any, k: int, weight
 
     return MergeArguments(
         kernel=merge_name(np_like.dtype(x.dtype).name),
-        x=np_like.ascontiguousarray(x),
+        x=as_problems(np_like, x),
         mean=np_like.ascontiguousarray(mean.reshape(n_problems, m), dtype=accumulator),
         labels=np_like.ascontiguousarray(labels, dtype=np_like.int64),
         weights=per_token(weights),
@@ -556,7 +584,8 @@ def _launch(device_id: int, args: KernelArguments, plan: KMedoidsPlan, max_iter:
     k = args.init.shape[1]
     _function(plan.kernel, device_id)(
         (n_problems,), (BLOCK_THREADS,),
-        (args.x, args.mean, args.init, args.weights, np.int32(n_problems), np.int32(n),
+        (args.x, np.int64(problem_stride(args.x)), args.mean, args.init, args.weights,
+         np.int32(n_problems), np.int32(n),
          np.int32(m), np.int32(k), np.int32(max_iter), args.workspace, args.labels,
          args.medoids, args.history, args.iterations),
         shared_mem=plan.shared_bytes)
@@ -653,7 +682,8 @@ def _launch_merge(device_id: int, args: MergeArguments, with_objective: bool) ->
     k = args.tokens.shape[1]
     _function(args.kernel, device_id)(
         (n_problems,), (BLOCK_THREADS,),
-        (args.x, args.mean, args.labels, args.weights, args.fallback, args.carried,
+        (args.x, np.int64(problem_stride(args.x)), args.mean, args.labels, args.weights,
+         args.fallback, args.carried,
          np.int32(n_problems), np.int32(n), np.int32(m), np.int32(k),
          np.int32(args.has_fallback), np.int32(with_objective), args.workspace, args.tokens,
          args.sizes, args.objective),
@@ -832,6 +862,11 @@ def _torch_accumulator(x: Any) -> Any:
     return getattr(torch, ACCUMULATOR[str(x.dtype).removeprefix("torch.")])
 
 
+def _torch_problems(x: Any) -> Any:
+    """Tensor ``x`` (B, N, M) itself where :func:`problems_contiguous`, else contiguous."""
+    return x if problems_contiguous(tuple(x.shape), tuple(x.stride())) else x.contiguous()
+
+
 def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
                        to_array: Callable[[Any], Any], from_array: Callable[[Any], Any],
                        x: Any, mean: Any, init: Any, weights: Any, max_iter: int,
@@ -846,7 +881,7 @@ def kmedoids_for_torch(run: Callable[..., tuple[Any, Any, Any, Any] | None],
     if x.ndim != 3:
         return None
     accumulator = _torch_accumulator(x)
-    inputs = (x.detach().contiguous(), mean.detach().to(accumulator).contiguous(),
+    inputs = (_torch_problems(x.detach()), mean.detach().to(accumulator).contiguous(),
               init.long().contiguous(), weights.detach().to(accumulator).contiguous())
     # Positional, as every argument of a launch path: wrappers that count its calls
     # (benchmarks/bench_cuda.py, the GPU tests) pass positional arguments on. The count of
@@ -900,7 +935,7 @@ def merge_for_torch(run: Callable[..., tuple[Any, Any, Any | None] | None],
     def per_token(values: Any) -> Any:
         return to_array(values.detach().to(accumulator).contiguous())
 
-    merged = run(to_array(x.detach().contiguous()), per_token(mean), to_array(
+    merged = run(to_array(_torch_problems(x.detach())), per_token(mean), to_array(
         labels.long().contiguous()), k, per_token(weights),
         None if fallback is None else per_token(fallback), per_token(carried), with_objective,
         torch_allocator(x.device, to_array))  # positional: see kmedoids_for_torch

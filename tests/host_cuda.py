@@ -237,13 +237,28 @@ def check_arguments(source: KernelSource, instantiation: str, arguments: tuple[A
                 assert argument.dtype.itemsize == 2 and argument.dtype != np.float16, where
             else:
                 assert argument.dtype == np.dtype(dtype), f"{where}: got {argument.dtype}"
-            assert argument.flags.c_contiguous, f"{where}: not C-contiguous"
+            # x may be a view past prefix tokens: its layout is checked with its stride below.
+            assert argument.flags.c_contiguous or name == "x", f"{where}: not C-contiguous"
             assert const or argument.flags.writeable, f"{where}: an output not writable"
         else:
             expected = np.dtype(C_DTYPES[_plain(ctype)]).type  # type: ignore[arg-type]
             # Exactly that NumPy type: CuPy passes a Python int as 8 bytes, a bool as 1.
             assert type(argument) is expected, f"{where}: got {type(argument).__name__}"
-    return {name: argument for argument, (_, name) in zip(arguments, parameters, strict=True)}
+    named = {name: argument for argument, (_, name) in zip(arguments, parameters, strict=True)}
+    _check_problems(instantiation, named)
+    return named
+
+
+def _check_problems(instantiation: str, named: dict[str, Any]) -> None:
+    """x as the kernels read it: (B, N, M), each problem's (N, M) tokens contiguous,
+    problem b's at b * x_stride elements from the first."""
+    x, stride = named["x"], int(named["x_stride"])
+    b, n, m = (int(named[name]) for name in ("n_problems", "n", "m"))
+    items = x.itemsize
+    assert x.shape == (b, n, m), (instantiation, x.shape, (b, n, m))
+    assert n <= 1 or x.strides[1] == m * items, (instantiation, x.strides)
+    assert m <= 1 or x.strides[2] == items, (instantiation, x.strides)
+    assert b <= 1 or x.strides[0] == stride * items, (instantiation, x.strides, stride)
 
 
 def check_launch(source: KernelSource, launch: Launch, *, device: int | None = None,

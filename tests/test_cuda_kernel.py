@@ -68,11 +68,13 @@ class HostKernels:
         for suffix in _cupy.CXX_TYPES:
             function = getattr(library, f"tp_kmedoids_{suffix}")
             function.restype = None
-            function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 5
+            function.argtypes = ([ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_void_p] * 3
+                                 + [ctypes.c_int] * 7 + [ctypes.c_void_p] * 5)
             getattr(library, f"tp_kmedoids_shared_bytes_{suffix}").restype = ctypes.c_longlong
             merge = getattr(library, f"tp_merge_{suffix}")
             merge.restype = None
-            merge.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 4
+            merge.argtypes = ([ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_void_p] * 5
+                              + [ctypes.c_int] * 6 + [ctypes.c_void_p] * 4)
             getattr(library, f"tp_merge_shared_bytes_{suffix}").restype = ctypes.c_longlong
 
     def with_rows(self, rows: int) -> HostKernels:

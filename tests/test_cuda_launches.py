@@ -438,6 +438,39 @@ def test_torch_pool_through_the_cuda_entries(glue, dtype, merge_fits, monkeypatc
     torch.testing.assert_close(got.objective, want.objective, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("arrays", ["cupy", "torch"])
+@pytest.mark.parametrize("prefix", [1, 4])
+def test_patch_tokens_past_the_prefix_reach_the_kernels_uncopied(glue, arrays, prefix):
+    # A ViT block pools the patch tokens of its (B, P + N, M) sequence, a view past the P
+    # prefix tokens: both kernels read it where it is (problem b at b * (P + N) * M), and
+    # the results are the generic code's on the same view.
+    rng = np.random.default_rng(8 + prefix)
+    b, n, k, m = 3, 40, 9, 4
+    tokens, scores, _ = problem(rng, b, n, k, m)
+    sequence = np.concatenate([rng.normal(size=(b, prefix, m)), tokens], axis=1)
+    options = dict(scores=scores, return_info=True, init="random", seed=2)
+    want = tokenpool_ops.pool(sequence[:, prefix:], k, "wkmedoids", fast_paths=False,
+                              **options)
+    if arrays == "cupy":
+        on_gpu = on_device(glue.fake, sequence)
+        with cupy_fast_paths():
+            got = tokenpool_ops.pool(on_gpu[:, prefix:], k, "wkmedoids", **options)
+        first_patch = on_gpu[:, prefix:].ctypes.data
+    else:
+        with torch_through_the_fake(glue, stream=5) as torch:
+            tensor = torch.as_tensor(sequence)
+            got = tokenpool_ops.pool(tensor[:, prefix:], k, "wkmedoids",
+                                     **{**options, "scores": torch.as_tensor(scores)})
+        first_patch = tensor[:, prefix:].data_ptr()
+    assert glue.launched() == ["tokenpool::kmedoids<double, true, 2>", "tokenpool::merge<double>"]
+    for named in glue.check(0, stream=None if arrays == "cupy" else 5):
+        assert named["x"].ctypes.data == first_patch  # the sequence's memory: no copy
+        assert int(named["x_stride"]) == (prefix + n) * m
+    for name in ("assignment", "medoids", "sizes"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)), getattr(want, name))
+    np.testing.assert_allclose(np.asarray(got.tokens), want.tokens, rtol=1e-12, atol=1e-12)
+
+
 def test_torch_weighted_means_entry(glue):
     rng = np.random.default_rng(7)
     values = zero_mean_tokens(rng, 2, 30, 3)

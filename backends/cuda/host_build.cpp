@@ -27,16 +27,16 @@ auto kmedoids_kernel(int shared_matrix, int tile_rows) {
 }
 
 template <typename T>
-void run_kmedoids(const void* x, const void* mean, const long long* init, const void* weights,
-                  int n_problems, int n, int m, int k, int max_iter, int shared_matrix,
-                  int tile_rows, void* workspace, long long* labels, long long* medoids,
-                  void* history, int* iterations) {
+void run_kmedoids(const void* x, long long x_stride, const void* mean, const long long* init,
+                  const void* weights, int n_problems, int n, int m, int k, int max_iter,
+                  int shared_matrix, int tile_rows, void* workspace, long long* labels,
+                  long long* medoids, void* history, int* iterations) {
   using Acc = typename tokenpool::Accumulator<T>::type;
   const auto bytes =
       static_cast<std::size_t>(kmedoids_shared_bytes<T>(n, k, shared_matrix, tile_rows));
   const auto kernel = kmedoids_kernel<T>(shared_matrix, tile_rows);
   tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
-    kernel(static_cast<const T*>(x), static_cast<const Acc*>(mean), init,
+    kernel(static_cast<const T*>(x), x_stride, static_cast<const Acc*>(mean), init,
            static_cast<const Acc*>(weights), n_problems, n, m, k, max_iter,
            static_cast<Acc*>(workspace), labels, medoids, static_cast<Acc*>(history), iterations);
   });
@@ -45,15 +45,15 @@ void run_kmedoids(const void* x, const void* mean, const long long* init, const 
 }  // namespace
 
 template <typename T>
-void run_merge(const void* x, const void* mean, const long long* labels, const void* weights,
-               const void* fallback, const void* carried, int n_problems, int n, int m, int k,
-               int has_fallback, int with_objective, void* workspace, void* tokens,
-               void* sizes, void* objective) {
+void run_merge(const void* x, long long x_stride, const void* mean, const long long* labels,
+               const void* weights, const void* fallback, const void* carried, int n_problems,
+               int n, int m, int k, int has_fallback, int with_objective, void* workspace,
+               void* tokens, void* sizes, void* objective) {
   using Acc = typename tokenpool::Accumulator<T>::type;
   const tokenpool::MergeLayout<Acc> layout{n, k, with_objective != 0};
   const auto bytes = static_cast<std::size_t>(layout.bytes());
   tp_host::launch(static_cast<unsigned int>(n_problems), tokenpool::kBlockThreads, bytes, [=] {
-    tokenpool::merge<T>(static_cast<const T*>(x), static_cast<const Acc*>(mean), labels,
+    tokenpool::merge<T>(static_cast<const T*>(x), x_stride, static_cast<const Acc*>(mean), labels,
                         static_cast<const Acc*>(weights), static_cast<const Acc*>(fallback),
                         static_cast<const Acc*>(carried), n_problems, n, m, k, has_fallback,
                         with_objective, static_cast<Acc*>(workspace),
@@ -63,24 +63,26 @@ void run_merge(const void* x, const void* mean, const long long* labels, const v
 }
 
 #define TP_KMEDOIDS_ENTRY(suffix, T)                                                               \
-  TP_HOST_EXPORT void tp_kmedoids_##suffix(const void* x, const void* mean, const long long* init, \
-                                           const void* weights, int n_problems, int n, int m,      \
-                                           int k, int max_iter, int shared_matrix,                 \
-                                           int tile_rows, void* workspace, long long* labels,      \
-                                           long long* medoids, void* history, int* iterations) {   \
-    run_kmedoids<T>(x, mean, init, weights, n_problems, n, m, k, max_iter, shared_matrix,          \
-                    tile_rows, workspace, labels, medoids, history, iterations);                   \
+  TP_HOST_EXPORT void tp_kmedoids_##suffix(const void* x, long long x_stride, const void* mean,    \
+                                           const long long* init, const void* weights,             \
+                                           int n_problems, int n, int m, int k, int max_iter,      \
+                                           int shared_matrix, int tile_rows, void* workspace,      \
+                                           long long* labels, long long* medoids, void* history,   \
+                                           int* iterations) {                                      \
+    run_kmedoids<T>(x, x_stride, mean, init, weights, n_problems, n, m, k, max_iter,               \
+                    shared_matrix, tile_rows, workspace, labels, medoids, history, iterations);    \
   }                                                                                                \
   TP_HOST_EXPORT long long tp_kmedoids_shared_bytes_##suffix(int n, int k, int shared_matrix,      \
                                                              int tile_rows) {                      \
     return kmedoids_shared_bytes<T>(n, k, shared_matrix, tile_rows);                               \
   }                                                                                                \
-  TP_HOST_EXPORT void tp_merge_##suffix(const void* x, const void* mean, const long long* labels,  \
-                                        const void* weights, const void* fallback,                 \
-                                        const void* carried, int n_problems, int n, int m, int k,  \
-                                        int has_fallback, int with_objective, void* workspace,     \
-                                        void* tokens, void* sizes, void* objective) {              \
-    run_merge<T>(x, mean, labels, weights, fallback, carried, n_problems, n, m, k,                 \
+  TP_HOST_EXPORT void tp_merge_##suffix(const void* x, long long x_stride, const void* mean,       \
+                                        const long long* labels, const void* weights,              \
+                                        const void* fallback, const void* carried, int n_problems, \
+                                        int n, int m, int k, int has_fallback, int with_objective, \
+                                        void* workspace, void* tokens, void* sizes,                \
+                                        void* objective) {                                         \
+    run_merge<T>(x, x_stride, mean, labels, weights, fallback, carried, n_problems, n, m, k,       \
                  has_fallback, with_objective, workspace, tokens, sizes, objective);               \
   }                                                                                                \
   TP_HOST_EXPORT long long tp_merge_shared_bytes_##suffix(int n, int k, int with_objective) {      \

@@ -723,9 +723,13 @@ __device__ __forceinline__ int token_index(long long index, int n) {
 // registers, no spill), so that one block's loads overlap the other's work. TileRows: the
 // shape of fill_matrix's blocks (round_blocks), which the glue picks by architecture; any
 // shape gives the same bits.
+// x: problem b's tokens, (N, M) contiguous, start at x + b * x_stride: N * M for a contiguous
+// batch, more for the patch tokens of sequences viewed past their prefix tokens, which the
+// glue then passes as they are instead of copying them (the merge takes x alike).
 template <typename T, bool SharedMatrix, int TileRows>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, TP_BLOCKS_PER_SM(SharedMatrix))
-kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
+kmedoids(const T* __restrict__ x, long long x_stride,
+         const typename Accumulator<T>::type* __restrict__ mean,
          const long long* __restrict__ init,
          const typename Accumulator<T>::type* __restrict__ weights, int n_problems, int n, int m,
          int k, int max_iter, typename Accumulator<T>::type* __restrict__ workspace,
@@ -738,7 +742,7 @@ kmedoids(const T* __restrict__ x, const typename Accumulator<T>::type* __restric
   __shared__ int changed;
   static_assert(valid_tile_rows(TileRows), "fill_matrix's blocks: 1 or 2 tile rows");
   const Problem<T> p = carve<T, SharedMatrix, TileRows>(
-      shared, n, m, k, x + static_cast<long long>(problem) * n * m,
+      shared, n, m, k, x + static_cast<long long>(problem) * x_stride,
       mean + static_cast<long long>(problem) * m,
       SharedMatrix ? workspace
                    : workspace + static_cast<long long>(problem) * n * (n | 1));
@@ -843,7 +847,8 @@ __device__ __forceinline__ void for_8x4(int columns, int width, F f) {
 // spilling), so that one block's loads overlap the other's sums.
 template <typename T>
 __global__ void __launch_bounds__(TP_BLOCK_THREADS, 2)
-merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__ mean,
+merge(const T* __restrict__ x, long long x_stride,
+      const typename Accumulator<T>::type* __restrict__ mean,
       const long long* __restrict__ labels,
       const typename Accumulator<T>::type* __restrict__ weights,
       const typename Accumulator<T>::type* __restrict__ fallback,
@@ -859,7 +864,7 @@ merge(const T* __restrict__ x, const typename Accumulator<T>::type* __restrict__
   if (problem >= n_problems || n <= 0 || k <= 0) return;  // uniform across the block
   TP_DYNAMIC_SHARED(shared);
   const long long token_offset = static_cast<long long>(problem) * n;
-  x += token_offset * m;
+  x += static_cast<long long>(problem) * x_stride;
   mean += static_cast<long long>(problem) * m;
   weights += token_offset;
   fallback += has_fallback ? token_offset : 0;
