@@ -6,9 +6,11 @@
 ``launch-each`` is what compute-sanitizer (memcheck, racecheck) runs: each instantiation the
 glue names (``backends._cupy.kernel_names``) once, on B=2 problems of N=24 tokens, M=40
 features, K=5, with the distances in shared memory and in the global workspace, and the
-merge with its objective. CuPy's memory pool is switched off, so that every buffer is its
-own allocation and memcheck sees its exact bounds. The tests run :func:`launches` on the CPU
-with the host build of the kernels (tests/test_cuda_kernel.py).
+merge with its objective; the tokens are a view past one prefix token of (B, 1 + N, M)
+sequences, as a pooling ViT block passes them (``x_stride`` (1 + N) M). CuPy's memory pool
+is switched off, so that every buffer is its own allocation and memcheck sees its exact
+bounds. The tests run :func:`launches` on the CPU with the host build of the kernels
+(tests/test_cuda_kernel.py).
 """
 
 from __future__ import annotations
@@ -42,14 +44,16 @@ def launches(np_like: Any, launch: _cupy.KMedoidsLauncher, launch_merge: _cupy.M
     b, n, m, k = SHAPE
     rng = np.random.default_rng(0)
     values = rng.normal(size=(b, n, m)).astype(np.float32)
+    sequences = np.concatenate([rng.normal(size=(b, 1, m)), values], axis=1)
     mean = np_like.asarray(values.mean(axis=1, keepdims=True))
     init = np_like.asarray(np.stack([rng.permutation(n)[:k] for _ in range(b)]))
     weights = np_like.asarray(rng.random((b, n)).astype(np.float32))
     for dtype_name in _cupy.CXX_TYPES:
         # bfloat16 travels as its bits; the arguments are made for float16, of the same size.
         stand_in = "float16" if dtype_name == "bfloat16" else dtype_name
-        x = np_like.asarray(values.astype(stand_in))
-        bits = np_like.asarray(_bfloat16_bits(values)) if dtype_name == "bfloat16" else x
+        x = np_like.asarray(sequences.astype(stand_in))[:, 1:]
+        bits = (np_like.asarray(_bfloat16_bits(sequences))[:, 1:] if dtype_name == "bfloat16"
+                else x)
         for shared_matrix, rows in itertools.product((True, False), _cupy.TILE_ROWS):
             plan = _cupy.KMedoidsPlan(
                 _cupy.kernel_name(dtype_name, shared_matrix, rows), shared_matrix,

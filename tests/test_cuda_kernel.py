@@ -1102,8 +1102,9 @@ def test_gpu_checks_launch_of_each_instantiation_runs_on_the_host(host):
 
     names = list(gpu_kernels.launches(np, launch, launch_merge))
     assert sorted(names) == sorted(_cupy.kernel_names())
-    _, n, _, k = gpu_kernels.SHAPE
+    _, n, m, k = gpu_kernels.SHAPE
     for args in results:
+        assert _cupy.problem_stride(args.x) == (1 + n) * m  # a view past a prefix token
         if isinstance(args, _cupy.KernelArguments):
             assert ((args.labels >= 0) & (args.labels < k)).all()
             assert ((args.medoids >= 0) & (args.medoids < n)).all()
