@@ -1159,6 +1159,41 @@ def test_gpu_kernel_equals_generic(library, n, k, rng):
         assert got.tokens.device == torch.device("cuda", torch.cuda.current_device())
 
 
+@pytest.mark.parametrize("library", ["cupy", "torch"])
+def test_gpu_patch_tokens_past_the_prefix_are_read_in_place(library, rng):
+    # A ViT block's patch tokens, a view past its class token: both launches read the
+    # sequence's own memory (no copy), with the same bits as from a contiguous copy.
+    cupy, torch = _gpu_libraries()
+    sequence = rng.normal(size=(4, 1 + 197, 16)).astype(np.float32)
+    scores = rng.exponential(size=(4, 197)).astype(np.float32)
+    as_gpu = cupy.asarray if library == "cupy" else (lambda a: torch.as_tensor(a, device="cuda"))
+    on_gpu = as_gpu(sequence)
+    patches = on_gpu[:, 1:]
+    first = patches.data.ptr if library == "cupy" else patches.data_ptr()
+    kwargs = dict(scores=as_gpu(scores), init="random", max_iter=10, return_info=True)
+    read: list[tuple[int, int]] = []
+    launch, launch_merge = _cupy._launch, _cupy._launch_merge
+
+    def kmedoids_launch(device_id: int, args: Any, *rest: Any) -> None:
+        read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
+        launch(device_id, args, *rest)
+
+    def merge_launch(device_id: int, args: Any, *rest: Any) -> None:
+        read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
+        launch_merge(device_id, args, *rest)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_cupy, "_launch", kmedoids_launch)
+        patch.setattr(_cupy, "_launch_merge", merge_launch)
+        got = tokenpool_ops.pool(patches, 98, "wkmedoids", **kwargs)
+    assert read == [(first, (1 + 197) * 16)] * 2, read
+    want = tokenpool_ops.pool(as_gpu(sequence[:, 1:].copy()), 98, "wkmedoids", **kwargs)
+    to_numpy = cupy.asnumpy if library == "cupy" else (lambda a: a.cpu().numpy())
+    for field in ("assignment", "medoids", "sizes", "tokens", "objective"):
+        np.testing.assert_array_equal(to_numpy(getattr(got, field)),
+                                      to_numpy(getattr(want, field)))
+
+
 def test_gpu_float32_on_torch_stream_without_checks():
     _, torch = _gpu_libraries()
     rng = np.random.default_rng(5)
