@@ -1172,19 +1172,17 @@ def test_gpu_patch_tokens_past_the_prefix_are_read_in_place(library, rng):
     first = patches.data.ptr if library == "cupy" else patches.data_ptr()
     kwargs = dict(scores=as_gpu(scores), init="random", max_iter=10, return_info=True)
     read: list[tuple[int, int]] = []
-    launch, launch_merge = _cupy._launch, _cupy._launch_merge
 
-    def kmedoids_launch(device_id: int, args: Any, *rest: Any) -> None:
-        read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
-        launch(device_id, args, *rest)
-
-    def merge_launch(device_id: int, args: Any, *rest: Any) -> None:
-        read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
-        launch_merge(device_id, args, *rest)
+    def recording(launch: Any) -> Any:
+        """``launch`` (``_cupy._launch`` or ``_launch_merge``), noting where x is read."""
+        def recorded(device_id: int, args: Any, *rest: Any) -> None:
+            read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
+            launch(device_id, args, *rest)
+        return recorded
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_cupy, "_launch", kmedoids_launch)
-        patch.setattr(_cupy, "_launch_merge", merge_launch)
+        for name in ("_launch", "_launch_merge"):
+            patch.setattr(_cupy, name, recording(getattr(_cupy, name)))
         got = tokenpool_ops.pool(patches, 98, "wkmedoids", **kwargs)
     assert read == [(first, (1 + 197) * 16)] * 2, read
     want = tokenpool_ops.pool(as_gpu(sequence[:, 1:].copy()), 98, "wkmedoids", **kwargs)
