@@ -12,6 +12,12 @@ point repeats its final value, as the kernels write it) and the most iterations 
 ran comes back as a 0-d int64 tensor, which the core reads with its value checks (eager,
 ``stop_early``) or not at all (traced: ``max_iter`` iterations, see ``_validation.host_reads``).
 
+The operators pass their inputs on as given (detached): each route lays them out as it reads
+them. The CUDA glue reads tokens whose problems are each contiguous where they are, among
+them a block's patch tokens, a view past its prefix tokens (``_cupy.problems_contiguous``);
+the Numba kernels' NumPy views copy what is not contiguous; the PyTorch code takes any
+layout.
+
 Where a kernel does not cover a call (the CUDA kernel declines some shapes; Numba or CuPy
 missing at run time) the operator runs the PyTorch code of the generic loop instead, with
 the same results. Nothing here has a backward: callers pass no tensor that needs gradients
@@ -80,7 +86,8 @@ def kmedoids(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, max_iter: i
     convergence on the host (eager only); the kernels stop each problem at its fixed point
     either way.
     """
-    x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
+    # As given, detached: each route lays its inputs out (see the module docstring).
+    x, mean, init, weights = (t.detach() for t in (x, mean, init, weights))
     fused = _cuda_kmedoids(x, mean, init, weights, max_iter) if _on_cuda(x) else (
         _numba_kmedoids(x, mean, init, weights, max_iter, stop_early))
     if fused is None:
@@ -132,8 +139,9 @@ def kmeans(x: Tensor, mean: Tensor, init: Tensor, weights: Tensor, fallback: Ten
     Returns the centres (B, K, M) in the centred frame, in ``x``'s dtype, labels (B, N) in
     ``init``'s dtype, the history and the iteration count as :func:`kmedoids`.
     """
-    x, mean, init, weights = (t.detach().contiguous() for t in (x, mean, init, weights))
-    fallback = None if fallback is None else fallback.detach().contiguous()
+    # As given, detached: each route lays its inputs out (see the module docstring).
+    x, mean, init, weights = (t.detach() for t in (x, mean, init, weights))
+    fallback = None if fallback is None else fallback.detach()
     fused = None if _on_cuda(x) else _numba_kmeans(x, mean, init, weights, fallback, max_iter,
                                                          stop_early)
     if fused is None:
@@ -175,7 +183,7 @@ def weighted_means(values: Tensor, labels: Tensor, k: int, weights: Tensor,
     """``sum_i w_i values_i / sum_i w_i`` per label (B, k, C), ``empty`` (B, 1, C) or
     (B, k, C) where the weights sum to zero; ``values``, ``weights`` and ``empty`` share
     one dtype, which the result has."""
-    values, labels, weights, empty = (t.detach().contiguous()
+    values, labels, weights, empty = (t.detach()  # as given: see the module docstring
                                       for t in (values, labels, weights, empty))
     fused = None
     if _on_cuda(values):
@@ -222,9 +230,9 @@ def merge(x: Tensor, mean: Tensor, labels: Tensor, k: int, weights: Tensor,
     The merge kernel on CUDA tensors (``_cupy.torch_merge``); where it declines, and on
     other devices, the PyTorch code of ``_pool._merge``, with the same results.
     """
-    x, mean, labels, weights, carried = (t.detach().contiguous()
+    x, mean, labels, weights, carried = (t.detach()  # as given: see the module docstring
                                          for t in (x, mean, labels, weights, carried))
-    fallback = None if fallback is None else fallback.detach().contiguous()
+    fallback = None if fallback is None else fallback.detach()
     fused = None
     if _on_cuda(x):
         from . import _cupy

@@ -471,6 +471,40 @@ def test_patch_tokens_past_the_prefix_reach_the_kernels_uncopied(glue, arrays, p
     np.testing.assert_allclose(np.asarray(got.tokens), want.tokens, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_operators_pass_patch_tokens_to_the_kernels_uncopied(glue, compiled):
+    # The custom operators (the kernels of a compiled pool call) hand a view past the
+    # prefix to the glue as it is, which reads it in place; compiled by inductor, the graph
+    # passes the view itself (no copy inserted). The results are the bits of the operators
+    # on a contiguous copy.
+    rng = np.random.default_rng(12)
+    b, n, k, m, prefix = 3, 40, 9, 4, 1
+    tokens, weights, init = problem(rng, b, n, k, m)
+    sequence = np.concatenate([rng.normal(size=(b, prefix, m)), tokens], axis=1)
+    with torch_through_the_fake(glue, stream=6) as torch:
+        ops = torch.ops.tokenpool_ops
+        given = torch.as_tensor(sequence)
+        mean = given[:, prefix:].mean(dim=1, keepdim=True)
+        init_t, weights_t = torch.as_tensor(init), torch.as_tensor(weights)
+
+        def both_kernels(patches: Any) -> Any:
+            clustered = ops.kmedoids(patches, mean, init_t, weights_t, 5, False)
+            return (*clustered, *ops.merge(patches, mean, clustered[0], k, weights_t, None,
+                                           weights_t, True))
+
+        past_prefix = (torch.compile(lambda t: both_kernels(t[:, prefix:]), fullgraph=True)
+                       if compiled else lambda t: both_kernels(t[:, prefix:]))
+        got = past_prefix(given)
+        want = both_kernels(given[:, prefix:].contiguous())
+    assert glue.launched() == ["tokenpool::kmedoids<double, true, 2>",
+                               "tokenpool::merge<double>"] * 2
+    for named in glue.check(0, stream=6)[:2]:  # the view's launches
+        assert named["x"].ctypes.data == given[:, prefix:].data_ptr()  # no copy
+        assert int(named["x_stride"]) == (prefix + n) * m
+    for got_one, want_one in zip(got, want, strict=True):
+        torch.testing.assert_close(got_one, want_one, rtol=0, atol=0)
+
+
 def test_torch_weighted_means_entry(glue):
     rng = np.random.default_rng(7)
     values = zero_mean_tokens(rng, 2, 30, 3)
