@@ -1159,6 +1159,23 @@ def test_gpu_kernel_equals_generic(library, n, k, rng):
         assert got.tokens.device == torch.device("cuda", torch.cuda.current_device())
 
 
+@contextlib.contextmanager
+def _reads_of_x() -> Iterator[list[tuple[int, int]]]:
+    """Where each K-Medoids and merge launch reads its tokens: (address, x_stride)."""
+    read: list[tuple[int, int]] = []
+
+    def recording(launch: Any) -> Any:
+        def recorded(device_id: int, args: Any, *rest: Any) -> None:
+            read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
+            launch(device_id, args, *rest)
+        return recorded
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("_launch", "_launch_merge"):
+            patch.setattr(_cupy, name, recording(getattr(_cupy, name)))
+        yield read
+
+
 @pytest.mark.parametrize("library", ["cupy", "torch"])
 def test_gpu_patch_tokens_past_the_prefix_are_read_in_place(library, rng):
     # A ViT block's patch tokens, a view past its class token: both launches read the
@@ -1171,18 +1188,7 @@ def test_gpu_patch_tokens_past_the_prefix_are_read_in_place(library, rng):
     patches = on_gpu[:, 1:]
     first = patches.data.ptr if library == "cupy" else patches.data_ptr()
     kwargs = dict(scores=as_gpu(scores), init="random", max_iter=10, return_info=True)
-    read: list[tuple[int, int]] = []
-
-    def recording(launch: Any) -> Any:
-        """``launch`` (``_cupy._launch`` or ``_launch_merge``), noting where x is read."""
-        def recorded(device_id: int, args: Any, *rest: Any) -> None:
-            read.append((args.x.data.ptr, _cupy.problem_stride(args.x)))
-            launch(device_id, args, *rest)
-        return recorded
-
-    with pytest.MonkeyPatch.context() as patch:
-        for name in ("_launch", "_launch_merge"):
-            patch.setattr(_cupy, name, recording(getattr(_cupy, name)))
+    with _reads_of_x() as read:
         got = tokenpool_ops.pool(patches, 98, "wkmedoids", **kwargs)
     assert read == [(first, (1 + 197) * 16)] * 2, read
     want = tokenpool_ops.pool(as_gpu(sequence[:, 1:].copy()), 98, "wkmedoids", **kwargs)
@@ -1190,6 +1196,34 @@ def test_gpu_patch_tokens_past_the_prefix_are_read_in_place(library, rng):
     for field in ("assignment", "medoids", "sizes", "tokens", "objective"):
         np.testing.assert_array_equal(to_numpy(getattr(got, field)),
                                       to_numpy(getattr(want, field)))
+
+
+def test_gpu_compiled_operators_read_patch_tokens_in_place(rng):
+    # A compiled pool call's kernels are the custom operators: inductor passes them a view
+    # past the class token as it is, and both launches read the sequence's memory, with
+    # the bits of the operators on a contiguous copy.
+    _, torch = _gpu_libraries()
+    sequence = torch.as_tensor(rng.normal(size=(4, 1 + 197, 16)), dtype=torch.float32,
+                               device="cuda")
+    weights = torch.as_tensor(rng.exponential(size=(4, 197)), dtype=torch.float32,
+                              device="cuda")
+    init = torch.as_tensor(np.stack([rng.permutation(197)[:98] for _ in range(4)]),
+                           device="cuda")
+    mean = sequence[:, 1:].mean(dim=1, keepdim=True)
+    ops = torch.ops.tokenpool_ops
+
+    def both_kernels(patches: Any) -> Any:
+        clustered = ops.kmedoids(patches, mean, init, weights, 10, False)
+        return (*clustered, *ops.merge(patches, mean, clustered[0], 98, weights, None,
+                                       weights, True))
+
+    compiled = torch.compile(lambda t: both_kernels(t[:, 1:]), fullgraph=True)
+    with _reads_of_x() as read:
+        got = compiled(sequence)
+    assert read == [(sequence[:, 1:].data_ptr(), (1 + 197) * 16)] * 2, read
+    want = both_kernels(sequence[:, 1:].contiguous())
+    for got_one, want_one in zip(got, want, strict=True):
+        torch.testing.assert_close(got_one, want_one, rtol=0, atol=0)
 
 
 def test_gpu_float32_on_torch_stream_without_checks():
