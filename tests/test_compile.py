@@ -267,6 +267,19 @@ def test_export_gives_the_eager_logits(method):
         assert calls == len(SCHEDULE)
 
 
+def test_export_names_the_input_as_timm_does_for_a_dynamic_batch():
+    # The patched forward keeps timm's signature, forward(x): a dynamic batch is named by
+    # it, and the program gives the eager logits at other batch sizes too.
+    model, x = tiny_vit("wkmedoids"), images(batch=3)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+        for size in (3, 2, 5):
+            given = images(batch=size, seed=size)
+            torch.testing.assert_close(program.module()(given), model(given), rtol=1e-5,
+                                       atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The custom operators
 

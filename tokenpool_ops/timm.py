@@ -45,6 +45,7 @@ now; -1 once no patch token is left.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -163,8 +164,11 @@ class TokenPoolBlock(Block):
 
 
 def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
-    """A subclass of the model's class whose forward starts from fresh sizes and sources."""
+    """A subclass of the model's class whose forward starts from fresh sizes and sources.
+    Its forward has the original's signature (``functools.wraps``): ``torch.export``
+    names the inputs by it (``dynamic_shapes={"x": ...}``)."""
 
+    @functools.wraps(original.forward)
     def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
         state = _state_of(self)
         reset_state(state)
