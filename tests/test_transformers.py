@@ -472,3 +472,18 @@ def test_export_gives_the_eager_outputs_and_leaves_the_state_clean(implementatio
         torch.export.export(model, (x, False, mask))
     with pytest.raises(ValueError, match="no attention_mask"):
         torch.export.export(model, (x,), {"attention_mask": mask})
+
+
+def test_export_names_a_dynamic_batch_pixel_values() -> None:
+    # The patch leaves the model's forward as it was: a dynamic batch is named as for the
+    # plain model, and the program gives the eager logits at other batch sizes too.
+    model = patch_transformers(make("deit_teacher", "sdpa"), SCHEDULE)
+    batch = torch.export.Dim("batch", min=1, max=16)
+    with torch.no_grad():
+        program = torch.export.export(model, (images(),),
+                                      dynamic_shapes={"pixel_values": {0: batch}})
+        for size in (3, 5):
+            given = torch.randn(size, *images().shape[1:],
+                                generator=torch.Generator().manual_seed(size))
+            torch.testing.assert_close(program.module()(given).logits, model(given).logits,
+                                       rtol=1e-5, atol=1e-5)
