@@ -23,6 +23,7 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 from tokenpool_ops.backends import _torch_ops  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
+import tokenpool_ops  # noqa: E402
 from tests.conftest import cuda_or_skip  # noqa: E402
 from tokenpool_ops import backends  # noqa: E402
 from tokenpool_ops._pool import METHODS  # noqa: E402
@@ -243,6 +244,38 @@ def test_transformers_inference_compiles_to_one_graph_with_the_eager_logits(impl
         assert counter.op_calls("plan") == 3
         assert counter.op_calls("attention_with_scores") == (3 if implementation == "sdpa"
                                                              else 0)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # said before the refusal
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:FutureWarning")  # deprecated: the point
+# The trace reads every property of the module, one of them deprecated by transformers.
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+@pytest.mark.parametrize("traced", ["pool", "pool, generic code", "timm", "transformers"])
+def test_torch_jit_trace_is_refused_and_names_the_tracers_that_work(traced):
+    # torch.jit.trace records PyTorch operators only: a pool call's kernels and host reads
+    # would be replayed as constants, the traced input's result for every input (the
+    # record of a bare pool call did so, with only TracerWarnings). Refused, naming what
+    # traces it.
+    if traced == "transformers":
+        transformers = pytest.importorskip("transformers", reason="the patch needs transformers")
+        from tokenpool_ops.transformers import patch_transformers
+
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2,
+                                        num_attention_heads=2, intermediate_size=64,
+                                        image_size=32, patch_size=8, num_labels=5)
+        function, x = patch_transformers(transformers.ViTForImageClassification(config).eval(),
+                                         [12, 6], "wkmedoids"), images()
+    elif traced == "timm":
+        function, x = tiny_vit("wkmedoids"), images()
+    else:
+        fast_paths = traced == "pool"
+        x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+
+        def function(tokens: torch.Tensor) -> torch.Tensor:
+            return tokenpool_ops.pool(tokens, 5, "kmedoids", fast_paths=fast_paths)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=r"torch.jit.trace cannot record.*"
+                                        r"torch.export.export or torch.compile"):
+        torch.jit.trace(function, x, strict=False)
 
 
 # ---------------------------------------------------------------------------------------------

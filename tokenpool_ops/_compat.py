@@ -123,6 +123,25 @@ def is_traced(*arrays: Array) -> bool:
             and bool(torch.compiler.is_compiling()))
 
 
+def refuse_jit_trace(*arrays: Array | None) -> None:
+    """Raise if ``torch.jit.trace`` is recording a call on tensors among ``arrays``.
+
+    A trace records the PyTorch operators a call runs and replays them for every later
+    input. Pooling reads values on the host (checks, convergence) and runs kernels outside
+    PyTorch (Numba on NumPy views), which the record would keep as constants: the traced
+    input's result for every input, with only TracerWarnings to say so. Refused instead;
+    ``torch.export`` and ``torch.compile`` trace it (see README, "torch.compile and
+    torch.export")."""
+    torch = sys.modules.get("torch")
+    if torch is None or torch.compiler.is_compiling():  # dynamo cannot trace the question
+        return
+    if torch.jit.is_tracing() and _any_of_type(torch.Tensor, arrays):
+        raise RuntimeError(
+            "torch.jit.trace cannot record token pooling: its kernels and host reads would "
+            "be replayed as constants, this input's result for every input. Use "
+            "torch.export.export or torch.compile(fullgraph=True), which trace it.")
+
+
 def _any_of_type(kind: type, arrays: tuple[Array, ...]) -> bool:
     for a in arrays:  # a loop: see _all_of_type
         if isinstance(a, kind):

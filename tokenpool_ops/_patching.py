@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._compat import refuse_jit_trace
 from ._flash_scores import flash_attention_with_scores, flash_scores_apply
 from ._methods import EMPTY_CLUSTER_METHODS
 from ._pool import (
@@ -163,12 +164,13 @@ def tome_schedule(r: int | Sequence[int], depth: int, num_patches: int) -> list[
     return keep
 
 
-def guide_kind(state: TokenPoolState, num_patches: int, keep: int) -> str | None:
-    """What a block that gets ``num_patches`` patch tokens and keeps ``keep`` needs from its
-    attention: 'scores' (Eq. 5), 'metric' (ToMe's keys) or None (it pools without, or does
-    not reduce). Traced, ``num_patches`` may be a size known by its range only (see
-    :func:`pool_patch_tokens`): undecided means the block reduces."""
-    if guard_or_false(keep >= num_patches):
+def guide_kind(state: TokenPoolState, x: Tensor, keep: int) -> str | None:
+    """What a block that gets the sequence ``x`` (B, prefix + N, C) and keeps ``keep`` of
+    its N patch tokens needs from its attention: 'scores' (Eq. 5), 'metric' (ToMe's keys)
+    or None (it pools without, or does not reduce). Traced, N may be a size known by its
+    range only (see :func:`pool_patch_tokens`): undecided means the block reduces."""
+    refuse_jit_trace(x)  # before the sizes below, which torch.jit.trace makes tensors
+    if guard_or_false(keep >= x.shape[1] - state["num_prefix"]):
         return None
     if state["method"] in MATCHING_METHODS:
         return "metric"
@@ -277,6 +279,7 @@ def pool_patch_tokens(state: TokenPoolState, x: Tensor, keep: int, guide: Tensor
     """One block's pooling: the patch tokens of ``x`` (B, prefix + N, C) to ``keep`` (if
     fewer than N), guided by the block's Eq. 5 scores or ToMe's metric (patch tokens only);
     updates the state's sizes (and source). ``pool`` is ``pool_with_grad``."""
+    refuse_jit_trace(x)  # before the sizes below, which torch.jit.trace makes tensors
     matching = state["method"] in MATCHING_METHODS
     scores, metric = (None, guide) if matching else (guide, None)
     p = state["num_prefix"]

@@ -17,6 +17,7 @@ from ._compat import (
     is_array_api_obj,
     is_real_floating,
     is_traced,
+    refuse_jit_trace,
 )
 from ._methods import INITS, MATCHING_METHODS, METHODS, NEEDS_SCORES, Init
 from .backends import primitives_for
@@ -89,6 +90,7 @@ def host_reads(check_values: bool, stop_early: bool, *arrays: Array | None
     (``jax.jit``, ``vmap``, ``grad``, ``torch.compile``, ``torch.export``) no value can be
     read on the host, so the values go unchecked and the clustering runs its ``max_iter``
     iterations (a fused kernel still stops each problem at its fixed point)."""
+    refuse_jit_trace(*arrays)
     if is_traced(*arrays):
         return False, False
     return check_values, stop_early

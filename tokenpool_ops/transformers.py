@@ -179,7 +179,7 @@ class TokenPoolLayer(nn.Module):
                              "recomputation would pool again); call "
                              "model.activation_checkpointing_disable()")
         state, x = self._tp_state, hidden_states
-        guide = guide_kind(state, x.shape[1] - state["num_prefix"], self._tp_keep)
+        guide = guide_kind(state, x, self._tp_keep)
         y, found = self._attention_branch(x, guide, **kwargs)
         x = y + x
         after_attn = state["placement"] == "attn"
