@@ -9,6 +9,9 @@ tracing shows as a count, and a wrong trace as logits that differ from the eager
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -24,7 +27,7 @@ from tokenpool_ops.backends import _torch_ops  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import tokenpool_ops  # noqa: E402
-from tests.conftest import cuda_or_skip  # noqa: E402
+from tests.conftest import checkout_first, cuda_or_skip  # noqa: E402
 from tokenpool_ops import backends  # noqa: E402
 from tokenpool_ops._pool import METHODS  # noqa: E402
 from tokenpool_ops.timm import patch_timm  # noqa: E402
@@ -311,6 +314,30 @@ def test_export_names_the_input_as_timm_does_for_a_dynamic_batch():
             given = images(batch=size, seed=size)
             torch.testing.assert_close(program.module()(given), model(given), rtol=1e-5,
                                        atol=1e-5)
+
+
+LOAD_AND_RUN = """
+import sys, torch
+import tokenpool_ops.nn  # registers the operators, as the README says
+program = torch.export.load(sys.argv[1])
+torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+"""
+
+
+def test_a_saved_program_loads_in_a_fresh_process_after_importing_tokenpool_ops_nn(tmp_path):
+    # A deployment process loads the saved program without timm or the patch: importing
+    # tokenpool_ops.nn registers the operators the program calls.
+    model, x = tiny_vit("wkmedoids"), images()
+    with torch.no_grad():
+        want = model(x)
+        torch.export.save(torch.export.export(model, (x,)), tmp_path / "pooled.pt2")
+    torch.save(x, tmp_path / "images.pt")
+    env = dict(os.environ, PYTHONPATH=checkout_first(os.environ.get("PYTHONPATH")))
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_RUN, str(tmp_path / "pooled.pt2"),
+                           str(tmp_path / "images.pt"), str(tmp_path / "logits.pt")],
+                          capture_output=True, text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), want, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,10 @@ from ._compat import array_namespace
 from ._merge import token_weights
 from ._methods import WEIGHTED_METHODS
 from ._pool import DEFAULT_MAX_ITER, MERGING_METHODS, Init, Method, PoolResult, pool_result
-from .backends import primitives_for
+
+# _torch_ops registers torch.ops.tokenpool_ops: a saved exported program of a patched model
+# loads once this module is imported.
+from .backends import _torch_ops, primitives_for  # noqa: F401
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack  # typing.Unpack needs Python 3.11
