@@ -1210,7 +1210,7 @@ def test_gpu_compiled_operators_read_patch_tokens_in_place(rng):
     init = torch.as_tensor(np.stack([rng.permutation(197)[:98] for _ in range(4)]),
                            device="cuda")
     mean = sequence[:, 1:].mean(dim=1, keepdim=True)
-    ops = torch.ops.tokenpool_ops
+    from tokenpool_ops.backends import _torch_ops as ops  # imported, so registered
 
     def both_kernels(patches: Any) -> Any:
         clustered = ops.kmedoids(patches, mean, init, weights, 10, False)
