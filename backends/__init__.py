@@ -16,12 +16,11 @@ if __name__ != "tokenpool_ops.backends":
     raise ImportError(f"import this folder as tokenpool_ops.backends, not as {__name__!r}: "
                       f"a second copy would re-register the PyTorch custom operators")
 
-import sys
 import warnings
 from collections.abc import Callable
 from typing import Any
 
-from tokenpool_ops._compat import Namespace, backend_name
+from tokenpool_ops._compat import Namespace, backend_name, torch_compiling
 from tokenpool_ops._primitives import Primitives
 
 __all__ = ["numba_available", "primitives_for"]
@@ -32,7 +31,8 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
     # PyTorch's include the CUDA kernels for CUDA tensors (through CuPy): no Numba needed.
     # The module is looked up once (an import statement costs a pass through the import
     # machinery at every pool call); its table is read at every call, as tests swap it.
-    module: Any = _fast_path_modules.get(name)
+    traced = name == "torch" and torch_compiling()  # no memo read: see torch_compiling
+    module: Any = None if traced else _fast_path_modules.get(name)
     if module is None:
         if name == "numpy":
             from . import _numpy as module
@@ -42,7 +42,7 @@ def _fast_paths(name: str) -> dict[str, Callable[..., Any]]:
             from . import _cupy as module  # type: ignore[no-redef]
         else:
             return _NO_PATHS
-        if not _tracing():  # no side effect in a traced function
+        if not traced:
             _fast_path_modules[name] = module
     paths: dict[str, Callable[..., Any]] = module.FAST_PATHS
     return paths
@@ -112,16 +112,12 @@ def primitives_for(xp: Namespace, fast_paths: bool = True) -> Primitives:
         return Primitives(xp)
     name = backend_name(xp)
     fast, compiled = _fast_paths(name), _compiled_paths(name)
-    built = _built.get(name)
+    traced = name == "torch" and torch_compiling()  # no memo read: see torch_compiling
+    built = None if traced else _built.get(name)
     if built is not None and built[0] is xp and built[1] is fast and built[2] is compiled:
         return built[3]
     overrides = {**fast, **compiled}
     prims = Primitives(xp, name=name, **overrides) if overrides else Primitives(xp)
-    if not _tracing():  # no side effect in a traced function
+    if not traced:
         _built[name] = (xp, fast, compiled, prims)
     return prims
-
-
-def _tracing() -> bool:
-    torch = sys.modules.get("torch")  # never imports torch for other libraries
-    return torch is not None and bool(torch.compiler.is_compiling())

@@ -502,3 +502,14 @@ def compiled_paths() -> dict[str, Callable[..., Any]]:
 
     return {"kmedoids": kmedoids, "kmeans": kmeans, "weighted_means": compiled_weighted_means,
             "merge": host_merge, "kmedoids_merge": host_kmedoids_merge, "top_k": host_top_k}
+
+
+# Which kernels are at hand (numba_available, _compiled_paths), settled as this module is
+# imported, which every PyTorch route does before it asks, and which runs for real even from
+# inside a trace. Traced code asks (plan_applies, primitives_for), and these two answers are
+# memoised: asked first inside a trace, the memo filled after it and failed the compiled
+# code's guards, so a model compiled before any eager call compiled again at its second call
+# (the other memos are not read by traced code: _compat.torch_compiling).
+from . import _compiled_paths  # noqa: E402
+
+_compiled_paths("torch")

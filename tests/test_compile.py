@@ -145,6 +145,62 @@ def test_calls_again_and_new_batch_sizes_never_recompile_per_block():
     assert not counters["graph_break"]
 
 
+def test_models_patched_alike_share_one_compilation():
+    # Dynamo guards a compiled forward on the model's class: one patched class per timm
+    # class, so a model patched again (a notebook re-run, an evaluation copy) reuses the
+    # compiled code. With a class per patch, the ninth such model in a process hit the
+    # recompile limit (here lowered to 2, so the third would).
+    counter, x = GraphCounter(), images()
+    with torch._dynamo.config.patch(recompile_limit=2), torch.no_grad():
+        for _ in range(4):
+            model = tiny_vit("wkmedoids")
+            got = torch.compile(model, backend=counter, fullgraph=True)(x)
+            torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
+    assert len(counter.graphs) == 1
+    assert type(tiny_vit("tome")) is type(model)
+
+
+COMPILED_FIRST = """
+import sys, torch
+from torch._dynamo.utils import counters
+import tokenpool_ops
+entry = sys.argv[1]
+x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+if entry == "pool":
+    function = lambda t: tokenpool_ops.pool(t, 5, "kmedoids")
+elif entry == "TokenPooling":
+    from tokenpool_ops.nn import TokenPooling
+    function = TokenPooling(5, "wkmedoids")
+    x = (x, torch.rand(2, 16, generator=torch.Generator().manual_seed(1)))
+else:
+    from timm.models.vision_transformer import VisionTransformer
+    from tokenpool_ops.timm import patch_timm
+    torch.manual_seed(0)
+    function = patch_timm(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=4,
+                                            num_heads=2, num_classes=10).eval(), [12, 9, 6, 4])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+compiled = torch.compile(function, backend="eager", fullgraph=True)
+with torch.no_grad():
+    for run in (compiled, compiled, function, compiled):
+        run(*x) if isinstance(x, tuple) else run(x)
+print(counters["stats"]["unique_graphs"])
+"""
+
+
+@pytest.mark.parametrize("entry", ["pool", "TokenPooling", "patch_timm"])
+def test_compiled_before_any_eager_call_compiles_once(entry):
+    # A fresh process, so that nothing is known yet: compiled first, called again, then
+    # eagerly, then compiled again, one compilation. The answers the library keeps for the
+    # next call (namespaces, primitives, result fields, the kernels at hand) were filled
+    # by the traced call or the eager one, after the trace had read them empty, so the
+    # second compiled call compiled everything again.
+    env = dict(os.environ, PYTHONPATH=checkout_first(os.environ.get("PYTHONPATH")))
+    done = subprocess.run([sys.executable, "-c", COMPILED_FIRST, entry], capture_output=True,
+                          text=True, timeout=300, check=False, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "1"
+
+
 def test_without_numba_the_generic_path_is_traced():
     # No fused kernel: no custom op in the graph, the PyTorch loop traced in its place (its
     # max_iter iterations), with the same logits.

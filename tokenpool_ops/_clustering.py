@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 from ._compat import Array, Namespace, constant, device, take_along_axis
 from ._primitives import Primitives
+from ._results import with_array_fields
 
 
+@with_array_fields
 @dataclass(frozen=True)
 class FlatClustering:
     """Result of a clustering run on a flattened batch (B problems)."""

@@ -90,15 +90,30 @@ def _all_of_type(kind: type | None, arrays: tuple[Array, ...]) -> bool:
 def _compat_namespace(library: str) -> Namespace:
     """array-api-compat's namespace of NumPy or PyTorch, looked up in a dict (an import
     statement in a function passes through the import machinery at every call). PyTorch's
-    is imported at its first use, as before, and kept unless that use is traced (no side
-    effect in a traced function)."""
+    is imported at its first use, as before. Traced code neither reads nor fills the dict
+    (see :func:`torch_compiling`)."""
+    if library == "torch" and torch_compiling():
+        from array_api_compat import torch as traced
+
+        return traced
     namespace = _NAMESPACES.get(library)
     if namespace is None:
         from array_api_compat import torch as namespace
 
-        if not sys.modules["torch"].compiler.is_compiling():
-            _NAMESPACES[library] = namespace
+        _NAMESPACES[library] = namespace
     return namespace
+
+
+def torch_compiling() -> bool:
+    """Whether PyTorch is tracing the running code (``torch.compile``, ``torch.export``).
+
+    Traced code reads no module-level memo (answers kept for the next call): dynamo guards
+    the compiled code on what it read, so a memo filled after the trace (by the trace's own
+    write, or by a later eager call) failed the guard and compiled the code again, at the
+    second call of a model compiled before any eager call. Traced, the answer is computed
+    afresh: it costs nothing at run time, where the compiled code no longer asks."""
+    torch = sys.modules.get("torch")  # never imports torch for other libraries
+    return torch is not None and bool(torch.compiler.is_compiling())
 
 
 #: The namespaces of :func:`_compat_namespace`; NumPy's from the start (NumPy is imported).

@@ -16,20 +16,25 @@ if TYPE_CHECKING:
 __all__ = ["Clustering", "PoolResult"]
 
 #: The array fields (all but n_iter) of each result class, by class: dataclasses.fields
-#: walks the class's fields anew at every call, a few times per pool call.
+#: walks the class's fields anew at every call, a few times per pool call. Filled as the
+#: classes are defined (:func:`with_array_fields`) and never after: traced code reads it, and
+#: dynamo guards compiled code on what it read (see _compat.torch_compiling).
 _ARRAY_FIELDS: dict[type, tuple[str, ...]] = {}
+
+
+def with_array_fields(cls: type) -> type:
+    """Register a result dataclass's array fields (a decorator, over ``@dataclass``)."""
+    _ARRAY_FIELDS[cls] = tuple(f.name for f in fields(cls) if f.name != "n_iter")
+    return cls
 
 
 def array_fields(result: Any) -> tuple[str, ...]:
     """The names of the array fields of a result (PoolResult, Clustering, FlatClustering):
     every field but ``n_iter``, in their order."""
-    names = _ARRAY_FIELDS.get(type(result))
-    if names is None:
-        names = tuple(f.name for f in fields(result) if f.name != "n_iter")
-        _ARRAY_FIELDS[type(result)] = names
-    return names
+    return _ARRAY_FIELDS[type(result)]
 
 
+@with_array_fields
 @dataclass(frozen=True)
 class Clustering:
     """What :func:`kmeans` and :func:`kmedoids` return. Leading dimensions are batch.
@@ -59,6 +64,7 @@ class Clustering:
     n_iter: int
 
 
+@with_array_fields
 @dataclass(frozen=True)
 class PoolResult:
     """What :func:`pool` returns with ``return_info=True``. Leading dimensions are batch.

@@ -163,10 +163,20 @@ class TokenPoolBlock(Block):
         return pool_patch_tokens(self._tp_state, x, self._tp_keep, guide, pool_with_grad)
 
 
+#: The patched subclass of each model class (see _model_class).
+_MODEL_CLASSES: dict[type[VisionTransformer], type[VisionTransformer]] = {}
+
+
 def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
     """A subclass of the model's class whose forward starts from fresh sizes and sources.
     Its forward has the original's signature (``functools.wraps``): ``torch.export``
-    names the inputs by it (``dynamic_shapes={"x": ...}``)."""
+    names the inputs by it (``dynamic_shapes={"x": ...}``). One subclass per class, shared
+    by every patched model of it: dynamo guards a compiled forward on the model's class, so
+    a new class per patch made each model compiled in a process a recompilation of the same
+    code, and the ninth hit dynamo's recompile limit."""
+    known = _MODEL_CLASSES.get(original)
+    if known is not None:
+        return known
 
     @functools.wraps(original.forward)
     def forward(self: VisionTransformer, *args: Any, **kwargs: Any) -> Tensor:
@@ -177,8 +187,10 @@ def _model_class(original: type[VisionTransformer]) -> type[VisionTransformer]:
             reset_state(state)
         return logits
 
-    return type(f"TokenPool{original.__name__}", (original,),
-                {"forward": forward, "_tp_original_class": original})
+    patched = type(f"TokenPool{original.__name__}", (original,),
+                   {"forward": forward, "_tp_original_class": original})
+    _MODEL_CLASSES[original] = patched
+    return patched
 
 
 def _state_of(model: VisionTransformer) -> TokenPoolState:
