@@ -133,9 +133,7 @@ def is_traced(*arrays: Array) -> bool:
     tracer = getattr(jax_core, "Tracer", None)
     if tracer is not None and _any_of_type(tracer, arrays):
         return True
-    torch = sys.modules.get("torch")
-    return (torch is not None and _any_of_type(torch.Tensor, arrays)
-            and bool(torch.compiler.is_compiling()))
+    return torch_compiling() and _any_of_type(sys.modules["torch"].Tensor, arrays)
 
 
 def refuse_jit_trace(*arrays: Array | None) -> None:
@@ -147,10 +145,10 @@ def refuse_jit_trace(*arrays: Array | None) -> None:
     input's result for every input, with only TracerWarnings to say so. Refused instead;
     ``torch.export`` and ``torch.compile`` trace it (see README, "torch.compile and
     torch.export")."""
-    torch = sys.modules.get("torch")
-    if torch is None or torch.compiler.is_compiling():  # dynamo cannot trace the question
+    if torch_compiling():  # dynamo cannot trace the question (and jit is not tracing)
         return
-    if torch.jit.is_tracing() and _any_of_type(torch.Tensor, arrays):
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.jit.is_tracing() and _any_of_type(torch.Tensor, arrays):
         raise RuntimeError(
             "torch.jit.trace cannot record token pooling: its kernels and host reads would "
             "be replayed as constants, this input's result for every input. Use "
